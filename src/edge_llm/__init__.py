@@ -1,0 +1,19 @@
+"""edge-llm: adapt LLMs on devices with little memory and compute (Edge-LLM, Yu et al., DAC 2024).
+
+Importing the package registers its Hugging Face integrations: the `EDGE_LLM` PEFT method.
+"""
+
+from edge_llm.modeling import UnsupportedModelError, find_decoder_parts
+from edge_llm.tuner import EdgeLLMConfig, EdgeLLMModel
+from edge_llm.tuner.voting import vote
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EdgeLLMConfig",
+    "EdgeLLMModel",
+    "UnsupportedModelError",
+    "__version__",
+    "find_decoder_parts",
+    "vote",
+]

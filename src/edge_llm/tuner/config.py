@@ -1,0 +1,141 @@
+"""`EdgeLLMConfig`: LoRA plus Edge-LLM's early exits, depth-limited backprop and exit voting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft import LoraConfig
+
+EXIT_SAMPLING_RULES = ("curriculum", "round_robin", "uniform")
+VOTING_RULES = ("last", "mean", "confidence")
+WINDOW_INPUTS = ("adapted", "backbone")
+EXIT_HEADS = ("shared", "norm", "lora")
+
+
+@dataclass
+class EdgeLLMConfig(LoraConfig):
+    """Configuration of an Edge-LLM adapter (Yu et al., DAC 2024, arXiv 2406.15758).
+
+    The adapter is LoRA on `target_modules` (every `peft.LoraConfig` field works as in LoRA) plus
+    early exits. Training runs one exit per step: the model is executed only up to that exit,
+    gradients flow through the `backprop_depth` decoder layers that end at it (its *window*), and
+    the layers below the window run without autograd. At inference every exit reads its layer's
+    output through the final norm and LM head, and the exits vote.
+
+    Args:
+        exit_layers (`list[int]`, *optional*):
+            0-based decoder-layer indices with an exit. The exit at layer `i` reads the hidden state
+            that layer `i` outputs. The last layer is always an exit (added when missing). `None`
+            spaces exits `backprop_depth` layers apart from the top, so the windows tile the model.
+        backprop_depth (`int`, *optional*):
+            How many decoder layers, ending at the active exit, receive gradients. `None` picks the
+            largest gap between consecutive exits (so the windows cover every layer), or a quarter of
+            the layers (rounded up) when `exit_layers` is also `None`.
+        exit_sampling (`str`):
+            How training picks the active exit each optimizer step: `"curriculum"` (the reference
+            code: training is split into consecutive equal phases, one per exit, lowest exit first),
+            `"round_robin"` (exits in turn, lowest first) or `"uniform"` (uniformly at random, seeded
+            by the step and the training seed, so it is reproducible and resumable).
+        window_input (`str`):
+            What a window sees from the layers below it. `"adapted"` (default): one stream through
+            the model, lower windows keep their (frozen) adapters, one forward pass at inference.
+            `"backbone"`: as in the reference code, each window is fed by the frozen backbone
+            *without* lower adapters; inference then runs the backbone once plus every window again
+            with its adapters (about 2x the compute of one pass when windows tile the model).
+        voting (`str`):
+            How exits combine at inference (no active exit). With `p_i = softmax(logits_i)`:
+            `"last"` returns the last layer's logits unchanged; `"mean"` returns `log(mean_i p_i)`;
+            `"confidence"` (the paper's rule) returns `log(q / sum(q))` with `q = max_i p_i`
+            element-wise. The returned logits are log-probabilities, so `softmax(logits)` gives the
+            voted distribution back.
+        exit_head (`str`):
+            `"shared"` (default): every exit uses the model's own final norm and LM head, no new
+            weights. `"norm"`: each exit below the last gets a trainable copy of the final norm.
+            `"lora"`: each exit below the last gets a rank-`exit_head_rank` LoRA on the LM head.
+        exit_head_rank (`int`):
+            Rank of the per-exit head LoRA when `exit_head="lora"`.
+    """
+
+    exit_layers: list[int] | None = field(
+        default=None, metadata={"help": "0-based decoder layers with an exit; the last layer is always one."}
+    )
+    backprop_depth: int | None = field(
+        default=None, metadata={"help": "Decoder layers, ending at the active exit, that receive gradients."}
+    )
+    exit_sampling: Literal["curriculum", "round_robin", "uniform"] = field(
+        default="curriculum", metadata={"help": "How training picks the active exit: " + ", ".join(EXIT_SAMPLING_RULES)}
+    )
+    window_input: Literal["adapted", "backbone"] = field(
+        default="adapted", metadata={"help": "What a window sees below it: " + ", ".join(WINDOW_INPUTS)}
+    )
+    voting: Literal["last", "mean", "confidence"] = field(
+        default="confidence", metadata={"help": "How exits combine at inference: " + ", ".join(VOTING_RULES)}
+    )
+    exit_head: Literal["shared", "norm", "lora"] = field(
+        default="shared", metadata={"help": "Per-exit trainable part: " + ", ".join(EXIT_HEADS)}
+    )
+    exit_head_rank: int = field(default=8, metadata={"help": "Rank of the per-exit head LoRA (exit_head='lora')."})
+
+    def __post_init__(self) -> None:
+        if self.task_type is None:
+            self.task_type = "CAUSAL_LM"
+        super().__post_init__()
+        # Imported here: the registration module imports this one.
+        from edge_llm.tuner import EDGE_LLM_PEFT_TYPE
+
+        self.peft_type = EDGE_LLM_PEFT_TYPE
+        self._validate()
+
+    def _validate(self) -> None:
+        _check_positive_int("r", self.r)
+        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool) or self.lora_alpha <= 0:
+            raise ValueError(f"EdgeLLMConfig.lora_alpha must be a positive number, got {self.lora_alpha!r}.")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"EdgeLLMConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        _check_choice("bias", self.bias, ("none", "all", "lora_only"))
+        if str(self.task_type) != "CAUSAL_LM":
+            raise ValueError(
+                f"EdgeLLMConfig.task_type must be 'CAUSAL_LM' (exits read through the LM head), got {self.task_type!r}."
+            )
+        if self.exit_layers is not None:
+            self.exit_layers = _check_exit_layers(self.exit_layers)
+        if self.backprop_depth is not None:
+            _check_positive_int("backprop_depth", self.backprop_depth)
+        _check_choice("exit_sampling", self.exit_sampling, EXIT_SAMPLING_RULES)
+        _check_choice("window_input", self.window_input, WINDOW_INPUTS)
+        _check_choice("voting", self.voting, VOTING_RULES)
+        _check_choice("exit_head", self.exit_head, EXIT_HEADS)
+        _check_positive_int("exit_head_rank", self.exit_head_rank)
+        if self.layer_replication:
+            raise ValueError(
+                "EdgeLLMConfig.layer_replication is not supported: exits and windows index the model's own "
+                "decoder layers. Leave layer_replication unset."
+            )
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"EdgeLLMConfig.{name} must be a positive integer, got {value!r}.")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"EdgeLLMConfig.{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
+
+
+def _check_exit_layers(exit_layers: object) -> list[int]:
+    if isinstance(exit_layers, (str, bytes)) or not hasattr(exit_layers, "__iter__"):
+        raise ValueError(f"EdgeLLMConfig.exit_layers must be a list of layer indices, got {exit_layers!r}.")
+    layers = list(exit_layers)
+    if not layers:
+        raise ValueError("EdgeLLMConfig.exit_layers is empty; pass None for the default exits or at least one layer.")
+    for layer in layers:
+        if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+            raise ValueError(
+                f"EdgeLLMConfig.exit_layers must hold 0-based, non-negative layer indices; got {layer!r} in {layers}."
+            )
+    duplicates = sorted({layer for layer in layers if layers.count(layer) > 1})
+    if duplicates:
+        raise ValueError(f"EdgeLLMConfig.exit_layers has duplicate layers {duplicates}: {layers}.")
+    return sorted(layers)

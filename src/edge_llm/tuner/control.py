@@ -1,0 +1,286 @@
+"""Forward-pass control for Edge-LLM: depth-limited passes, gradient windows and exit voting.
+
+The control lives in forward hooks on the base model and its decoder layers, not in a forward
+method of our own, because `model.generate()` (and anything else that calls the transformers
+model directly) bypasses the PEFT wrappers' `forward`. Hooks see every call.
+
+Two kinds of pass:
+
+* **Exit pass** (an exit is active): the decoder's layer list is swapped for the layers up to the
+  exit, so the model's own masks, rotary embeddings, final norm, LM head and loss apply and the
+  layers above the exit are not executed at all. When autograd is on, the layers below the exit's
+  window run under `no_grad` (no activations are kept for them).
+* **Voting pass** (no active exit): all layers run once, the outputs of the exit layers are
+  captured, every exit's logits are computed from that one pass, and the exits vote.
+
+With `window_input="backbone"` the layers below a window run without their adapters; in a voting
+pass the model's own pass is the adapter-free backbone and each window is re-run with its adapters
+from the backbone state at its bottom (what the reference implementation's eval mode does).
+
+Not thread-safe: two threads must not run forward passes of the same model at once.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_utils import slice_logits_to_keep
+
+from edge_llm.modeling import DecoderParts, first_tensor, postprocess_logits
+from edge_llm.tuner.exits import ExitHeadLoRA, ExitNorm, HeadWithExitLoRA, window
+from edge_llm.tuner.voting import vote
+
+if TYPE_CHECKING:
+    from edge_llm.tuner.model import EdgeLLMModel
+
+# Keyword arguments of the model's forward that its loss function also takes.
+_LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+
+
+@dataclass
+class _Pass:
+    """State of one forward pass of the base model."""
+
+    exits: list[int]
+    exit_layer: int | None  # the active exit, or None for a voting pass
+    backbone: bool
+    grad_from: int = 0  # layers below this index run without autograd
+    swapped: list[tuple[str, nn.Module]] = field(default_factory=list)
+    grad_was_enabled: bool = True
+    adapters_on: bool = True
+    # Voting pass only.
+    rule: str = "last"
+    labels: torch.Tensor | None = None
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)
+    logits_to_keep: int | torch.Tensor = 0
+    return_exit_logits: bool = False
+    capture: bool = False  # keep the outputs of the exit layers below the last
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)
+    streams: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class ExitController:
+    """Installs the hooks that implement exits, gradient windows and voting on `tuner.model`."""
+
+    def __init__(self, tuner: EdgeLLMModel, parts: DecoderParts) -> None:
+        self.tuner = tuner
+        self.parts = parts
+        self._pass: _Pass | None = None
+        self._in_stream = False
+        # Per-exit KV caches of the backbone streams, kept as long as the model's own cache lives.
+        self._stream_caches: weakref.WeakKeyDictionary[Cache, dict[int, Cache]] = weakref.WeakKeyDictionary()
+        model = tuner.model
+        self.layers: list[nn.Module] = list(parts.layers(model))
+        self.lora_modules = [[m for m in layer.modules() if isinstance(m, LoraLayer)] for layer in self.layers]
+        self.handles = [
+            model.register_forward_pre_hook(self._begin, with_kwargs=True),
+            model.register_forward_hook(self._finish, with_kwargs=True),
+            model.register_forward_hook(self._cleanup, with_kwargs=True, always_call=True),
+        ]
+        for index, layer in enumerate(self.layers):
+            self.handles.append(layer.register_forward_pre_hook(self._layer_pre_hook(index), with_kwargs=True))
+            self.handles.append(layer.register_forward_hook(self._layer_post_hook(index), with_kwargs=True))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    # ---------------------------------------------------------------- model-level hooks
+
+    def _begin(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self._pass is not None:  # a nested call of the same model: leave it alone
+            return args, kwargs
+        config = self.tuner.active_edge_config
+        return_exit_logits = bool(kwargs.pop("return_exit_logits", False))
+        exit_layer = self.tuner.active_exit
+        state = _Pass(
+            exits=list(config.exit_layers),
+            exit_layer=exit_layer,
+            backbone=config.window_input == "backbone",
+            grad_was_enabled=torch.is_grad_enabled(),
+            adapters_on=self._adapters_enabled(),
+        )
+        if exit_layer is not None:
+            self._begin_exit_pass(model, state, config.backprop_depth)
+        else:
+            self._begin_voting_pass(state, config.voting, kwargs, return_exit_logits)
+        self._pass = state
+        return args, kwargs
+
+    def _begin_exit_pass(self, model: nn.Module, state: _Pass, backprop_depth: int) -> None:
+        exit_layer = state.exit_layer
+        if exit_layer < len(self.layers) - 1:
+            truncated = nn.ModuleList(self.layers[: exit_layer + 1])
+            state.swapped.append((self.parts.layers_path, self.parts.swap(model, self.parts.layers_path, truncated)))
+        head = self.tuner.exit_head(exit_layer)
+        if isinstance(head, ExitNorm):
+            state.swapped.append((self.parts.norm_path, self.parts.swap(model, self.parts.norm_path, head)))
+        elif isinstance(head, ExitHeadLoRA):
+            shared = self.parts.head(model)
+            swapped_in = HeadWithExitLoRA(shared, head)
+            state.swapped.append((self.parts.head_path, self.parts.swap(model, self.parts.head_path, swapped_in)))
+        bottom = window(exit_layer, backprop_depth).start
+        if state.grad_was_enabled:
+            state.grad_from = bottom
+        if state.backbone and state.adapters_on:
+            for index in range(bottom):
+                self._set_adapters(index, enabled=False)
+
+    def _begin_voting_pass(self, state: _Pass, rule: str, kwargs: dict, return_exit_logits: bool) -> None:
+        state.rule = rule
+        state.return_exit_logits = return_exit_logits
+        state.logits_to_keep = kwargs.get("logits_to_keep", 0)
+        if rule != "last" or state.backbone:
+            # The model would compute its loss on the last layer's logits only; the voted loss is
+            # computed in `_finish` instead.
+            state.labels = kwargs.pop("labels", None)
+            state.loss_kwargs = {k: kwargs[k] for k in _LOSS_KWARGS if k in kwargs}
+        state.capture = rule != "last" or return_exit_logits
+        if state.backbone and state.adapters_on:
+            for index in range(len(self.layers)):
+                self._set_adapters(index, enabled=False)
+
+    def _finish(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        state = self._pass
+        if state is None or state.exit_layer is not None:
+            return output
+        needs_vote = state.rule != "last" or state.backbone
+        if not (needs_vote or state.return_exit_logits):
+            return output
+        logits_by_exit = {
+            layer: self.exit_logits(layer, slice_logits_to_keep(hidden, state.logits_to_keep))
+            for layer, hidden in state.captured.items()
+        }
+        if not state.backbone:
+            logits_by_exit[state.exits[-1]] = output.logits
+        ordered = [logits_by_exit[layer] for layer in state.exits]
+        if needs_vote:
+            output.logits = vote(ordered, state.rule)
+            if state.labels is not None:
+                output.loss = model.loss_function(
+                    logits=output.logits, labels=state.labels, vocab_size=model.config.vocab_size, **state.loss_kwargs
+                )
+        if state.return_exit_logits:
+            output["exit_logits"] = dict(zip(state.exits, ordered, strict=True))
+        return output
+
+    def _cleanup(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        state = self._pass
+        if state is None:
+            return
+        self._pass = None
+        for path, module in reversed(state.swapped):
+            self.parts.swap(model, path, module)
+        if state.backbone and state.adapters_on:
+            for index in range(len(self.layers)):
+                self._set_adapters(index, enabled=True)
+        torch.set_grad_enabled(state.grad_was_enabled)
+
+    # ---------------------------------------------------------------- layer-level hooks
+
+    def _layer_pre_hook(self, index: int):
+        def hook(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            state = self._pass
+            if state is None or self._in_stream or state.exit_layer is None:
+                return None
+            if index < state.grad_from:
+                torch.set_grad_enabled(False)
+            elif index == state.grad_from and state.grad_from > 0 and getattr(layer, "gradient_checkpointing", False):
+                # Re-entrant checkpointing drops gradients when no input requires grad, and the
+                # input of the window comes out of a no_grad region.
+                return _replace_hidden(args, kwargs, _hidden_of(args, kwargs).detach().requires_grad_(True))
+            return None
+
+        return hook
+
+    def _layer_post_hook(self, index: int):
+        def hook(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            state = self._pass
+            if state is None or self._in_stream:
+                return
+            if state.exit_layer is not None:
+                if index < state.grad_from:
+                    torch.set_grad_enabled(state.grad_was_enabled)
+                return
+            if state.backbone:
+                self._run_streams(index, layer, args, kwargs, state)
+            elif state.capture and index in state.exits[:-1]:
+                state.captured[index] = first_tensor(output)
+
+        return hook
+
+    # ---------------------------------------------------------------- helpers
+
+    def exit_logits(self, exit_layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of `exit_layer` from that layer's (raw, un-normed) output `hidden`."""
+        model = self.tuner.model
+        head = self.tuner.exit_head(exit_layer)
+        norm = head if isinstance(head, ExitNorm) else self.parts.norm(model)
+        normed = norm(hidden)
+        logits = self.parts.head(model)(normed)
+        if isinstance(head, ExitHeadLoRA):
+            logits = logits + head(normed).to(logits.dtype)
+        return postprocess_logits(model.config, logits)
+
+    def _run_streams(self, index: int, layer: nn.Module, args: tuple, kwargs: dict, state: _Pass) -> None:
+        """Run layer `index` again, with its adapters, for every exit whose window holds it."""
+        depth = self.tuner.active_edge_config.backprop_depth
+        for exit_layer in state.exits:
+            span = window(exit_layer, depth)
+            if index not in span:
+                continue
+            hidden = _hidden_of(args, kwargs) if index == span.start else state.streams[exit_layer]
+            stream_args, stream_kwargs = _replace_hidden(args, kwargs, hidden)
+            backbone_cache = _find_cache(args, kwargs)
+            if backbone_cache is not None:
+                # Each stream keeps its own keys/values: they differ from the backbone's.
+                caches = self._stream_caches.setdefault(backbone_cache, {})
+                if exit_layer not in caches:
+                    caches[exit_layer] = DynamicCache(config=self.tuner.model.config)
+                stream_args, stream_kwargs = _replace_cache(stream_args, stream_kwargs, caches[exit_layer])
+            self._in_stream = True
+            self._set_adapters(index, enabled=state.adapters_on)
+            try:
+                out = first_tensor(layer(*stream_args, **stream_kwargs))
+            finally:
+                self._set_adapters(index, enabled=False)
+                self._in_stream = False
+            state.streams[exit_layer] = out
+            if index == exit_layer:
+                state.captured[exit_layer] = out
+
+    def _set_adapters(self, index: int, enabled: bool) -> None:
+        # The private flag, not `enable_adapters()`: that one also toggles requires_grad. Merged
+        # adapters are refused for window_input="backbone" (see EdgeLLMModel._check_merge_allowed).
+        for module in self.lora_modules[index]:
+            module._disable_adapters = not enabled
+
+    def _adapters_enabled(self) -> bool:
+        return not any(m.disable_adapters for modules in self.lora_modules for m in modules)
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _replace_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _find_cache(args: tuple, kwargs: dict) -> Cache | None:
+    return next((v for v in (*args, *kwargs.values()) if isinstance(v, Cache)), None)
+
+
+def _replace_cache(args: tuple, kwargs: dict, cache: Cache) -> tuple[tuple, dict]:
+    args = tuple(cache if isinstance(v, Cache) else v for v in args)
+    kwargs = {k: cache if isinstance(v, Cache) else v for k, v in kwargs.items()}
+    return args, kwargs

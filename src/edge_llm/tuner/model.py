@@ -1,0 +1,171 @@
+"""`EdgeLLMModel`: peft's LoRA tuner plus Edge-LLM's exits, gradient windows and voting.
+
+Everything LoRA does (which layers get adapters, Conv1D/Embedding/quantized bases, merging,
+saving) is inherited from `peft.LoraModel`; this class only adds the exits. The forward-pass
+control itself is in `control.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from peft import LoraModel
+from torch import nn
+
+from edge_llm.modeling import find_decoder_parts
+from edge_llm.tuner.config import EdgeLLMConfig
+from edge_llm.tuner.control import ExitController
+from edge_llm.tuner.exits import build_exit_heads, exit_for_step, resolve_exits, window
+
+logger = logging.getLogger(__name__)
+
+
+class EdgeLLMModel(LoraModel):
+    """The tuner behind `get_peft_model(model, EdgeLLMConfig(...))`.
+
+    Public controls (reachable through the `PeftModel` too, e.g. `peft_model.set_active_exit(11)`):
+
+    - `exit_layers`, `backprop_depth`: the resolved layout of the active adapter.
+    - `set_active_exit(layer)` / `exit_at(layer)`: run depth-limited passes that end at `layer`
+      (training uses this); `None` goes back to full passes with exit voting.
+    - `window(layer)`: the layers that receive gradients when `layer` is the active exit.
+    - `exit_for_step(step, total_steps, seed)`: the exit `exit_sampling` picks for a step.
+    - `forward(..., return_exit_logits=True)` in a voting pass adds `exit_logits`
+      (`{layer: logits}`) to the output.
+    """
+
+    # Exit heads live on the tuner, not inside the wrapped model, so `inject_adapter_in_model`
+    # (which returns only the model) would lose them.
+    uses_shared_state = True
+
+    def __init__(self, model: nn.Module, config: Any, adapter_name: str, **kwargs: Any) -> None:
+        self._active_exit: int | None = None
+        self._controller: ExitController | None = None
+        super().__init__(model, config, adapter_name, **kwargs)
+
+    # ------------------------------------------------------------------ injection
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        # Adding an adapter later (PeftModel.add_adapter) calls this too, so exits are set up here
+        # rather than in `_post_injection_hook`, which only runs once.
+        parts = find_decoder_parts(model)
+        if "exit_heads" not in self._modules:
+            # Per-adapter exit heads: {adapter: {layer: head}}. As children of the tuner they are
+            # saved with the adapter weights by peft (see `_get_tuner_state_dict_key_prefixes`).
+            self.exit_heads = nn.ModuleDict()
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self._setup_exits(model, adapter_name, parts)
+        if self._controller is not None:
+            self._controller.remove()
+        # LoRA may have wrapped new modules; the controller indexes them per layer.
+        self._controller = ExitController(self, parts)
+
+    def _setup_exits(self, model: nn.Module, adapter_name: str, parts: Any) -> None:
+        config: EdgeLLMConfig = self.peft_config[adapter_name]
+        num_layers = len(parts.layers(model))
+        config.exit_layers, config.backprop_depth = resolve_exits(num_layers, config.exit_layers, config.backprop_depth)
+        final_norm, lm_head = parts.norm(model), parts.head(model)
+        dtype = next(final_norm.parameters(), lm_head.weight).dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32  # as peft keeps LoRA weights of half-precision models in float32
+        heads = build_exit_heads(
+            config.exit_head, config.exit_layers, final_norm, lm_head, config.exit_head_rank, dtype
+        )
+        heads.requires_grad_(not config.inference_mode)
+        self.exit_heads[adapter_name] = heads
+        uncovered = sorted(
+            set(range(num_layers)) - {i for e in config.exit_layers for i in window(e, config.backprop_depth)}
+        )
+        logger.info(
+            "Edge-LLM adapter %r: exits %s, backprop depth %d, voting %r%s",
+            adapter_name,
+            config.exit_layers,
+            config.backprop_depth,
+            config.voting,
+            f"; layers {uncovered} are in no window and are never trained" if uncovered else "",
+        )
+
+    def _check_merge_allowed(self) -> None:
+        super()._check_merge_allowed()
+        if self.active_edge_config.window_input == "backbone":
+            raise ValueError(
+                "Cannot merge an Edge-LLM adapter with window_input='backbone': every window must see the layers "
+                "below it without their adapters, which merged weights cannot provide. Keep the adapters separate, "
+                "or train with window_input='adapted'."
+            )
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        # The returned model is a plain transformers model: its last layer is its only exit.
+        if self._controller is not None:
+            self._controller.remove()
+            self._controller = None
+        return model
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.exit_heads.pop(adapter_name, None)
+
+    # ------------------------------------------------------------------ exits
+
+    @property
+    def active_edge_config(self) -> EdgeLLMConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    @property
+    def exit_layers(self) -> list[int]:
+        return list(self.active_edge_config.exit_layers)
+
+    @property
+    def backprop_depth(self) -> int:
+        return self.active_edge_config.backprop_depth
+
+    @property
+    def active_exit(self) -> int | None:
+        return self._active_exit
+
+    def set_active_exit(self, layer: int | None) -> None:
+        """Make `layer` the exit of the following forward passes, or `None` for exit voting.
+
+        With an active exit, a forward pass runs the decoder layers up to `layer` only and returns
+        that exit's logits (and loss, given labels); with autograd on, only the `backprop_depth`
+        layers ending at `layer` build a graph.
+        """
+        if layer is not None and layer not in self.exit_layers:
+            raise ValueError(f"Layer {layer!r} is not an exit of this adapter; its exits are {self.exit_layers}.")
+        self._active_exit = layer
+
+    @contextlib.contextmanager
+    def exit_at(self, layer: int | None) -> Iterator[None]:
+        """Context manager form of `set_active_exit`; restores the previous exit on leaving."""
+        previous = self._active_exit
+        self.set_active_exit(layer)
+        try:
+            yield
+        finally:
+            self._active_exit = previous
+
+    def window(self, layer: int) -> range:
+        """The decoder layers that receive gradients when exit `layer` is active."""
+        if layer not in self.exit_layers:
+            raise ValueError(f"Layer {layer!r} is not an exit of this adapter; its exits are {self.exit_layers}.")
+        return window(layer, self.backprop_depth)
+
+    def exit_for_step(self, step: int, total_steps: int, seed: int = 0) -> int:
+        """The exit that the adapter's `exit_sampling` rule assigns to optimizer step `step`."""
+        return exit_for_step(self.exit_layers, self.active_edge_config.exit_sampling, step, total_steps, seed)
+
+    def exit_head(self, layer: int) -> nn.Module | None:
+        """The trainable per-exit head of `layer` (`exit_head="norm"` or `"lora"`), else None."""
+        adapter, key = self.active_adapters[0], str(layer)
+        if adapter not in self.exit_heads or key not in self.exit_heads[adapter]:
+            return None
+        return self.exit_heads[adapter][key]
+
+    def exit_logits(self, layer: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits of exit `layer` given the raw output of decoder layer `layer`."""
+        return self._controller.exit_logits(layer, hidden_states)

@@ -1,0 +1,298 @@
+"""Exit passes, gradient windows, voting and generation on tiny random models."""
+
+import pytest
+import torch
+from peft import get_peft_model
+from tiny_models import VOCAB, lora_targets, tiny_model
+
+from edge_llm import EdgeLLMConfig, find_decoder_parts, vote
+
+
+def make(arch="llama", num_layers=8, **config):
+    config.setdefault("target_modules", lora_targets(arch))
+    # Non-zero LoRA B, so adapters change the output and mistakes in who-sees-what show up.
+    config.setdefault("init_lora_weights", False)
+    return get_peft_model(tiny_model(arch, num_layers), EdgeLLMConfig(r=4, lora_alpha=8, **config))
+
+
+def layers_of(peft_model):
+    base = peft_model.get_base_model()
+    return find_decoder_parts(base).layers(base)
+
+
+def batch(seed=0, length=12):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (2, length), generator=generator)
+
+
+def count_layer_calls(peft_model):
+    calls, grads = {}, {}
+
+    def hook(index):
+        def record(module, args, output):
+            calls[index] = calls.get(index, 0) + 1
+            # Our own hooks restore grad mode after a layer, so look at what the layer produced.
+            hidden = output[0] if isinstance(output, tuple) else output
+            grads[index] = hidden.requires_grad
+
+        return record
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers_of(peft_model))]
+    return calls, grads, handles
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_only_lora_weights_of_the_window_get_gradients(arch):
+    model = make(arch, num_layers=8, exit_layers=[3, 5], backprop_depth=2)
+    model.train()
+    model.set_active_exit(5)
+    x = batch()
+    model(input_ids=x, labels=x).loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    layer_key = "layers" if arch == "llama" else "h"
+    expected = {
+        n
+        for n, p in model.named_parameters()
+        if "lora_" in n and int(n.split(f".{layer_key}.")[1].split(".")[0]) in (4, 5)
+    }
+    assert expected and with_grad == expected
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in expected)
+    # The base model stays frozen.
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_layers_above_the_exit_never_run_and_layers_below_the_window_run_without_autograd(arch):
+    model = make(arch, num_layers=8, exit_layers=[3, 5], backprop_depth=2)
+    model.train()
+    calls, grads, handles = count_layer_calls(model)
+    with model.exit_at(5):
+        model(input_ids=batch(), labels=batch())
+    for handle in handles:
+        handle.remove()
+    assert calls == {i: 1 for i in range(6)}
+    assert grads == {0: False, 1: False, 2: False, 3: False, 4: True, 5: True}
+    assert torch.is_grad_enabled()  # restored after the pass
+    assert len(layers_of(model)) == 8  # the full layer list is back
+
+
+def test_exit_pass_equals_final_norm_and_head_of_the_layer_output():
+    model = make("llama", num_layers=6, exit_layers=[2])
+    model.eval()
+    x = batch()
+    captured = {}
+    handle = layers_of(model)[2].register_forward_hook(lambda m, a, o: captured.setdefault("h", o))
+    with torch.no_grad():
+        full = model(input_ids=x)
+    handle.remove()
+    base = model.get_base_model()
+    expected = base.lm_head(base.model.norm(captured["h"]))
+    with torch.no_grad(), model.exit_at(2):
+        exit_out = model(input_ids=x)
+    torch.testing.assert_close(exit_out.logits, expected)
+    assert not torch.allclose(exit_out.logits, full.logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma", "gpt2"])
+@pytest.mark.parametrize("rule", ["last", "mean", "confidence"])
+def test_voting_pass_combines_the_exit_passes(arch, rule):
+    model = make(arch, num_layers=6, exit_layers=[1, 3], voting=rule)
+    model.eval()
+    x = batch()
+    with torch.no_grad():
+        voted = model(input_ids=x, labels=x, return_exit_logits=True)
+        per_exit = {}
+        for layer in model.exit_layers:
+            with model.exit_at(layer):
+                per_exit[layer] = model(input_ids=x).logits
+    assert list(voted.exit_logits) == [1, 3, 5]
+    for layer, logits in per_exit.items():
+        torch.testing.assert_close(voted.exit_logits[layer], logits)
+    expected = vote([per_exit[layer] for layer in (1, 3, 5)], rule)
+    torch.testing.assert_close(voted.logits, expected)
+    if rule == "last":
+        assert voted.logits.dtype == per_exit[5].dtype
+    else:
+        torch.testing.assert_close(voted.logits.softmax(-1), voted.logits.exp())  # log-probabilities
+    # The loss is the causal-LM loss of the voted distribution.
+    shifted = torch.nn.functional.cross_entropy(voted.logits[:, :-1].reshape(-1, VOCAB).float(), x[:, 1:].reshape(-1))
+    torch.testing.assert_close(voted.loss, shifted)
+
+
+def test_voting_pass_runs_every_layer_once():
+    model = make("llama", num_layers=6, exit_layers=[1, 3], voting="confidence")
+    calls, _, handles = count_layer_calls(model)
+    with torch.no_grad():
+        model(input_ids=batch())
+    assert calls == {i: 1 for i in range(6)}
+    for handle in handles:
+        handle.remove()
+
+
+@pytest.mark.parametrize("rule", ["confidence", "last"])
+def test_generate_uses_voted_logits_with_the_kv_cache(rule):
+    model = make("llama", num_layers=6, exit_layers=[1, 3], voting=rule)
+    model.eval()
+    prompt = batch(length=5)
+    generated = model.generate(
+        input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False, use_cache=True
+    )
+    # Reference: greedy decoding on full-sequence voted logits, no cache.
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            next_token = model(input_ids=tokens, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, next_token], dim=1)
+    assert torch.equal(generated, tokens)
+
+
+def test_generate_with_sampling_and_an_active_exit():
+    model = make("gpt2", num_layers=6, exit_layers=[1, 3])
+    model.eval()
+    prompt = batch(length=4)
+    torch.manual_seed(0)
+    sampled = model.generate(
+        input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=True, top_k=10
+    )
+    assert sampled.shape == (2, 9)
+    with model.exit_at(3):
+        early = model.generate(
+            input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False
+        )
+    tokens = prompt
+    with torch.no_grad(), model.exit_at(3):
+        for _ in range(5):
+            next_token = model(input_ids=tokens, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, next_token], dim=1)
+    assert torch.equal(early, tokens)
+
+
+@pytest.mark.parametrize("head", ["norm", "lora"])
+def test_exit_heads_train_only_their_own_exit(head):
+    model = make("llama", num_layers=6, exit_layers=[1, 3], backprop_depth=2, exit_head=head)
+    model.train()
+    heads = model.base_model.exit_heads["default"]
+    assert sorted(heads) == ["1", "3"]  # none for the last exit: it is the model's own output
+    with model.exit_at(3):
+        x = batch()
+        model(input_ids=x, labels=x).loss.backward()
+    assert all(p.grad is not None for p in heads["3"].parameters())
+    assert all(p.grad is None for p in heads["1"].parameters())
+
+
+def test_exit_head_norm_starts_as_the_shared_head():
+    shared = make("llama", num_layers=6, exit_layers=[1, 3])
+    with_norm = make("llama", num_layers=6, exit_layers=[1, 3], exit_head="norm")
+    x = batch()
+    with torch.no_grad():
+        a = shared(input_ids=x, return_exit_logits=True).exit_logits
+        b = with_norm(input_ids=x, return_exit_logits=True).exit_logits
+    for layer in (1, 3, 5):
+        torch.testing.assert_close(a[layer], b[layer])
+
+
+def test_backbone_windows_see_the_layers_below_without_adapters():
+    model = make("llama", num_layers=6, exit_layers=[1, 3, 5], backprop_depth=2, window_input="backbone")
+    model.eval()
+    x = batch()
+    with torch.no_grad():
+        voted = model(input_ids=x, return_exit_logits=True)
+        # Reference: exit 3 = adapters off for layers 0-1, on for 2-3.
+        lora = [m for m in model.modules() if hasattr(m, "_disable_adapters")]
+        below = [
+            m for m in lora if any(f"layers.{i}." in n for i in (0, 1) for n, mm in model.named_modules() if mm is m)
+        ]
+        for m in below:
+            m._disable_adapters = True
+        with model.exit_at(3):
+            reference = model(input_ids=x).logits
+        for m in below:
+            m._disable_adapters = False
+        with model.exit_at(3):
+            exit_pass = model(input_ids=x).logits
+    torch.testing.assert_close(voted.exit_logits[3], reference)
+    torch.testing.assert_close(exit_pass, reference)
+    assert not any(m._disable_adapters for m in lora)
+
+
+def test_backbone_generation_with_cache_matches_no_cache():
+    model = make("llama", num_layers=6, exit_layers=[1, 3], backprop_depth=2, window_input="backbone", voting="mean")
+    model.eval()
+    prompt = batch(length=5)
+    generated = model.generate(
+        input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False
+    )
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(5):
+            next_token = model(input_ids=tokens, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, next_token], dim=1)
+    assert torch.equal(generated, tokens)
+
+
+def test_backbone_adapters_cannot_be_merged():
+    model = make("llama", num_layers=4, window_input="backbone")
+    with pytest.raises(ValueError, match="Cannot merge an Edge-LLM adapter with window_input='backbone'"):
+        model.merge_and_unload()
+
+
+def test_merge_and_unload_keeps_the_last_exit_and_removes_the_hooks():
+    model = make("llama", num_layers=6, exit_layers=[1, 3], voting="last")
+    model.eval()
+    x = batch()
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+    merged = model.merge_and_unload()
+    assert not merged._forward_hooks and not merged._forward_pre_hooks
+    assert not any(layer._forward_hooks for layer in merged.model.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_disabled_adapters_give_the_base_model_last_exit():
+    model = make("llama", num_layers=6, exit_layers=[1, 3], voting="last")
+    base_logits = tiny_model("llama", 6)(input_ids=batch()).logits
+    with torch.no_grad(), model.disable_adapter():
+        torch.testing.assert_close(model(input_ids=batch()).logits, base_logits)
+
+
+def test_an_error_inside_a_pass_restores_the_model():
+    model = make("llama", num_layers=6, exit_layers=[1, 3], backprop_depth=2)
+    model.train()
+    layer = layers_of(model)[2]
+
+    def boom(module, args, output):
+        raise RuntimeError("boom")
+
+    handle = layer.register_forward_hook(boom)
+    with model.exit_at(3), pytest.raises(RuntimeError, match="boom"):
+        model(input_ids=batch(), labels=batch())
+    handle.remove()
+    assert len(layers_of(model)) == 6
+    assert torch.is_grad_enabled()
+    calls, _, handles = count_layer_calls(model)
+    with torch.no_grad():
+        model(input_ids=batch())
+    assert calls == {i: 1 for i in range(6)}
+    for handle in handles:
+        handle.remove()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_window_gradients(reentrant):
+    def window_grads(checkpointing):
+        model = make("llama", num_layers=6, exit_layers=[1, 3], backprop_depth=2)
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        model.train()
+        x = batch()
+        with model.exit_at(3):
+            model(input_ids=x, labels=x).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = window_grads(False), window_grads(True)
+    assert sorted(plain) == sorted(checkpointed)
+    assert all(".layers.2." in n or ".layers.3." in n for n in plain)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad)

@@ -1,0 +1,82 @@
+"""Save/load round trips of Edge-LLM adapters through stock peft APIs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from tiny_models import VOCAB, lora_targets, tiny_model
+from transformers import AutoModelForCausalLM
+
+from edge_llm import EdgeLLMConfig
+
+
+def trained_adapter(arch, **config):
+    model = get_peft_model(
+        tiny_model(arch, 6),
+        EdgeLLMConfig(r=4, lora_alpha=8, target_modules=lora_targets(arch), exit_layers=[1, 3], **config),
+    )
+    # Move every adapter weight away from its initial value, as training would.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    return model.eval()
+
+
+@pytest.mark.parametrize(("arch", "head"), [("llama", "shared"), ("gpt2", "lora"), ("qwen2", "norm")])
+def test_save_and_load_give_identical_logits(tmp_path, arch, head):
+    model = trained_adapter(arch, exit_head=head, voting="confidence")
+    x = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=x, return_exit_logits=True)
+    model.save_pretrained(tmp_path)
+
+    stored = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert stored["peft_type"] == "EDGE_LLM"
+    assert stored["exit_layers"] == [1, 3, 5] and stored["backprop_depth"] == 2
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    assert any("lora_A" in k for k in weights)
+    assert any("exit_heads" in k for k in weights) == (head != "shared")
+
+    loaded = PeftModel.from_pretrained(tiny_model(arch, 6), tmp_path).eval()
+    with torch.no_grad():
+        actual = loaded(input_ids=x, return_exit_logits=True)
+    assert torch.equal(actual.logits, expected.logits)
+    for layer in (1, 3, 5):
+        assert torch.equal(actual.exit_logits[layer], expected.exit_logits[layer])
+
+
+def test_auto_peft_model_loads_base_and_adapter_from_disk(tmp_path):
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    tiny_model("llama", 6).save_pretrained(base_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = get_peft_model(base, EdgeLLMConfig(r=4, target_modules=["q_proj"], init_lora_weights=False, voting="mean"))
+    model.eval()
+    x = torch.randint(0, VOCAB, (1, 7))
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+    model.save_pretrained(adapter_dir)
+    loaded = AutoPeftModelForCausalLM.from_pretrained(adapter_dir).eval()
+    assert loaded.exit_layers == [1, 3, 5]
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=x).logits, expected)
+
+
+def test_inference_mode_loading_freezes_exit_heads(tmp_path):
+    trained_adapter("llama", exit_head="norm").save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("llama", 6), tmp_path)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    trainable = PeftModel.from_pretrained(tiny_model("llama", 6), tmp_path, is_trainable=True)
+    assert all(p.requires_grad for p in trainable.base_model.exit_heads.parameters())
+
+
+def test_loading_without_importing_edge_llm_fails_loudly(tmp_path):
+    trained_adapter("llama").save_pretrained(tmp_path)
+    script = f"from peft import PeftConfig; PeftConfig.from_pretrained({str(tmp_path)!r})"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "EDGE_LLM" in result.stderr
