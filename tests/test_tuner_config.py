@@ -69,6 +69,7 @@ def test_config_json_round_trip(tmp_path):
         ("voting", "max", "voting must be one of"),
         ("exit_head", "mlp", "exit_head must be one of"),
         ("exit_head_rank", 0, "exit_head_rank must be a positive integer"),
+        ("loss_chunk_size", 0, "loss_chunk_size must be a positive integer"),
         ("layer_replication", [[0, 2]], "layer_replication is not supported"),
     ],
 )

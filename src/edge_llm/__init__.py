@@ -4,6 +4,7 @@ Importing the package registers its Hugging Face integrations: the `EDGE_LLM` PE
 """
 
 from edge_llm.modeling import UnsupportedModelError, find_decoder_parts
+from edge_llm.trainer import EdgeTrainer
 from edge_llm.tuner import EdgeLLMConfig, EdgeLLMModel
 from edge_llm.tuner.voting import vote
 
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EdgeLLMConfig",
     "EdgeLLMModel",
+    "EdgeTrainer",
     "UnsupportedModelError",
     "__version__",
     "find_decoder_parts",

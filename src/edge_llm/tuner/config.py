@@ -55,6 +55,10 @@ class EdgeLLMConfig(LoraConfig):
             `"lora"`: each exit below the last gets a rank-`exit_head_rank` LoRA on the LM head.
         exit_head_rank (`int`):
             Rank of the per-exit head LoRA when `exit_head="lora"`.
+        loss_chunk_size (`int`, *optional*):
+            In a training exit pass given `labels`, the loss is computed over chunks of this many
+            tokens and the full-vocabulary logits of the batch are never materialised (the output
+            then has no `logits`). `None` lets the model compute its loss from full logits.
     """
 
     exit_layers: list[int] | None = field(
@@ -76,6 +80,9 @@ class EdgeLLMConfig(LoraConfig):
         default="shared", metadata={"help": "Per-exit trainable part: " + ", ".join(EXIT_HEADS)}
     )
     exit_head_rank: int = field(default=8, metadata={"help": "Rank of the per-exit head LoRA (exit_head='lora')."})
+    loss_chunk_size: int | None = field(
+        default=1024, metadata={"help": "Tokens per chunk of the training exit loss; None: full logits."}
+    )
 
     def __post_init__(self) -> None:
         if self.task_type is None:
@@ -107,6 +114,8 @@ class EdgeLLMConfig(LoraConfig):
         _check_choice("voting", self.voting, VOTING_RULES)
         _check_choice("exit_head", self.exit_head, EXIT_HEADS)
         _check_positive_int("exit_head_rank", self.exit_head_rank)
+        if self.loss_chunk_size is not None:
+            _check_positive_int("loss_chunk_size", self.loss_chunk_size)
         if self.layer_replication:
             raise ValueError(
                 "EdgeLLMConfig.layer_replication is not supported: exits and windows index the model's own "

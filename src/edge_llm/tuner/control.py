@@ -34,6 +34,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 
 from edge_llm.modeling import DecoderParts, first_tensor, postprocess_logits
 from edge_llm.tuner.exits import ExitHeadLoRA, ExitNorm, HeadWithExitLoRA, window
+from edge_llm.tuner.loss import chunked_causal_lm_loss
 from edge_llm.tuner.voting import vote
 
 if TYPE_CHECKING:
@@ -54,15 +55,33 @@ class _Pass:
     swapped: list[tuple[str, nn.Module]] = field(default_factory=list)
     grad_was_enabled: bool = True
     adapters_on: bool = True
+    return_tuple: bool = False
+    labels: torch.Tensor | None = None  # set when edge-llm, not the model, computes the loss
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Training exit pass only: the head that kept the normed hidden states instead of logits.
+    deferred_head: _DeferredHead | None = None
     # Voting pass only.
     rule: str = "last"
-    labels: torch.Tensor | None = None
-    loss_kwargs: dict[str, Any] = field(default_factory=dict)
     logits_to_keep: int | torch.Tensor = 0
     return_exit_logits: bool = False
     capture: bool = False  # keep the outputs of the exit layers below the last
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
     streams: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class _DeferredHead(nn.Module):
+    """Stands in for the LM head in a training exit pass: keeps its input (the normed hidden
+    states) and returns an empty tensor, so the model never computes full-vocabulary logits; the
+    loss is then computed chunk by chunk from the kept states (see `loss.py`)."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+        self.inputs: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        self.inputs = hidden_states
+        return hidden_states.new_empty(*hidden_states.shape[:-1], 0)
 
 
 class ExitController:
@@ -106,9 +125,17 @@ class ExitController:
             backbone=config.window_input == "backbone",
             grad_was_enabled=torch.is_grad_enabled(),
             adapters_on=self._adapters_enabled(),
+            return_tuple=kwargs.get("return_dict") is False,
         )
+        # Outputs are edited by field name below; a tuple is rebuilt at the end if one was asked for.
+        kwargs["return_dict"] = True
         if exit_layer is not None:
             self._begin_exit_pass(model, state, config.backprop_depth)
+            if config.loss_chunk_size and state.grad_was_enabled and kwargs.get("labels") is not None:
+                self._take_labels(state, kwargs)
+                deferred = _DeferredHead(self.parts.head(model))
+                state.swapped.append((self.parts.head_path, self.parts.swap(model, self.parts.head_path, deferred)))
+                state.deferred_head = deferred
         else:
             self._begin_voting_pass(state, config.voting, kwargs, return_exit_logits)
         self._pass = state
@@ -140,17 +167,43 @@ class ExitController:
         if rule != "last" or state.backbone:
             # The model would compute its loss on the last layer's logits only; the voted loss is
             # computed in `_finish` instead.
-            state.labels = kwargs.pop("labels", None)
-            state.loss_kwargs = {k: kwargs[k] for k in _LOSS_KWARGS if k in kwargs}
+            self._take_labels(state, kwargs)
         state.capture = rule != "last" or return_exit_logits
         if state.backbone and state.adapters_on:
             for index in range(len(self.layers)):
                 self._set_adapters(index, enabled=False)
 
+    @staticmethod
+    def _take_labels(state: _Pass, kwargs: dict) -> None:
+        state.labels = kwargs.pop("labels", None)
+        state.loss_kwargs = {k: kwargs[k] for k in _LOSS_KWARGS if k in kwargs}
+
     def _finish(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         state = self._pass
-        if state is None or state.exit_layer is not None:
+        if state is None:
             return output
+        if state.deferred_head is not None:
+            output = self._exit_loss(model, output, state)
+        elif state.exit_layer is None:
+            output = self._vote(model, output, state)
+        return output.to_tuple() if state.return_tuple else output
+
+    def _exit_loss(self, model: nn.Module, output: Any, state: _Pass) -> Any:
+        head = state.deferred_head.head
+        config = model.config
+        loss = chunked_causal_lm_loss(
+            state.deferred_head.inputs,
+            state.labels,
+            head_fn=lambda states: postprocess_logits(config, head(states)),
+            trainable_params=[p for p in head.parameters() if p.requires_grad],
+            chunk_size=self.tuner.active_edge_config.loss_chunk_size,
+            num_items_in_batch=state.loss_kwargs.get("num_items_in_batch"),
+            ignore_index=state.loss_kwargs.get("ignore_index", -100),
+        )
+        # No logits: that is the point. Everything else the model returned is kept.
+        return _replace_fields(output, loss=loss, logits=None)
+
+    def _vote(self, model: nn.Module, output: Any, state: _Pass) -> Any:
         needs_vote = state.rule != "last" or state.backbone
         if not (needs_vote or state.return_exit_logits):
             return output
@@ -162,11 +215,13 @@ class ExitController:
             logits_by_exit[state.exits[-1]] = output.logits
         ordered = [logits_by_exit[layer] for layer in state.exits]
         if needs_vote:
-            output.logits = vote(ordered, state.rule)
+            voted = vote(ordered, state.rule)
+            loss = None
             if state.labels is not None:
-                output.loss = model.loss_function(
-                    logits=output.logits, labels=state.labels, vocab_size=model.config.vocab_size, **state.loss_kwargs
+                loss = model.loss_function(
+                    logits=voted, labels=state.labels, vocab_size=model.config.vocab_size, **state.loss_kwargs
                 )
+            output = _replace_fields(output, loss=loss, logits=voted)
         if state.return_exit_logits:
             output["exit_logits"] = dict(zip(state.exits, ordered, strict=True))
         return output
@@ -264,6 +319,12 @@ class ExitController:
 
     def _adapters_enabled(self) -> bool:
         return not any(m.disable_adapters for modules in self.lora_modules for m in modules)
+
+
+def _replace_fields(output: Any, **changes: Any) -> Any:
+    """A copy of a transformers ModelOutput with some fields replaced (None removes a field)."""
+    fields = {**dict(output.items()), **changes}
+    return type(output)(**{k: v for k, v in fields.items() if v is not None})
 
 
 def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:

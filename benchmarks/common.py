@@ -1,0 +1,176 @@
+"""Shared pieces of the benchmark scripts: models by name, data, and step/memory measurement."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import time
+import weakref
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback
+
+# Model specs by name. "smollm2" is the real pretrained model (offline, see edge_llm.assets); the
+# others are configs with random weights, fine for speed and memory, never for quality.
+CONFIGS = {
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=8192,
+    ),
+    "smollm2-config": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "llama-1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+}
+
+
+def load_model(name: str, dtype: torch.dtype, device: str):
+    """Returns (model, tokenizer or None)."""
+    if name == "smollm2":
+        from edge_llm.assets import smollm2_135m
+
+        path = smollm2_135m()
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device), AutoTokenizer.from_pretrained(path)
+    if name not in CONFIGS:
+        raise SystemExit(f"unknown model {name!r}; choose from smollm2, {', '.join(CONFIGS)}")
+    torch.manual_seed(0)
+    config = LlamaConfig(max_position_embeddings=4096, **CONFIGS[name])
+    return LlamaForCausalLM(config).to(dtype=dtype, device=device), None
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    cores = os.cpu_count()
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}, {cores} cores, torch {torch.__version__} threads={torch.get_num_threads()}"
+
+
+def _rss_peak_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _rss_now_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _Saved:
+    """What autograd keeps for one saved tensor; alive exactly as long as autograd holds it."""
+
+    __slots__ = ("__weakref__", "tensor")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+class StepMeter(TrainerCallback):
+    """Times every optimizer step and measures peak memory and bytes saved for backward.
+
+    Bytes saved for backward: the unique storages that autograd still holds for the backward pass
+    when the forward pass (loss included) is done, excluding the model's parameters, peaked over
+    steps. Tensors saved by short-lived local graphs (e.g. inside a chunked loss) are gone by then
+    and not counted. Call `forward_done()` between forward and backward (see `measured`).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.step_seconds: list[float] = []
+        self.saved_bytes: list[int] = [0]
+        self._stack: contextlib.ExitStack | None = None
+        self._saved: weakref.WeakSet[_Saved] = weakref.WeakSet()
+        self.peak_bytes = 0
+        self.baseline_bytes = 0
+
+    def _pack(self, tensor: torch.Tensor) -> _Saved:
+        saved = _Saved(tensor)
+        self._saved.add(saved)
+        return saved
+
+    def forward_done(self) -> None:
+        storages = {}
+        for saved in list(self._saved):
+            storage = saved.tensor.untyped_storage()
+            if storage.data_ptr() not in self.param_storages:
+                storages[storage.data_ptr()] = storage.nbytes()
+        self.saved_bytes.append(sum(storages.values()))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.baseline_bytes = torch.cuda.memory_allocated()
+        else:
+            # Writing 5 to clear_refs resets the process's peak RSS (VmHWM) to the current RSS.
+            with contextlib.suppress(OSError):
+                Path("/proc/self/clear_refs").write_text("5")
+            self.baseline_bytes = _rss_now_bytes()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._saved = weakref.WeakSet()
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, lambda saved: saved.tensor))
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.step_seconds.append(time.perf_counter() - self._start)
+        self._stack.close()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.peak_bytes = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _rss_peak_bytes()
+
+    def summary(self, warmup: int, tokens_per_step: int) -> dict:
+        timed = self.step_seconds[warmup:] or self.step_seconds
+        return {
+            "median_step_s": statistics.median(timed),
+            "mean_step_s": statistics.fmean(timed),
+            "tokens_per_s": tokens_per_step / statistics.fmean(timed),
+            "peak_memory_bytes": self.peak_bytes,
+            "memory_before_training_bytes": self.baseline_bytes,
+            "training_peak_bytes": self.peak_bytes - self.baseline_bytes,
+            "saved_for_backward_bytes": max(self.saved_bytes),
+        }
+
+
+def measured(trainer_cls: type, meter: StepMeter) -> type:
+    """`trainer_cls` with `meter.forward_done()` called after every forward pass of training."""
+
+    class Measured(trainer_cls):
+        def compute_loss(self, *args, **kwargs):
+            loss = super().compute_loss(*args, **kwargs)
+            if self.model.training:
+                meter.forward_done()
+            return loss
+
+    return Measured

@@ -1,0 +1,187 @@
+"""Edge-LLM adaptive layer tuning vs stock peft LoRA: memory, step time and held-out loss.
+
+Both runs use the same model, data, batch, sequence length, LoRA rank/targets, optimizer and
+number of steps: (a) `peft.LoraConfig` + `transformers.Trainer` (full depth), (b) `EdgeLLMConfig`
++ `EdgeTrainer`. Each run is a separate process, so peak memory is its own.
+
+    python benchmarks/tuning.py --model tiny --batch 16 --seq 512 --steps 12       # speed/memory, CPU
+    python benchmarks/tuning.py --model smollm2 --batch 4 --seq 256 --steps 100    # quality, real model
+    python benchmarks/tuning.py --model llama-1b --batch 8 --seq 1024 --steps 20   # speed/memory, GPU
+
+Models other than `smollm2` have random weights: their losses mean nothing, only speed and memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import StepMeter, load_model, machine, measured
+
+METHODS = ("lora", "edge")
+
+
+def token_data(tokenizer, vocab_size: int, seq: int, train_rows: int, held_out_rows: int, seed: int):
+    """(train, held-out) datasets of `seq`-token rows: Shakespeare's sonnets for a real tokenizer
+    (train on sonnets 1-130, hold out 131-154), random tokens otherwise."""
+    from datasets import Dataset
+
+    from edge_llm.data import sonnets
+
+    if tokenizer is not None:
+        texts = sonnets()
+        train_ids = tokenizer("\n\n".join(texts[:130]), return_tensors="pt").input_ids[0]
+        held_ids = tokenizer("\n\n".join(texts[130:]), return_tensors="pt").input_ids[0]
+        generator = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, len(train_ids) - seq, (train_rows,), generator=generator)
+        train = torch.stack([train_ids[s : s + seq] for s in starts.tolist()])
+        held = held_ids[: (len(held_ids) // seq) * seq].view(-1, seq)[:held_out_rows]
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        train = torch.randint(0, vocab_size, (train_rows, seq), generator=generator)
+        held = torch.randint(0, vocab_size, (held_out_rows, seq), generator=generator)
+
+    def as_dataset(rows: torch.Tensor) -> Dataset:
+        return Dataset.from_dict({"input_ids": rows.tolist(), "labels": rows.tolist()})
+
+    return as_dataset(train), as_dataset(held)
+
+
+def run_worker(args: argparse.Namespace) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from edge_llm import EdgeLLMConfig, EdgeTrainer
+
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    model, tokenizer = load_model(args.model, dtype, device)
+    num_layers = model.config.num_hidden_layers
+    train, held_out = token_data(
+        tokenizer, model.config.vocab_size, args.seq, args.steps * args.batch, args.eval_rows, args.seed
+    )
+    lora = dict(r=args.rank, lora_alpha=2 * args.rank, target_modules=args.targets, lora_dropout=0.0)
+    if args.worker == "lora":
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+        trainer_cls = Trainer
+    else:
+        config = EdgeLLMConfig(backprop_depth=args.backprop_depth, exit_sampling=args.exit_sampling, **lora)
+        model = get_peft_model(model, config)
+        trainer_cls = EdgeTrainer
+    with tempfile.TemporaryDirectory() as output_dir:
+        training_args = TrainingArguments(
+            output_dir=output_dir,
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch,
+            per_device_eval_batch_size=args.batch,
+            learning_rate=args.lr,
+            lr_scheduler_type="constant",
+            optim="adamw_torch",
+            logging_steps=max(args.steps // 10, 1),
+            save_strategy="no",
+            report_to=[],
+            bf16=cuda,
+            use_cpu=not cuda,
+            seed=args.seed,
+            disable_tqdm=True,
+        )
+        meter = StepMeter(model)
+        trainer = measured(trainer_cls, meter)(model=model, args=training_args, train_dataset=train, callbacks=[meter])
+        trainer.train()
+        metrics = trainer.evaluate(eval_dataset=held_out)
+    result = meter.summary(args.warmup, args.batch * args.seq)
+    result.update(
+        method=args.worker,
+        held_out_loss=metrics["eval_loss"],
+        exit_losses={k: v for k, v in metrics.items() if k.startswith("eval_exit_") and k.endswith("_loss")},
+        num_layers=num_layers,
+        trainable_params=model.get_nb_trainable_parameters()[0],
+    )
+    if args.worker == "edge":
+        result.update(exit_layers=model.exit_layers, backprop_depth=model.backprop_depth)
+    return result
+
+
+def format_table(results: dict[str, dict], args: argparse.Namespace) -> str:
+    gib = 1024**3
+    lora, edge = results["lora"], results["edge"]
+    memory_name = "peak GPU memory (GiB)" if torch.cuda.is_available() else "peak RSS (GiB)"
+    rows = [
+        (memory_name, "peak_memory_bytes", gib, "{:.2f}"),
+        ("memory in use before training (GiB)", "memory_before_training_bytes", gib, "{:.2f}"),
+        ("training peak above that (GiB)", "training_peak_bytes", gib, "{:.3f}"),
+        ("saved for backward (GiB)", "saved_for_backward_bytes", gib, "{:.3f}"),
+        ("median step (s)", "median_step_s", 1, "{:.3f}"),
+        ("mean step (s)", "mean_step_s", 1, "{:.3f}"),
+        ("tokens/s", "tokens_per_s", 1, "{:.0f}"),
+        ("held-out loss", "held_out_loss", 1, "{:.4f}"),
+    ]
+    lines = [
+        f"machine: {machine()}",
+        f"model: {args.model} ({lora['num_layers']} layers), batch {args.batch}, seq {args.seq}, {args.steps} steps "
+        f"({args.warmup} warm-up not timed), LoRA r={args.rank} on {','.join(args.targets)}, lr {args.lr}",
+        f"edge-llm: exits {edge['exit_layers']}, backprop depth {edge['backprop_depth']}, "
+        f"{args.exit_sampling} exit sampling, voting (default)",
+        "",
+        "| | LoRA (full depth) | edge-llm | LoRA / edge-llm |",
+        "|---|---|---|---|",
+    ]
+    for label, key, scale, fmt in rows:
+        a, b = lora[key] / scale, edge[key] / scale
+        ratio = f"{a / b:.2f}x" if b else "-"
+        if key == "tokens_per_s":
+            ratio = f"{b / a:.2f}x (edge faster)"
+        elif key == "held_out_loss":
+            ratio = f"{100 * (b - a) / a:+.1f}% (edge vs LoRA)"
+        lines.append(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {ratio} |")
+    if edge["exit_losses"]:
+        per_exit = ", ".join(f"{k.split('_')[2]}: {v:.4f}" for k, v in edge["exit_losses"].items())
+        lines.append(f"\nedge-llm held-out loss per exit: {per_exit}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="tiny, smollm2, smollm2-config or llama-1b")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=4, help="steps left out of the timing")
+    parser.add_argument("--eval-rows", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"])
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--backprop-depth", type=int, default=None, help="default: a quarter of the layers")
+    parser.add_argument("--exit-sampling", default="round_robin")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.worker:
+        args.out.write_text(json.dumps(run_worker(args)))
+        return
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for method in METHODS:
+            out = Path(scratch) / f"{method}.json"
+            command = [sys.executable, __file__, *sys.argv[1:], "--worker", method, "--out", str(out)]
+            subprocess.run(command, check=True)
+            results[method] = json.loads(out.read_text())
+    print(format_table(results, args))
+    if args.json:
+        record = {"machine": machine(), "args": vars(args) | {"json": None}, **results}
+        args.json.write_text(json.dumps(record, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""`EdgeTrainer`: a `transformers.Trainer` that trains an Edge-LLM adapter one exit per step."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers import Trainer
+from transformers.trainer_utils import EvalLoopOutput
+
+from edge_llm.tuner.loss import IGNORE_INDEX, shift_for_causal_lm
+from edge_llm.tuner.model import EdgeLLMModel
+
+logger = logging.getLogger(__name__)
+
+
+class EdgeTrainer(Trainer):
+    """`transformers.Trainer` for models made with `get_peft_model(model, EdgeLLMConfig(...))`.
+
+    Same constructor as `Trainer`. What changes:
+
+    - every optimizer step runs with one active exit, picked by the adapter's `exit_sampling`
+      from the global step and `args.seed` (so gradient-accumulation micro-batches share it and a
+      resumed run continues the same sequence): the forward pass stops at that exit, gradients
+      reach only the `backprop_depth` layers below it, and the loss is computed in chunks without
+      full-vocabulary logits;
+    - the optimizer holds every adapter weight, but parameters that got no gradient in a step are
+      skipped (gradients are reset to `None`), so AdamW never allocates state for layers that did
+      not train;
+    - training logs add `active_exit` and `exit_<layer>_loss` (mean loss of the steps each exit
+      ran since the last log);
+    - evaluation runs voting passes and reports `<prefix>_exit_<layer>_loss/_accuracy` and
+      `<prefix>_voted_loss/_accuracy` (next-token accuracy) besides `<prefix>_loss` (voted).
+    """
+
+    def __init__(self, model: PeftModel | None = None, args: Any = None, **kwargs: Any) -> None:
+        tuner = getattr(model, "base_model", None)
+        if not isinstance(tuner, EdgeLLMModel):
+            raise TypeError(
+                "EdgeTrainer trains Edge-LLM adapters: pass the model returned by "
+                "get_peft_model(model, edge_llm.EdgeLLMConfig(...)) (or PeftModel.from_pretrained(..., "
+                f"is_trainable=True) on an Edge-LLM adapter); got {type(model).__name__}."
+            )
+        if args is not None and args.ddp_find_unused_parameters is False:
+            raise ValueError(
+                "EdgeTrainer needs ddp_find_unused_parameters=True (or unset): each step trains one window, so the "
+                "other layers' adapter weights are unused in that step and DDP would wait for their gradients."
+            )
+        super().__init__(model=model, args=args, **kwargs)
+        self.tuner: EdgeLLMModel = tuner
+        self._exit_loss_sums: dict[int, torch.Tensor] = {}
+        self._exit_step_counts: dict[int, float] = {}
+        self._last_exit: int | None = None
+        self._eval_sums: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ training
+
+    def current_exit(self) -> int:
+        """The exit of the optimizer step in progress (`state.global_step`)."""
+        total = max(self.state.max_steps, 1)
+        return self.tuner.exit_for_step(self.state.global_step, total, self.args.seed)
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        exit_layer = self.current_exit()
+        with self.tuner.exit_at(exit_layer):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        # `loss` is already divided over the accumulation micro-batches: their sum is the step loss.
+        self._exit_loss_sums[exit_layer] = self._exit_loss_sums.get(exit_layer, 0.0) + loss.detach()
+        self._exit_step_counts[exit_layer] = (
+            self._exit_step_counts.get(exit_layer, 0.0) + 1.0 / self.current_gradient_accumulation_steps
+        )
+        self._last_exit = exit_layer
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._exit_loss_sums:  # a training log
+            for layer in sorted(self._exit_loss_sums):
+                total = self.accelerator.reduce(torch.as_tensor(self._exit_loss_sums[layer]), reduction="mean")
+                logs[f"exit_{layer}_loss"] = round(total.item() / self._exit_step_counts[layer], 4)
+            logs["active_exit"] = self._last_exit
+            self._exit_loss_sums.clear()
+            self._exit_step_counts.clear()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        self._eval_sums = {}
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self._eval_sums:
+            sums = {k: self.accelerator.reduce(v, reduction="sum") for k, v in sorted(self._eval_sums.items())}
+            tokens = sums.pop("tokens").clamp_min(1)
+            for name, value in sums.items():
+                output.metrics[f"{metric_key_prefix}_{name}"] = (value / tokens).item()
+        return output
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        labels = inputs.get("labels")
+        if labels is None or self.tuner.active_exit is not None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(**inputs, return_exit_logits=True)
+        self._add_eval_sums(outputs.exit_logits, outputs.logits, inputs["labels"])
+        loss = outputs.loss.detach()
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, outputs.logits.detach(), inputs["labels"]
+
+    def _add_eval_sums(self, exit_logits: dict[int, torch.Tensor], voted: torch.Tensor, labels: torch.Tensor) -> None:
+        """Accumulate summed next-token loss and correct predictions of each exit and of the vote."""
+        named = {f"exit_{layer}": logits for layer, logits in exit_logits.items()}
+        named["voted"] = voted
+        targets = labels[:, 1:].reshape(-1)
+        count = (targets != IGNORE_INDEX).sum()
+        self._accumulate("tokens", count)
+        for name, logits in named.items():
+            flat, kept = shift_for_causal_lm(logits, labels)
+            self._accumulate(f"{name}_loss", nn.functional.cross_entropy(flat.float(), kept, reduction="sum"))
+            self._accumulate(f"{name}_accuracy", (flat.argmax(-1) == kept).sum())
+
+    def _accumulate(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().double()
+        self._eval_sums[name] = self._eval_sums[name] + value if name in self._eval_sums else value
