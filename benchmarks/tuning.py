@@ -97,6 +97,8 @@ def run_worker(args: argparse.Namespace) -> dict:
         trainer = measured(trainer_cls, meter)(model=model, args=training_args, train_dataset=train, callbacks=[meter])
         trainer.train()
         metrics = trainer.evaluate(eval_dataset=held_out)
+        if args.save_adapters:
+            model.save_pretrained(args.save_adapters / args.worker)
     result = meter.summary(args.warmup, args.batch * args.seq)
     result.update(
         method=args.worker,
@@ -163,6 +165,7 @@ def main() -> None:
     parser.add_argument("--exit-sampling", default="round_robin")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--save-adapters", type=Path, help="save both trained adapters under this folder")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -1,5 +1,6 @@
 """EdgeTrainer: exit per step, frozen layers, resume, gradient accumulation, logging, DDP."""
 
+import json
 import os
 import subprocess
 import sys
@@ -29,6 +30,27 @@ def test_training_lowers_the_loss_of_every_exit(tmp_path):
         assert after[f"eval_{name}_loss"] < before[f"eval_{name}_loss"] - 0.2, (name, before, after)
         assert after[f"eval_{name}_accuracy"] > before[f"eval_{name}_accuracy"] + 0.2, (name, before, after)
     assert after["eval_voted_loss"] == pytest.approx(after["eval_loss"])
+
+
+def test_weighted_voting_is_calibrated_after_training_and_saved(tmp_path):
+    model = edge_model(exit_sampling="round_robin", voting="weighted")
+    data = counting_dataset()
+    trainer = EdgeTrainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=6, learning_rate=2e-2),
+        train_dataset=data,
+        eval_dataset=data.select(range(16)),
+    )
+    uniform = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    weights = model.peft_config["default"].exit_weights
+    assert len(weights) == 2 and sum(weights) == pytest.approx(1.0) and weights != [0.5, 0.5]
+    calibrated = trainer.evaluate()
+    best_single = min(calibrated["eval_exit_3_loss"], calibrated["eval_exit_7_loss"])
+    assert calibrated["eval_loss"] <= best_single + 1e-4  # the fitted mixture is never worse on its data
+    assert calibrated["eval_loss"] < uniform
+    model.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["exit_weights"] == weights
 
 
 def test_layers_in_no_window_stay_bit_identical_and_get_no_optimizer_state(tmp_path):

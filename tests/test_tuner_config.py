@@ -67,6 +67,8 @@ def test_config_json_round_trip(tmp_path):
         ("exit_sampling", "random", "exit_sampling must be one of"),
         ("window_input", "frozen", "window_input must be one of"),
         ("voting", "max", "voting must be one of"),
+        ("exit_weights", [0.5, -0.1], "exit_weights must be non-negative numbers"),
+        ("exit_weights", [0, 0], "exit_weights must be non-negative numbers"),
         ("exit_head", "mlp", "exit_head must be one of"),
         ("exit_head_rank", 0, "exit_head_rank must be a positive integer"),
         ("loss_chunk_size", 0, "loss_chunk_size must be a positive integer"),
@@ -96,6 +98,13 @@ def test_exits_out_of_range_and_too_deep_windows_are_rejected():
         resolve_exits(8, [3, 8], None)
     with pytest.raises(ValueError, match="backprop_depth=9 exceeds the model's 8 decoder layers"):
         resolve_exits(8, None, 9)
+
+
+def test_exit_weights_are_normalised_and_must_match_the_exits():
+    assert EdgeLLMConfig(target_modules=["q_proj"], exit_weights=[1, 3]).exit_weights == [0.25, 0.75]
+    config = EdgeLLMConfig(target_modules=["q_proj"], exit_layers=[1], voting="weighted", exit_weights=[1, 1, 1])
+    with pytest.raises(ValueError, match=r"exit_weights has 3 weights but the adapter has 2 exits \[1, 3\]"):
+        get_peft_model(tiny_model(num_layers=4), config)
 
 
 def test_out_of_range_exit_is_reported_when_the_adapter_is_built():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from edge_llm import vote
+from edge_llm.tuner.voting import fit_exit_weights
 
 
 def _hand_logits():
@@ -55,3 +56,26 @@ def test_unknown_rule_and_empty_input_are_rejected():
         vote([torch.zeros(3)], "median")
     with pytest.raises(ValueError, match="at least one exit"):
         vote([], "mean")
+
+
+def test_weighted_vote_is_a_mixture():
+    logits = _hand_logits()
+    voted = vote(logits, "weighted", [0.25, 0.75])
+    expected = 0.25 * torch.tensor([0.7, 0.2, 0.1]) + 0.75 * torch.tensor([0.1, 0.3, 0.6])
+    torch.testing.assert_close(voted.exp(), expected)
+    torch.testing.assert_close(vote(logits, "weighted", None), vote(logits, "mean"))
+    torch.testing.assert_close(vote(logits, "weighted", [0.0, 1.0]), logits[1].log_softmax(-1))
+
+
+def test_fit_exit_weights_recovers_the_mixture_and_ignores_useless_exits():
+    generator = torch.Generator().manual_seed(0)
+    # Token probabilities of two exits; tokens drawn from the mixture 0.3 * exit0 + 0.7 * exit1.
+    p0 = torch.softmax(torch.randn(50, generator=generator) * 2, -1)
+    p1 = torch.softmax(torch.randn(50, generator=generator) * 2, -1)
+    tokens = torch.multinomial(0.3 * p0 + 0.7 * p1, 20000, replacement=True, generator=generator)
+    weights = fit_exit_weights(torch.stack([p0[tokens].log(), p1[tokens].log()]))
+    assert weights == pytest.approx([0.3, 0.7], abs=0.03)
+    # A third exit that spreads its mass uniformly over 1000 words is worth (almost) nothing.
+    useless = torch.full_like(tokens, -math.log(1000), dtype=torch.float32)
+    weights = fit_exit_weights(torch.stack([p0[tokens].log(), p1[tokens].log(), useless]))
+    assert weights[2] < 0.01 and sum(weights) == pytest.approx(1.0)

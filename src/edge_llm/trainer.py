@@ -33,7 +33,9 @@ class EdgeTrainer(Trainer):
     - training logs add `active_exit` and `exit_<layer>_loss` (mean loss of the steps each exit
       ran since the last log);
     - evaluation runs voting passes and reports `<prefix>_exit_<layer>_loss/_accuracy` and
-      `<prefix>_voted_loss/_accuracy` (next-token accuracy) besides `<prefix>_loss` (voted).
+      `<prefix>_voted_loss/_accuracy` (next-token accuracy) besides `<prefix>_loss` (voted);
+    - with `voting="weighted"` and no `exit_weights` yet, `train()` ends by fitting them on
+      `eval_dataset` (`calibrate_exit_weights`).
     """
 
     def __init__(self, model: PeftModel | None = None, args: Any = None, **kwargs: Any) -> None:
@@ -87,7 +89,29 @@ class EdgeTrainer(Trainer):
             self._exit_step_counts.clear()
         super().log(logs, start_time)
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().train(*args, **kwargs)
+        config = self.tuner.active_edge_config
+        if config.voting == "weighted" and config.exit_weights is None and self.eval_dataset is not None:
+            self.calibrate_exit_weights()
+        return output
+
     # ------------------------------------------------------------------ evaluation
+
+    def calibrate_exit_weights(self, dataset: Any = None) -> list[float]:
+        """Fit the adapter's `exit_weights` (for `voting="weighted"`) on `dataset` or `eval_dataset`."""
+        dataloader = self.get_eval_dataloader(dataset)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            batches = (self._prepare_inputs(batch) for batch in dataloader)
+            reduce = None
+            if self.accelerator.num_processes > 1:
+                reduce = lambda tensor: self.accelerator.reduce(tensor, reduction="sum")  # noqa: E731
+            return self.tuner.calibrate_exit_weights(batches, all_reduce_sum=reduce)
+        finally:
+            model.train(was_training)
 
     def evaluation_loop(
         self,

@@ -35,3 +35,23 @@ def sequential_windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Non-overlapping windows covering the stream (the tail that does not fill one is dropped)."""
     usable = (len(stream) // seq_len) * seq_len
     return stream[:usable].view(-1, seq_len)
+
+
+def sonnet_instructions() -> list[dict[str, str]]:
+    """Instruction/response pairs from the sonnets: given a quatrain, continue with the next one
+    (the third quatrain is answered with the closing couplet). Three pairs per sonnet."""
+    pairs = []
+    for number, sonnet in enumerate(sonnets(), start=1):
+        lines = [line.strip() for line in sonnet.splitlines() if line.strip()]
+        if len(lines) != 14:  # sonnets 99 (15 lines) and 126 (12 lines) do not fit the pattern
+            continue
+        for part in range(3):
+            given = "\n".join(lines[4 * part : 4 * part + 4])
+            follows = "\n".join(lines[4 * part + 4 : 4 * part + 8 if part < 2 else 14])
+            pairs.append(
+                {
+                    "instruction": f"Continue Shakespeare's sonnet {number} after these lines:\n{given}",
+                    "response": follows,
+                }
+            )
+    return pairs

@@ -8,7 +8,7 @@ from typing import Literal
 from peft import LoraConfig
 
 EXIT_SAMPLING_RULES = ("curriculum", "round_robin", "uniform")
-VOTING_RULES = ("last", "mean", "confidence")
+VOTING_RULES = ("last", "mean", "weighted", "confidence")
 WINDOW_INPUTS = ("adapted", "backbone")
 EXIT_HEADS = ("shared", "norm", "lora")
 
@@ -46,9 +46,13 @@ class EdgeLLMConfig(LoraConfig):
         voting (`str`):
             How exits combine at inference (no active exit). With `p_i = softmax(logits_i)`:
             `"last"` returns the last layer's logits unchanged; `"mean"` returns `log(mean_i p_i)`;
-            `"confidence"` (the paper's rule) returns `log(q / sum(q))` with `q = max_i p_i`
-            element-wise. The returned logits are log-probabilities, so `softmax(logits)` gives the
-            voted distribution back.
+            `"weighted"` returns `log(sum_i w_i p_i)` with `exit_weights` (fitted on held-out data by
+            `calibrate_exit_weights`; uniform until then); `"confidence"` (the paper's rule) returns
+            `log(q / sum(q))` with `q = max_i p_i` element-wise. The returned logits are
+            log-probabilities, so `softmax(logits)` gives the voted distribution back.
+        exit_weights (`list[float]`, *optional*):
+            One non-negative weight per exit (lowest first) for `voting="weighted"`; normalised to
+            sum to 1.
         exit_head (`str`):
             `"shared"` (default): every exit uses the model's own final norm and LM head, no new
             weights. `"norm"`: each exit below the last gets a trainable copy of the final norm.
@@ -73,8 +77,11 @@ class EdgeLLMConfig(LoraConfig):
     window_input: Literal["adapted", "backbone"] = field(
         default="adapted", metadata={"help": "What a window sees below it: " + ", ".join(WINDOW_INPUTS)}
     )
-    voting: Literal["last", "mean", "confidence"] = field(
+    voting: Literal["last", "mean", "weighted", "confidence"] = field(
         default="confidence", metadata={"help": "How exits combine at inference: " + ", ".join(VOTING_RULES)}
+    )
+    exit_weights: list[float] | None = field(
+        default=None, metadata={"help": "Per-exit weights for voting='weighted' (lowest exit first)."}
     )
     exit_head: Literal["shared", "norm", "lora"] = field(
         default="shared", metadata={"help": "Per-exit trainable part: " + ", ".join(EXIT_HEADS)}
@@ -112,6 +119,8 @@ class EdgeLLMConfig(LoraConfig):
         _check_choice("exit_sampling", self.exit_sampling, EXIT_SAMPLING_RULES)
         _check_choice("window_input", self.window_input, WINDOW_INPUTS)
         _check_choice("voting", self.voting, VOTING_RULES)
+        if self.exit_weights is not None:
+            self.exit_weights = _check_exit_weights(self.exit_weights)
         _check_choice("exit_head", self.exit_head, EXIT_HEADS)
         _check_positive_int("exit_head_rank", self.exit_head_rank)
         if self.loss_chunk_size is not None:
@@ -148,3 +157,17 @@ def _check_exit_layers(exit_layers: object) -> list[int]:
     if duplicates:
         raise ValueError(f"EdgeLLMConfig.exit_layers has duplicate layers {duplicates}: {layers}.")
     return sorted(layers)
+
+
+def _check_exit_weights(weights: object) -> list[float]:
+    values = list(weights) if hasattr(weights, "__iter__") and not isinstance(weights, str) else None
+    if (
+        not values
+        or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 for w in values)
+        or sum(values) <= 0
+    ):
+        raise ValueError(
+            f"EdgeLLMConfig.exit_weights must be non-negative numbers, one per exit, not all zero; got {weights!r}."
+        )
+    total = float(sum(values))
+    return [float(w) / total for w in values]

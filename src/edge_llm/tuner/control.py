@@ -215,7 +215,7 @@ class ExitController:
             logits_by_exit[state.exits[-1]] = output.logits
         ordered = [logits_by_exit[layer] for layer in state.exits]
         if needs_vote:
-            voted = vote(ordered, state.rule)
+            voted = vote(ordered, state.rule, self.tuner.active_edge_config.exit_weights)
             loss = None
             if state.labels is not None:
                 loss = model.loss_function(

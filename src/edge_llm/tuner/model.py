@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -20,6 +20,8 @@ from edge_llm.modeling import find_decoder_parts
 from edge_llm.tuner.config import EdgeLLMConfig
 from edge_llm.tuner.control import ExitController
 from edge_llm.tuner.exits import build_exit_heads, exit_for_step, resolve_exits, window
+from edge_llm.tuner.loss import IGNORE_INDEX
+from edge_llm.tuner.voting import fit_exit_weights
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,11 @@ class EdgeLLMModel(LoraModel):
         config: EdgeLLMConfig = self.peft_config[adapter_name]
         num_layers = len(parts.layers(model))
         config.exit_layers, config.backprop_depth = resolve_exits(num_layers, config.exit_layers, config.backprop_depth)
+        if config.exit_weights is not None and len(config.exit_weights) != len(config.exit_layers):
+            raise ValueError(
+                f"EdgeLLMConfig.exit_weights has {len(config.exit_weights)} weights but the adapter has "
+                f"{len(config.exit_layers)} exits {config.exit_layers}; give one weight per exit, lowest first."
+            )
         final_norm, lm_head = parts.norm(model), parts.head(model)
         dtype = next(final_norm.parameters(), lm_head.weight).dtype
         if dtype in (torch.float16, torch.bfloat16):
@@ -169,3 +176,37 @@ class EdgeLLMModel(LoraModel):
     def exit_logits(self, layer: int, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits of exit `layer` given the raw output of decoder layer `layer`."""
         return self._controller.exit_logits(layer, hidden_states)
+
+    @torch.no_grad()
+    def calibrate_exit_weights(
+        self,
+        batches: Iterable[dict[str, torch.Tensor]],
+        all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> list[float]:
+        """Fit `exit_weights` for `voting="weighted"` on held-out batches (with `labels`).
+
+        Each exit's probability of the true next token is collected from voting passes, and the
+        mixture weights that maximise the held-out likelihood are fitted (see `fit_exit_weights`).
+        The weights are stored in the adapter config (saved with the adapter) and returned.
+        """
+        rows = []
+        with self.exit_at(None):
+            for batch in batches:
+                labels = batch["labels"]
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                exit_logits = self.model(**inputs, return_exit_logits=True).exit_logits
+                targets = labels[:, 1:]
+                keep = targets != IGNORE_INDEX
+                index = targets.clamp_min(0).unsqueeze(-1)
+                rows.append(
+                    torch.stack(
+                        [
+                            torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, index).squeeze(-1)[keep]
+                            for logits in exit_logits.values()
+                        ]
+                    )
+                )
+        weights = fit_exit_weights(torch.cat(rows, dim=1), all_reduce_sum=all_reduce_sum)
+        self.active_edge_config.exit_weights = weights
+        logger.info("Exit weights for weighted voting (exits %s): %s", self.exit_layers, [round(w, 4) for w in weights])
+        return weights
