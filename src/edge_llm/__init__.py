@@ -1,8 +1,10 @@
 """edge-llm: adapt LLMs on devices with little memory and compute (Edge-LLM, Yu et al., DAC 2024).
 
-Importing the package registers its Hugging Face integrations: the `EDGE_LLM` PEFT method.
+Importing the package registers its Hugging Face integrations: the `EDGE_LLM` PEFT method and the
+`edge_llm_luc` quantization method of transformers.
 """
 
+from edge_llm.luc import LUCConfig, LUCPolicy, LUCQuantizer
 from edge_llm.modeling import UnsupportedModelError, find_decoder_parts
 from edge_llm.trainer import EdgeTrainer
 from edge_llm.tuner import EdgeLLMConfig, EdgeLLMModel
@@ -14,6 +16,9 @@ __all__ = [
     "EdgeLLMConfig",
     "EdgeLLMModel",
     "EdgeTrainer",
+    "LUCConfig",
+    "LUCPolicy",
+    "LUCQuantizer",
     "UnsupportedModelError",
     "__version__",
     "find_decoder_parts",

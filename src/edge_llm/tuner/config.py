@@ -96,9 +96,12 @@ class EdgeLLMConfig(LoraConfig):
             self.task_type = "CAUSAL_LM"
         super().__post_init__()
         # Imported here: the registration module imports this one.
+        from edge_llm.luc.lora import CUSTOM_MODULES
         from edge_llm.tuner import EDGE_LLM_PEFT_TYPE
 
         self.peft_type = EDGE_LLM_PEFT_TYPE
+        # LoRA over LUC-compressed layers (QLoRA-style); plain Linear layers are unaffected.
+        self._register_custom_module(CUSTOM_MODULES)
         self._validate()
 
     def _validate(self) -> None:

@@ -1,0 +1,33 @@
+"""LUC, layer-wise unified compression: per-layer bit-width and pruning sparsity from a measured
+sensitivity profile, applied for real (packed low-bit weights, compact pruning masks).
+
+Pieces, in the order they run: `calibration` (tokens, layer-by-layer runner), `profile`
+(sensitivity), `policy` (exact search under a budget), `prune` + `quantize` + `compress`
+(applying a policy), `linear` (`LUCLinear`, the stored format), `hf` (transformers/Optimum glue),
+`lora` (LoRA adapters over `LUCLinear`).
+"""
+
+from edge_llm.luc.calibration import calibration_tokens
+from edge_llm.luc.compress import CompressionMethod, compress_model
+from edge_llm.luc.hf import LUCConfig, LUCHfQuantizer, LUCQuantizer, apply_luc, register
+from edge_llm.luc.linear import LUCLinear
+from edge_llm.luc.policy import Budget, LUCPolicy, search_policy
+from edge_llm.luc.profile import SensitivityProfile, profile_sensitivity
+
+register()
+
+__all__ = [
+    "Budget",
+    "CompressionMethod",
+    "LUCConfig",
+    "LUCHfQuantizer",
+    "LUCLinear",
+    "LUCPolicy",
+    "LUCQuantizer",
+    "SensitivityProfile",
+    "apply_luc",
+    "calibration_tokens",
+    "compress_model",
+    "profile_sensitivity",
+    "search_policy",
+]

@@ -1,0 +1,136 @@
+"""Compress one Linear layer with one (bits, sparsity) setting, and whole models with a policy."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edge_llm.luc.calibration import LayerRunner, input_hessians, iterate, target_linears
+from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
+from edge_llm.luc.prune import PRUNE_METHODS, PRUNE_STRUCTURES, prune_mask
+from edge_llm.luc.quantize import GroupQuantized, dequantize, quantize_gptq, quantize_rtn
+
+logger = logging.getLogger(__name__)
+
+QUANT_METHODS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class CompressionMethod:
+    """How weights are compressed, whatever the per-layer bits and sparsity.
+
+    - `group_size`: input columns that share a quantization scale and zero-point.
+    - `quant_method`: `"rtn"` (round to nearest) or `"gptq"` (error compensation with the
+      calibration Hessian; slower, better at 2-3 bits).
+    - `prune_method`: `"wanda"` (|W| x input-channel norm) or `"magnitude"`.
+    - `prune_structure`: `"unstructured"` or `"nm"` (N of every 4, e.g. 2:4 at sparsity 0.5).
+    """
+
+    group_size: int = 128
+    quant_method: str = "rtn"
+    prune_method: str = "wanda"
+    prune_structure: str = "unstructured"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}.")
+        for name, value, choices in (
+            ("quant_method", self.quant_method, QUANT_METHODS),
+            ("prune_method", self.prune_method, PRUNE_METHODS),
+            ("prune_structure", self.prune_structure, PRUNE_STRUCTURES),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.quant_method == "gptq" or self.prune_method == "wanda"
+
+
+def compress_weight(
+    weight: torch.Tensor,
+    bits: int,
+    sparsity: float,
+    method: CompressionMethod,
+    hessian: torch.Tensor | None = None,
+) -> tuple[GroupQuantized | None, torch.Tensor | None]:
+    """Codes (None for 16 bits) and kept-weight mask (None without pruning) of one weight matrix."""
+    norms = torch.diag(hessian).clamp_min(0).sqrt() if hessian is not None else None
+    if sparsity > 0 and method.prune_method == "wanda" and norms is None:
+        raise ValueError("Wanda pruning needs calibration data (input activations).")
+    mask = prune_mask(weight, sparsity, method.prune_method, method.prune_structure, norms)
+    if bits == UNQUANTIZED_BITS:
+        return None, mask
+    if method.quant_method == "gptq":
+        if hessian is None:
+            raise ValueError("GPTQ needs calibration data (the input Hessian).")
+        return quantize_gptq(weight, hessian, bits, method.group_size, mask), mask
+    return quantize_rtn(weight, bits, method.group_size, mask), mask
+
+
+def compressed_dense_weight(
+    weight: torch.Tensor,
+    bits: int,
+    sparsity: float,
+    method: CompressionMethod,
+    hessian: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """What `weight` becomes after compression, as a dense tensor of its dtype (for profiling)."""
+    quantized, mask = compress_weight(weight, bits, sparsity, method, hessian)
+    if quantized is None:
+        dense = weight.half().to(weight.dtype)
+        return dense if mask is None else dense * mask
+    restored = dequantize(quantized.codes, quantized.scales, quantized.zeros, method.group_size, mask)
+    return restored.to(weight.dtype)
+
+
+def _replace(parent_layer: nn.Module, name: str, module: nn.Module) -> None:
+    owner_name, _, attribute = name.rpartition(".")
+    owner = parent_layer.get_submodule(owner_name) if owner_name else parent_layer
+    setattr(owner, attribute, module)
+
+
+@torch.no_grad()
+def compress_model(
+    model: nn.Module,
+    settings: list[tuple[int, float]],
+    method: CompressionMethod,
+    calibration: torch.Tensor | None = None,
+    targets: list[str] | None = None,
+    progress: bool = True,
+) -> None:
+    """Replace the Linear layers of every decoder layer `l` by `LUCLinear`s with `settings[l]`.
+
+    With calibration tokens, layers are compressed in order and each is calibrated on the outputs
+    of the already-compressed layers below it (as GPTQ does).
+    """
+    runner = None
+    if method.needs_calibration:
+        if calibration is None:
+            raise ValueError(
+                f"{method.quant_method}/{method.prune_method} compression needs calibration data; "
+                "use quant_method='rtn' and prune_method='magnitude' to compress without any."
+            )
+        runner = LayerRunner(model, calibration)
+        layers = runner.layers
+    else:
+        from edge_llm.modeling import find_decoder_parts
+
+        layers = list(find_decoder_parts(model).layers(model))
+    if len(settings) != len(layers):
+        raise ValueError(
+            f"The policy has {len(settings)} layer settings but the model has {len(layers)} decoder layers."
+        )
+    for index in iterate(range(len(layers)), len(layers), "LUC compress", progress):
+        bits, sparsity = settings[index]
+        linears = target_linears(layers[index], targets)
+        hessians = input_hessians(runner, index, linears) if runner is not None else {}
+        for name, linear in linears.items():
+            quantized, mask = compress_weight(linear.weight, bits, sparsity, method, hessians.get(name))
+            compressed = LUCLinear.from_linear(linear, bits, sparsity, method.group_size, quantized, mask)
+            _replace(layers[index], name, compressed)
+        if runner is not None:
+            runner.advance(index)

@@ -1,0 +1,159 @@
+"""`LUCLinear`: a Linear layer stored the way LUC compressed it.
+
+Stored tensors (the state-dict keys of the module):
+
+- `weight`: the kept weights only, as one flat uint8 tensor of packed `bits`-bit codes (row by
+  row, every row keeps the same number of weights), or as flat float16 values for `bits=16`.
+  It is 1-D on purpose: loaded into a float `nn.Linear` (a process that has not imported
+  edge_llm), it fails with a size mismatch instead of silently producing garbage.
+- `weight_scales`, `weight_zeros`: float16, one per (row, group of `group_size` input columns).
+- `weight_mask`: which weights were kept, one bit each, packed (absent when nothing was pruned).
+- `bias`: unchanged.
+
+The forward pass dequantizes the weight and runs a dense matmul (the CPU reference path). Under
+autograd the dense weight is not kept for the backward pass but dequantized again, so a
+compressed, frozen layer costs no weight-sized memory in training.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edge_llm.luc.pack import pack_bits, packed_size, unpack_bits
+from edge_llm.luc.quantize import GroupQuantized, check_bits, dequantize
+
+UNQUANTIZED_BITS = 16
+
+
+def kept_per_row(in_features: int, sparsity: float) -> int:
+    return in_features - round(sparsity * in_features)
+
+
+class _CompressedMatmul(torch.autograd.Function):
+    """x @ W^T for a frozen compressed W that is dequantized again in backward instead of saved."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: LUCLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return x @ layer.dequantize_weight(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output @ ctx.layer.dequantize_weight(grad_output.dtype), None
+
+
+class LUCLinear(nn.Module):
+    """A compressed Linear: `bits`-bit group-wise quantized and `sparsity`-pruned weights."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        sparsity: float,
+        group_size: int,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if bits != UNQUANTIZED_BITS:
+            check_bits(bits)
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.sparsity, self.group_size = bits, float(sparsity), group_size
+        self.compute_dtype = dtype
+        kept = out_features * kept_per_row(in_features, sparsity)
+        if bits == UNQUANTIZED_BITS:
+            self.register_buffer("weight", torch.empty(kept, dtype=torch.float16, device=device))
+        else:
+            groups = -(-in_features // group_size)
+            self.register_buffer("weight", torch.empty(packed_size(kept, bits), dtype=torch.uint8, device=device))
+            self.register_buffer("weight_scales", torch.empty(out_features, groups, dtype=torch.float16, device=device))
+            self.register_buffer("weight_zeros", torch.empty(out_features, groups, dtype=torch.float16, device=device))
+        if sparsity > 0:
+            mask_bytes = packed_size(out_features * in_features, 1)
+            self.register_buffer("weight_mask", torch.empty(mask_bytes, dtype=torch.uint8, device=device))
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        bits: int,
+        sparsity: float,
+        group_size: int,
+        quantized: GroupQuantized | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> LUCLinear:
+        """Compress `linear`: `quantized` holds its codes (or None for `bits=16`), `mask` the kept weights."""
+        weight = linear.weight.detach()
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bits,
+            sparsity,
+            group_size,
+            bias=linear.bias is not None,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+        keep = mask if mask is not None else torch.ones_like(weight, dtype=torch.bool)
+        if mask is not None and (mask.sum(dim=1) != kept_per_row(linear.in_features, sparsity)).any():
+            raise ValueError("Every row of a pruning mask must keep in_features * (1 - sparsity) weights.")
+        if bits == UNQUANTIZED_BITS:
+            layer.weight.copy_(weight[keep].to(torch.float16))
+        else:
+            layer.weight.copy_(pack_bits(quantized.codes[keep.cpu()].to(weight.device), bits))
+            layer.weight_scales.copy_(quantized.scales)
+            layer.weight_zeros.copy_(quantized.zeros)
+        if mask is not None:
+            layer.weight_mask.copy_(pack_bits(mask.to(torch.uint8), 1))
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    def mask(self) -> torch.Tensor | None:
+        """The kept-weight mask (out x in, bool), or None when nothing was pruned."""
+        if self.sparsity == 0:
+            return None
+        count = self.out_features * self.in_features
+        return unpack_bits(self.weight_mask, 1, count).view(self.out_features, self.in_features).bool()
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight (out x in) this layer computes with."""
+        dtype = dtype or self.compute_dtype
+        rows, columns = self.out_features, self.in_features
+        kept = rows * kept_per_row(columns, self.sparsity)
+        mask = self.mask()
+        if self.bits == UNQUANTIZED_BITS:
+            values = self.weight.to(dtype)
+            if mask is None:
+                return values.view(rows, columns)
+            return torch.zeros(rows, columns, dtype=dtype, device=values.device).masked_scatter_(mask, values)
+        codes = unpack_bits(self.weight, self.bits, kept)
+        if mask is None:
+            dense_codes = codes.view(rows, columns)
+        else:
+            dense_codes = torch.zeros(rows, columns, dtype=torch.uint8, device=codes.device)
+            dense_codes.masked_scatter_(mask, codes)
+        return dequantize(dense_codes, self.weight_scales, self.weight_zeros, self.group_size, mask).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            out = _CompressedMatmul.apply(x, self)
+        else:
+            out = x @ self.dequantize_weight(x.dtype).t()
+        return out + self.bias.to(out.dtype) if self.bias is not None else out
+
+    def storage_bytes(self) -> int:
+        """Bytes of the stored compressed weight (codes, scales, zero-points, mask), bias excluded."""
+        return sum(t.numel() * t.element_size() for name, t in self.named_buffers(recurse=False))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"sparsity={self.sparsity}, group_size={self.group_size}, bias={self.bias is not None}"
+        )

@@ -1,0 +1,164 @@
+"""Group-wise asymmetric weight quantization: round-to-nearest and GPTQ.
+
+A weight matrix `W` (out x in) is split along its input dimension into groups of `group_size`
+columns. Each (row, group) gets a float16 `scale` and integer zero-point `zero` (stored as float16)
+so that its codes `q = clamp(round(w / scale) + zero, 0, 2**bits - 1)` dequantize to
+`(q - zero) * scale`. The grid spans the group's kept (unpruned) weights only: the zero-point may
+lie outside the code range when they all have one sign, which keeps the full resolution for them.
+Every kept weight is within `scale / 2` of its dequantized value (plus float16 rounding of zero-
+points beyond 2048, which only near-constant groups reach). Pruned weights dequantize to exactly
+0 through the mask; their code is 0 and carries no information.
+
+GPTQ (Frantar et al., 2022) quantizes one column at a time and spreads each column's error over
+the columns not yet quantized, weighted by the inverse Hessian `H = X^T X` of the layer's
+calibration inputs; pruned weights are forced to zero the same way, so the update also
+compensates pruning (as SparseGPT does with a fixed mask).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+_MIN_SCALE = 2.0**-14  # smallest normal float16
+
+
+@dataclass
+class GroupQuantized:
+    """Codes (uint8, out x in; 0 where pruned), float16 scales and zero-points (out x groups)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+
+def check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS} (or 16 to keep a layer unquantized), got {bits!r}.")
+
+
+def _group_params(weights: torch.Tensor, keep: torch.Tensor | None, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero-point (float32, exactly representable in float16) over the last dimension."""
+    max_code = (1 << bits) - 1
+    if keep is None:
+        low, high = weights.amin(dim=-1), weights.amax(dim=-1)
+    else:
+        low = torch.where(keep, weights, math.inf).amin(dim=-1)
+        high = torch.where(keep, weights, -math.inf).amax(dim=-1)
+        empty = ~keep.any(dim=-1)
+        low, high = low.masked_fill(empty, 0.0), high.masked_fill(empty, 0.0)
+    scale = ((high - low) / max_code).clamp_min(_MIN_SCALE)
+    # Round the scale *up* to float16 (relative spacing 2**-10), so the grid still spans [low, high].
+    scale = (scale * (1 + 2.0**-10)).to(torch.float16).float()
+    zero = torch.round(-low / scale).clamp(-60000, 60000).to(torch.float16).float()
+    return scale, zero
+
+
+def _pad_columns(tensor: torch.Tensor, group_size: int, value: float | bool) -> torch.Tensor:
+    missing = (-tensor.shape[1]) % group_size
+    if not missing:
+        return tensor
+    return torch.cat([tensor, tensor.new_full((tensor.shape[0], missing), value)], dim=1)
+
+
+def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, mask: torch.Tensor | None = None) -> GroupQuantized:
+    """Round-to-nearest group-wise quantization of `weight` (kept where `mask` is True)."""
+    check_bits(bits)
+    out_features, in_features = weight.shape
+    w = _pad_columns(weight.float(), group_size, 0.0)
+    keep = None if mask is None else _pad_columns(mask, group_size, False)
+    if keep is None and w.shape[1] != in_features:
+        keep = _pad_columns(torch.ones_like(weight, dtype=torch.bool), group_size, False)
+    groups = w.shape[1] // group_size
+    w = w.view(out_features, groups, group_size)
+    keep = None if keep is None else keep.view(out_features, groups, group_size)
+    scale, zero = _group_params(w, keep, bits)
+    codes = torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], 0, (1 << bits) - 1)
+    if keep is not None:
+        codes = codes.masked_fill(~keep, 0)
+    codes = codes.view(out_features, -1)[:, :in_features].to(torch.uint8)
+    return GroupQuantized(codes, scale.half(), zero.half())
+
+
+def dequantize(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Float32 weights from codes (out x in), per-group float16 scales/zero-points and the mask."""
+    in_features = codes.shape[1]
+    scale = scales.float().repeat_interleave(group_size, dim=1)[:, :in_features]
+    zero = zeros.float().repeat_interleave(group_size, dim=1)[:, :in_features]
+    weight = (codes.float() - zero) * scale
+    return weight if mask is None else weight.masked_fill(~mask, 0.0)
+
+
+def quantize_gptq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int,
+    mask: torch.Tensor | None = None,
+    block_size: int = 128,
+    damping: float = 0.01,
+) -> GroupQuantized:
+    """GPTQ group-wise quantization of `weight` given `hessian` = sum of x x^T over calibration inputs."""
+    check_bits(bits)
+    max_code = (1 << bits) - 1
+    w = weight.float().clone()
+    out_features, in_features = w.shape
+    h = hessian.float().clone()
+    dead = torch.diag(h) == 0  # inputs that were always zero: their weights cannot matter
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    # Pruned weights keep their values until their column is reached: zeroing them then is an
+    # error like any other, compensated by the columns to their right.
+    h_inv = _upper_cholesky_of_inverse(h, damping)
+
+    codes = torch.empty(out_features, in_features, dtype=torch.uint8)
+    groups = math.ceil(in_features / group_size)
+    scales = torch.empty(out_features, groups)
+    zeros = torch.empty(out_features, groups)
+    # Blocks hold whole groups, so a group's range is always read from its current (updated) values.
+    block = group_size * max(1, block_size // group_size)
+    for start in range(0, in_features, block):
+        end = min(start + block, in_features)
+        w_block = w[:, start:end].clone()
+        errors = torch.zeros_like(w_block)
+        h_block = h_inv[start:end, start:end]
+        for i in range(end - start):
+            column = start + i
+            if column % group_size == 0:
+                span = slice(i, min(i + group_size, end - start))
+                keep = None if mask is None else mask[:, column : column + group_size]
+                scale, zero = _group_params(w_block[:, span], keep, bits)
+                scales[:, column // group_size], zeros[:, column // group_size] = scale, zero
+            values = w_block[:, i]
+            q = torch.clamp(torch.round(values / scale) + zero, 0, max_code)
+            restored = (q - zero) * scale
+            if mask is not None:  # pruned weights become exactly 0 and their error is spread too
+                q = q.masked_fill(~mask[:, column], 0)
+                restored = restored.masked_fill(~mask[:, column], 0.0)
+            error = (values - restored) / h_block[i, i]
+            w_block[:, i:] -= error.unsqueeze(1) * h_block[i, i:].unsqueeze(0)
+            errors[:, i] = error
+            codes[:, column] = q.to(torch.uint8)
+        w[:, end:] -= errors @ h_inv[start:end, end:]
+    return GroupQuantized(codes, scales.half(), zeros.half())
+
+
+def _upper_cholesky_of_inverse(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damping * mean(diag H) * I)^-1, damping more if H is singular."""
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype)
+    mean_diag = torch.diag(hessian).mean()
+    for attempt in range(6):
+        damped = hessian + (damping * 10**attempt) * mean_diag * eye
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+    raise ValueError("The calibration Hessian is not positive definite even with strong damping; use more data.")

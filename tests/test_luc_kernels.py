@@ -1,0 +1,100 @@
+"""Packing, group-wise quantization and pruning masks."""
+
+import pytest
+import torch
+
+from edge_llm.luc.pack import pack_bits, packed_size, unpack_bits
+from edge_llm.luc.prune import prune_mask
+from edge_llm.luc.quantize import dequantize, quantize_gptq, quantize_rtn
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("count", [1, 7, 8, 13, 1000])
+def test_pack_unpack_is_exact(bits, count):
+    values = torch.randint(0, 1 << bits, (count,), generator=torch.Generator().manual_seed(bits * count))
+    packed = pack_bits(values, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_size(count, bits) == -(-count * bits // 8)
+    assert torch.equal(unpack_bits(packed, bits, count), values.to(torch.uint8))
+
+
+def test_four_bit_layout_is_low_nibble_first():
+    assert pack_bits(torch.tensor([0x3, 0xA]), 4).tolist() == [0xA3]
+    assert pack_bits(torch.tensor([1, 2, 3, 0]), 2).tolist() == [0b00111001]
+
+
+def test_pack_rejects_bad_input():
+    with pytest.raises(ValueError, match="1 to 8 bits"):
+        pack_bits(torch.tensor([1]), 9)
+    with pytest.raises(ValueError, match=r"Values must lie in \[0, 8\)"):
+        pack_bits(torch.tensor([8]), 3)
+    with pytest.raises(ValueError, match="cannot hold 10 values"):
+        unpack_bits(torch.zeros(2, dtype=torch.uint8), 4, 10)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("in_features", [64, 80])  # 80 is not a multiple of the group size
+def test_rtn_error_is_at_most_half_a_step(bits, in_features):
+    weight = torch.randn(16, in_features, generator=torch.Generator().manual_seed(bits)) * 0.05
+    q = quantize_rtn(weight, bits, group_size=32)
+    assert q.codes.dtype == torch.uint8 and int(q.codes.max()) < 1 << bits
+    assert q.scales.dtype == q.zeros.dtype == torch.float16 and q.scales.shape == (16, -(-in_features // 32))
+    restored = dequantize(q.codes, q.scales, q.zeros, 32)
+    step = q.scales.float().repeat_interleave(32, dim=1)[:, :in_features]
+    assert ((restored - weight).abs() <= step / 2 + 1e-7).all()
+
+
+def test_pruned_weights_dequantize_to_exact_zero():
+    weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    mask = prune_mask(weight, 0.5, "magnitude")
+    q = quantize_rtn(weight, 3, 16, mask)
+    restored = dequantize(q.codes, q.scales, q.zeros, 16, mask)
+    assert (restored[~mask] == 0).all()
+    # Kept weights use ranges computed from kept weights only.
+    step = q.scales.float().repeat_interleave(16, dim=1)
+    assert ((restored - weight).abs()[mask] <= (step / 2 + 1e-7)[mask]).all()
+
+
+def test_gptq_beats_round_to_nearest_on_calibration_outputs():
+    generator = torch.Generator().manual_seed(0)
+    # Correlated inputs, as real activations are: this is where error compensation pays off.
+    inputs = torch.randn(512, 64, generator=generator) @ torch.randn(64, 64, generator=generator)
+    weight = torch.randn(32, 64, generator=generator) * 0.1
+    hessian = inputs.t() @ inputs
+    mask = prune_mask(weight, 0.25, "wanda", input_norms=hessian.diag().sqrt())
+    errors = {}
+    for name in ("rtn", "gptq"):
+        q = quantize_rtn(weight, 3, 16, mask) if name == "rtn" else quantize_gptq(weight, hessian, 3, 16, mask)
+        restored = dequantize(q.codes, q.scales, q.zeros, 16, mask)
+        assert (restored[~mask] == 0).all()
+        errors[name] = (inputs @ (restored - weight).t()).pow(2).mean().item()
+    assert errors["gptq"] < 0.7 * errors["rtn"], errors
+
+
+@pytest.mark.parametrize(("sparsity", "kept"), [(0.25, 3), (0.5, 2), (0.75, 1)])
+def test_nm_masks_keep_n_of_every_four(sparsity, kept):
+    weight = torch.randn(8, 32, generator=torch.Generator().manual_seed(1))
+    mask = prune_mask(weight, sparsity, "magnitude", "nm")
+    groups = mask.view(8, 8, 4)
+    assert (groups.sum(-1) == kept).all()
+    # The kept ones are the largest of their group.
+    magnitudes = weight.abs().view(8, 8, 4)
+    assert (magnitudes.masked_fill(~groups, -1).amax(-1) == magnitudes.amax(-1)).all()
+
+
+def test_unstructured_masks_keep_the_same_count_per_row_by_wanda_score():
+    weight = torch.ones(4, 10)
+    norms = torch.arange(10, dtype=torch.float32)  # later input channels matter more
+    mask = prune_mask(weight, 0.3, "wanda", input_norms=norms)
+    assert (mask.sum(1) == 7).all() and not mask[:, :3].any() and mask[:, 3:].all()
+
+
+def test_bad_pruning_and_quantization_arguments():
+    weight = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+        prune_mask(weight, 1.0)
+    with pytest.raises(ValueError, match=r"sparsity must be 0, 0\.25, 0\.5 or 0\.75"):
+        prune_mask(weight, 0.3, "magnitude", "nm")
+    with pytest.raises(ValueError, match="Wanda pruning scores weights by their input activations"):
+        prune_mask(weight, 0.5, "wanda")
+    with pytest.raises(ValueError, match=r"bits must be one of \(2, 3, 4, 5, 6, 7, 8\)"):
+        quantize_rtn(weight, 1, 4)

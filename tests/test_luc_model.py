@@ -1,0 +1,225 @@
+"""LUC on whole models: LUCLinear, profiling, transformers/Optimum integration, tuning on top."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from tiny_models import VOCAB, tiny_model
+from trainer_helpers import counting_dataset, training_args
+from transformers import AutoModelForCausalLM
+
+import edge_llm
+from edge_llm.luc import (
+    Budget,
+    CompressionMethod,
+    LUCConfig,
+    LUCLinear,
+    LUCPolicy,
+    LUCQuantizer,
+    compress_model,
+    profile_sensitivity,
+)
+from edge_llm.luc.hf import MARKER
+from edge_llm.luc.quantize import quantize_rtn
+
+METHOD = CompressionMethod(group_size=16, quant_method="rtn", prune_method="wanda")
+
+
+def calibration(rows=8, length=32, seed=0):
+    return torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def base_dir(tmp_path):
+    path = tmp_path / "base"
+    tiny_model("llama", 4).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(("bits", "sparsity"), [(2, 0.0), (3, 0.25), (4, 0.5), (8, 0.75), (16, 0.5)])
+def test_luc_linear_stores_less_and_computes_with_its_dequantized_weight(bits, sparsity):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    mask = None
+    if sparsity:
+        mask = torch.zeros(32, 64, dtype=torch.bool)
+        mask[:, : 64 - round(64 * sparsity)] = True
+        mask = mask[:, torch.randperm(64)]
+    quantized = None if bits == 16 else quantize_rtn(linear.weight.detach(), bits, 16, mask)
+    layer = LUCLinear.from_linear(linear, bits, sparsity, 16, quantized, mask)
+    weight = layer.dequantize_weight()
+    if mask is not None:
+        assert (weight[~mask] == 0).all() and torch.equal(layer.mask(), mask)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), x @ weight.t() + linear.bias)
+    assert layer.weight.dim() == 1  # never loadable into a float Linear
+    dense_bytes = 32 * 64 * 2
+    assert layer.storage_bytes() < dense_bytes * (bits / 16 + 0.35)
+
+
+def test_luc_linear_backward_recomputes_the_weight_instead_of_saving_it():
+    layer = LUCLinear.from_linear(torch.nn.Linear(64, 32), 4, 0.0, 16, quantize_rtn(torch.randn(32, 64), 4, 16))
+    x = torch.randn(5, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    out.sum().backward()
+    assert not any(t.shape == (32, 64) for t in saved)
+    torch.testing.assert_close(x.grad, torch.ones(5, 32) @ layer.dequantize_weight())
+
+
+def test_profile_is_cached_and_the_search_meets_the_budget(tmp_path, monkeypatch):
+    model = tiny_model("llama", 4)
+    profile = profile_sensitivity(
+        model, calibration(), bits=(2, 4, 8), sparsities=(0.0, 0.5), method=METHOD, cache_dir=tmp_path, progress=False
+    )
+    assert len(profile.damage) == 4 and len(profile.damage[0]) == 6
+    # More bits and less pruning never hurt more (on average over layers).
+    damage = torch.tensor(profile.damage).mean(0)
+    assert damage[0] > damage[2] > damage[4] and damage[1] > damage[0]
+    # A second run with the same model, data and settings reads the cache.
+    import edge_llm.luc.profile as profile_module
+
+    monkeypatch.setattr(profile_module, "_measure", lambda *a, **k: pytest.fail("profile was recomputed"))
+    again = profile_sensitivity(
+        model, calibration(), bits=(2, 4, 8), sparsities=(0.0, 0.5), method=METHOD, cache_dir=tmp_path, progress=False
+    )
+    assert again.damage == profile.damage
+    policy = profile.search(Budget(avg_bits=4.0, avg_sparsity=0.25))
+    assert sum(b for b, _ in policy.layers) <= 16 and sum(s for _, s in policy.layers) >= 1.0
+    assert profile.policy_bytes(policy) <= profile.policy_bytes(LUCPolicy([(8, 0.0)] * 4, METHOD))
+
+
+def test_from_pretrained_compresses_and_reloads_bit_identically(base_dir, tmp_path):
+    config = LUCConfig(
+        avg_bits=3.0,
+        avg_sparsity=0.25,
+        dataset=calibration().tolist(),
+        group_size=16,
+        num_samples=8,
+        seq_len=32,
+        bits=(2, 3, 4),
+        sparsities=(0.0, 0.25, 0.5),
+        profile_cache_dir=str(tmp_path / "cache"),
+    )
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=config)
+    linears = [m for m in model.modules() if isinstance(m, LUCLinear)]
+    assert len(linears) == 4 * 7
+    policy = LUCPolicy.from_dict(model.config.quantization_config.policy)
+    params = [
+        sum(m.weight_scales.shape[0] * m.in_features for m in layer.modules() if isinstance(m, LUCLinear))
+        for layer in model.model.layers
+    ]
+    assert sum(p * b for p, (b, _) in zip(params, policy.layers, strict=True)) <= 3.0 * sum(params)
+    x = calibration(2, 16, seed=5)
+    with torch.no_grad():
+        expected = model(input_ids=x).logits
+    model.save_pretrained(tmp_path / "luc")
+    stored = load_file(tmp_path / "luc" / "model.safetensors")
+    assert stored["model.layers.0.self_attn.q_proj.weight"].dtype == torch.uint8
+    assert stored["model.layers.0.self_attn.q_proj.weight_scales"].dtype == torch.float16
+    assert MARKER in stored
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "luc")
+    assert reloaded.model.layers[0].self_attn.q_proj.weight_scales.dtype == torch.float16
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=x).logits, expected)
+    compressed = sum(m.storage_bytes() for m in linears)
+    dense = sum(m.in_features * m.out_features * 4 for m in linears)
+    assert compressed < dense / 6
+
+
+def test_loading_without_edge_llm_fails_loudly_and_says_to_import_it(base_dir, tmp_path):
+    policy = LUCPolicy([(8, 0.0)] * 4, CompressionMethod(16, "rtn", "magnitude"))  # 8-bit: same element count
+    AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=LUCConfig(policy=policy)).save_pretrained(
+        tmp_path / "luc"
+    )
+    load = f"AutoModelForCausalLM.from_pretrained({str(tmp_path / 'luc')!r})"
+    script = f"from transformers import AutoModelForCausalLM; {load}"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "size mismatch" in output or "mismatch" in output.lower()
+    assert MARKER in output and "edge_llm_luc" in output
+
+
+def test_optimum_style_quantizer_saves_a_loadable_model(base_dir, tmp_path):
+    quantizer = LUCQuantizer.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir))
+    model = quantizer.quantize(
+        save_dir=tmp_path / "out",
+        dataset=calibration().tolist(),
+        avg_bits=4.0,
+        avg_sparsity=None,
+        bits=(2, 4, 8),
+        sparsities=(0.0,),
+        group_size=16,
+        num_samples=8,
+        seq_len=32,
+        quant_algorithm="gptq",
+        metric="output_mse",
+        profile_cache_dir=str(tmp_path / "cache"),
+    )
+    assert isinstance(model.model.layers[0].mlp.down_proj, LUCLinear)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    x = calibration(1, 8, seed=3)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_edge_llm_tuning_on_a_compressed_base(tmp_path):
+    model = tiny_model("llama", 4)
+    compress_model(model, [(4, 0.5), (3, 0.25), (4, 0.0), (2, 0.5)], METHOD, calibration(), progress=False)
+    frozen = {n: b.clone() for n, b in model.named_buffers()}
+    peft_model = get_peft_model(
+        model, edge_llm.EdgeLLMConfig(r=4, target_modules=["q_proj", "v_proj"], exit_layers=[1], backprop_depth=2)
+    )
+    trainer = edge_llm.EdgeTrainer(
+        model=peft_model,
+        args=training_args(tmp_path, max_steps=4, learning_rate=1e-2),
+        train_dataset=counting_dataset(),
+    )
+    trainer.train()
+    # The compressed base is frozen: its packed tensors are untouched; the adapters trained.
+    after = {n.split(".", 2)[-1].replace("base_layer.", ""): b for n, b in peft_model.named_buffers()}
+    assert frozen.keys() <= after.keys() and all(torch.equal(after[n], b) for n, b in frozen.items())
+    lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    x = calibration(1, 8, seed=4)
+    peft_model.eval()
+    with torch.no_grad():
+        expected = peft_model(input_ids=x).logits
+    base = tiny_model("llama", 4)
+    compress_model(base, [(4, 0.5), (3, 0.25), (4, 0.0), (2, 0.5)], METHOD, calibration(), progress=False)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=x).logits, expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(avg_bits=1.0), "avg_bits=1.0 is outside the candidate bit-widths"),
+        (dict(avg_sparsity=0.9), "avg_sparsity=0.9 is outside the candidate sparsities"),
+        (dict(weight_budget_bytes=-5), "weight_budget_bytes must be a positive integer"),
+        (dict(avg_bits=None, avg_sparsity=None), "needs a budget"),
+        (dict(bits=(2, 9)), "bits must be one of"),
+        (dict(sparsities=(0.0, 1.5)), r"sparsity must be in \[0, 1\)"),
+        (dict(quant_algorithm="awq"), "quant_method must be one of"),
+        (dict(metric="ppl"), "metric must be one of"),
+        (dict(group_size=0), "group_size must be a positive integer"),
+        (dict(policy={"format": "edge-llm/luc-policy", "version": 1}), "Invalid LUC policy"),
+    ],
+)
+def test_bad_luc_config_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LUCConfig(**kwargs)
+
+
+def test_missing_calibration_data_is_a_clear_error(base_dir):
+    with pytest.raises(ValueError, match="LUC needs calibration data"):
+        AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=LUCConfig())
+    with pytest.raises(ValueError, match="also pass the tokenizer"):
+        AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=LUCConfig(dataset=["some text"]))
