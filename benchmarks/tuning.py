@@ -30,29 +30,36 @@ METHODS = ("lora", "edge")
 
 
 def token_data(tokenizer, vocab_size: int, seq: int, train_rows: int, held_out_rows: int, seed: int):
-    """(train, held-out) datasets of `seq`-token rows: Shakespeare's sonnets for a real tokenizer
-    (train on sonnets 1-130, hold out 131-154), random tokens otherwise."""
+    """(train, validation, test) datasets of `seq`-token rows. With a real tokenizer: Shakespeare's
+    sonnets, training on 1-120 (random windows), validation 121-130 (fits weighted voting), test
+    131-154. Random tokens otherwise."""
     from datasets import Dataset
 
     from edge_llm.data import sonnets
 
+    generator = torch.Generator().manual_seed(seed)
     if tokenizer is not None:
         texts = sonnets()
-        train_ids = tokenizer("\n\n".join(texts[:130]), return_tensors="pt").input_ids[0]
-        held_ids = tokenizer("\n\n".join(texts[130:]), return_tensors="pt").input_ids[0]
-        generator = torch.Generator().manual_seed(seed)
+
+        def ids(part: list[str]) -> torch.Tensor:
+            return tokenizer("\n\n".join(part), return_tensors="pt").input_ids[0]
+
+        def windows(stream: torch.Tensor) -> torch.Tensor:
+            return stream[: (len(stream) // seq) * seq].view(-1, seq)[:held_out_rows]
+
+        train_ids = ids(texts[:120])
         starts = torch.randint(0, len(train_ids) - seq, (train_rows,), generator=generator)
         train = torch.stack([train_ids[s : s + seq] for s in starts.tolist()])
-        held = held_ids[: (len(held_ids) // seq) * seq].view(-1, seq)[:held_out_rows]
+        validation, test = windows(ids(texts[120:130])), windows(ids(texts[130:]))
     else:
-        generator = torch.Generator().manual_seed(seed)
         train = torch.randint(0, vocab_size, (train_rows, seq), generator=generator)
-        held = torch.randint(0, vocab_size, (held_out_rows, seq), generator=generator)
+        validation = torch.randint(0, vocab_size, (held_out_rows, seq), generator=generator)
+        test = torch.randint(0, vocab_size, (held_out_rows, seq), generator=generator)
 
     def as_dataset(rows: torch.Tensor) -> Dataset:
         return Dataset.from_dict({"input_ids": rows.tolist(), "labels": rows.tolist()})
 
-    return as_dataset(train), as_dataset(held)
+    return as_dataset(train), as_dataset(validation), as_dataset(test)
 
 
 def run_worker(args: argparse.Namespace) -> dict:
@@ -65,7 +72,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     model, tokenizer = load_model(args.model, dtype, device)
     num_layers = model.config.num_hidden_layers
-    train, held_out = token_data(
+    train, validation, test = token_data(
         tokenizer, model.config.vocab_size, args.seq, args.steps * args.batch, args.eval_rows, args.seed
     )
     lora = dict(r=args.rank, lora_alpha=2 * args.rank, target_modules=args.targets, lora_dropout=0.0)
@@ -73,7 +80,14 @@ def run_worker(args: argparse.Namespace) -> dict:
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
         trainer_cls = Trainer
     else:
-        config = EdgeLLMConfig(backprop_depth=args.backprop_depth, exit_sampling=args.exit_sampling, **lora)
+        config = EdgeLLMConfig(
+            backprop_depth=args.backprop_depth,
+            exit_sampling=args.exit_sampling,
+            window_input=args.window_input,
+            exit_head=args.exit_head,
+            voting=args.voting,
+            **lora,
+        )
         model = get_peft_model(model, config)
         trainer_cls = EdgeTrainer
     with tempfile.TemporaryDirectory() as output_dir:
@@ -94,9 +108,11 @@ def run_worker(args: argparse.Namespace) -> dict:
             disable_tqdm=True,
         )
         meter = StepMeter(model)
-        trainer = measured(trainer_cls, meter)(model=model, args=training_args, train_dataset=train, callbacks=[meter])
-        trainer.train()
-        metrics = trainer.evaluate(eval_dataset=held_out)
+        trainer = measured(trainer_cls, meter)(
+            model=model, args=training_args, train_dataset=train, eval_dataset=validation, callbacks=[meter]
+        )
+        trainer.train()  # with voting="weighted", EdgeTrainer fits the exit weights on `validation`
+        metrics = trainer.evaluate(eval_dataset=test)
         if args.save_adapters:
             model.save_pretrained(args.save_adapters / args.worker)
     result = meter.summary(args.warmup, args.batch * args.seq)
@@ -108,7 +124,8 @@ def run_worker(args: argparse.Namespace) -> dict:
         trainable_params=model.get_nb_trainable_parameters()[0],
     )
     if args.worker == "edge":
-        result.update(exit_layers=model.exit_layers, backprop_depth=model.backprop_depth)
+        edge = model.peft_config["default"]
+        result.update(exit_layers=edge.exit_layers, backprop_depth=edge.backprop_depth, exit_weights=edge.exit_weights)
     return result
 
 
@@ -124,14 +141,15 @@ def format_table(results: dict[str, dict], args: argparse.Namespace) -> str:
         ("median step (s)", "median_step_s", 1, "{:.3f}"),
         ("mean step (s)", "mean_step_s", 1, "{:.3f}"),
         ("tokens/s", "tokens_per_s", 1, "{:.0f}"),
-        ("held-out loss", "held_out_loss", 1, "{:.4f}"),
+        ("held-out (test) loss", "held_out_loss", 1, "{:.4f}"),
     ]
     lines = [
         f"machine: {machine()}",
         f"model: {args.model} ({lora['num_layers']} layers), batch {args.batch}, seq {args.seq}, {args.steps} steps "
         f"({args.warmup} warm-up not timed), LoRA r={args.rank} on {','.join(args.targets)}, lr {args.lr}",
-        f"edge-llm: exits {edge['exit_layers']}, backprop depth {edge['backprop_depth']}, "
-        f"{args.exit_sampling} exit sampling, voting (default)",
+        f"edge-llm: exits {edge['exit_layers']}, backprop depth {edge['backprop_depth']}, {args.exit_sampling} "
+        f"exit sampling, window_input {args.window_input}, exit_head {args.exit_head}, voting {args.voting}"
+        + (f" (weights {[round(w, 3) for w in edge['exit_weights']]})" if edge.get("exit_weights") else ""),
         "",
         "| | LoRA (full depth) | edge-llm | LoRA / edge-llm |",
         "|---|---|---|---|",
@@ -157,12 +175,15 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=4, help="steps left out of the timing")
-    parser.add_argument("--eval-rows", type=int, default=16)
+    parser.add_argument("--eval-rows", type=int, default=16, help="rows of the validation and test splits")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"])
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--backprop-depth", type=int, default=None, help="default: a quarter of the layers")
     parser.add_argument("--exit-sampling", default="round_robin")
+    parser.add_argument("--window-input", default="adapted")
+    parser.add_argument("--exit-head", default="shared")
+    parser.add_argument("--voting", default="confidence")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--save-adapters", type=Path, help="save both trained adapters under this folder")

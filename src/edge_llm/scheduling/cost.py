@@ -1,0 +1,332 @@
+"""Roofline cost model: latency and memory of each decoder layer under each kernel and placement.
+
+Every term is `max(work / rate, bytes / bandwidth)` with the rates of a `DeviceProfile`:
+
+- a Linear with kernel k on N tokens: `max(2 N out in (1 - s_k) / flops_k, weight_bytes_k / memory_bw)`
+  plus `out * in / dequant_per_s_k` for kernels that dequantize packed weights on every call
+  (`s_k` is the sparsity the kernel skips: 0.5 for 2:4, the layer's for unstructured);
+- attention: `4 B T^2 heads head_dim / 2` FLOP for causal prefill, reading the KV cache at decode;
+- norms, activations, rotary and residuals: about `B T (12 hidden + 3 intermediate)` float32
+  values moved at `elementwise_bandwidth`;
+- a streamed layer (weights not resident) also reads its packed weights from storage on every
+  pass, overlapped with its compute (double buffering): `max(compute, bytes / storage_bw)`.
+
+Workloads: inference (prefill a prompt, then decode tokens one at a time with the KV cache; every
+exit's head runs on each new token for voting) and one Edge-LLM tuning step (forward to the
+active exit, backward through its window, averaged over how often each exit is sampled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
+from edge_llm.luc.policy import LUCPolicy, linear_storage_bytes
+from edge_llm.modeling import find_decoder_parts
+from edge_llm.scheduling.devices import DeviceProfile, Kernel
+
+FP16_BYTES = 2
+ACTIVATION_BYTES = 4
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What the cost model needs to know about one decoder layer."""
+
+    index: int
+    linears: tuple[tuple[int, int], ...]  # (out_features, in_features) of each compressed Linear
+    bits: int
+    sparsity: float
+    structure: str
+    group_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def params(self) -> int:
+        return sum(o * i for o, i in self.linears)
+
+    def packed_bytes(self) -> int:
+        """Storage of the layer's weights as LUC stores them (what streaming reads)."""
+        return sum(linear_storage_bytes(o, i, self.bits, self.sparsity, self.group_size) for o, i in self.linears)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    layers: tuple[LayerSpec, ...]
+    vocab_size: int
+    hidden_size: int
+    other_bytes: int  # embeddings, final norm, LM head and anything else always resident
+    exits: tuple[int, ...] = ()
+    backprop_depth: int = 0
+    exit_sampling: str = "curriculum"
+    window_input: str = "adapted"
+    lora_params: int = 0
+
+    @classmethod
+    def from_model(cls, model: nn.Module, policy: LUCPolicy | None = None, edge_config: object = None) -> ModelSpec:
+        """Describe a transformers causal LM (a real model, or one built on the meta device).
+
+        Bits and sparsity come from `policy`, or from the model's `LUCLinear` layers, or are 16/0.
+        `edge_config` (an `EdgeLLMConfig` with resolved exits) adds exits, windows and adapters.
+        """
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = base.config
+        parts = find_decoder_parts(base)
+        decoder_layers = list(parts.layers(base))
+        if policy is not None and len(policy.layers) != len(decoder_layers):
+            raise ValueError(f"The LUC policy has {len(policy.layers)} layers; the model has {len(decoder_layers)}.")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        layers = []
+        for index, layer in enumerate(decoder_layers):
+            compressed = [m for m in layer.modules() if isinstance(m, LUCLinear)]
+            linears = tuple((m.out_features, m.in_features) for m in compressed) or tuple(
+                _linear_shape(m) for m in layer.modules() if _linear_shape(m) is not None
+            )
+            if policy is not None:
+                bits, sparsity = policy.layers[index]
+                structure, group_size = policy.method.prune_structure, policy.method.group_size
+            elif compressed:
+                bits, sparsity, structure = compressed[0].bits, compressed[0].sparsity, "unstructured"
+                group_size = compressed[0].group_size
+            else:
+                bits, sparsity, structure, group_size = UNQUANTIZED_BITS, 0.0, "unstructured", 128
+            layers.append(
+                LayerSpec(
+                    index=index,
+                    linears=linears,
+                    bits=bits,
+                    sparsity=sparsity,
+                    structure=structure,
+                    group_size=group_size,
+                    hidden_size=config.hidden_size,
+                    intermediate_size=getattr(config, "intermediate_size", None) or 4 * config.hidden_size,
+                    num_heads=config.num_attention_heads,
+                    num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+                    head_dim=head_dim,
+                )
+            )
+        layer_param_ids = {id(p) for layer in decoder_layers for p in layer.parameters()}
+        other = sum(
+            p.numel() * FP16_BYTES
+            for p in {id(p): p for p in base.parameters()}.values()
+            if id(p) not in layer_param_ids
+        )
+        spec = dict(
+            layers=tuple(layers), vocab_size=config.vocab_size, hidden_size=config.hidden_size, other_bytes=other
+        )
+        if edge_config is not None:
+            r = edge_config.r
+            lora = sum(r * (o + i) for layer in layers for o, i in layer.linears) if edge_config.r else 0
+            spec.update(
+                exits=tuple(edge_config.exit_layers),
+                backprop_depth=edge_config.backprop_depth,
+                exit_sampling=edge_config.exit_sampling,
+                window_input=edge_config.window_input,
+                lora_params=lora,
+            )
+        return cls(**spec)
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if type(module).__name__ == "Conv1D":  # GPT-2 style: weight is (in, out)
+        return module.weight.shape[1], module.weight.shape[0]
+    return None
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the schedule is optimised for.
+
+    - `mode="inference"`: prefill `prompt_tokens`, then generate `decode_tokens` one by one, for
+      `batch_size` sequences; objective: total time.
+    - `mode="tuning"`: Edge-LLM training steps on `batch_size x seq_len` tokens; objective: the
+      mean step time over the exits (weighted by how often `exit_sampling` picks each).
+    """
+
+    mode: str = "inference"
+    batch_size: int = 1
+    prompt_tokens: int = 512
+    decode_tokens: int = 128
+    seq_len: int = 512
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("inference", "tuning"):
+            raise ValueError(f"Workload.mode must be 'inference' or 'tuning', got {self.mode!r}.")
+        for name in ("batch_size", "prompt_tokens", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Workload.{name} must be at least 1.")
+        if self.decode_tokens < 0:
+            raise ValueError("Workload.decode_tokens must be at least 0.")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to run one layer, with its predicted cost."""
+
+    kernel: str
+    placement: str  # "resident" or "streamed"
+    memory_bytes: int  # resident weight bytes (0 when streamed)
+    stream_bytes: int  # bytes read from storage per pass when streamed (else 0)
+    seconds: float  # contribution to the workload objective
+    detail: dict[str, float] = field(default_factory=dict)
+
+
+def weight_bytes(layer: LayerSpec, kernel: str) -> int:
+    """Bytes of the layer's weights in the memory format `kernel` computes from."""
+    dense = layer.params
+    if kernel.startswith("dequant_int"):
+        return layer.packed_bytes()
+    if kernel == "dense_fp32":
+        return dense * 4
+    if kernel in ("dense_fp16", "dense_bf16"):
+        return dense * FP16_BYTES
+    if kernel == "sparse_2_4":
+        return dense // 2 * FP16_BYTES + dense // 8  # half the values + 2-bit indices of the kept half
+    if kernel == "sparse_unstructured":
+        kept = round(dense * (1 - layer.sparsity))
+        return kept * (FP16_BYTES + 4) + sum(o for o, _ in layer.linears) * 4  # CSR: values, columns, rows
+    raise ValueError(f"Unknown kernel {kernel!r}.")
+
+
+def compatible_kernels(layer: LayerSpec, device: DeviceProfile) -> list[str]:
+    """Kernels that can run this layer on this device."""
+    names = []
+    for name in device.kernels:
+        if name.startswith("dequant_int"):
+            ok = layer.bits != UNQUANTIZED_BITS and int(name.removeprefix("dequant_int")) == layer.bits
+        elif name == "sparse_2_4":
+            ok = layer.structure == "nm" and abs(layer.sparsity - 0.5) < 1e-9
+        elif name == "sparse_unstructured":
+            ok = layer.sparsity > 0
+        else:
+            ok = True  # dense kernels: dequantize once when loading
+        if ok:
+            names.append(name)
+    return names
+
+
+def _linear_seconds(layer: LayerSpec, kernel: str, spec: Kernel, tokens: int, device: DeviceProfile) -> float:
+    skipped = 0.5 if kernel == "sparse_2_4" else (layer.sparsity if kernel == "sparse_unstructured" else 0.0)
+    flops = 2 * tokens * layer.params * (1 - skipped)
+    seconds = max(flops / spec.flops, weight_bytes(layer, kernel) / device.memory_bandwidth)
+    if spec.dequant_per_s:
+        seconds += layer.params / spec.dequant_per_s
+    return seconds
+
+
+def _attention_and_elementwise(
+    layer: LayerSpec, batch: int, tokens: int, context: int, device: DeviceProfile, flops_rate: float
+) -> float:
+    """Seconds of the non-Linear work of a layer for `tokens` new tokens attending to `context`."""
+    attention_flops = 4 * batch * tokens * context * layer.num_heads * layer.head_dim
+    kv_bytes = batch * context * 2 * layer.num_kv_heads * layer.head_dim * FP16_BYTES
+    attention = max(attention_flops / flops_rate, kv_bytes / device.memory_bandwidth)
+    moved = batch * tokens * (12 * layer.hidden_size + 3 * layer.intermediate_size) * ACTIVATION_BYTES
+    return attention + moved / device.elementwise_bandwidth
+
+
+def _compute_rate(device: DeviceProfile) -> float:
+    dense = [device.kernels[k].flops for k in ("dense_fp16", "dense_bf16", "dense_fp32") if k in device.kernels]
+    return max(dense) if dense else max(k.flops for k in device.kernels.values())
+
+
+def layer_forward_seconds(
+    layer: LayerSpec, kernel: str, device: DeviceProfile, batch: int, tokens: int, context: int
+) -> float:
+    """Predicted seconds of one forward pass of the layer (resident weights)."""
+    linear = _linear_seconds(layer, kernel, device.kernels[kernel], batch * tokens, device)
+    return linear + _attention_and_elementwise(layer, batch, tokens, context, device, _compute_rate(device))
+
+
+def exit_frequencies(spec: ModelSpec) -> dict[int, float]:
+    """How often each exit is the active one over a run: equally, for every sampling rule."""
+    if not spec.exits:
+        return {len(spec.layers) - 1: 1.0}
+    return {e: 1.0 / len(spec.exits) for e in spec.exits}
+
+
+def layer_options(layer: LayerSpec, spec: ModelSpec, device: DeviceProfile, workload: Workload) -> list[Option]:
+    """Every (kernel, placement) of one layer with its latency contribution and memory."""
+    options = []
+    for kernel in compatible_kernels(layer, device):
+        if workload.mode == "inference":
+            context = workload.prompt_tokens + workload.decode_tokens // 2
+            prefill = layer_forward_seconds(
+                layer, kernel, device, workload.batch_size, workload.prompt_tokens, workload.prompt_tokens // 2
+            )
+            decode = layer_forward_seconds(layer, kernel, device, workload.batch_size, 1, context)
+            passes = {"prefill": prefill, "decode": decode}
+            counts = {"prefill": 1, "decode": workload.decode_tokens}
+            if spec.window_input == "backbone" and spec.exits:
+                # The backbone stream plus the stream of each exit whose window holds the layer.
+                repeats = 1 + sum(1 for e in spec.exits if e - spec.backprop_depth < layer.index <= e)
+                counts = {k: v * repeats for k, v in counts.items()}
+        else:
+            forward = layer_forward_seconds(
+                layer, kernel, device, workload.batch_size, workload.seq_len, workload.seq_len // 2
+            )
+            backward = 2 * forward  # gradients w.r.t. inputs and adapters, and the re-run of dequantization
+            frequencies = exit_frequencies(spec)
+            runs_forward = sum(f for e, f in frequencies.items() if e >= layer.index)
+            runs_backward = sum(f for e, f in frequencies.items() if e - max(spec.backprop_depth, 1) < layer.index <= e)
+            passes = {"forward": forward, "backward": backward}
+            counts = {"forward": runs_forward, "backward": runs_backward}
+        resident = weight_bytes(layer, kernel)
+        compute = sum(passes[k] * counts[k] for k in passes)
+        options.append(Option(kernel, "resident", resident, 0, compute, dict(passes)))
+        streamable = kernel.startswith("dequant_int") or (kernel.startswith("dense") and layer.bits == UNQUANTIZED_BITS)
+        if streamable:
+            stream = layer.packed_bytes()
+            read = stream / device.storage_bandwidth
+            seconds = sum(max(passes[k], read) * counts[k] for k in passes)
+            options.append(Option(kernel, "streamed", 0, stream, seconds, {**passes, "stream_read": read}))
+    if not options:
+        raise ValueError(
+            f"Device {device.name!r} has no kernel for layer {layer.index} ({layer.bits} bits, sparsity "
+            f"{layer.sparsity}); its kernels: {sorted(device.kernels)}."
+        )
+    return options
+
+
+def fixed_costs(spec: ModelSpec, device: DeviceProfile, workload: Workload) -> tuple[float, int]:
+    """Seconds and resident bytes outside the decoder layers' weights: LM heads of the exits, KV
+    cache (inference) or activations, adapters and optimizer state (tuning)."""
+    head_flops_per_token = 2 * spec.vocab_size * spec.hidden_size
+    rate = _compute_rate(device)
+    head_bytes = spec.vocab_size * spec.hidden_size * FP16_BYTES
+    exits = max(len(spec.exits), 1)
+    if workload.mode == "inference":
+        tokens = workload.decode_tokens + 1  # every new token, and the last prompt token, go through every exit head
+        seconds = (
+            tokens
+            * exits
+            * max(workload.batch_size * head_flops_per_token / rate, head_bytes / device.memory_bandwidth)
+        )
+        kv = sum(
+            workload.batch_size
+            * (workload.prompt_tokens + workload.decode_tokens)
+            * 2
+            * layer.num_kv_heads
+            * layer.head_dim
+            * FP16_BYTES
+            for layer in spec.layers
+        )
+        working = workload.batch_size * workload.prompt_tokens * spec.hidden_size * ACTIVATION_BYTES * 8
+        working += workload.batch_size * spec.vocab_size * ACTIVATION_BYTES * exits
+        return seconds, spec.other_bytes + kv + working
+    tokens = workload.batch_size * workload.seq_len
+    seconds = 3 * tokens * head_flops_per_token / rate  # forward and backward through the head, in chunks
+    depth = max(spec.backprop_depth, 1) if spec.exits else len(spec.layers)
+    layer = spec.layers[0]
+    saved_per_layer = tokens * (10 * layer.hidden_size + 4 * layer.intermediate_size) * ACTIVATION_BYTES
+    optimizer = spec.lora_params * 4 * 4  # weights, gradients and two AdamW moments in float32
+    chunk = 1024 * spec.vocab_size * ACTIVATION_BYTES * 2
+    return seconds, spec.other_bytes + depth * saved_per_layer + optimizer + chunk

@@ -1,0 +1,179 @@
+"""Device profiles: what a target device offers to the scheduler's cost model.
+
+A profile is a small JSON document (schema: `schemas/device-profile.schema.json`):
+
+- `memory_bytes`: memory the model may use (weights, KV cache, activations, buffers).
+- `memory_bandwidth`: bytes/s between that memory and the compute units.
+- `storage_bandwidth`: bytes/s from where streamed (offloaded) weights are read (flash, SSD, host).
+- `kernels`: the matmul kernels the device runs, each with its sustained FLOP/s and, for kernels
+  that dequantize packed weights on the fly, how many weights per second they dequantize.
+  Kernel names: `dense_fp32`, `dense_fp16`, `dense_bf16` (weights stored dense in that type),
+  `dequant_int2` ... `dequant_int8` (weights stay packed, dequantized per call), `sparse_2_4`
+  (semi-structured 2:4 fp16 weights) and `sparse_unstructured` (compressed sparse rows).
+- `elementwise_bandwidth`: bytes/s that norms, activations and other elementwise work reach.
+
+Built-in profiles take their figures from public spec sheets (cited in `source`), derated by the
+efficiency stated there; `profile_this_machine()` measures the machine it runs on instead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+DEVICE_FORMAT = "edge-llm/device-profile"
+DEVICE_VERSION = 1
+
+KERNEL_NAMES = (
+    "dense_fp32",
+    "dense_fp16",
+    "dense_bf16",
+    "dequant_int2",
+    "dequant_int3",
+    "dequant_int4",
+    "dequant_int5",
+    "dequant_int6",
+    "dequant_int7",
+    "dequant_int8",
+    "sparse_2_4",
+    "sparse_unstructured",
+)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A matmul kernel: sustained FLOP/s, and weights/s for on-the-fly dequantization (0: none)."""
+
+    flops: float
+    dequant_per_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    memory_bytes: int
+    memory_bandwidth: float
+    storage_bandwidth: float
+    elementwise_bandwidth: float
+    kernels: dict[str, Kernel] = field(default_factory=dict)
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["kernels"] = {name: asdict(kernel) for name, kernel in self.kernels.items()}
+        return {"format": DEVICE_FORMAT, "version": DEVICE_VERSION, **data}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeviceProfile:
+        """Build a profile from its JSON form, after checking it against the schema."""
+        schema = json.loads(files("edge_llm").joinpath("schemas", "device-profile.schema.json").read_text())
+        try:
+            jsonschema.validate(data, schema)
+        except jsonschema.ValidationError as error:
+            where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+            raise ValueError(f"Invalid device profile at {where}: {error.message}") from None
+        fields = {k: v for k, v in data.items() if k not in ("format", "version")}
+        fields["kernels"] = {name: Kernel(**spec) for name, spec in data["kernels"].items()}
+        return cls(**fields)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> DeviceProfile:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not a JSON device profile: {error}") from None
+
+    def with_memory(self, memory_bytes: int) -> DeviceProfile:
+        """The same device with another memory budget (e.g. what is left for the model)."""
+        return DeviceProfile(**{**asdict(self), "kernels": self.kernels, "memory_bytes": int(memory_bytes)})
+
+
+GB = 1e9
+GIB = 1024**3
+
+
+def _gpu_kernels(fp16_flops: float, int8_ops: float, sparse_fp16_flops: float, efficiency: float) -> dict[str, Kernel]:
+    dense = fp16_flops * efficiency
+    kernels = {
+        "dense_fp32": Kernel(dense / 4),
+        "dense_fp16": Kernel(dense),
+        "dense_bf16": Kernel(dense),
+        "sparse_2_4": Kernel(sparse_fp16_flops * efficiency),
+        "dequant_int8": Kernel(int8_ops * efficiency / 2, dequant_per_s=dense / 8),
+    }
+    for bits in (2, 3, 4):
+        # Packed low-bit weights are dequantized to fp16 in registers: fp16 tensor-core rate, plus
+        # a few operations per weight.
+        kernels[f"dequant_int{bits}"] = Kernel(dense * 0.8, dequant_per_s=dense / 8)
+    return kernels
+
+
+def _arm_cpu_kernels(fp32_flops: float, efficiency: float) -> dict[str, Kernel]:
+    dense = fp32_flops * efficiency
+    kernels = {
+        "dense_fp32": Kernel(dense),
+        "dense_fp16": Kernel(2 * dense),  # ARMv8.2 FP16 arithmetic: twice the fp32 lanes
+        "sparse_unstructured": Kernel(dense / 8),
+    }
+    for bits in (2, 3, 4, 8):
+        kernels[f"dequant_int{bits}"] = Kernel(2 * dense, dequant_per_s=dense / 4)
+    return kernels
+
+
+# Spec-sheet figures; "efficiency" derates peak FLOP/s and bandwidth to what sustained kernels reach.
+BUILTIN_DEVICES: dict[str, DeviceProfile] = {
+    "jetson-orin-nano-8gb": DeviceProfile(
+        name="NVIDIA Jetson Orin Nano 8GB",
+        memory_bytes=int(7.0 * GIB),  # 8 GB LPDDR5 shared with the OS and CUDA context
+        memory_bandwidth=68 * GB * 0.7,
+        storage_bandwidth=1.5 * GB,  # NVMe SSD on PCIe Gen3 x4 (M.2 Key M)
+        elementwise_bandwidth=68 * GB * 0.5,
+        kernels=_gpu_kernels(fp16_flops=10e12, int8_ops=20e12, sparse_fp16_flops=20e12, efficiency=0.5),
+        source=(
+            "NVIDIA Jetson Orin Nano Series Data Sheet (DS-11105-001): 8GB module, 1024-core Ampere GPU with "
+            "32 Tensor Cores at 625 MHz, 40 INT8 TOPS (sparse) = 20 dense, FP16 dense taken as half of INT8; "
+            "8GB 128-bit LPDDR5, 68 GB/s. Derated: 50% of peak FLOP/s, 70% of bandwidth."
+        ),
+    ),
+    "jetson-agx-orin-64gb": DeviceProfile(
+        name="NVIDIA Jetson AGX Orin 64GB",
+        memory_bytes=int(60 * GIB),
+        memory_bandwidth=204.8 * GB * 0.7,
+        storage_bandwidth=2.0 * GB,  # 64GB eMMC 5.1 / NVMe
+        elementwise_bandwidth=204.8 * GB * 0.5,
+        kernels=_gpu_kernels(fp16_flops=42.5e12, int8_ops=85e12, sparse_fp16_flops=85e12, efficiency=0.5),
+        source=(
+            "NVIDIA Jetson AGX Orin Series Data Sheet (DS-10662-001): 64GB module, 2048-core Ampere GPU with 64 "
+            "Tensor Cores, 275 INT8 TOPS sparse (GPU 170 sparse, i.e. 85 dense), 64GB 256-bit LPDDR5, "
+            "204.8 GB/s. FP16 dense taken as half of INT8 dense. Derated: 50% FLOP/s, 70% bandwidth."
+        ),
+    ),
+    "raspberry-pi-5-8gb": DeviceProfile(
+        name="Raspberry Pi 5 (8GB)",
+        memory_bytes=int(7.0 * GIB),
+        memory_bandwidth=17 * GB * 0.6,
+        storage_bandwidth=0.09 * GB,  # microSD (SDR104)
+        elementwise_bandwidth=17 * GB * 0.4,
+        kernels=_arm_cpu_kernels(fp32_flops=4 * 2.4e9 * 16, efficiency=0.5),
+        source=(
+            "Raspberry Pi 5 product brief: quad-core Arm Cortex-A76 at 2.4 GHz (2x128-bit NEON FMA per core: 16 "
+            "fp32 FLOP/cycle), LPDDR4X-4267 on a 32-bit bus (17 GB/s), microSD SDR104 (~90 MB/s). Derated: 50% "
+            "FLOP/s, 60% bandwidth."
+        ),
+    ),
+}
+
+
+def builtin_device(name: str) -> DeviceProfile:
+    """A built-in device profile by name (see `BUILTIN_DEVICES`)."""
+    if name not in BUILTIN_DEVICES:
+        raise ValueError(f"Unknown device {name!r}; built-in devices: {', '.join(BUILTIN_DEVICES)}.")
+    return BUILTIN_DEVICES[name]

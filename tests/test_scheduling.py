@@ -1,0 +1,165 @@
+"""Device profiles, cost model, exact scheduler and the schedule file format."""
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from edge_llm.luc import CompressionMethod, LUCPolicy
+from edge_llm.scheduling import (
+    BUILTIN_DEVICES,
+    DeviceProfile,
+    InfeasibleScheduleError,
+    Schedule,
+    Workload,
+    builtin_device,
+    profile_this_machine,
+    schedule,
+)
+from edge_llm.scheduling.cost import Option, compatible_kernels
+from edge_llm.scheduling.scheduler import _solve, pareto_knapsack
+
+
+def meta_model(layers=6):
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=4096,
+    )
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def brute_force(per_layer, capacity):
+    best = None
+    for combo in itertools.product(*per_layer):
+        streamed = [o.stream_bytes for o in combo if o.placement == "streamed"]
+        memory = sum(o.memory_bytes for o in combo) + 2 * max(streamed, default=0)
+        if memory <= capacity:
+            seconds = sum(o.seconds for o in combo)
+            best = seconds if best is None else min(best, seconds)
+    return best
+
+
+def random_options(rng, layers):
+    per_layer = []
+    for _ in range(layers):
+        options = []
+        for kernel in ("dense_fp16", "dequant_int4", "sparse_2_4")[: rng.randint(1, 3)]:
+            size = rng.randint(10, 100)
+            seconds = rng.uniform(1, 10)
+            options.append(Option(kernel, "resident", size, 0, seconds))
+            if rng.random() < 0.6:
+                options.append(Option(kernel, "streamed", 0, rng.randint(5, 60), seconds + rng.uniform(0, 20)))
+        per_layer.append(options)
+    return per_layer
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_scheduler_optimum_matches_brute_force_and_fits(seed):
+    rng = random.Random(seed)
+    per_layer = random_options(rng, rng.randint(2, 4))
+    capacity = rng.randint(40, 300)
+    expected = brute_force(per_layer, capacity)
+    result = _solve(per_layer, capacity)
+    if expected is None:
+        assert result is None
+        return
+    choice, staging = result
+    picked = [per_layer[i][c] for i, c in enumerate(choice)]
+    assert sum(o.seconds for o in picked) == pytest.approx(expected)
+    assert sum(o.memory_bytes for o in picked) + staging <= capacity
+    assert staging == 2 * max((o.stream_bytes for o in picked if o.placement == "streamed"), default=0)
+
+
+def test_pareto_knapsack_returns_none_when_nothing_fits():
+    assert pareto_knapsack([[(5, 1.0)], [(6, 1.0)]], 10) is None
+    assert pareto_knapsack([[(5, 1.0), (2, 3.0)], [(6, 1.0)]], 10) == ([1, 0], 8, 4.0)
+
+
+def test_schedules_respect_memory_and_stream_when_short():
+    model = meta_model()
+    policy = LUCPolicy([(4, 0.5)] * 6, CompressionMethod(group_size=64, prune_structure="nm"))
+    device = builtin_device("raspberry-pi-5-8gb")
+    roomy = schedule(model, device, Workload(prompt_tokens=64, decode_tokens=8), policy)
+    assert all(p.placement == "resident" for p in roomy.layers)
+    # Give it a little more than the fixed costs: some layers must be streamed from storage.
+    tight_memory = roomy.fixed_bytes + sum(p.memory_bytes for p in roomy.layers) // 2
+    tight = schedule(model, device.with_memory(tight_memory), Workload(prompt_tokens=64, decode_tokens=8), policy)
+    assert tight.memory_bytes <= tight_memory
+    assert any(p.placement == "streamed" for p in tight.layers) and tight.seconds > roomy.seconds
+    assert tight.staging_bytes == 2 * max(p.stream_bytes for p in tight.layers if p.placement == "streamed")
+    prefetches = [s for s in tight.steps() if s["op"] == "prefetch"]
+    assert prefetches and all(s["layers"] for s in prefetches)
+
+
+def test_infeasible_device_says_by_how_much():
+    device = builtin_device("raspberry-pi-5-8gb").with_memory(1024)
+    with pytest.raises(InfeasibleScheduleError, match=r"the smallest plan needs .* bytes more than the device has"):
+        schedule(meta_model(), device, Workload())
+
+
+def test_kernels_match_the_layer_format():
+    model = meta_model(2)
+    device = builtin_device("jetson-orin-nano-8gb")
+    nm = LUCPolicy([(4, 0.5), (3, 0.0)], CompressionMethod(prune_structure="nm"))
+    plan = schedule(model, device, Workload(prompt_tokens=16, decode_tokens=2), nm)
+    from edge_llm.scheduling.cost import ModelSpec
+
+    spec = ModelSpec.from_model(model, nm)
+    assert "sparse_2_4" in compatible_kernels(spec.layers[0], device)
+    assert "sparse_2_4" not in compatible_kernels(spec.layers[1], device)
+    assert "dequant_int4" not in compatible_kernels(spec.layers[1], device)
+    assert plan.layers[1].kernel in compatible_kernels(spec.layers[1], device)
+
+
+def test_schedule_file_round_trip_and_rejects_bad_files(tmp_path):
+    plan = schedule(meta_model(), builtin_device("jetson-orin-nano-8gb"), Workload(prompt_tokens=32))
+    path = tmp_path / "schedule.json"
+    plan.save(path)
+    loaded = Schedule.load(path)
+    assert loaded.to_dict() == plan.to_dict()
+    data = json.loads(path.read_text())
+    with pytest.raises(ValueError, match="Schedule format version 2 is not supported"):
+        Schedule.from_dict({**data, "version": 2})
+    with pytest.raises(ValueError, match="Invalid schedule at layers/0/kernel"):
+        Schedule.from_dict({**data, "layers": [{**data["layers"][0], "kernel": "magic"}, *data["layers"][1:]]})
+    with pytest.raises(ValueError, match=r"Invalid schedule at \(top level\): 'format' is a required property"):
+        Schedule.from_dict({k: v for k, v in data.items() if k != "format"})
+    over = {**data, "fixed_bytes": data["device"]["memory_bytes"] + 1}
+    with pytest.raises(ValueError, match=r"it needs .* bytes but its device has"):
+        Schedule.from_dict(over)
+    path.write_text(path.read_text()[:100])
+    with pytest.raises(ValueError, match="is not a JSON schedule"):
+        Schedule.load(path)
+
+
+def test_device_profiles_round_trip_and_validate(tmp_path):
+    for device in BUILTIN_DEVICES.values():
+        assert device.source and device.memory_bytes > 0
+        path = tmp_path / "device.json"
+        device.save(path)
+        assert DeviceProfile.load(path) == device
+    data = builtin_device("raspberry-pi-5-8gb").to_dict()
+    with pytest.raises(ValueError, match="Invalid device profile at kernels"):
+        DeviceProfile.from_dict({**data, "kernels": {"warp_drive": {"flops": 1.0}}})
+    with pytest.raises(ValueError, match="Invalid device profile at memory_bandwidth"):
+        DeviceProfile.from_dict({**data, "memory_bandwidth": -1})
+    with pytest.raises(ValueError, match="Unknown device 'toaster'"):
+        builtin_device("toaster")
+
+
+def test_profile_this_machine_measures_positive_rates(tmp_path):
+    profile = profile_this_machine(memory_bytes=2**30, size=256, repeats=1, storage_dir=str(tmp_path))
+    assert profile.memory_bytes == 2**30
+    assert profile.memory_bandwidth > 1e8 and profile.storage_bandwidth > 1e6
+    assert {"dense_fp32", "dequant_int4", "sparse_unstructured"} <= profile.kernels.keys()
+    assert all(k.flops > 0 for k in profile.kernels.values())
+    assert profile.kernels["dequant_int4"].dequant_per_s > 0
+    assert DeviceProfile.from_dict(profile.to_dict()) == profile
