@@ -105,7 +105,8 @@ def compress_model(
     """Replace the Linear layers of every decoder layer `l` by `LUCLinear`s with `settings[l]`.
 
     With calibration tokens, layers are compressed in order and each is calibrated on the outputs
-    of the already-compressed layers below it (as GPTQ does).
+    of the already-compressed layers below it (as GPTQ does). The policy is recorded in
+    `model.config.quantization_config`, so `save_pretrained` writes a loadable LUC checkpoint.
     """
     runner = None
     if method.needs_calibration:
@@ -134,3 +135,7 @@ def compress_model(
             _replace(layers[index], name, compressed)
         if runner is not None:
             runner.advance(index)
+    from edge_llm.luc.hf import mark_compressed  # the transformers glue imports this module
+    from edge_llm.luc.policy import LUCPolicy
+
+    mark_compressed(model, LUCPolicy(list(settings), method, targets))

@@ -185,6 +185,17 @@ def replace_with_luc_shells(model: nn.Module, policy: LUCPolicy) -> None:
             setattr(layer.get_submodule(owner_name) if owner_name else layer, attribute, shell)
 
 
+def mark_compressed(model: nn.Module, policy: LUCPolicy, config: LUCConfig | None = None) -> None:
+    """Record that `model` holds LUC-compressed layers, as transformers' quantizers do."""
+    config = config or LUCConfig(policy=policy)
+    config.policy = policy.to_dict()
+    if hasattr(model, "config"):
+        model.config.quantization_config = config
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    add_marker(model)
+
+
 def apply_luc(model: nn.Module, config: LUCConfig, progress: bool = True) -> LUCPolicy:
     """Profile (unless `config.policy` is set), search the policy and compress `model` in place."""
     # A given policy carries its own compression method.
@@ -212,8 +223,7 @@ def apply_luc(model: nn.Module, config: LUCConfig, progress: bool = True) -> LUC
         )
         policy = profile.search(config.budget)
     compress_model(model, policy.layers, policy.method, tokens, policy.targets, progress)
-    add_marker(model)
-    config.policy = policy.to_dict()
+    mark_compressed(model, policy, config)
     return policy
 
 
@@ -286,9 +296,6 @@ class LUCQuantizer(OptimumQuantizer):
             dataset=dataset, tokenizer=config_kwargs.pop("tokenizer", self.tokenizer), **config_kwargs
         )
         apply_luc(self.model, config)
-        self.model.config.quantization_config = config
-        self.model.is_quantized = True
-        self.model.quantization_method = QUANT_METHOD
         if save_dir is not None:
             self.model.save_pretrained(save_dir)
             if self.tokenizer is not None:

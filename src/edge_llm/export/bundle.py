@@ -1,0 +1,204 @@
+"""`edge_llm.export(model, schedule, out_dir)`: a self-describing bundle for edge runtimes.
+
+out_dir/
+  manifest.json       format, version, files with sizes and SHA-256, exits, voting, policy
+  schedule.json       the device schedule (schema: schemas/schedule.schema.json)
+  config.json         the transformers config (its quantization_config holds the LUC policy)
+  model.safetensors   the weights as LUC stores them (packed codes, scales, masks), adapters
+                      merged into them when `merge_adapters=True`
+  adapter/            the Edge-LLM adapter (peft format); merged: only its exit heads
+  tokenizer files     when a tokenizer is given
+  model.gguf          with `gguf=True`: the same model for llama.cpp (see `gguf.py`)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from edge_llm import __version__
+from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
+from edge_llm.modeling import find_decoder_parts
+from edge_llm.scheduling.scheduler import Schedule
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = "edge-llm/bundle"
+BUNDLE_VERSION = 1
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _edge_parts(model: nn.Module) -> tuple[nn.Module, Any]:
+    """(transformers base model, Edge-LLM config or None) of a PeftModel or a plain model."""
+    from edge_llm.tuner.model import EdgeLLMModel
+
+    tuner = getattr(model, "base_model", None)
+    if isinstance(tuner, EdgeLLMModel):
+        return tuner.model, tuner.active_edge_config
+    return model, None
+
+
+def _check_schedule_matches(base: nn.Module, schedule: Schedule) -> None:
+    layers = list(find_decoder_parts(base).layers(base))
+    if len(layers) != len(schedule.layers):
+        raise ValueError(f"The schedule plans {len(schedule.layers)} layers but the model has {len(layers)}.")
+    for plan, layer in zip(schedule.layers, layers, strict=True):
+        compressed = [m for m in layer.modules() if isinstance(m, LUCLinear)]
+        bits, sparsity = (compressed[0].bits, compressed[0].sparsity) if compressed else (UNQUANTIZED_BITS, 0.0)
+        if (plan.bits, plan.sparsity) != (bits, sparsity):
+            raise ValueError(
+                f"The schedule was made for layer {plan.layer} at {plan.bits} bits / sparsity {plan.sparsity}, but the "
+                f"model's layer has {bits} bits / sparsity {sparsity}: schedule the model you export."
+            )
+
+
+def base_state_dict(base: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's tensors under their transformers names (LoRA wrappers and weights removed)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapter_prefixes = set()
+    for name, module in base.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            adapter_prefixes.update(f"{name}.{child}" for child, _ in module.named_children() if child != "base_layer")
+    state = {}
+    for key, tensor in base.state_dict().items():
+        if any(key == p or key.startswith(p + ".") for p in adapter_prefixes):
+            continue
+        state[key.replace(".base_layer.", ".")] = tensor.detach().contiguous().clone()
+    # Tied weights are stored once, as transformers does.
+    for tied in getattr(base, "_tied_weights_keys", None) or {}:
+        if base.config.tie_word_embeddings and tied in state:
+            del state[tied]
+    return state
+
+
+def export(
+    model: nn.Module,
+    schedule: Schedule,
+    out_dir: str | Path,
+    merge_adapters: bool = False,
+    tokenizer: Any = None,
+    gguf: bool = False,
+    gguf_reference: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `model` (LUC-compressed, with or without an Edge-LLM adapter) and `schedule` as a bundle.
+
+    Refuses to write into a non-empty `out_dir` unless `overwrite=True` (then only the bundle's own
+    files are replaced). With `gguf=True` also lowers the model to GGUF for llama.cpp (tokenizer
+    metadata from `gguf_reference`, a GGUF of the same base model, or from `tokenizer`).
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty; choose a new directory or pass overwrite=True.")
+    out.mkdir(parents=True, exist_ok=True)
+    base, edge_config = _edge_parts(model)
+    _check_schedule_matches(base, schedule)
+
+    merged = False
+    if edge_config is not None and merge_adapters:
+        model.merge_adapter()
+        merged = True
+    try:
+        save_file(base_state_dict(base), out / "model.safetensors", metadata={"format": "pt"})
+        if gguf:
+            from edge_llm.export.gguf import write_gguf
+
+            write_gguf(model, out / "model.gguf", tokenizer, gguf_reference, schedule)
+    finally:
+        if merged:
+            model.unmerge_adapter()
+    base.config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if edge_config is not None:
+        adapter_dir = out / "adapter"
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        model.save_pretrained(adapter_dir)
+        if merged:  # the LoRA deltas live in model.safetensors; keep only the exit heads
+            _keep_only_exit_heads(adapter_dir)
+    schedule.save(out / "schedule.json")
+    _write_manifest(out, base, edge_config, merged)
+    logger.info("Exported bundle to %s", out)
+    return out
+
+
+def _keep_only_exit_heads(adapter_dir: Path) -> None:
+    """Strip the LoRA weights from a merged bundle's adapter; zero-initialised ones replace them."""
+    from safetensors.torch import load_file
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    tensors = {k: v for k, v in load_file(weights).items() if "exit_heads" in k}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["init_lora_weights"] = True  # LoRA B starts at zero: the missing LoRA weights add nothing
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _write_manifest(out: Path, base: nn.Module, edge_config: Any, merged: bool) -> None:
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
+    quantization = getattr(base.config, "quantization_config", None)
+    policy = getattr(quantization, "policy", None) if quantization is not None else None
+    if isinstance(quantization, dict):
+        policy = quantization.get("policy")
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "version": BUNDLE_VERSION,
+        "created_with": f"edge-llm {__version__}",
+        "model_type": base.config.model_type,
+        "policy": policy,
+        "adapter": None
+        if edge_config is None
+        else {
+            "merged": merged,
+            "exits": list(edge_config.exit_layers),
+            "voting": edge_config.voting,
+            "exit_weights": edge_config.exit_weights,
+            "window_input": edge_config.window_input,
+        },
+        "files": {str(p.relative_to(out)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def verify_bundle(path: str | Path) -> dict[str, Any]:
+    """Check a bundle's manifest and every file's size and SHA-256; returns the manifest."""
+    root = Path(path)
+    manifest_path = root / "manifest.json"
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{root} has no manifest.json: it is not an edge-llm bundle.")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{manifest_path} is corrupt: {error}") from None
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{root} is not an edge-llm bundle (format {manifest.get('format')!r}).")
+    if manifest.get("version") != BUNDLE_VERSION:
+        raise ValueError(
+            f"Bundle format version {manifest.get('version')!r} is not supported (this edge-llm reads version "
+            f"{BUNDLE_VERSION})."
+        )
+    for name, entry in manifest["files"].items():
+        file = root / name
+        if not file.exists():
+            raise ValueError(f"Bundle file {name} is missing.")
+        if file.stat().st_size != entry["bytes"] or _sha256(file) != entry["sha256"]:
+            raise ValueError(f"Bundle file {name} does not match its manifest (corrupt or modified).")
+    return manifest

@@ -1,0 +1,278 @@
+"""Lower an (LUC-compressed, Edge-LLM-adapted) Llama-family model to GGUF for llama.cpp.
+
+Each decoder layer's tensors get the GGUF type of its LUC bit-width: 2 bits -> Q2_K, 3 -> Q3_K,
+4 -> Q4_1, 5 -> Q5_1, 6-8 -> Q8_0, unquantized -> F16 (GGUF has no 6/7-bit type that gguf-py can
+write, so those round up to 8). The weights written are what the PyTorch model computes with
+(LUC-dequantized, plus the LoRA update when an adapter is attached), re-encoded in the GGUF block
+format; Q2_K and Q3_K are encoded here (gguf-py only decodes them).
+
+What llama.cpp cannot use: pruning (GGUF has no sparse tensor types, so pruned weights are stored
+as zeros and save no space — N:M patterns would need a runtime with sparse kernels), and exits
+and voting (llama.cpp runs the last layer only). Exits, voting, the LUC policy and the schedule
+are kept in the file's key-value metadata under `edge_llm.*` for runtimes that implement them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
+from edge_llm.modeling import find_decoder_parts
+
+logger = logging.getLogger(__name__)
+
+QK_K = 256
+_LLAMA_TENSORS = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def gguf_type_for_bits(bits: int):  # -> gguf.GGMLQuantizationType
+    from gguf import GGMLQuantizationType as T
+
+    if bits == UNQUANTIZED_BITS:
+        return T.F16
+    return {2: T.Q2_K, 3: T.Q3_K, 4: T.Q4_1, 5: T.Q5_1}.get(bits, T.Q8_0)
+
+
+# --------------------------------------------------------------------------- K-quant encoders
+
+
+def _pack_2bit_groups(q: np.ndarray) -> np.ndarray:
+    """(blocks, 256) values in [0, 3] -> (blocks, 64) bytes in the Q2_K/Q3_K `qs` layout."""
+    n = q.shape[0]
+    q = q.reshape(n, 2, 4, 32).astype(np.uint8)  # value index = half*128 + shift*32 + byte
+    return (q << np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)).sum(axis=2, dtype=np.uint8).reshape(n, 64)
+
+
+def quantize_q2_k(blocks: np.ndarray) -> np.ndarray:
+    """Encode (blocks, 256) float32 values as Q2_K: 16 sub-blocks of 16 with 4-bit scale and min."""
+    n = blocks.shape[0]
+    sub = blocks.reshape(n, 16, 16)
+    low = np.minimum(sub.min(axis=2), 0.0)  # Q2_K offsets are non-positive
+    high = sub.max(axis=2)
+    scale, offset = (high - low) / 3.0, -low
+    d = scale.max(axis=1, keepdims=True) / 15.0
+    dmin = offset.max(axis=1, keepdims=True) / 15.0
+    d16, dmin16 = d.astype(np.float16), dmin.astype(np.float16)
+    sc = np.clip(np.rint(np.divide(scale, d16.astype(np.float32), out=np.zeros_like(scale), where=d16 > 0)), 0, 15)
+    m = np.clip(
+        np.rint(np.divide(offset, dmin16.astype(np.float32), out=np.zeros_like(offset), where=dmin16 > 0)), 0, 15
+    )
+    step = (d16.astype(np.float32) * sc)[..., None]
+    base = (dmin16.astype(np.float32) * m)[..., None]
+    q = np.clip(np.rint(np.divide(sub + base, step, out=np.zeros_like(sub), where=step > 0)), 0, 3)
+    scales = (sc.astype(np.uint8) | (m.astype(np.uint8) << 4)).astype(np.uint8)
+    return np.concatenate(
+        [scales, _pack_2bit_groups(q.reshape(n, QK_K)), d16.view(np.uint8), dmin16.view(np.uint8)], axis=1
+    )
+
+
+def quantize_q3_k(blocks: np.ndarray) -> np.ndarray:
+    """Encode (blocks, 256) float32 values as Q3_K: 16 sub-blocks of 16, signed 6-bit scales."""
+    n = blocks.shape[0]
+    sub = blocks.reshape(n, 16, 16)
+    index = np.abs(sub).argmax(axis=2)
+    extreme = np.take_along_axis(sub, index[..., None], axis=2)[..., 0]
+    scale = extreme / -4.0  # the largest magnitude maps to code -4
+    largest = np.take_along_axis(scale, np.abs(scale).argmax(axis=1)[:, None], axis=1)
+    d = (largest / -32.0).astype(np.float16)
+    d32 = d.astype(np.float32)
+    sc = np.clip(np.rint(np.divide(scale, d32, out=np.zeros_like(scale), where=d32 != 0)), -32, 31)
+    step = (d32 * sc)[..., None]
+    q = np.clip(np.rint(np.divide(sub, step, out=np.zeros_like(sub), where=step != 0)), -4, 3).astype(np.int8)
+    biased = (q + 4).astype(np.uint8).reshape(n, QK_K)  # 3-bit code: low 2 bits in qs, high bit in hmask
+    high = (biased >> 2).reshape(n, 8, 32)
+    hmask = (high << np.arange(8, dtype=np.uint8).reshape(1, 8, 1)).sum(axis=1, dtype=np.uint8)
+    stored = (sc + 32).astype(np.uint8)  # (n, 16)
+    low_nibbles = stored & 0x0F
+    lscales = low_nibbles[:, :8] | (low_nibbles[:, 8:] << 4)
+    high_bits = (stored >> 4).reshape(n, 4, 4)
+    hscales = (high_bits << np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)).sum(axis=1, dtype=np.uint8)
+    return np.concatenate([hmask, _pack_2bit_groups(biased & 3), lscales, hscales, d.view(np.uint8)], axis=1)
+
+
+def quantize_tensor(values: np.ndarray, qtype) -> np.ndarray:
+    """Quantize a 2-D float32 array (rows of a multiple of the block size) to GGUF bytes."""
+    import gguf
+
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return values.astype(np.float16)
+    if qtype in (gguf.GGMLQuantizationType.Q2_K, gguf.GGMLQuantizationType.Q3_K):
+        rows, columns = values.shape
+        if columns % QK_K:
+            raise ValueError(f"{qtype.name} needs rows of a multiple of {QK_K} values, got {columns}.")
+        encode = quantize_q2_k if qtype == gguf.GGMLQuantizationType.Q2_K else quantize_q3_k
+        return encode(values.reshape(-1, QK_K).astype(np.float32)).reshape(rows, -1)
+    return gguf.quants.quantize(values.astype(np.float32), qtype)
+
+
+# --------------------------------------------------------------------------- writer
+
+
+def _permute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
+    """transformers' rotate-half rotary layout -> llama.cpp's interleaved one (as convert_hf_to_gguf)."""
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
+
+
+@torch.no_grad()
+def _effective_weight(module: nn.Module) -> torch.Tensor:
+    """The dense float32 weight a (possibly LoRA-wrapped, possibly LUC-compressed) Linear computes with."""
+    from peft.tuners.lora import LoraLayer
+
+    base = module.get_base_layer() if isinstance(module, LoraLayer) else module
+    weight = base.dequantize_weight(torch.float32) if isinstance(base, LUCLinear) else base.weight.detach().float()
+    if isinstance(module, LoraLayer) and not module.disable_adapters and not module.merged:
+        for adapter in module.active_adapters:
+            if adapter in module.lora_A:
+                weight = weight + module.get_delta_weight(adapter).float()
+    return weight
+
+
+def _layer_bits(layer: nn.Module) -> int:
+    compressed = [m for m in layer.modules() if isinstance(m, LUCLinear)]
+    return compressed[0].bits if compressed else UNQUANTIZED_BITS
+
+
+def write_gguf(
+    model: nn.Module,
+    path: str | Path,
+    tokenizer: Any = None,
+    reference_gguf: str | Path | None = None,
+    schedule: Any = None,
+) -> Path:
+    """Write `model` as a GGUF file llama.cpp can load.
+
+    Args:
+        model: a Llama/Mistral/Qwen2-style causal LM, LUC-compressed or not, optionally a PeftModel
+            with an Edge-LLM (or LoRA) adapter, whose update is folded into the weights.
+        path: the .gguf file to write.
+        tokenizer: used for the vocabulary when no `reference_gguf` is given.
+        reference_gguf: a GGUF of the same base model whose tokenizer metadata is copied verbatim
+            (the most faithful way to carry a tokenizer over).
+        schedule: a `Schedule` to store in the metadata.
+    """
+    import gguf
+
+    from edge_llm.export.bundle import _edge_parts
+
+    _, edge_config = _edge_parts(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"GGUF export supports Llama-architecture models ({', '.join(SUPPORTED_MODEL_TYPES)}); "
+            f"got {config.model_type!r}."
+        )
+    path = Path(path)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_name(getattr(config, "_name_or_path", "") or "edge-llm model")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_1)
+    _add_tokenizer(writer, tokenizer, reference_gguf)
+    _add_edge_metadata(writer, base, edge_config, schedule)
+
+    parts = find_decoder_parts(base)
+    embed = base.get_input_embeddings().weight.detach().float().numpy()
+    writer.add_tensor("token_embd.weight", embed.astype(np.float16))
+    for index, layer in enumerate(parts.layers(base)):
+        qtype = gguf_type_for_bits(_layer_bits(layer))
+        for suffix, gguf_name in _LLAMA_TENSORS.items():
+            module = layer.get_submodule(suffix)
+            if gguf_name.endswith("norm"):
+                writer.add_tensor(f"blk.{index}.{gguf_name}.weight", module.weight.detach().float().numpy())
+                continue
+            weight = _effective_weight(module).numpy()
+            if gguf_name == "attn_q":
+                weight = _permute_rotary(weight, heads)
+            elif gguf_name == "attn_k":
+                weight = _permute_rotary(weight, kv_heads)
+            writer.add_tensor(f"blk.{index}.{gguf_name}.weight", quantize_tensor(weight, qtype), raw_dtype=qtype)
+    writer.add_tensor("output_norm.weight", parts.norm(base).weight.detach().float().numpy())
+    if not config.tie_word_embeddings:
+        writer.add_tensor("output.weight", _effective_weight(parts.head(base)).numpy().astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    logger.info("Wrote %s (%.1f MiB)", path, path.stat().st_size / 2**20)
+    return path
+
+
+def _add_tokenizer(writer: Any, tokenizer: Any, reference_gguf: str | Path | None) -> None:
+    import gguf
+
+    if reference_gguf is not None:
+        reader = gguf.GGUFReader(str(reference_gguf))
+        for field in reader.fields.values():
+            if not field.name.startswith("tokenizer."):
+                continue
+            value = field.contents()
+            kind = field.types[0]
+            if kind == gguf.GGUFValueType.ARRAY:
+                writer.add_array(field.name, value)
+            else:
+                writer.add_key_value(field.name, value, kind)
+        return
+    if tokenizer is None:
+        raise ValueError("GGUF export needs the tokenizer (or a reference GGUF to copy it from).")
+    vocab = tokenizer.get_vocab()
+    tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
+    special = set(tokenizer.all_special_ids)
+    types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokens))]
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    merges = backend["model"].get("merges", [])
+    merges = [" ".join(m) if isinstance(m, list) else m for m in merges]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for name in ("bos", "eos", "pad", "unk"):
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        if token_id is not None:
+            getattr(writer, f"add_{name}_token_id")(token_id)
+
+
+def _add_edge_metadata(writer: Any, base: nn.Module, edge_config: Any, schedule: Any) -> None:
+    quantization = getattr(base.config, "quantization_config", None)
+    policy = quantization.get("policy") if isinstance(quantization, dict) else getattr(quantization, "policy", None)
+    if policy is not None:
+        writer.add_string("edge_llm.luc_policy", json.dumps(policy))
+    if edge_config is not None:
+        writer.add_array("edge_llm.exits", [int(e) for e in edge_config.exit_layers])
+        writer.add_string("edge_llm.voting", edge_config.voting)
+        if edge_config.exit_weights:
+            writer.add_array("edge_llm.exit_weights", [float(w) for w in edge_config.exit_weights])
+    if schedule is not None:
+        writer.add_string("edge_llm.schedule", json.dumps(schedule.to_dict()))

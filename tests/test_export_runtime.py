@@ -1,0 +1,190 @@
+"""Bundles: export, verification, the reference executor, and GGUF lowering."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from peft import get_peft_model
+from tiny_models import VOCAB, tiny_model
+
+import edge_llm
+from edge_llm.export import export, verify_bundle, write_gguf
+from edge_llm.export.gguf import quantize_tensor
+from edge_llm.luc import CompressionMethod, compress_model
+from edge_llm.runtime import DenseKernel, SparseKernel, load_bundle
+from edge_llm.scheduling import DeviceProfile, Kernel, Workload, schedule
+
+POLICY = [(4, 0.5), (3, 0.25), (8, 0.0), (2, 0.5)]
+METHOD = CompressionMethod(group_size=16, prune_method="magnitude")
+
+
+def cpu_device(memory_bytes):
+    rate = 5e10
+    kernels = {"dense_fp32": Kernel(rate), "sparse_unstructured": Kernel(rate / 2)}
+    kernels.update({f"dequant_int{b}": Kernel(rate, dequant_per_s=1e9) for b in (2, 3, 4, 8)})
+    return DeviceProfile("test cpu", memory_bytes, 2e10, 1e9, 1e10, kernels, "synthetic")
+
+
+def adapted_model(merge=False):
+    model = tiny_model("llama", 4)
+    compress_model(model, POLICY, METHOD, progress=False)
+    model = get_peft_model(
+        model,
+        edge_llm.EdgeLLMConfig(
+            r=4,
+            target_modules=["q_proj", "v_proj"],
+            exit_layers=[1],
+            backprop_depth=2,
+            voting="mean",
+            init_lora_weights=False,
+        ),
+    )
+    return model.eval()
+
+
+def expected_logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_bundle_round_trip_through_the_reference_executor(tmp_path, merge):
+    model = adapted_model()
+    edge = model.peft_config["default"]
+    roomy = schedule(model, cpu_device(10**9), Workload(prompt_tokens=16, decode_tokens=4), edge_config=edge)
+    # Force the executor through every path: dense, sparse and packed kernels, and one streamed layer.
+    plans = roomy.layers
+    plans[0] = plans[0].__class__(**{**plans[0].__dict__, "kernel": "dense_fp32"})
+    plans[1] = plans[1].__class__(**{**plans[1].__dict__, "kernel": "sparse_unstructured"})
+    plans[3] = plans[3].__class__(
+        **{**plans[3].__dict__, "placement": "streamed", "memory_bytes": 0, "stream_bytes": 1000}
+    )
+    x = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    if merge:
+        model.merge_adapter()
+        expected = expected_logits(model, x)
+        model.unmerge_adapter()
+    else:
+        expected = expected_logits(model, x)
+    out = export(model, roomy, tmp_path / "bundle", merge_adapters=merge)
+    manifest = verify_bundle(out)
+    assert manifest["adapter"]["merged"] is merge and manifest["adapter"]["exits"] == [1, 3]
+    assert {"model.safetensors", "schedule.json", "config.json", "adapter/adapter_config.json"} <= manifest[
+        "files"
+    ].keys()
+    runner = load_bundle(out)
+    kinds = [type(m).__name__ for m in runner.modules()]
+    assert "DenseKernel" in kinds and "SparseKernel" in kinds
+    with torch.no_grad():
+        actual = runner(input_ids=x).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    # The streamed layer holds no weights between passes.
+    layer3 = runner.model.get_base_model().model.layers[3]
+    assert all(b.numel() == 0 for n, b in layer3.named_buffers() if n.endswith(("weight", "weight_scales")))
+
+
+def test_export_refuses_to_overwrite_and_checks_the_schedule(tmp_path):
+    model = adapted_model()
+    plan = schedule(model, cpu_device(10**9), Workload(prompt_tokens=8), edge_config=model.peft_config["default"])
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="is not empty"):
+        export(model, plan, tmp_path / "taken")
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "keep me"
+    other = tiny_model("llama", 4)
+    compress_model(other, [(8, 0.0)] * 4, METHOD, progress=False)
+    with pytest.raises(ValueError, match="schedule the model you export"):
+        export(other, plan, tmp_path / "other")
+
+
+def test_corrupt_or_foreign_bundles_are_rejected(tmp_path):
+    model = adapted_model()
+    plan = schedule(model, cpu_device(10**9), Workload(prompt_tokens=8), edge_config=model.peft_config["default"])
+    out = export(model, plan, tmp_path / "bundle")
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"model\.safetensors does not match its manifest"):
+        load_bundle(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "version": 7}))
+    with pytest.raises(ValueError, match="Bundle format version 7 is not supported"):
+        verify_bundle(out)
+    with pytest.raises(FileNotFoundError, match="not an edge-llm bundle"):
+        verify_bundle(tmp_path)
+
+
+def test_kernels_compute_what_the_compressed_layer_computes():
+    model = tiny_model("llama", 4)
+    compress_model(model, POLICY, METHOD, progress=False)
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(DenseKernel(layer, torch.float32)(x), layer(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(SparseKernel(layer)(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("qtype_name", ["Q2_K", "Q3_K", "Q4_1", "Q5_1", "Q8_0"])
+def test_gguf_encoders_produce_blocks_gguf_decodes(qtype_name):
+    import gguf
+
+    qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
+    values = (np.random.default_rng(0).standard_normal((4, 512)) * 0.05).astype(np.float32)
+    encoded = quantize_tensor(values, qtype)
+    decoded = gguf.quants.dequantize(encoded, qtype)
+    assert decoded.shape == values.shape
+    relative = np.sqrt(((decoded - values) ** 2).mean()) / np.sqrt((values**2).mean())
+    # Expected RMS error of a good 2/3/4/5/8-bit block quantizer on Gaussian data.
+    assert relative < {"Q2_K": 0.4, "Q3_K": 0.2, "Q4_1": 0.1, "Q5_1": 0.05, "Q8_0": 0.01}[qtype_name]
+
+
+def test_gguf_file_has_per_layer_types_and_edge_metadata(tmp_path):
+    import gguf
+
+    torch.manual_seed(0)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = LlamaForCausalLM(config)
+    compress_model(
+        model,
+        [(2, 0.0), (3, 0.0), (4, 0.5), (8, 0.0)],
+        CompressionMethod(group_size=32, prune_method="magnitude"),
+        progress=False,
+    )
+    model = get_peft_model(model, edge_llm.EdgeLLMConfig(r=4, target_modules=["q_proj"], exit_layers=[1]))
+
+    class Tokenizer:  # the vocabulary a llama.cpp file needs, for a byte-level toy model
+        all_special_ids = (0,)
+        bos_token_id, eos_token_id, pad_token_id, unk_token_id = 0, 0, None, None
+
+        def get_vocab(self):
+            return {f"t{i}": i for i in range(VOCAB)}
+
+        class backend_tokenizer:
+            @staticmethod
+            def to_str():
+                return json.dumps({"model": {"merges": []}})
+
+    path = write_gguf(model, tmp_path / "model.gguf", tokenizer=Tokenizer())
+    reader = gguf.GGUFReader(str(path))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == "Q2_K" and types["blk.1.ffn_down.weight"] == "Q3_K"
+    assert types["blk.2.attn_v.weight"] == "Q4_1" and types["blk.3.ffn_up.weight"] == "Q8_0"
+    assert reader.fields["edge_llm.voting"].contents() == "confidence"
+    assert reader.fields["edge_llm.exits"].contents() == [1, 3]
+    policy = json.loads(reader.fields["edge_llm.luc_policy"].contents())
+    assert [(layer["bits"], layer["sparsity"]) for layer in policy["layers"]] == [
+        (2, 0.0),
+        (3, 0.0),
+        (4, 0.5),
+        (8, 0.0),
+    ]
