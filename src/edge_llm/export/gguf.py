@@ -253,6 +253,11 @@ def _add_tokenizer(writer: Any, tokenizer: Any, reference_gguf: str | Path | Non
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     merges = backend["model"].get("merges", [])
     merges = [" ".join(m) if isinstance(m, list) else m for m in merges]
+    if not merges:
+        raise ValueError(
+            "The tokenizer has no BPE merges, which llama.cpp needs for a 'gpt2'-style vocabulary; pass "
+            "reference_gguf= (a GGUF of the same base model) to copy its tokenizer instead."
+        )
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
