@@ -194,7 +194,7 @@ def test_gguf_file_has_per_layer_types_and_edge_metadata(tmp_path):
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == "Q2_K" and types["blk.1.ffn_down.weight"] == "Q3_K"
     assert types["blk.2.attn_v.weight"] == "Q4_1" and types["blk.3.ffn_up.weight"] == "Q8_0"
-    assert reader.fields["edge_llm.voting"].contents() == "confidence"
+    assert reader.fields["edge_llm.voting"].contents() == "weighted"
     assert reader.fields["edge_llm.exits"].contents() == [1, 3]
     policy = json.loads(reader.fields["edge_llm.luc_policy"].contents())
     assert [(layer["bits"], layer["sparsity"]) for layer in policy["layers"]] == [

@@ -296,3 +296,28 @@ def test_gradient_checkpointing_gives_the_same_window_gradients(reentrant):
     assert all(".layers.2." in n or ".layers.3." in n for n in plain)
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad)
+
+
+def test_exits_without_a_vote_cost_nothing():
+    model = make(
+        "llama",
+        num_layers=6,
+        exit_layers=[1, 3, 5],
+        backprop_depth=2,
+        window_input="backbone",
+        voting="weighted",
+        exit_weights=[0.0, 0.0, 1.0],
+    )
+    model.eval()
+    x = batch()
+    calls, _, handles = count_layer_calls(model)
+    with torch.no_grad():
+        voted = model(input_ids=x)
+    # The backbone pass (6 layers) plus the stream of exit 5's window only (2 layers).
+    assert sum(calls.values()) == 8
+    with torch.no_grad():
+        everything = model(input_ids=x, return_exit_logits=True)
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(voted.logits, everything.exit_logits[5].float().log_softmax(-1))
+    torch.testing.assert_close(everything.logits, voted.logits)

@@ -193,6 +193,8 @@ def mark_compressed(model: nn.Module, policy: LUCPolicy, config: LUCConfig | Non
         model.config.quantization_config = config
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
+    # What from_pretrained attaches; Trainer asks it whether the quantized model can be trained.
+    model.hf_quantizer = LUCHfQuantizer(config, pre_quantized=True)
     add_marker(model)
 
 

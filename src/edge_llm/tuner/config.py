@@ -44,7 +44,10 @@ class EdgeLLMConfig(LoraConfig):
             *without* lower adapters; inference then runs the backbone once plus every window again
             with its adapters (about 2x the compute of one pass when windows tile the model).
         voting (`str`):
-            How exits combine at inference (no active exit). With `p_i = softmax(logits_i)`:
+            How exits combine at inference (no active exit). Default `"weighted"`: exits that do
+            not help get no weight once `EdgeTrainer` has fitted the weights, so weak early exits
+            cannot drag the prediction down (they can under the paper's `"confidence"` rule).
+            With `p_i = softmax(logits_i)`:
             `"last"` returns the last layer's logits unchanged; `"mean"` returns `log(mean_i p_i)`;
             `"weighted"` returns `log(sum_i w_i p_i)` with `exit_weights` (fitted on held-out data by
             `calibrate_exit_weights`; uniform until then); `"confidence"` (the paper's rule) returns
@@ -78,7 +81,7 @@ class EdgeLLMConfig(LoraConfig):
         default="adapted", metadata={"help": "What a window sees below it: " + ", ".join(WINDOW_INPUTS)}
     )
     voting: Literal["last", "mean", "weighted", "confidence"] = field(
-        default="confidence", metadata={"help": "How exits combine at inference: " + ", ".join(VOTING_RULES)}
+        default="weighted", metadata={"help": "How exits combine at inference: " + ", ".join(VOTING_RULES)}
     )
     exit_weights: list[float] | None = field(
         default=None, metadata={"help": "Per-exit weights for voting='weighted' (lowest exit first)."}

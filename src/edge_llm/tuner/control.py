@@ -64,7 +64,8 @@ class _Pass:
     rule: str = "last"
     logits_to_keep: int | torch.Tensor = 0
     return_exit_logits: bool = False
-    capture: bool = False  # keep the outputs of the exit layers below the last
+    voters: list[int] = field(default_factory=list)  # exits whose vote counts (weight > 0)
+    computed: list[int] = field(default_factory=list)  # exits whose logits this pass computes
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
     streams: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -168,7 +169,10 @@ class ExitController:
             # The model would compute its loss on the last layer's logits only; the voted loss is
             # computed in `_finish` instead.
             self._take_labels(state, kwargs)
-        state.capture = rule != "last" or return_exit_logits
+        config = self.tuner.active_edge_config
+        state.voters = _voters(state.exits, rule, config.exit_weights)
+        # Exits that do not vote cost nothing (no head, no stream) unless their logits are asked for.
+        state.computed = list(state.exits) if return_exit_logits else state.voters
         if state.backbone and state.adapters_on:
             for index in range(len(self.layers)):
                 self._set_adapters(index, enabled=False)
@@ -213,9 +217,11 @@ class ExitController:
         }
         if not state.backbone:
             logits_by_exit[state.exits[-1]] = output.logits
-        ordered = [logits_by_exit[layer] for layer in state.exits]
         if needs_vote:
-            voted = vote(ordered, state.rule, self.tuner.active_edge_config.exit_weights)
+            weights = self.tuner.active_edge_config.exit_weights
+            if state.rule == "weighted" and weights is not None:
+                weights = [weights[state.exits.index(layer)] for layer in state.voters]
+            voted = vote([logits_by_exit[layer] for layer in state.voters], state.rule, weights)
             loss = None
             if state.labels is not None:
                 loss = model.loss_function(
@@ -223,7 +229,7 @@ class ExitController:
                 )
             output = _replace_fields(output, loss=loss, logits=voted)
         if state.return_exit_logits:
-            output["exit_logits"] = dict(zip(state.exits, ordered, strict=True))
+            output["exit_logits"] = {layer: logits_by_exit[layer] for layer in state.exits}
         return output
 
     def _cleanup(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -266,7 +272,7 @@ class ExitController:
                 return
             if state.backbone:
                 self._run_streams(index, layer, args, kwargs, state)
-            elif state.capture and index in state.exits[:-1]:
+            elif index in state.computed and index != state.exits[-1]:
                 state.captured[index] = first_tensor(output)
 
         return hook
@@ -287,7 +293,7 @@ class ExitController:
     def _run_streams(self, index: int, layer: nn.Module, args: tuple, kwargs: dict, state: _Pass) -> None:
         """Run layer `index` again, with its adapters, for every exit whose window holds it."""
         depth = self.tuner.active_edge_config.backprop_depth
-        for exit_layer in state.exits:
+        for exit_layer in state.computed:
             span = window(exit_layer, depth)
             if index not in span:
                 continue
@@ -319,6 +325,16 @@ class ExitController:
 
     def _adapters_enabled(self) -> bool:
         return not any(m.disable_adapters for modules in self.lora_modules for m in modules)
+
+
+def _voters(exits: list[int], rule: str, weights: list[float] | None) -> list[int]:
+    """The exits whose logits enter the vote: the last for "last", those with weight > 0 for a
+    weighted vote, all otherwise."""
+    if rule == "last":
+        return [exits[-1]]
+    if rule == "weighted" and weights is not None:
+        return [layer for layer, weight in zip(exits, weights, strict=True) if weight > 0]
+    return list(exits)
 
 
 def _replace_fields(output: Any, **changes: Any) -> Any:
