@@ -41,7 +41,7 @@ def cpu_device(memory_bytes):
     return DeviceProfile("test cpu", memory_bytes, 2e10, 1e9, 1e10, kernels, "synthetic")
 
 
-def adapted_model(merge=False):
+def adapted_model(window_input="backbone"):
     model = tiny_model("llama", 4)
     compress_model(model, POLICY, METHOD, progress=False)
     model = get_peft_model(
@@ -52,6 +52,7 @@ def adapted_model(merge=False):
             exit_layers=[1],
             backprop_depth=2,
             voting="mean",
+            window_input=window_input,
             init_lora_weights=False,
         ),
     )
@@ -65,7 +66,8 @@ def expected_logits(model, x):
 
 @pytest.mark.parametrize("merge", [False, True])
 def test_bundle_round_trip_through_the_reference_executor(tmp_path, merge):
-    model = adapted_model()
+    # Merging folds every window's adapter into one stream: only window_input="adapted" allows it.
+    model = adapted_model("adapted" if merge else "backbone")
     edge = model.peft_config["default"]
     roomy = schedule(model, cpu_device(10**9), Workload(prompt_tokens=16, decode_tokens=4), edge_config=edge)
     # Force the executor through every path: dense, sparse and packed kernels, and one streamed layer.

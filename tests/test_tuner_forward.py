@@ -120,7 +120,7 @@ def test_voting_pass_combines_the_exit_passes(arch, rule):
 
 
 def test_voting_pass_runs_every_layer_once():
-    model = make("llama", num_layers=6, exit_layers=[1, 3], voting="confidence")
+    model = make("llama", num_layers=6, exit_layers=[1, 3], voting="confidence", window_input="adapted")
     calls, _, handles = count_layer_calls(model)
     with torch.no_grad():
         model(input_ids=batch())
@@ -237,7 +237,7 @@ def test_backbone_adapters_cannot_be_merged():
 
 
 def test_merge_and_unload_keeps_the_last_exit_and_removes_the_hooks():
-    model = make("llama", num_layers=6, exit_layers=[1, 3], voting="last")
+    model = make("llama", num_layers=6, exit_layers=[1, 3], voting="last", window_input="adapted")
     model.eval()
     x = batch()
     with torch.no_grad():
@@ -256,8 +256,9 @@ def test_disabled_adapters_give_the_base_model_last_exit():
         torch.testing.assert_close(model(input_ids=batch()).logits, base_logits)
 
 
-def test_an_error_inside_a_pass_restores_the_model():
-    model = make("llama", num_layers=6, exit_layers=[1, 3], backprop_depth=2)
+@pytest.mark.parametrize("window_input", ["adapted", "backbone"])
+def test_an_error_inside_a_pass_restores_the_model(window_input):
+    model = make("llama", num_layers=6, exit_layers=[1, 3], backprop_depth=2, window_input=window_input, voting="last")
     model.train()
     layer = layers_of(model)[2]
 
@@ -270,10 +271,12 @@ def test_an_error_inside_a_pass_restores_the_model():
     handle.remove()
     assert len(layers_of(model)) == 6
     assert torch.is_grad_enabled()
+    assert not any(m._disable_adapters for m in model.modules() if hasattr(m, "_disable_adapters"))
     calls, _, handles = count_layer_calls(model)
     with torch.no_grad():
         model(input_ids=batch())
-    assert calls == {i: 1 for i in range(6)}
+    # Adapted: one pass. Backbone: the backbone pass plus the last exit's window (layers 4-5).
+    assert calls == {i: 1 + (window_input == "backbone" and i >= 4) for i in range(6)}
     for handle in handles:
         handle.remove()
 

@@ -8,8 +8,10 @@ format; Q2_K and Q3_K are encoded here (gguf-py only decodes them).
 
 What llama.cpp cannot use: pruning (GGUF has no sparse tensor types, so pruned weights are stored
 as zeros and save no space — N:M patterns would need a runtime with sparse kernels), and exits
-and voting (llama.cpp runs the last layer only). Exits, voting, the LUC policy and the schedule
-are kept in the file's key-value metadata under `edge_llm.*` for runtimes that implement them.
+and voting (llama.cpp runs one stream to the last layer). The GGUF model is the last exit: with
+`window_input="adapted"` every layer carries its adapter; with `"backbone"` only the last exit's
+window does (the layers below it are the backbone, as that exit sees them). Exits, voting, the LUC
+policy and the schedule are kept in the key-value metadata under `edge_llm.*`.
 """
 
 from __future__ import annotations
@@ -134,13 +136,13 @@ def _permute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def _effective_weight(module: nn.Module) -> torch.Tensor:
+def _effective_weight(module: nn.Module, with_adapter: bool = True) -> torch.Tensor:
     """The dense float32 weight a (possibly LoRA-wrapped, possibly LUC-compressed) Linear computes with."""
     from peft.tuners.lora import LoraLayer
 
     base = module.get_base_layer() if isinstance(module, LoraLayer) else module
     weight = base.dequantize_weight(torch.float32) if isinstance(base, LUCLinear) else base.weight.detach().float()
-    if isinstance(module, LoraLayer) and not module.disable_adapters and not module.merged:
+    if with_adapter and isinstance(module, LoraLayer) and not module.disable_adapters and not module.merged:
         for adapter in module.active_adapters:
             if adapter in module.lora_A:
                 weight = weight + module.get_delta_weight(adapter).float()
@@ -203,16 +205,22 @@ def write_gguf(
     _add_edge_metadata(writer, base, edge_config, schedule)
 
     parts = find_decoder_parts(base)
+    layers = parts.layers(base)
+    adapted = set(range(len(layers)))
+    if edge_config is not None and edge_config.window_input == "backbone":
+        from edge_llm.tuner.exits import window
+
+        adapted = set(window(edge_config.exit_layers[-1], edge_config.backprop_depth))
     embed = base.get_input_embeddings().weight.detach().float().numpy()
     writer.add_tensor("token_embd.weight", embed.astype(np.float16))
-    for index, layer in enumerate(parts.layers(base)):
+    for index, layer in enumerate(layers):
         qtype = gguf_type_for_bits(_layer_bits(layer))
         for suffix, gguf_name in _LLAMA_TENSORS.items():
             module = layer.get_submodule(suffix)
             if gguf_name.endswith("norm"):
                 writer.add_tensor(f"blk.{index}.{gguf_name}.weight", module.weight.detach().float().numpy())
                 continue
-            weight = _effective_weight(module).numpy()
+            weight = _effective_weight(module, with_adapter=index in adapted).numpy()
             if gguf_name == "attn_q":
                 weight = _permute_rotary(weight, heads)
             elif gguf_name == "attn_k":

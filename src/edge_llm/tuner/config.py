@@ -38,11 +38,13 @@ class EdgeLLMConfig(LoraConfig):
             `"round_robin"` (exits in turn, lowest first) or `"uniform"` (uniformly at random, seeded
             by the step and the training seed, so it is reproducible and resumable).
         window_input (`str`):
-            What a window sees from the layers below it. `"adapted"` (default): one stream through
-            the model, lower windows keep their (frozen) adapters, one forward pass at inference.
-            `"backbone"`: as in the reference code, each window is fed by the frozen backbone
-            *without* lower adapters; inference then runs the backbone once plus every window again
-            with its adapters (about 2x the compute of one pass when windows tile the model).
+            What a window sees from the layers below it. `"backbone"` (default, as the reference
+            code): each window is fed by the frozen backbone *without* lower adapters; inference
+            runs the backbone once plus, again with adapters, the window of every exit that votes
+            (up to 2x one pass when all four windows vote; 1.27x when only the last one does).
+            `"adapted"`: one stream through the model in which lower windows keep their (frozen)
+            adapters; one pass at inference, but lower windows trained for their own early exits
+            change what the layers above them see (see docs/tuning.md for measurements).
         voting (`str`):
             How exits combine at inference (no active exit). Default `"weighted"`: exits that do
             not help get no weight once `EdgeTrainer` has fitted the weights, so weak early exits
@@ -78,7 +80,7 @@ class EdgeLLMConfig(LoraConfig):
         default="curriculum", metadata={"help": "How training picks the active exit: " + ", ".join(EXIT_SAMPLING_RULES)}
     )
     window_input: Literal["adapted", "backbone"] = field(
-        default="adapted", metadata={"help": "What a window sees below it: " + ", ".join(WINDOW_INPUTS)}
+        default="backbone", metadata={"help": "What a window sees below it: " + ", ".join(WINDOW_INPUTS)}
     )
     voting: Literal["last", "mean", "weighted", "confidence"] = field(
         default="weighted", metadata={"help": "How exits combine at inference: " + ", ".join(VOTING_RULES)}
