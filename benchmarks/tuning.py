@@ -62,6 +62,17 @@ def token_data(tokenizer, vocab_size: int, seq: int, train_rows: int, held_out_r
     return as_dataset(train), as_dataset(validation), as_dataset(test)
 
 
+def _luc_policy(args: argparse.Namespace, num_layers: int):  # -> LUCPolicy | None
+    from edge_llm.luc import CompressionMethod, LUCPolicy
+
+    if args.luc_policy is not None:
+        return LUCPolicy.load(args.luc_policy)
+    if args.luc_uniform is not None:
+        bits, sparsity = int(args.luc_uniform[0]), float(args.luc_uniform[1])
+        return LUCPolicy([(bits, sparsity)] * num_layers, CompressionMethod(64, "rtn", "magnitude"))
+    return None
+
+
 def run_worker(args: argparse.Namespace) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
@@ -80,6 +91,12 @@ def run_worker(args: argparse.Namespace) -> dict:
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
         trainer_cls = Trainer
     else:
+        policy = _luc_policy(args, num_layers)
+        if policy is not None:
+            from edge_llm.luc import compress_model
+
+            calibration = torch.tensor(train["input_ids"][:8], device=device)
+            compress_model(model, policy.layers, policy.method, calibration, policy.targets, progress=False)
         config = EdgeLLMConfig(
             backprop_depth=args.backprop_depth,
             exit_sampling=args.exit_sampling,
@@ -147,7 +164,12 @@ def format_table(results: dict[str, dict], args: argparse.Namespace) -> str:
         f"machine: {machine()}",
         f"model: {args.model} ({lora['num_layers']} layers), batch {args.batch}, seq {args.seq}, {args.steps} steps "
         f"({args.warmup} warm-up not timed), LoRA r={args.rank} on {','.join(args.targets)}, lr {args.lr}",
-        f"edge-llm: exits {edge['exit_layers']}, backprop depth {edge['backprop_depth']}, {args.exit_sampling} "
+        (
+            "edge-llm + LUC " + (str(args.luc_policy) if args.luc_policy else f"uniform {args.luc_uniform}") + "; "
+            if args.luc_policy or args.luc_uniform
+            else ""
+        )
+        + f"edge-llm: exits {edge['exit_layers']}, backprop depth {edge['backprop_depth']}, {args.exit_sampling} "
         f"exit sampling, window_input {args.window_input}, exit_head {args.exit_head}, voting {args.voting}"
         + (f" (weights {[round(w, 3) for w in edge['exit_weights']]})" if edge.get("exit_weights") else ""),
         "",
@@ -180,10 +202,18 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"])
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--backprop-depth", type=int, default=None, help="default: a quarter of the layers")
-    parser.add_argument("--exit-sampling", default="round_robin")
-    parser.add_argument("--window-input", default="adapted")
+    parser.add_argument("--exit-sampling", default="curriculum")
+    parser.add_argument("--window-input", default="backbone")
     parser.add_argument("--exit-head", default="shared")
-    parser.add_argument("--voting", default="confidence")
+    parser.add_argument("--voting", default="weighted")
+    parser.add_argument("--luc-policy", type=Path, help="full pipeline: compress the edge-llm model with this policy")
+    parser.add_argument(
+        "--luc-uniform",
+        type=float,
+        nargs=2,
+        metavar=("BITS", "SPARSITY"),
+        help="full pipeline with one setting for every layer (RTN, magnitude pruning)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--save-adapters", type=Path, help="save both trained adapters under this folder")
