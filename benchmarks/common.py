@@ -103,6 +103,8 @@ class StepMeter(TrainerCallback):
     def __init__(self, model: torch.nn.Module) -> None:
         self.param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
         self.step_seconds: list[float] = []
+        self.step_exits: list[int | None] = []
+        self.current_exit: int | None = None
         self.saved_bytes: list[int] = [0]
         self._stack: contextlib.ExitStack | None = None
         self._saved: weakref.WeakSet[_Saved] = weakref.WeakSet()
@@ -145,17 +147,28 @@ class StepMeter(TrainerCallback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.step_seconds.append(time.perf_counter() - self._start)
+        self.step_exits.append(self.current_exit)
         self._stack.close()
 
     def on_train_end(self, args, state, control, **kwargs):
         self.peak_bytes = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _rss_peak_bytes()
 
     def summary(self, warmup: int, tokens_per_step: int) -> dict:
+        """Step times after `warmup` steps. With exits, steps cost differently per exit: the mean
+        over a whole cycle of exits is the mean of each exit's median step, which is what a run
+        that visits every exit equally often averages to."""
         timed = self.step_seconds[warmup:] or self.step_seconds
+        by_exit: dict[int, list[float]] = {}
+        for seconds, exit_layer in list(zip(self.step_seconds, self.step_exits, strict=True))[warmup:]:
+            if exit_layer is not None:
+                by_exit.setdefault(exit_layer, []).append(seconds)
+        per_exit = {e: statistics.median(t) for e, t in sorted(by_exit.items())}
+        cycle = statistics.fmean(per_exit.values()) if per_exit else statistics.fmean(timed)
         return {
             "median_step_s": statistics.median(timed),
-            "mean_step_s": statistics.fmean(timed),
-            "tokens_per_s": tokens_per_step / statistics.fmean(timed),
+            "mean_step_s": cycle,
+            "step_s_by_exit": per_exit,
+            "tokens_per_s": tokens_per_step / cycle,
             "peak_memory_bytes": self.peak_bytes,
             "memory_before_training_bytes": self.baseline_bytes,
             "training_peak_bytes": self.peak_bytes - self.baseline_bytes,
@@ -164,9 +177,14 @@ class StepMeter(TrainerCallback):
 
 
 def measured(trainer_cls: type, meter: StepMeter) -> type:
-    """`trainer_cls` with `meter.forward_done()` called after every forward pass of training."""
+    """`trainer_cls` that tells `meter` each step's active exit and when each training forward pass
+    (loss included) is done."""
 
     class Measured(trainer_cls):
+        def training_step(self, *args, **kwargs):
+            meter.current_exit = self.current_exit() if hasattr(self, "current_exit") else None
+            return super().training_step(*args, **kwargs)
+
         def compute_loss(self, *args, **kwargs):
             loss = super().compute_loss(*args, **kwargs)
             if self.model.training:

@@ -156,7 +156,7 @@ def format_table(results: dict[str, dict], args: argparse.Namespace) -> str:
         ("training peak above that (GiB)", "training_peak_bytes", gib, "{:.3f}"),
         ("saved for backward (GiB)", "saved_for_backward_bytes", gib, "{:.3f}"),
         ("median step (s)", "median_step_s", 1, "{:.3f}"),
-        ("mean step (s)", "mean_step_s", 1, "{:.3f}"),
+        ("mean step over an exit cycle (s)", "mean_step_s", 1, "{:.3f}"),
         ("tokens/s", "tokens_per_s", 1, "{:.0f}"),
         ("held-out (test) loss", "held_out_loss", 1, "{:.4f}"),
     ]
@@ -184,6 +184,9 @@ def format_table(results: dict[str, dict], args: argparse.Namespace) -> str:
         elif key == "held_out_loss":
             ratio = f"{100 * (b - a) / a:+.1f}% (edge vs LoRA)"
         lines.append(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {ratio} |")
+    if edge.get("step_s_by_exit"):
+        per_exit = ", ".join(f"{e}: {v:.3f}" for e, v in edge["step_s_by_exit"].items())
+        lines.append(f"\nedge-llm median step (s) per active exit: {per_exit}")
     if edge["exit_losses"]:
         per_exit = ", ".join(f"{k.split('_')[2]}: {v:.4f}" for k, v in edge["exit_losses"].items())
         lines.append(f"\nedge-llm held-out loss per exit: {per_exit}")

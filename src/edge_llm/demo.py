@@ -99,6 +99,9 @@ def run_demo(steps: int = 60, seed: int = 0, out_dir: str | Path = "edge-llm-dem
     from edge_llm.trainer import EdgeTrainer
     from edge_llm.tuner import EdgeLLMConfig
 
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not (out / "manifest.json").exists():
+        raise FileExistsError(f"{out} exists and is not an earlier demo's bundle; pass another --out folder.")
     start = time.perf_counter()
     torch.manual_seed(seed)
     report = DemoReport()

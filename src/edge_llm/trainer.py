@@ -38,7 +38,7 @@ class EdgeTrainer(Trainer):
       `eval_dataset` (`calibrate_exit_weights`).
     """
 
-    def __init__(self, model: PeftModel | None = None, args: Any = None, **kwargs: Any) -> None:
+    def __init__(self, model: PeftModel | None = None, args: Any = None, *more: Any, **kwargs: Any) -> None:
         tuner = getattr(model, "base_model", None)
         if not isinstance(tuner, EdgeLLMModel):
             raise TypeError(
@@ -51,7 +51,7 @@ class EdgeTrainer(Trainer):
                 "EdgeTrainer needs ddp_find_unused_parameters=True (or unset): each step trains one window, so the "
                 "other layers' adapter weights are unused in that step and DDP would wait for their gradients."
             )
-        super().__init__(model=model, args=args, **kwargs)
+        super().__init__(model, args, *more, **kwargs)
         self.tuner: EdgeLLMModel = tuner
         self._exit_loss_sums: dict[int, torch.Tensor] = {}
         self._exit_step_counts: dict[int, float] = {}

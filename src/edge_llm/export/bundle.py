@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +127,7 @@ def export(
         tokenizer.save_pretrained(out)
     if edge_config is not None:
         adapter_dir = out / "adapter"
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        model.save_pretrained(adapter_dir)
+        model.save_pretrained(adapter_dir)  # replaces the adapter's own files, nothing else
         if merged:  # the LoRA deltas live in model.safetensors; keep only the exit heads
             _keep_only_exit_heads(adapter_dir)
     schedule.save(out / "schedule.json")

@@ -45,12 +45,22 @@ _LLAMA_TENSORS = {
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
-def gguf_type_for_bits(bits: int):  # -> gguf.GGMLQuantizationType
+def gguf_type_for_bits(bits: int, row_length: int | None = None):  # -> gguf.GGMLQuantizationType
+    """The GGUF type of a LUC bit-width; rows that do not fill its blocks fall back to the next
+    type that fits (K-quants need multiples of 256, the others of 32), as llama.cpp's converter does."""
+    from gguf import GGML_QUANT_SIZES
     from gguf import GGMLQuantizationType as T
 
     if bits == UNQUANTIZED_BITS:
         return T.F16
-    return {2: T.Q2_K, 3: T.Q3_K, 4: T.Q4_1, 5: T.Q5_1}.get(bits, T.Q8_0)
+    preferred = {2: T.Q2_K, 3: T.Q3_K, 4: T.Q4_1, 5: T.Q5_1}.get(bits, T.Q8_0)
+    for qtype in (preferred, T.Q4_1 if bits <= 4 else T.Q5_1, T.Q8_0, T.F16):
+        if row_length is None or row_length % GGML_QUANT_SIZES[qtype][0] == 0:
+            if qtype != preferred:
+                logger.info("GGUF: rows of %s values do not fit %s blocks; using %s", row_length, preferred.name,
+                            qtype.name)
+            return qtype
+    return T.F16
 
 
 # --------------------------------------------------------------------------- K-quant encoders
@@ -214,7 +224,7 @@ def write_gguf(
     embed = base.get_input_embeddings().weight.detach().float().numpy()
     writer.add_tensor("token_embd.weight", embed.astype(np.float16))
     for index, layer in enumerate(layers):
-        qtype = gguf_type_for_bits(_layer_bits(layer))
+        bits = _layer_bits(layer)
         for suffix, gguf_name in _LLAMA_TENSORS.items():
             module = layer.get_submodule(suffix)
             if gguf_name.endswith("norm"):
@@ -225,6 +235,7 @@ def write_gguf(
                 weight = _permute_rotary(weight, heads)
             elif gguf_name == "attn_k":
                 weight = _permute_rotary(weight, kv_heads)
+            qtype = gguf_type_for_bits(bits, weight.shape[1])
             writer.add_tensor(f"blk.{index}.{gguf_name}.weight", quantize_tensor(weight, qtype), raw_dtype=qtype)
     writer.add_tensor("output_norm.weight", parts.norm(base).weight.detach().float().numpy())
     if not config.tie_word_embeddings:
