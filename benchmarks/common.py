@@ -154,16 +154,17 @@ class StepMeter(TrainerCallback):
         self.peak_bytes = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _rss_peak_bytes()
 
     def summary(self, warmup: int, tokens_per_step: int) -> dict:
-        """Step times after `warmup` steps. With exits, steps cost differently per exit: the mean
-        over a whole cycle of exits is the mean of each exit's median step, which is what a run
-        that visits every exit equally often averages to."""
+        """Step times after `warmup` steps. With exits, steps cost differently per exit: the cost of
+        a whole cycle of exits is the mean of each exit's median step, which is what a run that
+        visits every exit equally often averages to; without exits it is the median step."""
         timed = self.step_seconds[warmup:] or self.step_seconds
         by_exit: dict[int, list[float]] = {}
         for seconds, exit_layer in list(zip(self.step_seconds, self.step_exits, strict=True))[warmup:]:
             if exit_layer is not None:
                 by_exit.setdefault(exit_layer, []).append(seconds)
         per_exit = {e: statistics.median(t) for e, t in sorted(by_exit.items())}
-        cycle = statistics.fmean(per_exit.values()) if per_exit else statistics.fmean(timed)
+        # Medians on both sides: a step slowed down by the machine should not move the comparison.
+        cycle = statistics.fmean(per_exit.values()) if per_exit else statistics.median(timed)
         return {
             "median_step_s": statistics.median(timed),
             "mean_step_s": cycle,

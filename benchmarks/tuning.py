@@ -156,7 +156,7 @@ def format_table(results: dict[str, dict], args: argparse.Namespace) -> str:
         ("training peak above that (GiB)", "training_peak_bytes", gib, "{:.3f}"),
         ("saved for backward (GiB)", "saved_for_backward_bytes", gib, "{:.3f}"),
         ("median step (s)", "median_step_s", 1, "{:.3f}"),
-        ("mean step over an exit cycle (s)", "mean_step_s", 1, "{:.3f}"),
+        ("step time over an exit cycle (s)", "mean_step_s", 1, "{:.3f}"),
         ("tokens/s", "tokens_per_s", 1, "{:.0f}"),
         ("held-out (test) loss", "held_out_loss", 1, "{:.4f}"),
     ]
