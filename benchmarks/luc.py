@@ -2,7 +2,7 @@
 
 For each uniform (bits, sparsity) setting: compress every decoder layer with it, and compress
 with LUC under a byte budget equal to the uniform policy's bytes; report held-out perplexity
-(sonnets 131-154) and multiple-choice accuracy (SciQ), with the original model as reference.
+(sonnets 131-154) and multiple-choice accuracy (ARC-Easy by default), with the original model as reference.
 
     python benchmarks/luc.py                        # default grid, KL profile (about 20 min on 2 CPU cores)
     python benchmarks/luc.py --metric output_mse    # faster profile
@@ -49,7 +49,8 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--samples", type=int, default=8, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--sciq-items", type=int, default=200)
+    parser.add_argument("--task", default="arc_easy", help="multiple-choice task (see edge_llm.evaluation)")
+    parser.add_argument("--items", type=int, default=150)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -75,13 +76,13 @@ def main() -> None:
     held = tokenizer("\n\n".join(texts[130:]), return_tensors="pt").input_ids[0]
     held = held[: (len(held) // 256) * 256].view(-1, 256)
     calibration = calibration_tokens(texts[:120], tokenizer, args.samples, args.seq_len)
-    sciq = task_items("sciq", limit=args.sciq_items)
+    items = task_items(args.task, limit=args.items)
     method = CompressionMethod(args.group_size, args.quant, "wanda", "unstructured")
 
     def evaluate(model: torch.nn.Module) -> dict:
         return {
             "perplexity": perplexity(model, held)["model"],
-            "sciq": multiple_choice_accuracy(model, tokenizer, sciq)["model"],
+            "accuracy": multiple_choice_accuracy(model, tokenizer, items)["model"],
             "bytes": decoder_weight_bytes(model),
         }
 
@@ -117,13 +118,14 @@ def main() -> None:
         f"machine: {machine()}",
         f"SmolLM2-135M-Instruct, {args.quant.upper()} group {args.group_size}, Wanda pruning, calibration "
         f"{args.samples}x{args.seq_len} tokens of sonnets 1-120, {args.metric} sensitivity profile "
-        f"({profile_seconds:.0f} s); held-out: sonnets 131-154 ({held.numel()} tokens), SciQ first {len(sciq)} items",
+        f"({profile_seconds:.0f} s); held-out: sonnets 131-154 ({held.numel()} tokens), {args.task} first "
+        f"{len(items)} items",
         "",
-        "| model | decoder weight MiB | held-out perplexity | SciQ accuracy |",
+        f"| model | decoder weight MiB | held-out perplexity | {args.task} accuracy |",
         "|---|---|---|---|",
     ]
     for name, row in rows.items():
-        lines.append(f"| {name} | {row['bytes'] / 2**20:.1f} | {row['perplexity']:.2f} | {row['sciq']:.3f} |")
+        lines.append(f"| {name} | {row['bytes'] / 2**20:.1f} | {row['perplexity']:.2f} | {row['accuracy']:.3f} |")
     print("\n".join(lines))
     if args.json:
         args.json.write_text(

@@ -13,7 +13,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 ROOT = Path(__file__).parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -29,8 +29,11 @@ def luc_tradeoff(data: dict) -> None:
     """Held-out perplexity against decoder weight size: uniform settings vs LUC at equal bytes."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for kind, marker in (("uniform", "o"), ("LUC", "s")):
-        points = [(row["bytes"] / 2**20, row["perplexity"], name) for name, row in data["rows"].items()
-                  if name.startswith(kind)]
+        points = [
+            (row["bytes"] / 2**20, row["perplexity"], name)
+            for name, row in data["rows"].items()
+            if name.startswith(kind)
+        ]
         ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=kind, s=40)
     original = data["rows"].get("original (16-bit)")
     if original:
@@ -78,8 +81,10 @@ def tuning_memory(runs: dict[str, dict]) -> None:
         edge_time.append(data["edge"]["mean_step_s"])
     fig, (left, right) = plt.subplots(1, 2, figsize=(8.4, 3.6))
     x = range(len(labels))
-    for axis, lora, edge, unit in ((left, lora_mem, edge_mem, "training memory above the model (GiB)"),
-                                   (right, lora_time, edge_time, "mean step over an exit cycle (s)")):
+    for axis, lora, edge, unit in (
+        (left, lora_mem, edge_mem, "training memory above the model (GiB)"),
+        (right, lora_time, edge_time, "mean step over an exit cycle (s)"),
+    ):
         axis.bar([i - 0.2 for i in x], lora, 0.4, label="LoRA (full depth)")
         axis.bar([i + 0.2 for i in x], edge, 0.4, label="edge-llm")
         axis.set_xticks(list(x), labels, fontsize=7)
@@ -114,9 +119,14 @@ def main() -> None:
     if luc:
         luc_tradeoff(luc)
         luc_policy(luc)
-    runs = {name: _load(f"tuning_{key}.json") for name, key in
-            (("tiny, B=16, T=512", "tiny_b16_s512"), ("tiny, B=1, T=128", "tiny_b1_s128"),
-             ("SmolLM2, B=4, T=256", "smollm2_b4_s256"))}
+    runs = {
+        name: _load(f"tuning_{key}.json")
+        for name, key in (
+            ("tiny, B=16, T=512", "tiny_b16_s512"),
+            ("tiny, B=1, T=128", "tiny_b1_s128"),
+            ("SmolLM2, B=4, T=256", "smollm2_b4_s256"),
+        )
+    }
     runs = {k: v for k, v in runs.items() if v}
     if runs:
         tuning_memory(runs)

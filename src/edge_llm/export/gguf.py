@@ -57,8 +57,9 @@ def gguf_type_for_bits(bits: int, row_length: int | None = None):  # -> gguf.GGM
     for qtype in (preferred, T.Q4_1 if bits <= 4 else T.Q5_1, T.Q8_0, T.F16):
         if row_length is None or row_length % GGML_QUANT_SIZES[qtype][0] == 0:
             if qtype != preferred:
-                logger.info("GGUF: rows of %s values do not fit %s blocks; using %s", row_length, preferred.name,
-                            qtype.name)
+                logger.info(
+                    "GGUF: rows of %s values do not fit %s blocks; using %s", row_length, preferred.name, qtype.name
+                )
             return qtype
     return T.F16
 
