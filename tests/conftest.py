@@ -33,3 +33,15 @@ def tiny_dir(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def small_instructions(tmp_path_factory):
+    """30 instruction/response rows (the first sonnets) as a JSONL file: quick to train on."""
+    import json
+
+    from edge_llm.data import sonnet_instructions
+
+    path = tmp_path_factory.mktemp("data") / "instructions.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in sonnet_instructions()[:30]) + "\n")
+    return path

@@ -77,11 +77,10 @@ def test_profile_and_compress(tiny_dir, tmp_path, capsys):
     assert type(model.model.layers[0].mlp.up_proj).__name__ == "LUCLinear"
 
 
-def test_tune_evaluate_export(tiny_dir, tmp_path, capsys):
+def test_tune_evaluate_export(tiny_dir, small_instructions, tmp_path, capsys):
     adapter = tmp_path / "adapter"
-    assert (
-        run("tune", tiny_dir, "--steps", "2", "--batch", "2", "--seq-len", "128", "--exits", "1", "--out", adapter) == 0
-    )
+    tune = ["--data", small_instructions, "--steps", "2", "--batch", "2", "--seq-len", "128", "--exits", "1"]
+    assert run("tune", tiny_dir, *tune, "--out", adapter) == 0
     assert (adapter / "adapter_config.json").exists()
     capsys.readouterr()
     assert (

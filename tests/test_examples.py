@@ -22,12 +22,22 @@ def run_example(name, *args):
     return result.stdout
 
 
-def test_examples_chain(tiny_dir, tmp_path):
+def test_examples_chain(tiny_dir, small_instructions, tmp_path):
     compressed = tmp_path / "luc"
     out = run_example("compress_with_luc.py", "--model", tiny_dir, "--samples", "2", "--output", compressed)
     assert "LUCLinear" in out and (compressed / "model.safetensors").exists()
     adapter = tmp_path / "adapter"
-    out = run_example("adapt_with_edge_trainer.py", "--model", tiny_dir, "--max-steps", "2", "--output", adapter)
+    out = run_example(
+        "adapt_with_edge_trainer.py",
+        "--model",
+        tiny_dir,
+        "--data",
+        small_instructions,
+        "--max-steps",
+        "2",
+        "--output",
+        adapter,
+    )
     assert "eval_voted_loss" in out and (adapter / "adapter_config.json").exists()
     out = run_example("vote_at_inference.py", adapter, "--model", tiny_dir, "--max-new-tokens", "4")
     assert "voted_weighted" in out and "voted:" in out
