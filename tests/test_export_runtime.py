@@ -101,6 +101,29 @@ def test_bundle_round_trip_through_the_reference_executor(tmp_path, merge):
     assert all(b.numel() == 0 for n, b in layer3.named_buffers() if n.endswith(("weight", "weight_scales")))
 
 
+def test_export_stores_uncompressed_tensors_in_the_requested_dtype(tmp_path):
+    from safetensors.torch import load_file
+
+    model = adapted_model()
+    plan = schedule(model, cpu_device(10**9), Workload(prompt_tokens=8), edge_config=model.peft_config["default"])
+    kept = load_file(export(model, plan, tmp_path / "kept") / "model.safetensors")
+    half = load_file(export(model, plan, tmp_path / "half", dtype=torch.bfloat16) / "model.safetensors")
+    assert kept.keys() == half.keys()
+    for key, tensor in kept.items():
+        if tensor.dtype == torch.float32:  # embeddings, norms: cast
+            assert half[key].dtype == torch.bfloat16
+            torch.testing.assert_close(half[key], tensor.to(torch.bfloat16), rtol=0, atol=0)
+        else:  # LUC's packed codes, masks and float16 scales: stored bit for bit
+            assert torch.equal(half[key], tensor)
+    assert half["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert any(t.dtype == torch.float16 for t in half.values())  # the scales were not re-rounded
+    # The bfloat16 bundle still runs, and agrees with the model up to bfloat16 rounding.
+    x = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        actual = load_bundle(tmp_path / "half")(input_ids=x).logits.float()
+    torch.testing.assert_close(actual, expected_logits(model, x), rtol=0.05, atol=0.05)
+
+
 def test_export_refuses_to_overwrite_and_checks_the_schedule(tmp_path):
     model = adapted_model()
     plan = schedule(model, cpu_device(10**9), Workload(prompt_tokens=8), edge_config=model.peft_config["default"])

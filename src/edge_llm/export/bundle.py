@@ -66,8 +66,12 @@ def _check_schedule_matches(base: nn.Module, schedule: Schedule) -> None:
             )
 
 
-def base_state_dict(base: nn.Module) -> dict[str, torch.Tensor]:
-    """The base model's tensors under their transformers names (LoRA wrappers and weights removed)."""
+def base_state_dict(base: nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The base model's tensors under their transformers names (LoRA wrappers and weights removed).
+
+    With `dtype`, float32/float64 tensors (what LUC left uncompressed: embeddings, norms, biases) are
+    cast to it; LUC's own tensors (packed codes, masks, float16 scales) are stored as they are.
+    """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     adapter_prefixes = set()
@@ -78,7 +82,10 @@ def base_state_dict(base: nn.Module) -> dict[str, torch.Tensor]:
     for key, tensor in base.state_dict().items():
         if any(key == p or key.startswith(p + ".") for p in adapter_prefixes):
             continue
-        state[key.replace(".base_layer.", ".")] = tensor.detach().contiguous().clone()
+        tensor = tensor.detach()
+        if dtype is not None and tensor.dtype in (torch.float32, torch.float64):
+            tensor = tensor.to(dtype)
+        state[key.replace(".base_layer.", ".")] = tensor.contiguous().clone()
     # Tied weights are stored once, as transformers does.
     for tied in getattr(base, "_tied_weights_keys", None) or {}:
         if base.config.tie_word_embeddings and tied in state:
@@ -95,12 +102,15 @@ def export(
     gguf: bool = False,
     gguf_reference: str | Path | None = None,
     overwrite: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write `model` (LUC-compressed, with or without an Edge-LLM adapter) and `schedule` as a bundle.
 
     Refuses to write into a non-empty `out_dir` unless `overwrite=True` (then only the bundle's own
     files are replaced). With `gguf=True` also lowers the model to GGUF for llama.cpp (tokenizer
     metadata from `gguf_reference`, a GGUF of the same base model, or from `tokenizer`).
+    With `dtype` (e.g. `torch.bfloat16` for a model tuned in float32 on a CPU) the float32 tensors LUC
+    left uncompressed (embeddings, norms) are stored in it; the default keeps them as they are.
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -114,7 +124,7 @@ def export(
         model.merge_adapter()
         merged = True
     try:
-        save_file(base_state_dict(base), out / "model.safetensors", metadata={"format": "pt"})
+        save_file(base_state_dict(base, dtype), out / "model.safetensors", metadata={"format": "pt"})
         if gguf:
             from edge_llm.export.gguf import write_gguf
 

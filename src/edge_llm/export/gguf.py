@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,6 @@ def gguf_type_for_bits(bits: int, row_length: int | None = None):  # -> gguf.GGM
     preferred = {2: T.Q2_K, 3: T.Q3_K, 4: T.Q4_1, 5: T.Q5_1}.get(bits, T.Q8_0)
     for qtype in (preferred, T.Q4_1 if bits <= 4 else T.Q5_1, T.Q8_0, T.F16):
         if row_length is None or row_length % GGML_QUANT_SIZES[qtype][0] == 0:
-            if qtype != preferred:
-                logger.info(
-                    "GGUF: rows of %s values do not fit %s blocks; using %s", row_length, preferred.name, qtype.name
-                )
             return qtype
     return T.F16
 
@@ -222,6 +219,7 @@ def write_gguf(
         from edge_llm.tuner.exits import window
 
         adapted = set(window(edge_config.exit_layers[-1], edge_config.backprop_depth))
+    fallbacks: Counter[tuple[str, str, int]] = Counter()  # (wanted type, used type, row length) -> tensors
     embed = base.get_input_embeddings().weight.detach().float().numpy()
     writer.add_tensor("token_embd.weight", embed.astype(np.float16))
     for index, layer in enumerate(layers):
@@ -237,10 +235,16 @@ def write_gguf(
             elif gguf_name == "attn_k":
                 weight = _permute_rotary(weight, kv_heads)
             qtype = gguf_type_for_bits(bits, weight.shape[1])
+            if qtype != gguf_type_for_bits(bits):
+                fallbacks[(gguf_type_for_bits(bits).name, qtype.name, weight.shape[1])] += 1
             writer.add_tensor(f"blk.{index}.{gguf_name}.weight", quantize_tensor(weight, qtype), raw_dtype=qtype)
     writer.add_tensor("output_norm.weight", parts.norm(base).weight.detach().float().numpy())
     if not config.tie_word_embeddings:
         writer.add_tensor("output.weight", _effective_weight(parts.head(base)).numpy().astype(np.float16))
+    for (wanted, used, row_length), count in sorted(fallbacks.items()):
+        logger.info(
+            "GGUF: %d tensors have rows of %d, not whole %s blocks; stored as %s", count, row_length, wanted, used
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
