@@ -102,10 +102,14 @@ def main() -> None:
         "| kernel | layers | mean measured (ms) | mean predicted (ms) | mean abs. error | worst error |",
         "|---|---|---|---|---|---|",
     ]
-    for kernel in sorted({r["kernel"].rstrip("0123456789") for r in rows}):
-        group = [r for r in rows if r["kernel"].rstrip("0123456789") == kernel]
+
+    def family(kernel: str) -> str:
+        return "dequant_int*" if kernel.startswith("dequant_int") else kernel
+
+    for kernel in sorted({family(r["kernel"]) for r in rows}):
+        group = [r for r in rows if family(r["kernel"]) == kernel]
         lines.append(
-            f"| {kernel}{'*' if kernel.endswith('int') else ''} | {len(group)} | "
+            f"| {kernel} | {len(group)} | "
             f"{1000 * statistics.fmean(r['measured_s'] for r in group):.2f} | "
             f"{1000 * statistics.fmean(r['predicted_s'] for r in group):.2f} | "
             f"{100 * statistics.fmean(abs(r['error']) for r in group):.1f}% | "

@@ -155,8 +155,39 @@ def test_device_profiles_round_trip_and_validate(tmp_path):
         builtin_device("toaster")
 
 
+def test_pruned_layers_pay_for_unmasking_only_under_per_call_dequantization():
+    from dataclasses import replace
+
+    from edge_llm.scheduling import ModelSpec
+    from edge_llm.scheduling.cost import layer_forward_seconds
+    from edge_llm.scheduling.devices import Kernel
+
+    dense = ModelSpec.from_model(meta_model(2), LUCPolicy([(4, 0.0), (4, 0.5)], CompressionMethod())).layers
+    device = DeviceProfile(
+        "unit",
+        2**30,
+        1e10,
+        1e9,
+        1e10,
+        {"dense_fp32": Kernel(1e11), "dequant_int4": Kernel(1e11, dequant_per_s=1e9, unmask_per_s=2e8)},
+    )
+    unpruned, pruned = dense
+
+    def seconds(layer, kernel, dev=device):
+        return layer_forward_seconds(layer, kernel, dev, batch=1, tokens=8, context=8)
+
+    # Half the weights to dequantize, all of them to expand through the mask.
+    extra = pruned.params / 2e8 - 0.5 * pruned.params / 1e9
+    assert seconds(pruned, "dequant_int4") - seconds(unpruned, "dequant_int4") == pytest.approx(extra)
+    assert seconds(pruned, "dense_fp32") == pytest.approx(seconds(unpruned, "dense_fp32"))
+    free = replace(device, kernels={**device.kernels, "dequant_int4": Kernel(1e11, dequant_per_s=1e9)})
+    assert seconds(pruned, "dequant_int4", free) < seconds(unpruned, "dequant_int4", free)
+
+
 def test_profile_this_machine_measures_positive_rates(tmp_path):
-    profile = profile_this_machine(memory_bytes=2**30, size=256, repeats=1, storage_dir=str(tmp_path))
+    profile = profile_this_machine(
+        memory_bytes=2**30, weight_shape=(128, 256), tokens=16, repeats=1, storage_dir=str(tmp_path)
+    )
     assert profile.memory_bytes == 2**30
     assert profile.memory_bandwidth > 1e8 and profile.storage_bandwidth > 1e6
     assert {"dense_fp32", "dequant_int4", "sparse_unstructured"} <= profile.kernels.keys()

@@ -49,13 +49,18 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
         )
     if packed.numel() < packed_size(count, bits):
         raise ValueError(f"{packed.numel()} packed bytes cannot hold {count} values of {bits} bits.")
-    data = packed.to(torch.int32)
     if 8 % bits == 0:
-        per_byte = 8 // bits
-        shifts = torch.arange(per_byte, dtype=torch.int32, device=data.device) * bits
-        values = (data.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
-        return values.reshape(-1)[:count].to(torch.uint8)
-    stream = (data.unsqueeze(1) >> torch.arange(8, dtype=torch.int32, device=data.device)) & 1
-    planes = stream.reshape(-1)[: count * bits].view(count, bits)
-    weights = 1 << torch.arange(bits, dtype=torch.int32, device=data.device)
-    return (planes * weights).sum(dim=1).to(torch.uint8)
+        # Whole values per byte: shift each slot down, in uint8 (no wider copy of the weights).
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        values = (packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+        return values.reshape(-1)[:count]
+    # Other widths: 8 values fill exactly `bits` bytes. Read each group of `bits` bytes as one
+    # little-endian integer (at most 56 bits) and shift the 8 values out of it: a few int64 ops per
+    # value rather than one per bit.
+    groups = -(-count // 8)
+    data = torch.nn.functional.pad(packed[: groups * bits], (0, max(0, groups * bits - packed.numel())))
+    byte_shifts = torch.arange(0, 8 * bits, 8, dtype=torch.int64, device=packed.device)
+    words = (data.view(groups, bits).to(torch.int64) << byte_shifts).sum(dim=1)
+    value_shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int64, device=packed.device)
+    values = (words.unsqueeze(1) >> value_shifts) & ((1 << bits) - 1)
+    return values.reshape(-1)[:count].to(torch.uint8)

@@ -95,7 +95,7 @@ def dequantize(
     scale = scales.float().repeat_interleave(group_size, dim=1)[:, :in_features]
     zero = zeros.float().repeat_interleave(group_size, dim=1)[:, :in_features]
     weight = (codes.float() - zero) * scale
-    return weight if mask is None else weight.masked_fill(~mask, 0.0)
+    return weight if mask is None else weight.mul_(mask)  # codes are finite: x * 0 is 0
 
 
 def quantize_gptq(

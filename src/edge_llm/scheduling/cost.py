@@ -3,7 +3,8 @@
 Every term is `max(work / rate, bytes / bandwidth)` with the rates of a `DeviceProfile`:
 
 - a Linear with kernel k on N tokens: `max(2 N out in (1 - s_k) / flops_k, weight_bytes_k / memory_bw)`
-  plus `out * in / dequant_per_s_k` for kernels that dequantize packed weights on every call
+  plus `out * in (1 - s) / dequant_per_s_k` for kernels that dequantize the kept packed weights on
+  every call, and `out * in / unmask_per_s_k` more for a pruned layer (expanding them through its mask)
   (`s_k` is the sparsity the kernel skips: 0.5 for 2:4, the layer's for unstructured);
 - attention: `4 B T^2 heads head_dim / 2` FLOP for causal prefill, reading the KV cache at decode;
 - norms, activations, rotary and residuals: about `B T (12 hidden + 3 intermediate)` float32
@@ -218,7 +219,10 @@ def _linear_seconds(layer: LayerSpec, kernel: str, spec: Kernel, tokens: int, de
     flops = 2 * tokens * layer.params * (1 - skipped)
     seconds = max(flops / spec.flops, weight_bytes(layer, kernel) / device.memory_bandwidth)
     if spec.dequant_per_s:
-        seconds += layer.params / spec.dequant_per_s
+        # Only the kept weights are stored packed; a pruned layer then expands them through its mask.
+        seconds += layer.params * (1 - layer.sparsity) / spec.dequant_per_s
+        if layer.sparsity and spec.unmask_per_s:
+            seconds += layer.params / spec.unmask_per_s
     return seconds
 
 

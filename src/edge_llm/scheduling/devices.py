@@ -6,7 +6,8 @@ A profile is a small JSON document (schema: `schemas/device-profile.schema.json`
 - `memory_bandwidth`: bytes/s between that memory and the compute units.
 - `storage_bandwidth`: bytes/s from where streamed (offloaded) weights are read (flash, SSD, host).
 - `kernels`: the matmul kernels the device runs, each with its sustained FLOP/s and, for kernels
-  that dequantize packed weights on the fly, how many weights per second they dequantize.
+  that dequantize packed weights on the fly, how many weights per second they dequantize (and,
+  for pruned layers, expand through the pruning mask).
   Kernel names: `dense_fp32`, `dense_fp16`, `dense_bf16` (weights stored dense in that type),
   `dequant_int2` ... `dequant_int8` (weights stay packed, dequantized per call), `sparse_2_4`
   (semi-structured 2:4 fp16 weights) and `sparse_unstructured` (compressed sparse rows).
@@ -47,10 +48,15 @@ KERNEL_NAMES = (
 
 @dataclass(frozen=True)
 class Kernel:
-    """A matmul kernel: sustained FLOP/s, and weights/s for on-the-fly dequantization (0: none)."""
+    """A matmul kernel: sustained FLOP/s, and weights/s for on-the-fly dequantization (0: none).
+
+    `unmask_per_s`: weights/s for expanding a pruned layer's kept weights through its mask, paid on
+    top of dequantization on every call (0: free, or not modelled for this device).
+    """
 
     flops: float
     dequant_per_s: float = 0.0
+    unmask_per_s: float = 0.0
 
 
 @dataclass(frozen=True)

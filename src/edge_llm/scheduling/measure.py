@@ -1,6 +1,6 @@
 """`profile_this_machine()`: measure the rates the cost model needs, on the machine it runs on.
 
-Micro-benchmarks (median of a few repeats each): memory copy bandwidth, elementwise bandwidth,
+Micro-benchmarks (fastest of a few repeats each): memory copy bandwidth, elementwise bandwidth,
 storage read bandwidth (a temporary file, evicted from the page cache first), float32 matmul
 FLOP/s, sparse (CSR) matmul FLOP/s, and how fast `LUCLinear` dequantizes each bit-width. Kernels
 are the ones edge-llm's PyTorch reference executor runs here: `dense_fp32`, `dequant_int2..8`
@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import platform
-import statistics
 import tempfile
 import time
 import warnings
@@ -29,14 +28,16 @@ from edge_llm.scheduling.devices import DeviceProfile, Kernel
 logger = logging.getLogger(__name__)
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
+def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """The fastest of `repeats` timed runs (after a warm-up): what the hardware sustains, without the
+    stalls other processes cause on a shared machine (`timeit`'s advice)."""
+    fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def _available_memory() -> int:
@@ -76,43 +77,68 @@ def _machine_name() -> str:
     return f"this machine: {cpu}, {torch.get_num_threads()} threads"
 
 
+def _dequant_kernels(shape: tuple[int, int], dense_flops: float, repeats: int) -> dict[str, Kernel]:
+    """`dequant_int2..8`: how fast `LUCLinear` expands packed weights of `shape`, and pruned ones."""
+    rows, columns = shape
+    weight = torch.randn(rows, columns, generator=torch.Generator().manual_seed(0)) * 0.02
+    linear = torch.nn.Linear(columns, rows, bias=False)
+    linear.weight.data = weight
+    seconds = {}
+    for bits in (2, 3, 4, 5, 6, 7, 8):
+        layer = LUCLinear.from_linear(linear, bits, 0.0, 128, quantize_rtn(weight, bits, 128))
+        seconds[bits] = _best_seconds(layer.dequantize_weight, repeats)
+    # A pruned layer also scatters its kept weights through the mask: time that extra at 50%.
+    keep = weight.abs().topk(columns // 2, dim=1).indices
+    mask = torch.zeros_like(weight, dtype=torch.bool).scatter_(1, keep, True)
+    pruned = weight * mask
+    layer = LUCLinear.from_linear(linear, 4, 0.5, 128, quantize_rtn(pruned, 4, 128), mask)
+    extra = _best_seconds(layer.dequantize_weight, repeats) - seconds[4] / 2
+    unmask_per_s = rows * columns / extra if extra > 0 else 0.0
+    return {
+        f"dequant_int{bits}": Kernel(dense_flops, dequant_per_s=rows * columns / t, unmask_per_s=unmask_per_s)
+        for bits, t in seconds.items()
+    }
+
+
 @torch.no_grad()
 def profile_this_machine(
-    memory_bytes: int | None = None, size: int = 2048, repeats: int = 5, storage_dir: str | None = None
+    memory_bytes: int | None = None,
+    weight_shape: tuple[int, int] = (1024, 1024),
+    tokens: int = 256,
+    repeats: int = 5,
+    storage_dir: str | None = None,
 ) -> DeviceProfile:
     """Measure this machine (CPU) into a `DeviceProfile`.
 
+    Matmul and dequantization rates depend on the sizes involved (caches), so the micro-benchmarks
+    run at a typical Linear of the model to be scheduled and a typical prompt length.
+
     Args:
         memory_bytes: memory the model may use; default: the memory available now.
-        size: matrix size of the micro-benchmarks (2048: a few seconds in all).
-        repeats: timed repeats per micro-benchmark (the median is kept).
+        weight_shape: (out, in) of the Linear the kernels are measured on (default: 1024 x 1024;
+            pass the shape of your model's MLP projections for a closer fit).
+        tokens: tokens per matmul (a prompt's length).
+        repeats: timed repeats per micro-benchmark (the fastest is kept).
         storage_dir: where the storage benchmark writes its temporary file (default: the temp dir).
     """
     big = torch.randn(32 * 1024 * 1024)  # 128 MiB
     copy = torch.empty_like(big)
-    seconds = _median_seconds(lambda: copy.copy_(big), repeats)
+    seconds = _best_seconds(lambda: copy.copy_(big), repeats)
     memory_bandwidth = 2 * big.numel() * 4 / seconds
     a, b = torch.randn(8 * 1024 * 1024), torch.randn(8 * 1024 * 1024)
-    seconds = _median_seconds(lambda: torch.add(a, b, out=copy[: a.numel()]), repeats)
+    seconds = _best_seconds(lambda: torch.add(a, b, out=copy[: a.numel()]), repeats)
     elementwise_bandwidth = 3 * a.numel() * 4 / seconds
 
-    x, w = torch.randn(size, size), torch.randn(size, size)
-    dense_flops = 2 * size**3 / _median_seconds(lambda: x @ w.t(), repeats)
-    kernels = {"dense_fp32": Kernel(dense_flops)}
-
-    weight = torch.randn(size, size) * 0.02
-    linear = torch.nn.Linear(size, size, bias=False)
-    linear.weight.data = weight
-    for bits in (2, 3, 4, 5, 6, 7, 8):
-        layer = LUCLinear.from_linear(linear, bits, 0.0, 128, quantize_rtn(weight, bits, 128))
-        rate = size * size / _median_seconds(layer.dequantize_weight, repeats)
-        kernels[f"dequant_int{bits}"] = Kernel(dense_flops, dequant_per_s=rate)
+    rows, columns = weight_shape
+    x, w = torch.randn(tokens, columns), torch.randn(rows, columns) * 0.02
+    dense_flops = 2 * tokens * rows * columns / _best_seconds(lambda: x @ w.t(), repeats)
+    kernels = {"dense_fp32": Kernel(dense_flops), **_dequant_kernels(weight_shape, dense_flops, repeats)}
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        sparse = (weight * (torch.rand_like(weight) < 0.5)).to_sparse_csr()
-    sparse_seconds = _median_seconds(lambda: torch.sparse.mm(sparse, x.t()), max(2, repeats // 2))
-    kernels["sparse_unstructured"] = Kernel(2 * sparse.values().numel() * size / sparse_seconds)
+        sparse = (w * (torch.rand_like(w) < 0.5)).to_sparse_csr()
+    sparse_seconds = _best_seconds(lambda: torch.sparse.mm(sparse, x.t()), repeats)
+    kernels["sparse_unstructured"] = Kernel(2 * sparse.values().numel() * tokens / sparse_seconds)
 
     storage_bandwidth = _storage_bandwidth(storage_dir, 128 * 1024 * 1024)
     profile = DeviceProfile(
