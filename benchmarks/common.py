@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import platform
 import statistics
@@ -130,6 +131,10 @@ class StepMeter(TrainerCallback):
             torch.cuda.reset_peak_memory_stats()
             self.baseline_bytes = torch.cuda.memory_allocated()
         else:
+            # Hand memory freed before training (e.g. float32 weights LUC replaced) back to the OS
+            # first: glibc keeps it mapped, and training would reuse it without raising the RSS.
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
             # Writing 5 to clear_refs resets the process's peak RSS (VmHWM) to the current RSS.
             with contextlib.suppress(OSError):
                 Path("/proc/self/clear_refs").write_text("5")
