@@ -114,6 +114,54 @@ def exit_losses(data: dict) -> None:
     plt.close(fig)
 
 
+TASK_LABELS = {
+    "original": "original",
+    "lora": "LoRA (full depth)",
+    "edge": "edge-llm tuning",
+    "edge+luc": "LUC + edge-llm",
+}
+
+
+def _voted(result: dict) -> float:
+    accuracy = result["accuracy"]
+    return accuracy.get("voted_weighted", accuracy.get("model"))
+
+
+def task_accuracy(data: dict) -> None:
+    """SciQ: accuracy against peak training memory per method, and per-exit / per-rule accuracy."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in TASK_LABELS.items():
+        result = data.get(key)
+        if not result:
+            continue
+        memory = result.get("peak_memory_bytes")
+        if memory is None:  # the untuned model does not train: draw it as a reference line
+            left.axhline(_voted(result), color="gray", linestyle="--", label=f"{label} (no training)")
+            continue
+        left.scatter(memory / 2**30, _voted(result), s=50, label=label)
+    left.set_xlabel("peak memory while training (GiB, RSS)")
+    left.set_ylabel("SciQ accuracy (voted)")
+    left.legend(fontsize=8)
+    names = [k for k in data["edge"]["accuracy"] if k.startswith("exit_")]
+    names = sorted(names, key=lambda n: int(n.split("_")[1])) + sorted(
+        k for k in data["edge"]["accuracy"] if k.startswith("voted_")
+    )
+    width = 0.4
+    for offset, key in ((-width / 2, "edge"), (width / 2, "edge+luc")):
+        if key in data:
+            values = [data[key]["accuracy"][n] for n in names]
+            right.bar([i + offset for i in range(len(names))], values, width, label=TASK_LABELS[key])
+    right.axhline(_voted(data["lora"]), color="tab:blue", linestyle=":", label="LoRA (full depth)")
+    right.set_xticks(range(len(names)), [n.replace("_", " ") for n in names], rotation=30, fontsize=8)
+    right.set_ylabel("SciQ accuracy")
+    right.legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M adapted to SciQ", fontsize=10)
+    fig.text(0.01, 0.01, f"machine: {data['machine']}", fontsize=6)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(IMAGES / "task_accuracy.png", dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     IMAGES.mkdir(parents=True, exist_ok=True)
     luc = _load("luc_smollm2.json")
@@ -134,6 +182,9 @@ def main() -> None:
     quality = _load("tuning_smollm2_b4_s256.json")
     if quality:
         exit_losses(quality)
+    task = _load("task_sciq.json")
+    if task:
+        task_accuracy(task)
     print(f"figures in {IMAGES}")
 
 
