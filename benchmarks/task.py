@@ -99,7 +99,12 @@ def run_worker(args: argparse.Namespace) -> dict:
             model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
             trainer_cls = Trainer
         else:
-            model = get_peft_model(model, EdgeLLMConfig(**lora))
+            edge_options = dict(exit_sampling=args.exit_sampling)
+            if args.exit_layers:
+                edge_options["exit_layers"] = args.exit_layers
+            if args.backprop_depth:
+                edge_options["backprop_depth"] = args.backprop_depth
+            model = get_peft_model(model, EdgeLLMConfig(**lora, **edge_options))
             trainer_cls = EdgeTrainer
         with tempfile.TemporaryDirectory() as output_dir:
             training_args = TrainingArguments(
@@ -129,7 +134,9 @@ def run_worker(args: argparse.Namespace) -> dict:
         result.update(meter.summary(args.warmup, 0))
         if args.worker != "lora":
             edge = model.peft_config["default"]
-            result.update(exit_layers=edge.exit_layers, exit_weights=edge.exit_weights)
+            result.update(
+                exit_layers=edge.exit_layers, backprop_depth=edge.backprop_depth, exit_weights=edge.exit_weights
+            )
     model.eval()
     result["accuracy"] = multiple_choice_accuracy(model, tokenizer, test_items)
     result["decoder_bytes"] = decoder_bytes(model)
@@ -146,6 +153,10 @@ def main() -> None:
     parser.add_argument("--test-items", type=int, default=200)
     parser.add_argument("--luc-policy", type=Path, required=True, help="LUC policy JSON for the full pipeline")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--exit-layers", type=int, nargs="+", help="edge-llm exits (default: EdgeLLMConfig's)")
+    parser.add_argument("--backprop-depth", type=int, help="edge-llm window (default: EdgeLLMConfig's)")
+    parser.add_argument("--exit-sampling", default="curriculum")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -156,16 +167,18 @@ def main() -> None:
         return
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
-        for method in METHODS:
+        for method in args.methods:
             out = Path(scratch) / "result.json"
             subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", method, "--out", str(out)], check=True)
             results[method] = json.loads(out.read_text())
     gib = 1024**3
+    edge = next((results[m] for m in ("edge", "edge+luc") if m in results), {})
     lines = [
         f"machine: {machine()}",
         f"SmolLM2-135M-Instruct on SciQ (800 train / {args.test_items} test, seed {args.seed}); {args.steps} steps of "
-        f"batch {args.batch}, LoRA r={args.rank} on all linear layers, lr {args.lr}; edge-llm defaults (exits "
-        f"{results['edge'].get('exit_layers')}, curriculum, backbone windows, weighted voting); LUC policy "
+        f"batch {args.batch}, LoRA r={args.rank} on all linear layers, lr {args.lr}; edge-llm: exits "
+        f"{edge.get('exit_layers')}, windows of {edge.get('backprop_depth')} layers, {args.exit_sampling} exit "
+        "sampling, backbone windows, weighted voting; LUC policy "
         f"{args.luc_policy.name}",
         "",
         "| method | accuracy (voted) | decoder weights (MiB) | training memory above model (GiB) | step (s) |",
@@ -182,7 +195,7 @@ def main() -> None:
         memory = f"{row['training_peak_bytes'] / gib:.2f}" if "training_peak_bytes" in row else "-"
         step = f"{row['mean_step_s']:.2f}" if "mean_step_s" in row else "-"
         lines.append(f"| {names[method]} | {accuracy:.3f} | {row['decoder_bytes'] / 2**20:.1f} | {memory} | {step} |")
-    for method in ("edge", "edge+luc"):
+    for method in [m for m in ("edge", "edge+luc") if m in results]:
         accuracy = results[method]["accuracy"]
         per = ", ".join(f"{k}: {v:.3f}" for k, v in sorted(accuracy.items()))
         lines.append(f"\n{names[method]} accuracy per exit and voting rule: {per}")
