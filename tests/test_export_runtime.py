@@ -179,6 +179,41 @@ def test_gguf_encoders_produce_blocks_gguf_decodes(qtype_name):
     assert relative < {"Q2_K": 0.4, "Q3_K": 0.2, "Q4_1": 0.1, "Q5_1": 0.05, "Q8_0": 0.01}[qtype_name]
 
 
+@pytest.mark.parametrize(
+    ("bits", "sparsity", "type_name"), [(4, 0.0, "Q4_1"), (3, 0.5, "Q4_1"), (2, 0.25, "Q4_1"), (5, 0.5, "Q5_1")]
+)
+def test_luc_codes_go_into_gguf_blocks_unchanged(bits, sparsity, type_name):
+    import gguf
+
+    from edge_llm.export.gguf import luc_blocks, pack_q4_1, pack_q5_1
+
+    model = tiny_model("llama", 1)
+    compress_model(model, [(bits, sparsity)], CompressionMethod(64, "rtn", "magnitude"), progress=False)
+    layer = model.model.layers[0].mlp.down_proj
+    blocks = luc_blocks(layer, 4 if type_name == "Q4_1" else 5)
+    assert blocks is not None
+    packed = (pack_q4_1 if type_name == "Q4_1" else pack_q5_1)(*blocks)
+    decoded = gguf.quants.dequantize(packed, getattr(gguf.GGMLQuantizationType, type_name))
+    expected = layer.dequantize_weight(torch.float32).numpy()
+    assert decoded.shape == expected.shape
+    # The same codes and scales: only m = -zero * scale is rounded to float16 (half an ulp of m).
+    tolerance = np.abs(blocks[1].astype(np.float32)).max() * 2.0**-11
+    assert np.abs(decoded - expected).max() <= tolerance
+    if sparsity:  # pruned weights decode to zero
+        assert np.abs(decoded[~layer.mask().numpy()]).max() <= tolerance
+
+
+def test_luc_codes_that_do_not_fit_a_gguf_type_are_refused():
+    from edge_llm.export.gguf import luc_blocks
+
+    model = tiny_model("llama", 1)
+    compress_model(model, [(8, 0.0)], CompressionMethod(64, "rtn", "magnitude"), progress=False)
+    assert luc_blocks(model.model.layers[0].mlp.down_proj, 4) is None  # 8-bit codes, 4-bit type
+    model = tiny_model("llama", 1)
+    compress_model(model, [(4, 0.0)], CompressionMethod(16, "rtn", "magnitude"), progress=False)
+    assert luc_blocks(model.model.layers[0].mlp.down_proj, 4) is None  # groups of 16 < blocks of 32
+
+
 def test_gguf_file_has_per_layer_types_and_edge_metadata(tmp_path):
     import gguf
 
@@ -214,11 +249,16 @@ def test_gguf_file_has_per_layer_types_and_edge_metadata(tmp_path):
             def to_str():
                 return json.dumps({"model": {"merges": ["t 1"]}})
 
+    small = write_gguf(model, tmp_path / "small.gguf", tokenizer=Tokenizer(), k_quants=True)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(small)).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q2_K" and types["blk.1.ffn_down.weight"] == "Q3_K"
     path = write_gguf(model, tmp_path / "model.gguf", tokenizer=Tokenizer())
     reader = gguf.GGUFReader(str(path))
     types = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert types["blk.0.attn_q.weight"] == "Q2_K" and types["blk.1.ffn_down.weight"] == "Q3_K"
+    # By default 2/3-bit codes go into Q4_1 blocks unchanged.
+    assert types["blk.0.attn_q.weight"] == "Q4_1" and types["blk.1.ffn_down.weight"] == "Q4_1"
     assert types["blk.2.attn_v.weight"] == "Q4_1" and types["blk.3.ffn_up.weight"] == "Q8_0"
+    assert small.stat().st_size < path.stat().st_size
     assert reader.fields["edge_llm.voting"].contents() == "weighted"
     assert reader.fields["edge_llm.exits"].contents() == [1, 3]
     policy = json.loads(reader.fields["edge_llm.luc_policy"].contents())
@@ -245,10 +285,11 @@ def test_llama_cpp_loads_the_gguf_and_agrees_with_pytorch(tmp_path):
         max_position_embeddings=64,
     )
     model = LlamaForCausalLM(config)
-    # 2- and 3-bit layers are re-encoded into Q2_K/Q3_K blocks with extra error (measured on a real
-    # model in docs/results.md); 4/5/8/16-bit layers map to GGUF types that hold them closely.
+    # 2- to 5-bit codes go into Q4_1/Q5_1 blocks unchanged, 8-bit into Q8_0.
+    # The last exit's window carries the adapter (folded in: re-quantized); llama.cpp also quantizes
+    # activations to 8 bits.
     compress_model(
-        model, [(8, 0.0), (4, 0.0), (5, 0.0), (16, 0.0)], CompressionMethod(32, "rtn", "magnitude"), progress=False
+        model, [(2, 0.0), (3, 0.5), (5, 0.0), (8, 0.0)], CompressionMethod(32, "rtn", "magnitude"), progress=False
     )
     model = get_peft_model(
         model,
@@ -257,7 +298,7 @@ def test_llama_cpp_loads_the_gguf_and_agrees_with_pytorch(tmp_path):
     path = write_gguf(model, tmp_path / "model.gguf", tokenizer=_ToyTokenizer())
     runtime = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     try:
-        tokens = torch.randint(1, VOCAB, (24,), generator=torch.Generator().manual_seed(1)).tolist()
+        tokens = torch.randint(1, VOCAB, (48,), generator=torch.Generator().manual_seed(1)).tolist()
         runtime.eval(tokens)
         theirs = torch.tensor(np.array(runtime.scores[: len(tokens)]))
     finally:
@@ -270,4 +311,4 @@ def test_llama_cpp_loads_the_gguf_and_agrees_with_pytorch(tmp_path):
     kl = torch.nn.functional.kl_div(
         theirs.log_softmax(-1), ours.log_softmax(-1), log_target=True, reduction="batchmean"
     ).item()
-    assert agreement >= 0.95 and kl < 1e-3, (agreement, kl)
+    assert agreement >= 0.9 and kl < 1e-3, (agreement, kl)

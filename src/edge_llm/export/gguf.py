@@ -1,10 +1,13 @@
 """Lower an (LUC-compressed, Edge-LLM-adapted) Llama-family model to GGUF for llama.cpp.
 
-Each decoder layer's tensors get the GGUF type of its LUC bit-width: 2 bits -> Q2_K, 3 -> Q3_K,
-4 -> Q4_1, 5 -> Q5_1, 6-8 -> Q8_0, unquantized -> F16 (GGUF has no 6/7-bit type that gguf-py can
-write, so those round up to 8). The weights written are what the PyTorch model computes with
-(LUC-dequantized, plus the LoRA update when an adapter is attached), re-encoded in the GGUF block
-format; Q2_K and Q3_K are encoded here (gguf-py only decodes them).
+Each decoder layer's tensors get the GGUF type of its LUC bit-width: 2 to 4 bits -> Q4_1, 5 -> Q5_1,
+6-8 -> Q8_0, unquantized -> F16 (GGUF has no 6/7-bit type that gguf-py can write, so those round
+up to 8). Q4_1 and Q5_1 compute `d * q + m` per block of 32, which is LUC's `(q - zero) * scale`:
+LUC's codes go into them unchanged (`luc_blocks`), so llama.cpp computes with the very weights
+PyTorch does. Layers that carry a LoRA update, and 8-bit layers, are re-quantized from the float
+weights they compute with. `k_quants=True` trades fidelity for size: 2/3-bit layers become Q2_K /
+Q3_K (encoded here; gguf-py only decodes them), re-quantized, at 2.6 / 3.4 bits per weight
+instead of 5.
 
 What llama.cpp cannot use: pruning (GGUF has no sparse tensor types, so pruned weights are stored
 as zeros and save no space — N:M patterns would need a runtime with sparse kernels), and exits
@@ -46,15 +49,22 @@ _LLAMA_TENSORS = {
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
-def gguf_type_for_bits(bits: int, row_length: int | None = None):  # -> gguf.GGMLQuantizationType
+def gguf_type_for_bits(
+    bits: int, row_length: int | None = None, k_quants: bool = False
+):  # -> gguf.GGMLQuantizationType
     """The GGUF type of a LUC bit-width; rows that do not fill its blocks fall back to the next
-    type that fits (K-quants need multiples of 256, the others of 32), as llama.cpp's converter does."""
+    type that fits (K-quants need multiples of 256, the others of 32), as llama.cpp's converter does.
+
+    2- and 3-bit layers go to Q4_1, which holds their codes exactly, unless `k_quants=True` asks for
+    the smaller Q2_K / Q3_K (2.6 / 3.4 bits per weight instead of 5), into which they must be
+    re-quantized."""
     from gguf import GGML_QUANT_SIZES
     from gguf import GGMLQuantizationType as T
 
     if bits == UNQUANTIZED_BITS:
         return T.F16
-    preferred = {2: T.Q2_K, 3: T.Q3_K, 4: T.Q4_1, 5: T.Q5_1}.get(bits, T.Q8_0)
+    low_bit = {2: T.Q2_K, 3: T.Q3_K} if k_quants else {2: T.Q4_1, 3: T.Q4_1}
+    preferred = {**low_bit, 4: T.Q4_1, 5: T.Q5_1}.get(bits, T.Q8_0)
     for qtype in (preferred, T.Q4_1 if bits <= 4 else T.Q5_1, T.Q8_0, T.F16):
         if row_length is None or row_length % GGML_QUANT_SIZES[qtype][0] == 0:
             return qtype
@@ -133,6 +143,62 @@ def quantize_tensor(values: np.ndarray, qtype) -> np.ndarray:
     return gguf.quants.quantize(values.astype(np.float32), qtype)
 
 
+# --------------------------------------------------------------------------- LUC codes, unchanged
+
+GGUF_BLOCK = 32  # Q4_1 / Q5_1 block length
+
+
+def luc_blocks(layer: LUCLinear, type_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """`layer`'s own codes as Q4_1/Q5_1 blocks (`type_bits` 4 or 5), with nothing re-quantized.
+
+    Both formats compute `d * q + m` per block of 32; LUC computes `(q - zero) * scale` per group, so
+    `d = scale`, `m = -zero * scale` (float16-rounded) and `q` = LUC's code hold the same weights.
+    Returns (d, m) as float16 (rows x blocks) and q as uint8 (rows x columns), or None where that
+    cannot hold: more bits than the type has, groups that are not whole blocks, or a pruned weight
+    in a group whose zero-point has no code (its zero would not be exactly zero).
+    """
+    if layer.bits > type_bits or layer.group_size % GGUF_BLOCK or layer.in_features % GGUF_BLOCK:
+        return None
+    per_group = layer.group_size // GGUF_BLOCK
+    blocks = layer.in_features // GGUF_BLOCK
+    scale = layer.weight_scales.float().repeat_interleave(per_group, dim=1)[:, :blocks]
+    zero = layer.weight_zeros.float().repeat_interleave(per_group, dim=1)[:, :blocks]
+    mask = layer.mask()
+    codes = layer.codes(mask)
+    if mask is not None:
+        pruned = (~mask).view(layer.out_features, blocks, GGUF_BLOCK).any(dim=-1)
+        off_grid = (zero < 0) | (zero > (1 << type_bits) - 1)
+        if (pruned & off_grid).any():
+            return None
+        zero_codes = zero.clamp(0, (1 << type_bits) - 1).to(torch.uint8).repeat_interleave(GGUF_BLOCK, dim=1)
+        codes = torch.where(mask, codes, zero_codes)  # d * zero + m = 0
+    d = scale.to(torch.float16)
+    m = (-zero * scale).to(torch.float16)
+    return d.numpy(), m.numpy(), codes.numpy()
+
+
+def pack_q4_1(d: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """(d, m, q) from `luc_blocks` -> Q4_1 bytes (rows x 20 * blocks): d, m, 16 bytes of nibbles."""
+    rows = q.shape[0]
+    values = q.reshape(-1, GGUF_BLOCK).astype(np.uint8)
+    nibbles = values[:, :16] | (values[:, 16:] << 4)
+    return np.concatenate([d.reshape(-1, 1).view(np.uint8), m.reshape(-1, 1).view(np.uint8), nibbles], axis=1).reshape(
+        rows, -1
+    )
+
+
+def pack_q5_1(d: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """(d, m, q) from `luc_blocks` -> Q5_1 bytes (rows x 24 * blocks): d, m, the fifth bits, nibbles."""
+    rows = q.shape[0]
+    values = q.reshape(-1, GGUF_BLOCK).astype(np.uint32)
+    high = ((values >> 4) & 1) << np.arange(GGUF_BLOCK, dtype=np.uint32)
+    high_bits = high.sum(axis=1, dtype=np.uint32).astype("<u4").reshape(-1, 1).view(np.uint8)
+    nibbles = ((values[:, :16] & 0xF) | ((values[:, 16:] & 0xF) << 4)).astype(np.uint8)
+    return np.concatenate(
+        [d.reshape(-1, 1).view(np.uint8), m.reshape(-1, 1).view(np.uint8), high_bits, nibbles], axis=1
+    ).reshape(rows, -1)
+
+
 # --------------------------------------------------------------------------- writer
 
 
@@ -157,6 +223,46 @@ def _effective_weight(module: nn.Module, with_adapter: bool = True) -> torch.Ten
     return weight
 
 
+def _tensor_bytes(
+    module: nn.Module,
+    bits: int,
+    with_adapter: bool,
+    rotary_heads: int | None,
+    k_quants: bool,
+    fallbacks: Counter,
+    encodings: Counter,
+):  # -> (np.ndarray, gguf.GGMLQuantizationType)
+    """One decoder Linear as GGUF data: LUC's codes unchanged where the GGUF type can hold them and
+    no LoRA update is folded in, else the float weight it computes with, re-quantized."""
+    from gguf import GGMLQuantizationType as T
+    from peft.tuners.lora import LoraLayer
+
+    base = module.get_base_layer() if isinstance(module, LoraLayer) else module
+    columns = base.in_features
+    qtype = gguf_type_for_bits(bits, columns, k_quants)
+    if qtype != gguf_type_for_bits(bits, k_quants=k_quants):
+        fallbacks[(gguf_type_for_bits(bits, k_quants=k_quants).name, qtype.name, columns)] += 1
+    adds_update = (
+        with_adapter
+        and isinstance(module, LoraLayer)
+        and not module.disable_adapters
+        and not module.merged
+        and any(adapter in module.lora_A for adapter in module.active_adapters)
+    )
+    if isinstance(base, LUCLinear) and not adds_update and qtype in (T.Q4_1, T.Q5_1):
+        blocks = luc_blocks(base, 4 if qtype == T.Q4_1 else 5)
+        if blocks is not None:
+            if rotary_heads:
+                blocks = tuple(_permute_rotary(part, rotary_heads) for part in blocks)
+            encodings["LUC codes"] += 1
+            return (pack_q4_1 if qtype == T.Q4_1 else pack_q5_1)(*blocks), qtype
+    weight = _effective_weight(module, with_adapter).numpy()
+    if rotary_heads:
+        weight = _permute_rotary(weight, rotary_heads)
+    encodings["re-quantized"] += 1
+    return quantize_tensor(weight, qtype), qtype
+
+
 def _layer_bits(layer: nn.Module) -> int:
     compressed = [m for m in layer.modules() if isinstance(m, LUCLinear)]
     return compressed[0].bits if compressed else UNQUANTIZED_BITS
@@ -168,6 +274,7 @@ def write_gguf(
     tokenizer: Any = None,
     reference_gguf: str | Path | None = None,
     schedule: Any = None,
+    k_quants: bool = False,
 ) -> Path:
     """Write `model` as a GGUF file llama.cpp can load.
 
@@ -179,6 +286,8 @@ def write_gguf(
         reference_gguf: a GGUF of the same base model whose tokenizer metadata is copied verbatim
             (the most faithful way to carry a tokenizer over).
         schedule: a `Schedule` to store in the metadata.
+        k_quants: store 2/3-bit layers as Q2_K/Q3_K (smaller, but re-quantized: error the LUC
+            policy did not budget for) instead of Q4_1 holding LUC's codes unchanged.
     """
     import gguf
 
@@ -220,6 +329,7 @@ def write_gguf(
 
         adapted = set(window(edge_config.exit_layers[-1], edge_config.backprop_depth))
     fallbacks: Counter[tuple[str, str, int]] = Counter()  # (wanted type, used type, row length) -> tensors
+    encodings: Counter[str] = Counter()  # "LUC codes" / "re-quantized" -> tensors
     embed = base.get_input_embeddings().weight.detach().float().numpy()
     writer.add_tensor("token_embd.weight", embed.astype(np.float16))
     for index, layer in enumerate(layers):
@@ -229,18 +339,17 @@ def write_gguf(
             if gguf_name.endswith("norm"):
                 writer.add_tensor(f"blk.{index}.{gguf_name}.weight", module.weight.detach().float().numpy())
                 continue
-            weight = _effective_weight(module, with_adapter=index in adapted).numpy()
-            if gguf_name == "attn_q":
-                weight = _permute_rotary(weight, heads)
-            elif gguf_name == "attn_k":
-                weight = _permute_rotary(weight, kv_heads)
-            qtype = gguf_type_for_bits(bits, weight.shape[1])
-            if qtype != gguf_type_for_bits(bits):
-                fallbacks[(gguf_type_for_bits(bits).name, qtype.name, weight.shape[1])] += 1
-            writer.add_tensor(f"blk.{index}.{gguf_name}.weight", quantize_tensor(weight, qtype), raw_dtype=qtype)
+            rotary_heads = {"attn_q": heads, "attn_k": kv_heads}.get(gguf_name)
+            data = _tensor_bytes(module, bits, index in adapted, rotary_heads, k_quants, fallbacks, encodings)
+            writer.add_tensor(f"blk.{index}.{gguf_name}.weight", data[0], raw_dtype=data[1])
     writer.add_tensor("output_norm.weight", parts.norm(base).weight.detach().float().numpy())
     if not config.tie_word_embeddings:
         writer.add_tensor("output.weight", _effective_weight(parts.head(base)).numpy().astype(np.float16))
+    logger.info(
+        "GGUF: %d tensors hold LUC's codes unchanged, %d were re-quantized from their float weights",
+        encodings["LUC codes"],
+        encodings["re-quantized"],
+    )
     for (wanted, used, row_length), count in sorted(fallbacks.items()):
         logger.info(
             "GGUF: %d tensors have rows of %d, not whole %s blocks; stored as %s", count, row_length, wanted, used

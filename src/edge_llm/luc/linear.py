@@ -126,20 +126,27 @@ class LUCLinear(nn.Module):
         """The dense weight (out x in) this layer computes with."""
         dtype = dtype or self.compute_dtype
         rows, columns = self.out_features, self.in_features
-        kept = rows * kept_per_row(columns, self.sparsity)
         mask = self.mask()
         if self.bits == UNQUANTIZED_BITS:
             values = self.weight.to(dtype)
             if mask is None:
                 return values.view(rows, columns)
             return torch.zeros(rows, columns, dtype=dtype, device=values.device).masked_scatter_(mask, values)
-        codes = unpack_bits(self.weight, self.bits, kept)
+        return dequantize(self.codes(mask), self.weight_scales, self.weight_zeros, self.group_size, mask).to(dtype)
+
+    def codes(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The quantization codes as a dense (out x in) uint8 tensor, 0 where pruned.
+
+        `mask`: this layer's `mask()`, when the caller already has it.
+        """
+        if self.bits == UNQUANTIZED_BITS:
+            raise ValueError("This layer is not quantized (bits=16): it has no codes.")
+        rows, columns = self.out_features, self.in_features
+        mask = self.mask() if mask is None else mask
+        codes = unpack_bits(self.weight, self.bits, rows * kept_per_row(columns, self.sparsity))
         if mask is None:
-            dense_codes = codes.view(rows, columns)
-        else:
-            dense_codes = torch.zeros(rows, columns, dtype=torch.uint8, device=codes.device)
-            dense_codes.masked_scatter_(mask, codes)
-        return dequantize(dense_codes, self.weight_scales, self.weight_zeros, self.group_size, mask).to(dtype)
+            return codes.view(rows, columns)
+        return torch.zeros(rows, columns, dtype=torch.uint8, device=codes.device).masked_scatter_(mask, codes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:

@@ -1,11 +1,12 @@
 """Does the GGUF export compute what the PyTorch model computes? SmolLM2-135M in llama.cpp.
 
 For the original model, uniform 2/3/4-bit RTN compression and a LUC policy, writes the model as
-GGUF, then compares llama.cpp (`llama-cpp-python`) with PyTorch on held-out text (sonnets
+GGUF (by default LUC's codes unchanged; with `k_quants=True` 2/3-bit layers re-quantized into the
+smaller Q2_K/Q3_K), then compares llama.cpp (`llama-cpp-python`) with PyTorch on held-out text (sonnets
 131-154, 256-token windows): perplexity of each, the share of positions where both pick the same
 next token, and the mean KL divergence between their next-token distributions.
 
-    python benchmarks/gguf.py --luc-policy benchmarks/results/luc_policy_smollm2_4bit25.json
+    python benchmarks/gguf_agreement.py --luc-policy benchmarks/results/luc_policy_smollm2_4bit25.json
 """
 
 from __future__ import annotations
@@ -90,21 +91,26 @@ def main() -> None:
     windows = ids[: (len(ids) // SEQ_LEN) * SEQ_LEN].view(-1, SEQ_LEN)[: args.windows]
     calibration = calibration_tokens(texts[:120], tokenizer, 8, 128)
     layers = original.config.num_hidden_layers
-    # name -> (per-layer (bits, sparsity), method, target modules or None for all linears)
-    settings: dict[str, tuple | None] = {"original (bf16 weights)": None}
+    # name -> (per-layer (bits, sparsity), method, target modules or None for all linears), k_quants
+    settings: dict[str, tuple] = {"original (bf16 weights)": (None, False)}
     for bits in (4, 3, 2):
-        settings[f"uniform {bits}-bit RTN"] = ([(bits, 0.0)] * layers, CompressionMethod(64, "rtn", "wanda"), None)
+        setting = ([(bits, 0.0)] * layers, CompressionMethod(64, "rtn", "wanda"), None)
+        settings[f"uniform {bits}-bit RTN"] = (setting, False)
+        if bits < 4:
+            settings[f"uniform {bits}-bit RTN, k_quants=True"] = (setting, True)
     if args.luc_policy:
         policy = LUCPolicy.load(args.luc_policy)
-        settings[f"LUC policy {args.luc_policy.stem}"] = (policy.layers, policy.method, policy.targets)
+        setting = (policy.layers, policy.method, policy.targets)
+        settings[f"LUC policy {args.luc_policy.stem}"] = (setting, False)
+        settings[f"LUC policy {args.luc_policy.stem}, k_quants=True"] = (setting, True)
 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, setting in settings.items():
+        for name, (setting, k_quants) in settings.items():
             model = copy.deepcopy(original)
             if setting is not None:
                 compress_model(model, *setting[:2], calibration, setting[2], progress=False)
-            gguf_path = write_gguf(model, Path(tmp) / "model.gguf", tokenizer, smollm2_135m_gguf())
+            gguf_path = write_gguf(model, Path(tmp) / "model.gguf", tokenizer, smollm2_135m_gguf(), k_quants=k_quants)
             rows[name] = compare(model, gguf_path, windows)
             print(f"{name}: {rows[name]}", file=sys.stderr)
 
