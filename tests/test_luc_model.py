@@ -129,6 +129,12 @@ def test_from_pretrained_compresses_and_reloads_bit_identically(base_dir, tmp_pa
     compressed = sum(m.storage_bytes() for m in linears)
     dense = sum(m.in_features * m.out_features * 4 for m in linears)
     assert compressed < dense / 6
+    # A requested dtype applies to the uncompressed tensors; LUC's own stay bit for bit as stored.
+    half = AutoModelForCausalLM.from_pretrained(tmp_path / "luc", dtype=torch.bfloat16)
+    assert half.model.embed_tokens.weight.dtype == torch.bfloat16
+    for name, tensor in half.state_dict().items():
+        if name in stored and stored[name].dtype in (torch.uint8, torch.float16):
+            assert torch.equal(tensor, stored[name]), name
 
 
 def test_loading_without_edge_llm_fails_loudly_and_says_to_import_it(base_dir, tmp_path):

@@ -257,10 +257,6 @@ class LUCHfQuantizer(HfQuantizer):
             logger.info("LUC policy:\n%s", policy.summary())
         return model
 
-    def get_new_dtype(self, converter: Any, param: Any, dtype: torch.dtype | None) -> torch.dtype | None:
-        # Keep float16 scales/zero-points and 16-bit weights as stored: they are part of the format.
-        return None
-
     def is_serializable(self, **kwargs: Any) -> bool:
         return True
 

@@ -110,12 +110,15 @@ class BundleModel(nn.Module):
         return self.model.generate(*args, **kwargs)
 
 
-def load_bundle(path: str | Path) -> BundleModel:
-    """Verify a bundle and build its model with the schedule's kernels and placements."""
+def load_bundle(path: str | Path, dtype: torch.dtype | None = None) -> BundleModel:
+    """Verify a bundle and build its model with the schedule's kernels and placements.
+
+    `dtype`: what the model computes in (default: the dtype its weights were stored in).
+    """
     root = Path(path)
     manifest = verify_bundle(root)
     schedule = Schedule.load(root / "schedule.json")
-    base = AutoModelForCausalLM.from_pretrained(root)
+    base = AutoModelForCausalLM.from_pretrained(root, dtype=dtype or "auto")
     base.eval()
     layers = list(find_decoder_parts(base).layers(base))
     if len(layers) != len(schedule.layers):
