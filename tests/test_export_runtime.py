@@ -122,6 +122,11 @@ def test_export_stores_uncompressed_tensors_in_the_requested_dtype(tmp_path):
     with torch.no_grad():
         actual = load_bundle(tmp_path / "half")(input_ids=x).logits.float()
     torch.testing.assert_close(actual, expected_logits(model, x), rtol=0.05, atol=0.05)
+    # Asked to, the executor computes in float32 from the bfloat16 storage.
+    wide = load_bundle(tmp_path / "half", dtype=torch.float32)
+    assert wide.model.get_base_model().model.embed_tokens.weight.dtype == torch.float32
+    with torch.no_grad():
+        assert wide(input_ids=x).logits.dtype == torch.float32
 
 
 def test_export_refuses_to_overwrite_and_checks_the_schedule(tmp_path):
