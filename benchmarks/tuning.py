@@ -98,6 +98,7 @@ def run_worker(args: argparse.Namespace) -> dict:
             calibration = torch.tensor(train["input_ids"][:8], device=device)
             compress_model(model, policy.layers, policy.method, calibration, policy.targets, progress=False)
         config = EdgeLLMConfig(
+            exit_layers=args.exit_layers,
             backprop_depth=args.backprop_depth,
             exit_sampling=args.exit_sampling,
             window_input=args.window_input,
@@ -204,6 +205,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"])
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--exit-layers", type=int, nargs="+", help="default: exits tiling the model")
     parser.add_argument("--backprop-depth", type=int, default=None, help="default: a quarter of the layers")
     parser.add_argument("--exit-sampling", default="curriculum")
     parser.add_argument("--window-input", default="backbone")
