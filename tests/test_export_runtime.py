@@ -219,12 +219,11 @@ def test_luc_codes_that_do_not_fit_a_gguf_type_are_refused():
     assert luc_blocks(model.model.layers[0].mlp.down_proj, 4) is None  # groups of 16 < blocks of 32
 
 
-def test_gguf_file_has_per_layer_types_and_edge_metadata(tmp_path):
-    import gguf
-
-    torch.manual_seed(0)
+def gguf_llama():
+    """A 4-layer Llama whose rows (256 and 512) fill K-quant blocks, seeded."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=256,
@@ -232,8 +231,15 @@ def test_gguf_file_has_per_layer_types_and_edge_metadata(tmp_path):
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
+        max_position_embeddings=64,
     )
-    model = LlamaForCausalLM(config)
+    return LlamaForCausalLM(config)
+
+
+def test_gguf_file_has_per_layer_types_and_edge_metadata(tmp_path):
+    import gguf
+
+    model = gguf_llama()
     compress_model(
         model,
         [(2, 0.0), (3, 0.0), (4, 0.5), (8, 0.0)],
@@ -242,22 +248,10 @@ def test_gguf_file_has_per_layer_types_and_edge_metadata(tmp_path):
     )
     model = get_peft_model(model, edge_llm.EdgeLLMConfig(r=4, target_modules=["q_proj"], exit_layers=[1]))
 
-    class Tokenizer:  # the vocabulary a llama.cpp file needs, for a byte-level toy model
-        all_special_ids = (0,)
-        bos_token_id, eos_token_id, pad_token_id, unk_token_id = 0, 0, None, None
-
-        def get_vocab(self):
-            return {f"t{i}": i for i in range(VOCAB)}
-
-        class backend_tokenizer:
-            @staticmethod
-            def to_str():
-                return json.dumps({"model": {"merges": ["t 1"]}})
-
-    small = write_gguf(model, tmp_path / "small.gguf", tokenizer=Tokenizer(), k_quants=True)
+    small = write_gguf(model, tmp_path / "small.gguf", tokenizer=_ToyTokenizer(), k_quants=True)
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(small)).tensors}
     assert types["blk.0.attn_q.weight"] == "Q2_K" and types["blk.1.ffn_down.weight"] == "Q3_K"
-    path = write_gguf(model, tmp_path / "model.gguf", tokenizer=Tokenizer())
+    path = write_gguf(model, tmp_path / "model.gguf", tokenizer=_ToyTokenizer())
     reader = gguf.GGUFReader(str(path))
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     # By default 2/3-bit codes go into Q4_1 blocks unchanged.
@@ -277,19 +271,7 @@ def test_gguf_file_has_per_layer_types_and_edge_metadata(tmp_path):
 
 def test_llama_cpp_loads_the_gguf_and_agrees_with_pytorch(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config)
+    model = gguf_llama()
     # 2- to 5-bit codes go into Q4_1/Q5_1 blocks unchanged, 8-bit into Q8_0.
     # The last exit's window carries the adapter (folded in: re-quantized); llama.cpp also quantizes
     # activations to 8 bits.
