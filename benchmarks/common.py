@@ -12,7 +12,14 @@ import weakref
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 # Model specs by name. "smollm2" is the real pretrained model (offline, see edge_llm.assets); the
 # others are configs with random weights, fine for speed and memory, never for quality.
@@ -57,6 +64,24 @@ def load_model(name: str, dtype: torch.dtype, device: str):
     torch.manual_seed(0)
     config = LlamaConfig(max_position_embeddings=4096, **CONFIGS[name])
     return LlamaForCausalLM(config).to(dtype=dtype, device=device), None
+
+
+def training_arguments(output_dir: str, args, **overrides) -> TrainingArguments:
+    """The Trainer settings every benchmark run shares (constant lr, no checkpoints, no reports)."""
+    return TrainingArguments(
+        output_dir=output_dir,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        per_device_eval_batch_size=args.batch,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        logging_steps=max(args.steps // 10, 1),
+        save_strategy="no",
+        report_to=[],
+        seed=args.seed,
+        disable_tqdm=True,
+        **overrides,
+    )
 
 
 def machine() -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import StepMeter, machine, measured
+from common import StepMeter, machine, measured, training_arguments
 
 METHODS = ("original", "lora", "edge", "edge+luc")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -67,7 +67,7 @@ def decoder_bytes(model: torch.nn.Module) -> int:
 def run_worker(args: argparse.Namespace) -> dict:
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer
 
     from edge_llm import EdgeLLMConfig, EdgeTrainer
     from edge_llm.assets import smollm2_135m
@@ -107,20 +107,7 @@ def run_worker(args: argparse.Namespace) -> dict:
             model = get_peft_model(model, EdgeLLMConfig(**lora, **edge_options))
             trainer_cls = EdgeTrainer
         with tempfile.TemporaryDirectory() as output_dir:
-            training_args = TrainingArguments(
-                output_dir=output_dir,
-                max_steps=args.steps,
-                per_device_train_batch_size=args.batch,
-                per_device_eval_batch_size=args.batch,
-                learning_rate=args.lr,
-                lr_scheduler_type="constant",
-                logging_steps=max(args.steps // 10, 1),
-                save_strategy="no",
-                report_to=[],
-                use_cpu=True,
-                seed=args.seed,
-                disable_tqdm=True,
-            )
+            training_args = training_arguments(output_dir, args, use_cpu=True)
             meter = StepMeter(model)
             trainer = measured(trainer_cls, meter)(
                 model=model,

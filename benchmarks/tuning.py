@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import StepMeter, load_model, machine, measured
+from common import StepMeter, load_model, machine, measured, training_arguments
 
 METHODS = ("lora", "edge")
 
@@ -75,7 +75,7 @@ def _luc_policy(args: argparse.Namespace, num_layers: int):  # -> LUCPolicy | No
 
 def run_worker(args: argparse.Namespace) -> dict:
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from edge_llm import EdgeLLMConfig, EdgeTrainer
 
@@ -109,22 +109,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         model = get_peft_model(model, config)
         trainer_cls = EdgeTrainer
     with tempfile.TemporaryDirectory() as output_dir:
-        training_args = TrainingArguments(
-            output_dir=output_dir,
-            max_steps=args.steps,
-            per_device_train_batch_size=args.batch,
-            per_device_eval_batch_size=args.batch,
-            learning_rate=args.lr,
-            lr_scheduler_type="constant",
-            optim="adamw_torch",
-            logging_steps=max(args.steps // 10, 1),
-            save_strategy="no",
-            report_to=[],
-            bf16=cuda,
-            use_cpu=not cuda,
-            seed=args.seed,
-            disable_tqdm=True,
-        )
+        training_args = training_arguments(output_dir, args, optim="adamw_torch", bf16=cuda, use_cpu=not cuda)
         meter = StepMeter(model)
         trainer = measured(trainer_cls, meter)(
             model=model, args=training_args, train_dataset=train, eval_dataset=validation, callbacks=[meter]
