@@ -17,63 +17,21 @@ def run(*argv):
     return main([str(a) for a in argv])
 
 
+# A small, fast LUC search: 2 calibration rows of 32 tokens, 2 x 2 candidate settings.
+FAST_LUC = ["--metric", "output_mse", "--samples", "2", "--seq-len", "32", "--bits", "2", "4"]
+FAST_LUC += ["--sparsities", "0", "0.5", "--group-size", "32"]
+
+
 def test_profile_and_compress(tiny_dir, tmp_path, capsys):
-    assert (
-        run(
-            "profile",
-            tiny_dir,
-            "--metric",
-            "output_mse",
-            "--samples",
-            "2",
-            "--seq-len",
-            "32",
-            "--bits",
-            "2",
-            "4",
-            "--sparsities",
-            "0",
-            "0.5",
-            "--group-size",
-            "32",
-            "--out",
-            tmp_path / "profile.json",
-        )
-        == 0
-    )
+    assert run("profile", tiny_dir, *FAST_LUC, "--out", tmp_path / "profile.json") == 0
     profile = json.loads((tmp_path / "profile.json").read_text())
     assert len(profile["damage"]) == 4 and len(profile["candidates"]) == 4
-    assert (
-        run(
-            "compress",
-            tiny_dir,
-            "--samples",
-            "2",
-            "--seq-len",
-            "32",
-            "--bits",
-            "2",
-            "4",
-            "--sparsities",
-            "0",
-            "0.5",
-            "--group-size",
-            "32",
-            "--metric",
-            "output_mse",
-            "--avg-bits",
-            "3",
-            "--avg-sparsity",
-            "0.25",
-            "--out",
-            tmp_path / "compressed",
-        )
-        == 0
-    )
+    out = tmp_path / "compressed"
+    assert run("compress", tiny_dir, *FAST_LUC, "--avg-bits", "3", "--avg-sparsity", "0.25", "--out", out) == 0
     assert "compressed model ->" in capsys.readouterr().out
-    policy = json.loads((tmp_path / "compressed" / "luc_policy.json").read_text())
+    policy = json.loads((out / "luc_policy.json").read_text())
     assert sum(layer["bits"] for layer in policy["layers"]) <= 12
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "compressed")
+    model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model.model.layers[0].mlp.up_proj).__name__ == "LUCLinear"
 
 
