@@ -216,11 +216,18 @@ def _effective_weight(module: nn.Module, with_adapter: bool = True) -> torch.Ten
 
     base = module.get_base_layer() if isinstance(module, LoraLayer) else module
     weight = base.dequantize_weight(torch.float32) if isinstance(base, LUCLinear) else base.weight.detach().float()
-    if with_adapter and isinstance(module, LoraLayer) and not module.disable_adapters and not module.merged:
-        for adapter in module.active_adapters:
-            if adapter in module.lora_A:
-                weight = weight + module.get_delta_weight(adapter).float()
+    for adapter in _folded_adapters(module, with_adapter):
+        weight = weight + module.get_delta_weight(adapter).float()
     return weight
+
+
+def _folded_adapters(module: nn.Module, with_adapter: bool) -> list[str]:
+    """The LoRA adapters of `module` whose update the GGUF weight must include (none if merged)."""
+    from peft.tuners.lora import LoraLayer
+
+    if not with_adapter or not isinstance(module, LoraLayer) or module.disable_adapters or module.merged:
+        return []
+    return [adapter for adapter in module.active_adapters if adapter in module.lora_A]
 
 
 def _tensor_bytes(
@@ -239,17 +246,10 @@ def _tensor_bytes(
 
     base = module.get_base_layer() if isinstance(module, LoraLayer) else module
     columns = base.in_features
-    qtype = gguf_type_for_bits(bits, columns, k_quants)
-    if qtype != gguf_type_for_bits(bits, k_quants=k_quants):
-        fallbacks[(gguf_type_for_bits(bits, k_quants=k_quants).name, qtype.name, columns)] += 1
-    adds_update = (
-        with_adapter
-        and isinstance(module, LoraLayer)
-        and not module.disable_adapters
-        and not module.merged
-        and any(adapter in module.lora_A for adapter in module.active_adapters)
-    )
-    if isinstance(base, LUCLinear) and not adds_update and qtype in (T.Q4_1, T.Q5_1):
+    wanted, qtype = gguf_type_for_bits(bits, k_quants=k_quants), gguf_type_for_bits(bits, columns, k_quants)
+    if qtype != wanted:
+        fallbacks[(wanted.name, qtype.name, columns)] += 1
+    if isinstance(base, LUCLinear) and not _folded_adapters(module, with_adapter) and qtype in (T.Q4_1, T.Q5_1):
         blocks = luc_blocks(base, 4 if qtype == T.Q4_1 else 5)
         if blocks is not None:
             if rotary_heads:
