@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from edge_llm.luc.linear import LUCLinear
+from edge_llm.luc.prune import prune_mask
 from edge_llm.luc.quantize import quantize_rtn
 from edge_llm.scheduling.devices import DeviceProfile, Kernel
 
@@ -88,10 +89,8 @@ def _dequant_kernels(shape: tuple[int, int], dense_flops: float, repeats: int) -
         layer = LUCLinear.from_linear(linear, bits, 0.0, 128, quantize_rtn(weight, bits, 128))
         seconds[bits] = _best_seconds(layer.dequantize_weight, repeats)
     # A pruned layer also scatters its kept weights through the mask: time that extra at 50%.
-    keep = weight.abs().topk(columns // 2, dim=1).indices
-    mask = torch.zeros_like(weight, dtype=torch.bool).scatter_(1, keep, True)
-    pruned = weight * mask
-    layer = LUCLinear.from_linear(linear, 4, 0.5, 128, quantize_rtn(pruned, 4, 128), mask)
+    mask = prune_mask(weight, 0.5, "magnitude")
+    layer = LUCLinear.from_linear(linear, 4, 0.5, 128, quantize_rtn(weight, 4, 128, mask), mask)
     extra = _best_seconds(layer.dequantize_weight, repeats) - seconds[4] / 2
     unmask_per_s = rows * columns / extra if extra > 0 else 0.0
     return {
