@@ -161,22 +161,23 @@ def run_demo(steps: int = 60, seed: int = 0, out_dir: str | Path = "edge-llm-dem
     rows = calibration_tokens(train_texts, tokenizer, num_samples=steps * 4, seq_len=seq_len, seed=seed + 1)
     train = Dataset.from_dict({"input_ids": rows.tolist(), "labels": rows.tolist()})
     held = Dataset.from_dict({"input_ids": validation.tolist(), "labels": validation.tolist()})
-    args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="edge-llm-demo-"),
-        max_steps=steps,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        learning_rate=5e-4,
-        logging_steps=max(steps // 6, 1),
-        save_strategy="no",
-        report_to=[],
-        seed=seed,
-        disable_tqdm=False,
-        use_cpu=not torch.cuda.is_available(),
-    )
-    trainer = EdgeTrainer(model=model, args=args, train_dataset=train, eval_dataset=held)
-    tuning_start = time.perf_counter()
-    trainer.train()  # ends by fitting the voting weights on the validation split
+    with tempfile.TemporaryDirectory(prefix="edge-llm-demo-") as scratch:  # Trainer needs a folder
+        args = TrainingArguments(
+            output_dir=scratch,
+            max_steps=steps,
+            per_device_train_batch_size=4,
+            per_device_eval_batch_size=4,
+            learning_rate=5e-4,
+            logging_steps=max(steps // 6, 1),
+            save_strategy="no",
+            report_to=[],
+            seed=seed,
+            disable_tqdm=False,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        trainer = EdgeTrainer(model=model, args=args, train_dataset=train, eval_dataset=held)
+        tuning_start = time.perf_counter()
+        trainer.train()  # ends by fitting the voting weights on the validation split
     trainable = model.get_nb_trainable_parameters()[0]
     report.add(
         "Edge-LLM tuning",
