@@ -63,7 +63,8 @@ def load_model(name: str, dtype: torch.dtype, device: str):
         raise SystemExit(f"unknown model {name!r}; choose from smollm2, {', '.join(CONFIGS)}")
     torch.manual_seed(0)
     config = LlamaConfig(max_position_embeddings=4096, **CONFIGS[name])
-    return LlamaForCausalLM(config).to(dtype=dtype, device=device), None
+    with torch.device(device):  # initialised where it runs: a 1B model in seconds on a GPU
+        return LlamaForCausalLM(config).to(dtype=dtype), None
 
 
 def training_arguments(output_dir: str, args, **overrides) -> TrainingArguments:

@@ -80,3 +80,99 @@ def test_peak_memory_of_chunks_is_bounded():
     chunked_causal_lm_loss(hidden, labels, head_fn, [], chunk_size=128).backward()
     assert peak["bytes"] == 128 * 50_000 * 4
     assert hidden.grad.shape == hidden.shape
+
+
+def _reference_loss_and_grads(hidden, labels, head_fn):
+    states, targets = hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
+    return torch.nn.functional.cross_entropy(head_fn(states).float(), targets, ignore_index=-100)
+
+
+@pytest.mark.parametrize(
+    "head_kind", ["linear", "softcapped", "bfloat16"], ids=["overwrite-in-place", "output-saved", "half-head"]
+)
+def test_fused_gradient_matches_autograd_for_every_kind_of_head(head_kind):
+    # A head whose autograd node keeps its own output (tanh soft-capping, as Gemma 2) must not be
+    # overwritten in place; a half-precision head gets a float32 copy.
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 37, bias=False)
+    if head_kind == "bfloat16":
+        head = head.to(torch.bfloat16)
+
+    def head_fn(states):
+        logits = head(states.to(head.weight.dtype))
+        return torch.tanh(logits / 3) * 3 if head_kind == "softcapped" else logits
+
+    labels = torch.randint(0, 37, (2, 9))
+    labels[1, :3] = -100
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    head.weight.requires_grad_(True)
+    loss = chunked_causal_lm_loss(hidden, labels, head_fn, [head.weight], chunk_size=4)
+    grads = torch.autograd.grad(loss, [hidden, head.weight])
+    reference = _reference_loss_and_grads(hidden, labels, head_fn)
+    expected = torch.autograd.grad(reference, [hidden, head.weight])
+    tolerance = {"rtol": 2e-2, "atol": 2e-3} if head_kind == "bfloat16" else {"rtol": 1e-4, "atol": 1e-6}
+    torch.testing.assert_close(loss, reference.float(), **tolerance)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got.float(), want.float(), **tolerance)
+
+
+def test_auto_chunk_size_sizes_logits_like_the_hidden_states():
+    from edge_llm.tuner.loss import MIN_AUTO_CHUNK, auto_chunk_size
+
+    assert auto_chunk_size(8192, 2048, 32000) == 512  # 8192 / ceil(32000 / 2048)
+    assert auto_chunk_size(1020, 576, 49152) == MIN_AUTO_CHUNK
+    assert auto_chunk_size(1, 8, 8) == MIN_AUTO_CHUNK
+
+
+def test_enable_chunked_loss_gives_a_stock_lora_model_the_same_loss_and_gradients():
+    from peft import LoraConfig
+
+    from edge_llm import enable_chunked_loss
+
+    def run(chunked):
+        model = get_peft_model(
+            tiny_model("llama", 3), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        )
+        handle = enable_chunked_loss(model, chunk_size=7) if chunked else None
+        model.train()
+        x = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+        labels = x.clone()
+        labels[0, :5] = -100
+        out = model(input_ids=x, labels=labels)
+        out.loss.backward()
+        with torch.no_grad():
+            evaluated = model(input_ids=x, labels=labels)  # evaluation keeps its logits
+        return out, evaluated, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, handle, model
+
+    chunked, evaluated, chunked_grads, handle, model = run(True)
+    full, _, full_grads, _, _ = run(False)
+    assert chunked.get("logits") is None and evaluated.logits.shape == (2, 12, VOCAB)
+    torch.testing.assert_close(chunked.loss, full.loss)
+    torch.testing.assert_close(evaluated.loss, full.loss)
+    assert sorted(chunked_grads) == sorted(full_grads) and chunked_grads
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6)
+    handle.remove()
+    x = torch.randint(0, VOCAB, (1, 5))
+    assert model(input_ids=x, labels=x).logits.shape == (1, 5, VOCAB)  # the model's own loss again
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        enable_chunked_loss(model, chunk_size=0)
+
+
+def test_the_loss_records_no_vocabulary_wide_tensor_for_backward_under_autocast():
+    # Under autocast the head's logits are bfloat16; the float32 copy that becomes the gradient
+    # must stay outside autograd, or every chunk's softmax would be recorded (and kept) as a graph.
+    head = torch.nn.Linear(16, 53, bias=False)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 53, (2, 9))
+    packed = []
+
+    def pack(tensor):
+        packed.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_causal_lm_loss(hidden, labels, head, [], chunk_size=4)
+    loss.backward()
+    assert packed and (4, 53) not in packed  # a chunk of logits (the bfloat16 head weight is saved, 16 x 53)
+    assert hidden.grad is not None and hidden.grad.abs().sum() > 0

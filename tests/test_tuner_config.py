@@ -71,7 +71,7 @@ def test_config_json_round_trip(tmp_path):
         ("exit_weights", [0, 0], "exit_weights must be non-negative numbers"),
         ("exit_head", "mlp", "exit_head must be one of"),
         ("exit_head_rank", 0, "exit_head_rank must be a positive integer"),
-        ("loss_chunk_size", 0, "loss_chunk_size must be a positive integer"),
+        ("loss_chunk_size", 0, "loss_chunk_size must be .auto., None or a positive integer"),
         ("layer_replication", [[0, 2]], "layer_replication is not supported"),
     ],
 )

@@ -324,3 +324,25 @@ def test_exits_without_a_vote_cost_nothing():
         handle.remove()
     torch.testing.assert_close(voted.logits, everything.exit_logits[5].float().log_softmax(-1))
     torch.testing.assert_close(everything.logits, voted.logits)
+
+
+@pytest.mark.parametrize("window_input", ["backbone", "adapted"])
+@pytest.mark.parametrize("head", ["shared", "lora"])
+def test_exit_logit_chunks_equal_the_exit_logits_of_a_voting_pass(window_input, head):
+    model = make(exit_layers=[1, 4], backprop_depth=3, window_input=window_input, exit_head=head, voting="mean")
+    for param in model.base_model.exit_heads.parameters():
+        param.data.add_(0.1)
+    x = batch(length=10)
+    labels = x.clone()
+    labels[0, :4] = -100
+    with torch.no_grad():
+        full = model(input_ids=x, return_exit_logits=True)
+        chunks = list(model.base_model.exit_logit_chunks({"input_ids": x}, labels, chunk_size=3))
+    keep = labels[:, 1:].reshape(-1) != -100
+    assert len(chunks) == 5  # 13 targets in chunks of 3
+    torch.testing.assert_close(torch.cat([t for t, _ in chunks]), labels[:, 1:].reshape(-1)[keep])
+    for layer, logits in full.exit_logits.items():
+        expected = logits[:, :-1].reshape(-1, VOCAB)[keep]
+        torch.testing.assert_close(torch.cat([c[layer] for _, c in chunks]), expected, rtol=1e-5, atol=1e-5)
+    voted = torch.cat([model.base_model.voted(c) for _, c in chunks])
+    torch.testing.assert_close(voted, full.logits[:, :-1].reshape(-1, VOCAB)[keep], rtol=1e-5, atol=1e-5)

@@ -13,6 +13,7 @@ from edge_llm.luc import LUCConfig, LUCPolicy, LUCQuantizer
 from edge_llm.modeling import UnsupportedModelError, find_decoder_parts
 from edge_llm.trainer import EdgeTrainer
 from edge_llm.tuner import EdgeLLMConfig, EdgeLLMModel
+from edge_llm.tuner.loss import enable_chunked_loss
 from edge_llm.tuner.voting import vote
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "LUCQuantizer",
     "UnsupportedModelError",
     "__version__",
+    "enable_chunked_loss",
     "export",
     "find_decoder_parts",
     "vote",

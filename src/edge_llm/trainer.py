@@ -144,25 +144,34 @@ class EdgeTrainer(Trainer):
         if labels is None or self.tuner.active_exit is not None:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
+        labels = inputs["labels"]
         with torch.no_grad(), self.compute_loss_context_manager():
+            if prediction_loss_only:
+                # Per-exit and voted sums a chunk of positions at a time: never all exits' logits at once.
+                forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+                voted_loss = torch.zeros((), dtype=torch.float64, device=labels.device)
+                for targets, logits_by_exit in self.tuner.exit_logit_chunks(forward_inputs, labels):
+                    voted_loss += self._add_eval_sums(logits_by_exit, self.tuner.voted(logits_by_exit), targets)
+                count = (labels[:, 1:] != IGNORE_INDEX).sum().clamp_min(1)
+                return (voted_loss / count).float(), None, None
             outputs = model(**inputs, return_exit_logits=True)
-        self._add_eval_sums(outputs.exit_logits, outputs.logits, inputs["labels"])
-        loss = outputs.loss.detach()
-        if prediction_loss_only:
-            return loss, None, None
-        return loss, outputs.logits.detach(), inputs["labels"]
+        voted, targets = shift_for_causal_lm(outputs.logits, labels)
+        by_exit = {layer: shift_for_causal_lm(logits, labels)[0] for layer, logits in outputs.exit_logits.items()}
+        self._add_eval_sums(by_exit, voted, targets)
+        return outputs.loss.detach(), outputs.logits.detach(), labels
 
-    def _add_eval_sums(self, exit_logits: dict[int, torch.Tensor], voted: torch.Tensor, labels: torch.Tensor) -> None:
-        """Accumulate summed next-token loss and correct predictions of each exit and of the vote."""
-        named = {f"exit_{layer}": logits for layer, logits in exit_logits.items()}
-        named["voted"] = voted
-        targets = labels[:, 1:].reshape(-1)
-        count = (targets != IGNORE_INDEX).sum()
-        self._accumulate("tokens", count)
-        for name, logits in named.items():
-            flat, kept = shift_for_causal_lm(logits, labels)
-            self._accumulate(f"{name}_loss", nn.functional.cross_entropy(flat.float(), kept, reduction="sum"))
-            self._accumulate(f"{name}_accuracy", (flat.argmax(-1) == kept).sum())
+    def _add_eval_sums(
+        self, logits_by_exit: dict[int, torch.Tensor], voted: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Accumulate summed next-token loss and correct predictions of each exit and of the vote,
+        over `targets` (flat) and the matching rows of logits; returns the vote's summed loss."""
+        self._accumulate("tokens", torch.tensor(targets.numel(), device=targets.device))
+        losses = {}
+        for name, logits in [*((f"exit_{layer}", z) for layer, z in logits_by_exit.items()), ("voted", voted)]:
+            losses[name] = nn.functional.cross_entropy(logits.float(), targets, reduction="sum").detach().double()
+            self._accumulate(f"{name}_loss", losses[name])
+            self._accumulate(f"{name}_accuracy", (logits.argmax(-1) == targets).sum())
+        return losses["voted"]
 
     def _accumulate(self, name: str, value: torch.Tensor) -> None:
         value = value.detach().double()

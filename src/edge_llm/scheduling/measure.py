@@ -1,10 +1,11 @@
 """`profile_this_machine()`: measure the rates the cost model needs, on the machine it runs on.
 
 Micro-benchmarks (fastest of a few repeats each): memory copy bandwidth, elementwise bandwidth,
-storage read bandwidth (a temporary file, evicted from the page cache first), float32 matmul
-FLOP/s, sparse (CSR) matmul FLOP/s, and how fast `LUCLinear` dequantizes each bit-width. Kernels
-are the ones edge-llm's PyTorch reference executor runs here: `dense_fp32`, `dequant_int2..8`
-(packed weights dequantized per call, then a float32 matmul) and `sparse_unstructured`.
+storage read bandwidth (a temporary file, evicted from the page cache first), matmul FLOP/s,
+sparse (CSR) matmul FLOP/s, and how fast `LUCLinear` dequantizes each bit-width. Kernels are the
+ones edge-llm's PyTorch reference executor runs there: on a CPU `dense_fp32`, `dequant_int2..8`
+(packed weights dequantized per call, then a float32 matmul) and `sparse_unstructured`; on a CUDA
+GPU the same in bfloat16 (`dense_bf16`, also `dense_fp16`/`dense_fp32`) plus `sparse_2_4`.
 """
 
 from __future__ import annotations
@@ -31,22 +32,17 @@ logger = logging.getLogger(__name__)
 
 def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
     """The fastest of `repeats` timed runs (after a warm-up): what the hardware sustains, without the
-    stalls other processes cause on a shared machine (`timeit`'s advice)."""
+    stalls other processes cause on a shared machine (`timeit`'s advice). CUDA work is waited for."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return min(times)
-
-
-def _available_memory() -> int:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 8 * 1024**3
 
 
 def _storage_bandwidth(directory: str | None, size: int) -> float:
@@ -68,7 +64,9 @@ def _storage_bandwidth(directory: str | None, size: int) -> float:
         os.unlink(path)
 
 
-def _machine_name() -> str:
+def _machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"this machine: {torch.cuda.get_device_name(device)}"
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -78,7 +76,9 @@ def _machine_name() -> str:
     return f"this machine: {cpu}, {torch.get_num_threads()} threads"
 
 
-def _dequant_kernels(shape: tuple[int, int], dense_flops: float, repeats: int) -> dict[str, Kernel]:
+def _dequant_kernels(
+    shape: tuple[int, int], dense_flops: float, repeats: int, device: torch.device, dtype: torch.dtype
+) -> dict[str, Kernel]:
     """`dequant_int2..8`: how fast `LUCLinear` expands packed weights of `shape`, and pruned ones."""
     rows, columns = shape
     weight = torch.randn(rows, columns, generator=torch.Generator().manual_seed(0)) * 0.02
@@ -86,17 +86,55 @@ def _dequant_kernels(shape: tuple[int, int], dense_flops: float, repeats: int) -
     linear.weight.data = weight
     seconds = {}
     for bits in (2, 3, 4, 5, 6, 7, 8):
-        layer = LUCLinear.from_linear(linear, bits, 0.0, 128, quantize_rtn(weight, bits, 128))
-        seconds[bits] = _best_seconds(layer.dequantize_weight, repeats)
+        layer = LUCLinear.from_linear(linear, bits, 0.0, 128, quantize_rtn(weight, bits, 128)).to(device)
+        seconds[bits] = _best_seconds(lambda layer=layer: layer.dequantize_weight(dtype), repeats)
     # A pruned layer also scatters its kept weights through the mask: time that extra at 50%.
     mask = prune_mask(weight, 0.5, "magnitude")
-    layer = LUCLinear.from_linear(linear, 4, 0.5, 128, quantize_rtn(weight, 4, 128, mask), mask)
-    extra = _best_seconds(layer.dequantize_weight, repeats) - seconds[4] / 2
+    layer = LUCLinear.from_linear(linear, 4, 0.5, 128, quantize_rtn(weight, 4, 128, mask), mask).to(device)
+    extra = _best_seconds(lambda: layer.dequantize_weight(dtype), repeats) - seconds[4] / 2
     unmask_per_s = rows * columns / extra if extra > 0 else 0.0
     return {
         f"dequant_int{bits}": Kernel(dense_flops, dequant_per_s=rows * columns / t, unmask_per_s=unmask_per_s)
         for bits, t in seconds.items()
     }
+
+
+def _matmul_flops(x: torch.Tensor, w: torch.Tensor, repeats: int) -> float:
+    return 2 * x.shape[0] * w.shape[0] * w.shape[1] / _best_seconds(lambda: x @ w.t(), repeats)
+
+
+def _sparse_kernels(x: torch.Tensor, w: torch.Tensor, repeats: int) -> dict[str, Kernel]:
+    """`sparse_unstructured` (CSR, 50% kept) everywhere; `sparse_2_4` where CUDA runs it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        sparse = (w * (torch.rand_like(w) < 0.5)).to_sparse_csr()
+    seconds = _best_seconds(lambda: torch.sparse.mm(sparse, x.t()), repeats)
+    kernels = {"sparse_unstructured": Kernel(2 * sparse.values().numel() * x.shape[0] / seconds)}
+    if x.is_cuda:
+        from torch.sparse import to_sparse_semi_structured
+
+        keep = torch.tensor([1, 1, 0, 0], device=w.device, dtype=torch.bool).repeat(w.numel() // 4)
+        half = (w.half().flatten() * keep).view_as(w)
+        try:
+            semi = to_sparse_semi_structured(half)
+        except (RuntimeError, ValueError) as error:  # older GPUs: no sparse tensor cores
+            logger.info("sparse_2_4 not measured: %s", error)
+            return kernels
+        xh = x.half()
+        # The cost model charges sparse kernels for the kept half of the FLOPs only.
+        flops = 2 * x.shape[0] * w.numel() / 2
+        kernels["sparse_2_4"] = Kernel(flops / _best_seconds(lambda: torch.nn.functional.linear(xh, semi), repeats))
+    return kernels
+
+
+def _available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 8 * 1024**3
 
 
 @torch.no_grad()
@@ -106,43 +144,53 @@ def profile_this_machine(
     tokens: int = 256,
     repeats: int = 5,
     storage_dir: str | None = None,
+    device: str | torch.device = "cpu",
 ) -> DeviceProfile:
-    """Measure this machine (CPU) into a `DeviceProfile`.
+    """Measure this machine (its CPU, or a CUDA GPU with `device="cuda"`) into a `DeviceProfile`.
 
     Matmul and dequantization rates depend on the sizes involved (caches), so the micro-benchmarks
     run at a typical Linear of the model to be scheduled and a typical prompt length.
 
     Args:
-        memory_bytes: memory the model may use; default: the memory available now.
+        memory_bytes: memory the model may use; default: the memory available now (on the GPU for
+            `device="cuda"`).
         weight_shape: (out, in) of the Linear the kernels are measured on (default: 1024 x 1024;
             pass the shape of your model's MLP projections for a closer fit).
         tokens: tokens per matmul (a prompt's length).
         repeats: timed repeats per micro-benchmark (the fastest is kept).
         storage_dir: where the storage benchmark writes its temporary file (default: the temp dir).
+        device: `"cpu"` or a CUDA device. On CUDA the compute dtype is bfloat16: the dense kernels
+            are `dense_bf16`/`dense_fp16`/`dense_fp32` and `dequant_int*` dequantize into bfloat16.
     """
-    big = torch.randn(32 * 1024 * 1024)  # 128 MiB
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"profile_this_machine(device={str(device)!r}): measures 'cpu' or a 'cuda' device.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("profile_this_machine(device='cuda'): no CUDA GPU is available; use device='cpu'.")
+    big = torch.randn(32 * 1024 * 1024, device=device)  # 128 MiB
     copy = torch.empty_like(big)
     seconds = _best_seconds(lambda: copy.copy_(big), repeats)
     memory_bandwidth = 2 * big.numel() * 4 / seconds
-    a, b = torch.randn(8 * 1024 * 1024), torch.randn(8 * 1024 * 1024)
+    a, b = torch.randn(8 * 1024 * 1024, device=device), torch.randn(8 * 1024 * 1024, device=device)
     seconds = _best_seconds(lambda: torch.add(a, b, out=copy[: a.numel()]), repeats)
     elementwise_bandwidth = 3 * a.numel() * 4 / seconds
 
     rows, columns = weight_shape
-    x, w = torch.randn(tokens, columns), torch.randn(rows, columns) * 0.02
-    dense_flops = 2 * tokens * rows * columns / _best_seconds(lambda: x @ w.t(), repeats)
-    kernels = {"dense_fp32": Kernel(dense_flops), **_dequant_kernels(weight_shape, dense_flops, repeats)}
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        sparse = (w * (torch.rand_like(w) < 0.5)).to_sparse_csr()
-    sparse_seconds = _best_seconds(lambda: torch.sparse.mm(sparse, x.t()), repeats)
-    kernels["sparse_unstructured"] = Kernel(2 * sparse.values().numel() * tokens / sparse_seconds)
+    x, w = torch.randn(tokens, columns, device=device), torch.randn(rows, columns, device=device) * 0.02
+    fp32_flops = _matmul_flops(x, w, repeats)
+    kernels = {"dense_fp32": Kernel(fp32_flops)}
+    compute_dtype, compute_flops = torch.float32, fp32_flops
+    if device.type == "cuda":
+        for name, dtype in (("dense_fp16", torch.float16), ("dense_bf16", torch.bfloat16)):
+            kernels[name] = Kernel(_matmul_flops(x.to(dtype), w.to(dtype), repeats))
+        compute_dtype, compute_flops = torch.bfloat16, kernels["dense_bf16"].flops
+    kernels.update(_dequant_kernels(weight_shape, compute_flops, repeats, device, compute_dtype))
+    kernels.update(_sparse_kernels(x, w, repeats))
 
     storage_bandwidth = _storage_bandwidth(storage_dir, 128 * 1024 * 1024)
     profile = DeviceProfile(
-        name=_machine_name(),
-        memory_bytes=int(memory_bytes if memory_bytes is not None else _available_memory()),
+        name=_machine_name(device),
+        memory_bytes=int(memory_bytes if memory_bytes is not None else _available_memory(device)),
         memory_bandwidth=memory_bandwidth,
         storage_bandwidth=storage_bandwidth,
         elementwise_bandwidth=elementwise_bandwidth,
@@ -150,10 +198,11 @@ def profile_this_machine(
         source=f"measured by edge_llm.scheduling.profile_this_machine() on {time.strftime('%Y-%m-%d')}",
     )
     logger.info(
-        "Measured: %.1f GB/s memory, %.1f GB/s elementwise, %.2f GB/s storage, %.1f GFLOP/s fp32",
+        "Measured: %.1f GB/s memory, %.1f GB/s elementwise, %.2f GB/s storage, %.1f GFLOP/s %s",
         memory_bandwidth / 1e9,
         elementwise_bandwidth / 1e9,
         storage_bandwidth / 1e9,
-        dense_flops / 1e9,
+        compute_flops / 1e9,
+        "bf16" if device.type == "cuda" else "fp32",
     )
     return profile

@@ -64,10 +64,12 @@ class EdgeLLMConfig(LoraConfig):
             `"lora"`: each exit below the last gets a rank-`exit_head_rank` LoRA on the LM head.
         exit_head_rank (`int`):
             Rank of the per-exit head LoRA when `exit_head="lora"`.
-        loss_chunk_size (`int`, *optional*):
+        loss_chunk_size (`int` or `"auto"`, *optional*):
             In a training exit pass given `labels`, the loss is computed over chunks of this many
             tokens and the full-vocabulary logits of the batch are never materialised (the output
-            then has no `logits`). `None` lets the model compute its loss from full logits.
+            then has no `logits`). `"auto"` (default) sizes a chunk's logits like the batch's hidden
+            states (at least 128 tokens; see `edge_llm.tuner.loss.auto_chunk_size`). `None` lets
+            the model compute its loss from full logits.
     """
 
     exit_layers: list[int] | None = field(
@@ -92,8 +94,11 @@ class EdgeLLMConfig(LoraConfig):
         default="shared", metadata={"help": "Per-exit trainable part: " + ", ".join(EXIT_HEADS)}
     )
     exit_head_rank: int = field(default=8, metadata={"help": "Rank of the per-exit head LoRA (exit_head='lora')."})
-    loss_chunk_size: int | None = field(
-        default=1024, metadata={"help": "Tokens per chunk of the training exit loss; None: full logits."}
+    loss_chunk_size: int | Literal["auto"] | None = field(
+        default="auto",
+        metadata={
+            "help": "Tokens per chunk of the training exit loss; 'auto': sized from the batch; None: full logits."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -131,8 +136,8 @@ class EdgeLLMConfig(LoraConfig):
             self.exit_weights = _check_exit_weights(self.exit_weights)
         _check_choice("exit_head", self.exit_head, EXIT_HEADS)
         _check_positive_int("exit_head_rank", self.exit_head_rank)
-        if self.loss_chunk_size is not None:
-            _check_positive_int("loss_chunk_size", self.loss_chunk_size)
+        if self.loss_chunk_size not in (None, "auto"):
+            _check_positive_int("loss_chunk_size", self.loss_chunk_size, "'auto', None or ")
         if self.layer_replication:
             raise ValueError(
                 "EdgeLLMConfig.layer_replication is not supported: exits and windows index the model's own "
@@ -140,9 +145,9 @@ class EdgeLLMConfig(LoraConfig):
             )
 
 
-def _check_positive_int(name: str, value: object) -> None:
+def _check_positive_int(name: str, value: object, alternatives: str = "") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"EdgeLLMConfig.{name} must be a positive integer, got {value!r}.")
+        raise ValueError(f"EdgeLLMConfig.{name} must be {alternatives}a positive integer, got {value!r}.")
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -34,14 +34,11 @@ from transformers.modeling_utils import slice_logits_to_keep
 
 from edge_llm.modeling import DecoderParts, first_tensor, postprocess_logits
 from edge_llm.tuner.exits import ExitHeadLoRA, ExitNorm, HeadWithExitLoRA, window
-from edge_llm.tuner.loss import chunked_causal_lm_loss
+from edge_llm.tuner.loss import LOSS_KWARGS, DeferredHead, replace_output_fields
 from edge_llm.tuner.voting import vote
 
 if TYPE_CHECKING:
     from edge_llm.tuner.model import EdgeLLMModel
-
-# Keyword arguments of the model's forward that its loss function also takes.
-_LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
 
 
 @dataclass
@@ -59,30 +56,16 @@ class _Pass:
     labels: torch.Tensor | None = None  # set when edge-llm, not the model, computes the loss
     loss_kwargs: dict[str, Any] = field(default_factory=dict)
     # Training exit pass only: the head that kept the normed hidden states instead of logits.
-    deferred_head: _DeferredHead | None = None
+    deferred_head: DeferredHead | None = None
     # Voting pass only.
     rule: str = "last"
     logits_to_keep: int | torch.Tensor = 0
     return_exit_logits: bool = False
+    return_exit_states: bool = False
     voters: list[int] = field(default_factory=list)  # exits whose vote counts (weight > 0)
     computed: list[int] = field(default_factory=list)  # exits whose logits this pass computes
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
     streams: dict[int, torch.Tensor] = field(default_factory=dict)
-
-
-class _DeferredHead(nn.Module):
-    """Stands in for the LM head in a training exit pass: keeps its input (the normed hidden
-    states) and returns an empty tensor, so the model never computes full-vocabulary logits; the
-    loss is then computed chunk by chunk from the kept states (see `loss.py`)."""
-
-    def __init__(self, head: nn.Module) -> None:
-        super().__init__()
-        self.head = head
-        self.inputs: torch.Tensor | None = None
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        self.inputs = hidden_states
-        return hidden_states.new_empty(*hidden_states.shape[:-1], 0)
 
 
 class ExitController:
@@ -119,6 +102,7 @@ class ExitController:
             return args, kwargs
         config = self.tuner.active_edge_config
         return_exit_logits = bool(kwargs.pop("return_exit_logits", False))
+        return_exit_states = bool(kwargs.pop("return_exit_states", False))
         exit_layer = self.tuner.active_exit
         state = _Pass(
             exits=list(config.exit_layers),
@@ -134,11 +118,11 @@ class ExitController:
             self._begin_exit_pass(model, state, config.backprop_depth)
             if config.loss_chunk_size and state.grad_was_enabled and kwargs.get("labels") is not None:
                 self._take_labels(state, kwargs)
-                deferred = _DeferredHead(self.parts.head(model))
+                deferred = DeferredHead(self.parts.head(model))
                 state.swapped.append((self.parts.head_path, self.parts.swap(model, self.parts.head_path, deferred)))
                 state.deferred_head = deferred
         else:
-            self._begin_voting_pass(state, config.voting, kwargs, return_exit_logits)
+            self._begin_voting_pass(state, config.voting, kwargs, return_exit_logits, return_exit_states)
         self._pass = state
         return args, kwargs
 
@@ -161,18 +145,25 @@ class ExitController:
             for index in range(bottom):
                 self._set_adapters(index, enabled=False)
 
-    def _begin_voting_pass(self, state: _Pass, rule: str, kwargs: dict, return_exit_logits: bool) -> None:
+    def _begin_voting_pass(
+        self, state: _Pass, rule: str, kwargs: dict, return_exit_logits: bool, return_exit_states: bool
+    ) -> None:
         state.rule = rule
         state.return_exit_logits = return_exit_logits
+        state.return_exit_states = return_exit_states
         state.logits_to_keep = kwargs.get("logits_to_keep", 0)
-        if rule != "last" or state.backbone:
+        if rule != "last" or state.backbone or return_exit_states:
             # The model would compute its loss on the last layer's logits only; the voted loss is
             # computed in `_finish` instead.
             self._take_labels(state, kwargs)
+        if return_exit_states:
+            # The caller computes what it needs from the exits' hidden states, chunk by chunk: the
+            # model's own head runs on the last position only.
+            kwargs["logits_to_keep"] = 1
         config = self.tuner.active_edge_config
         state.voters = _voters(state.exits, rule, config.exit_weights)
-        # Exits that do not vote cost nothing (no head, no stream) unless their logits are asked for.
-        state.computed = list(state.exits) if return_exit_logits else state.voters
+        # Exits that do not vote cost nothing (no head, no stream) unless their outputs are asked for.
+        state.computed = list(state.exits) if return_exit_logits or return_exit_states else state.voters
         if state.backbone and state.adapters_on:
             for index in range(len(self.layers)):
                 self._set_adapters(index, enabled=False)
@@ -180,7 +171,7 @@ class ExitController:
     @staticmethod
     def _take_labels(state: _Pass, kwargs: dict) -> None:
         state.labels = kwargs.pop("labels", None)
-        state.loss_kwargs = {k: kwargs[k] for k in _LOSS_KWARGS if k in kwargs}
+        state.loss_kwargs = {k: kwargs[k] for k in LOSS_KWARGS if k in kwargs}
 
     def _finish(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         state = self._pass
@@ -193,21 +184,17 @@ class ExitController:
         return output.to_tuple() if state.return_tuple else output
 
     def _exit_loss(self, model: nn.Module, output: Any, state: _Pass) -> Any:
-        head = state.deferred_head.head
-        config = model.config
-        loss = chunked_causal_lm_loss(
-            state.deferred_head.inputs,
-            state.labels,
-            head_fn=lambda states: postprocess_logits(config, head(states)),
-            trainable_params=[p for p in head.parameters() if p.requires_grad],
-            chunk_size=self.tuner.active_edge_config.loss_chunk_size,
-            num_items_in_batch=state.loss_kwargs.get("num_items_in_batch"),
-            ignore_index=state.loss_kwargs.get("ignore_index", -100),
+        chunk = self.tuner.active_edge_config.loss_chunk_size
+        loss = state.deferred_head.loss(
+            model.config, state.labels, None if chunk == "auto" else chunk, state.loss_kwargs
         )
         # No logits: that is the point. Everything else the model returned is kept.
-        return _replace_fields(output, loss=loss, logits=None)
+        return replace_output_fields(output, loss=loss, logits=None)
 
     def _vote(self, model: nn.Module, output: Any, state: _Pass) -> Any:
+        if state.return_exit_states:
+            output["exit_states"] = {layer: state.captured[layer] for layer in state.exits}
+            return output
         needs_vote = state.rule != "last" or state.backbone
         if not (needs_vote or state.return_exit_logits):
             return output
@@ -218,19 +205,25 @@ class ExitController:
         if not state.backbone:
             logits_by_exit[state.exits[-1]] = output.logits
         if needs_vote:
-            weights = self.tuner.active_edge_config.exit_weights
-            if state.rule == "weighted" and weights is not None:
-                weights = [weights[state.exits.index(layer)] for layer in state.voters]
-            voted = vote([logits_by_exit[layer] for layer in state.voters], state.rule, weights)
+            voted = self.voted(logits_by_exit)
             loss = None
             if state.labels is not None:
                 loss = model.loss_function(
                     logits=voted, labels=state.labels, vocab_size=model.config.vocab_size, **state.loss_kwargs
                 )
-            output = _replace_fields(output, loss=loss, logits=voted)
+            output = replace_output_fields(output, loss=loss, logits=voted)
         if state.return_exit_logits:
             output["exit_logits"] = {layer: logits_by_exit[layer] for layer in state.exits}
         return output
+
+    def voted(self, logits_by_exit: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The adapter's vote over `logits_by_exit` (which holds at least every voting exit)."""
+        config = self.tuner.active_edge_config
+        voters = _voters(config.exit_layers, config.voting, config.exit_weights)
+        weights = config.exit_weights
+        if config.voting == "weighted" and weights is not None:
+            weights = [weights[config.exit_layers.index(layer)] for layer in voters]
+        return vote([logits_by_exit[layer] for layer in voters], config.voting, weights)
 
     def _cleanup(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         state = self._pass
@@ -272,7 +265,7 @@ class ExitController:
                 return
             if state.backbone:
                 self._run_streams(index, layer, args, kwargs, state)
-            elif index in state.computed and index != state.exits[-1]:
+            elif index in state.computed and (index != state.exits[-1] or state.return_exit_states):
                 state.captured[index] = first_tensor(output)
 
         return hook
@@ -335,12 +328,6 @@ def _voters(exits: list[int], rule: str, weights: list[float] | None) -> list[in
     if rule == "weighted" and weights is not None:
         return [layer for layer, weight in zip(exits, weights, strict=True) if weight > 0]
     return list(exits)
-
-
-def _replace_fields(output: Any, **changes: Any) -> Any:
-    """A copy of a transformers ModelOutput with some fields replaced (None removes a field)."""
-    fields = {**dict(output.items()), **changes}
-    return type(output)(**{k: v for k, v in fields.items() if v is not None})
 
 
 def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:

@@ -20,7 +20,7 @@ from edge_llm.modeling import find_decoder_parts
 from edge_llm.tuner.config import EdgeLLMConfig
 from edge_llm.tuner.control import ExitController
 from edge_llm.tuner.exits import build_exit_heads, exit_for_step, resolve_exits, window
-from edge_llm.tuner.loss import IGNORE_INDEX
+from edge_llm.tuner.loss import auto_chunk_size, shift_for_causal_lm
 from edge_llm.tuner.voting import fit_exit_weights
 
 logger = logging.getLogger(__name__)
@@ -177,6 +177,32 @@ class EdgeLLMModel(LoraModel):
         """Logits of exit `layer` given the raw output of decoder layer `layer`."""
         return self._controller.exit_logits(layer, hidden_states)
 
+    def voted(self, logits_by_exit: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The adapter's vote (its `voting` rule and `exit_weights`) over per-exit logits."""
+        return self._controller.voted(logits_by_exit)
+
+    def exit_logit_chunks(
+        self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, chunk_size: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, dict[int, torch.Tensor]]]:
+        """One voting pass over `inputs`, then every exit's next-token logits, a chunk of target
+        positions at a time: yields `(targets, {layer: logits})` with `targets` the chunk's true next
+        tokens (positions whose label is `IGNORE_INDEX` left out).
+
+        Evaluation and exit-weight fitting need every exit's full-vocabulary logits; holding them
+        for a whole batch at once ([exits x batch x seq x vocab]) would peak far above training.
+        """
+        with self.exit_at(None):
+            states = self.model(**inputs, return_exit_states=True).exit_states
+        flat = {layer: shift_for_causal_lm(hidden, labels) for layer, hidden in states.items()}
+        targets = next(iter(flat.values()))[1]
+        if chunk_size is None:
+            hidden = next(iter(states.values()))
+            vocab = self.model.config.vocab_size * len(states)
+            chunk_size = auto_chunk_size(targets.numel(), hidden.shape[-1], vocab)
+        for start in range(0, targets.numel(), chunk_size):
+            span = slice(start, start + chunk_size)
+            yield targets[span], {layer: self.exit_logits(layer, h[span]) for layer, (h, _) in flat.items()}
+
     @torch.no_grad()
     def calibrate_exit_weights(
         self,
@@ -190,23 +216,20 @@ class EdgeLLMModel(LoraModel):
         The weights are stored in the adapter config (saved with the adapter) and returned.
         """
         rows = []
-        with self.exit_at(None):
-            for batch in batches:
-                labels = batch["labels"]
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
-                exit_logits = self.model(**inputs, return_exit_logits=True).exit_logits
-                targets = labels[:, 1:]
-                keep = targets != IGNORE_INDEX
-                index = targets.clamp_min(0).unsqueeze(-1)
+        for batch in batches:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            for targets, logits_by_exit in self.exit_logit_chunks(inputs, batch["labels"]):
+                index = targets.unsqueeze(-1)
                 rows.append(
                     torch.stack(
                         [
-                            torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, index).squeeze(-1)[keep]
-                            for logits in exit_logits.values()
+                            torch.log_softmax(logits.float(), dim=-1).gather(-1, index).squeeze(-1)
+                            for logits in logits_by_exit.values()
                         ]
                     )
                 )
-        weights = fit_exit_weights(torch.cat(rows, dim=1), all_reduce_sum=all_reduce_sum)
+        log_probs = torch.cat(rows, dim=1) if rows else torch.zeros(len(self.exit_layers), 0)
+        weights = fit_exit_weights(log_probs, all_reduce_sum=all_reduce_sum)
         self.active_edge_config.exit_weights = weights
         logger.info("Exit weights for weighted voting (exits %s): %s", self.exit_layers, [round(w, 4) for w in weights])
         return weights

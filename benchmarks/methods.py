@@ -1,0 +1,121 @@
+"""The tuning methods the benchmarks compare, each a small builder chosen by name.
+
+Every method gets the same model, LoRA rank/alpha/targets and the same depth `K` (edge-llm's
+window, the top-K layers of top-K LoRA). A builder returns the model to train, the Trainer class
+and the `TrainingArguments` settings it needs. These are what a practitioner short of memory
+would pick instead of edge-llm:
+
+- `lora`: peft LoRA on every layer, stock `Trainer`, the model's own loss (full logits);
+- `lora_gc`: the same with gradient checkpointing (non-reentrant), the one-flag memory fix;
+- `lora_chunked` / `lora_gc_chunked`: with a chunked loss (`edge_llm.enable_chunked_loss`, the
+  algorithm of Liger's / Cut Cross-Entropy's fused linear cross-entropy), so the loss head does
+  not decide the comparison;
+- `topk_chunked`: LoRA on the top K layers only (`layers_to_transform`, MLX-LM's default recipe)
+  plus the chunked loss: autograd records nothing below the first trainable layer;
+- `edge`: edge-llm's defaults; `edge_top`: one exit at the top with a K-layer window;
+  `edge_gc`: edge-llm's defaults plus gradient checkpointing inside the window;
+  `luc4_edge`: edge-llm's defaults over a base compressed by LUC to 4 bits (RTN, groups of 64),
+  the QLoRA-style pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+GC = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every method shares."""
+
+    rank: int
+    targets: list[str]
+    depth: int  # K
+    exit_sampling: str = "curriculum"
+    edge_options: dict[str, Any] = field(default_factory=dict)  # extra EdgeLLMConfig fields for edge methods
+
+
+@dataclass
+class Prepared:
+    model: nn.Module
+    trainer_cls: type
+    training_overrides: dict[str, Any]
+
+
+def _lora(model: nn.Module, setup: Setup, top_k: bool = False, chunked: bool = False, gc: bool = False) -> Prepared:
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer
+
+    from edge_llm import enable_chunked_loss
+
+    layers = model.config.num_hidden_layers
+    extra = {"layers_to_transform": list(range(layers - setup.depth, layers))} if top_k else {}
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=setup.rank,
+        lora_alpha=2 * setup.rank,
+        lora_dropout=0.0,
+        target_modules=setup.targets,
+        **extra,
+    )
+    peft_model = get_peft_model(model, config)
+    if chunked:
+        enable_chunked_loss(peft_model)
+    return Prepared(peft_model, Trainer, dict(GC) if gc else {})
+
+
+def _edge(model: nn.Module, setup: Setup, top: bool = False, gc: bool = False) -> Prepared:
+    from peft import get_peft_model
+
+    from edge_llm import EdgeLLMConfig, EdgeTrainer
+
+    options: dict[str, Any] = {"exit_sampling": setup.exit_sampling, **setup.edge_options}
+    if top:
+        options.update(exit_layers=[model.config.num_hidden_layers - 1], backprop_depth=setup.depth)
+    config = EdgeLLMConfig(
+        r=setup.rank, lora_alpha=2 * setup.rank, lora_dropout=0.0, target_modules=setup.targets, **options
+    )
+    return Prepared(get_peft_model(model, config), EdgeTrainer, dict(GC) if gc else {})
+
+
+def _luc4_edge(model: nn.Module, setup: Setup) -> Prepared:
+    from edge_llm.luc import CompressionMethod, compress_model
+
+    layers = model.config.num_hidden_layers
+    compress_model(model, [(4, 0.0)] * layers, CompressionMethod(64, "rtn", "magnitude"), progress=False)
+    return _edge(model, setup)
+
+
+METHODS: dict[str, Callable[[nn.Module, Setup], Prepared]] = {
+    "lora": _lora,
+    "lora_gc": lambda m, s: _lora(m, s, gc=True),
+    "lora_chunked": lambda m, s: _lora(m, s, chunked=True),
+    "lora_gc_chunked": lambda m, s: _lora(m, s, chunked=True, gc=True),
+    "topk_chunked": lambda m, s: _lora(m, s, top_k=True, chunked=True),
+    "edge": _edge,
+    "edge_top": lambda m, s: _edge(m, s, top=True),
+    "edge_gc": lambda m, s: _edge(m, s, gc=True),
+    "luc4_edge": _luc4_edge,
+}
+
+LABELS = {
+    "lora": "LoRA, full depth",
+    "lora_gc": "LoRA + grad. checkpointing",
+    "lora_chunked": "LoRA + chunked loss",
+    "lora_gc_chunked": "LoRA + grad. checkpointing + chunked loss",
+    "topk_chunked": "LoRA on the top K layers + chunked loss",
+    "edge": "edge-llm defaults",
+    "edge_top": "edge-llm, one exit at the top, K-layer window",
+    "edge_gc": "edge-llm defaults + grad. checkpointing",
+    "luc4_edge": "LUC 4-bit base + edge-llm defaults",
+}
+
+
+def default_depth(num_layers: int) -> int:
+    """K: edge-llm's default window (a quarter of the layers, rounded up)."""
+    return -(-num_layers // 4)
