@@ -194,3 +194,29 @@ def test_profile_this_machine_measures_positive_rates(tmp_path):
     assert all(k.flops > 0 for k in profile.kernels.values())
     assert profile.kernels["dequant_int4"].dequant_per_s > 0
     assert DeviceProfile.from_dict(profile.to_dict()) == profile
+
+
+def test_a_layer_takes_the_larger_of_its_launch_costs_and_its_work():
+    from dataclasses import replace
+
+    from edge_llm.scheduling import ModelSpec
+    from edge_llm.scheduling.cost import layer_forward_seconds
+    from edge_llm.scheduling.devices import Kernel
+
+    layer = ModelSpec.from_model(meta_model(1), LUCPolicy([(4, 0.0)], CompressionMethod())).layers[0]
+    kernels = {"dense_fp32": Kernel(1e11), "dequant_int4": Kernel(1e11, dequant_per_s=1e9, call_overhead_s=1e-3)}
+    device = DeviceProfile("unit", 2**30, 1e10, 1e9, 1e10, kernels)
+
+    def seconds(kernel, dev, tokens):
+        return layer_forward_seconds(layer, kernel, dev, batch=1, tokens=tokens, context=tokens)
+
+    work = seconds("dense_fp32", device, 4)  # no launch costs: the roofline work alone
+    assert seconds("dense_fp32", replace(device, layer_overhead_s=work / 2), 4) == pytest.approx(work)
+    assert seconds("dense_fp32", replace(device, layer_overhead_s=10 * work), 4) == pytest.approx(10 * work)
+    # A dequantizing kernel launches extra operations per compressed Linear (7 in a Llama layer).
+    launch = seconds("dequant_int4", replace(device, layer_overhead_s=1.0), 4)
+    assert launch == pytest.approx(1.0 + len(layer.linears) * 1e-3)
+    restored = DeviceProfile.from_dict(replace(device, layer_overhead_s=2e-4).to_dict())
+    assert restored.layer_overhead_s == 2e-4 and restored.kernels["dequant_int4"].call_overhead_s == 1e-3
+    with pytest.raises(ValueError, match="layer_overhead_s"):
+        DeviceProfile.from_dict({**device.to_dict(), "layer_overhead_s": -1.0})

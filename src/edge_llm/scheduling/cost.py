@@ -9,6 +9,10 @@ Every term is `max(work / rate, bytes / bandwidth)` with the rates of a `DeviceP
 - attention: `4 B T^2 heads head_dim / 2` FLOP for causal prefill, reading the KV cache at decode;
 - norms, activations, rotary and residuals: about `B T (12 hidden + 3 intermediate)` float32
   values moved at `elementwise_bandwidth`;
+- fixed per-call costs: `layer_overhead_s` per decoder layer plus `call_overhead_s` per Linear of
+  a dequantizing kernel (measured by `profile_this_machine`). Launching work overlaps doing it
+  (a GPU runs asynchronously), so a layer takes the larger of its launch costs and its work; on a
+  CPU the launch costs are small next to the work;
 - a streamed layer (weights not resident) also reads its packed weights from storage on every
   pass, overlapped with its compute (double buffering): `max(compute, bytes / storage_bw)`.
 
@@ -246,8 +250,12 @@ def layer_forward_seconds(
     layer: LayerSpec, kernel: str, device: DeviceProfile, batch: int, tokens: int, context: int
 ) -> float:
     """Predicted seconds of one forward pass of the layer (resident weights)."""
-    linear = _linear_seconds(layer, kernel, device.kernels[kernel], batch * tokens, device)
-    return linear + _attention_and_elementwise(layer, batch, tokens, context, device, _compute_rate(device))
+    spec = device.kernels[kernel]
+    work = _linear_seconds(layer, kernel, spec, batch * tokens, device) + _attention_and_elementwise(
+        layer, batch, tokens, context, device, _compute_rate(device)
+    )
+    launch = device.layer_overhead_s + len(layer.linears) * spec.call_overhead_s
+    return max(work, launch)
 
 
 def exit_frequencies(spec: ModelSpec) -> dict[int, float]:

@@ -12,6 +12,8 @@ A profile is a small JSON document (schema: `schemas/device-profile.schema.json`
   `dequant_int2` ... `dequant_int8` (weights stay packed, dequantized per call), `sparse_2_4`
   (semi-structured 2:4 fp16 weights) and `sparse_unstructured` (compressed sparse rows).
 - `elementwise_bandwidth`: bytes/s that norms, activations and other elementwise work reach.
+- `layer_overhead_s`: fixed seconds of every decoder-layer call whatever its size (dispatching
+  and launching its few dozen operations); it dominates small-batch decoding on a GPU.
 
 Built-in profiles take their figures from public spec sheets (cited in `source`), derated by the
 efficiency stated there; `profile_this_machine()` measures the machine it runs on instead.
@@ -52,11 +54,14 @@ class Kernel:
 
     `unmask_per_s`: weights/s for expanding a pruned layer's kept weights through its mask, paid on
     top of dequantization on every call (0: free, or not modelled for this device).
+    `call_overhead_s`: fixed seconds per Linear call beyond a dense matmul's (the extra operations
+    a dequantizing kernel launches), whatever the layer's size.
     """
 
     flops: float
     dequant_per_s: float = 0.0
     unmask_per_s: float = 0.0
+    call_overhead_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class DeviceProfile:
     elementwise_bandwidth: float
     kernels: dict[str, Kernel] = field(default_factory=dict)
     source: str = ""
+    layer_overhead_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

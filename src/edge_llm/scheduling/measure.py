@@ -76,27 +76,61 @@ def _machine_name(device: torch.device) -> str:
     return f"this machine: {cpu}, {torch.get_num_threads()} threads"
 
 
-def _dequant_kernels(
-    shape: tuple[int, int], dense_flops: float, repeats: int, device: torch.device, dtype: torch.dtype
-) -> dict[str, Kernel]:
-    """`dequant_int2..8`: how fast `LUCLinear` expands packed weights of `shape`, and pruned ones."""
+def _dequant_seconds(shape: tuple[int, int], bits: int, repeats: int, device: torch.device, dtype: torch.dtype):
     rows, columns = shape
     weight = torch.randn(rows, columns, generator=torch.Generator().manual_seed(0)) * 0.02
     linear = torch.nn.Linear(columns, rows, bias=False)
     linear.weight.data = weight
-    seconds = {}
+    group = min(128, columns)
+    layer = LUCLinear.from_linear(linear, bits, 0.0, group, quantize_rtn(weight, bits, group)).to(device)
+    return _best_seconds(lambda: layer.dequantize_weight(dtype), repeats)
+
+
+def _dequant_kernels(
+    shape: tuple[int, int], dense_flops: float, repeats: int, device: torch.device, dtype: torch.dtype
+) -> dict[str, Kernel]:
+    """`dequant_int2..8`: how fast `LUCLinear` expands packed weights of `shape`, and pruned ones.
+
+    A call costs a fixed part (its dozen small operations) plus a part per weight: timing a tiny
+    layer as well as one of `shape` separates the two."""
+    rows, columns = shape
+    tiny = (64, 64)
+    kernels = {}
     for bits in (2, 3, 4, 5, 6, 7, 8):
-        layer = LUCLinear.from_linear(linear, bits, 0.0, 128, quantize_rtn(weight, bits, 128)).to(device)
-        seconds[bits] = _best_seconds(lambda layer=layer: layer.dequantize_weight(dtype), repeats)
+        big, small = (_dequant_seconds(s, bits, repeats, device, dtype) for s in (shape, tiny))
+        per_weight = max(big - small, 1e-12) / (rows * columns - tiny[0] * tiny[1])
+        kernels[bits] = (1 / per_weight, max(small - tiny[0] * tiny[1] * per_weight, 0.0), big)
     # A pruned layer also scatters its kept weights through the mask: time that extra at 50%.
+    weight = torch.randn(rows, columns, generator=torch.Generator().manual_seed(0)) * 0.02
+    linear = torch.nn.Linear(columns, rows, bias=False)
+    linear.weight.data = weight
     mask = prune_mask(weight, 0.5, "magnitude")
     layer = LUCLinear.from_linear(linear, 4, 0.5, 128, quantize_rtn(weight, 4, 128, mask), mask).to(device)
-    extra = _best_seconds(lambda: layer.dequantize_weight(dtype), repeats) - seconds[4] / 2
+    extra = _best_seconds(lambda: layer.dequantize_weight(dtype), repeats) - kernels[4][2] / 2
     unmask_per_s = rows * columns / extra if extra > 0 else 0.0
     return {
-        f"dequant_int{bits}": Kernel(dense_flops, dequant_per_s=rows * columns / t, unmask_per_s=unmask_per_s)
-        for bits, t in seconds.items()
+        f"dequant_int{bits}": Kernel(
+            dense_flops, dequant_per_s=rate, unmask_per_s=unmask_per_s, call_overhead_s=overhead
+        )
+        for bits, (rate, overhead, _) in kernels.items()
     }
+
+
+def _layer_overhead(repeats: int, device: torch.device, dtype: torch.dtype) -> float:
+    """Seconds of a decoder-layer call whose arithmetic is negligible: a Llama layer of hidden size
+    64 on one token, i.e. what dispatching and launching a layer's operations costs."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1
+    )
+    config._attn_implementation = "sdpa"  # what a loaded model uses; unset, the layer warns on every call
+    layer = LlamaDecoderLayer(config, 0).to(device=device, dtype=dtype).eval()
+    hidden = torch.randn(1, 1, 64, device=device, dtype=dtype)
+    positions = torch.zeros(1, 1, dtype=torch.long, device=device)
+    rotary = LlamaRotaryEmbedding(config).to(device)(hidden, positions)
+    return _best_seconds(lambda: layer(hidden, position_embeddings=rotary, position_ids=positions), repeats)
 
 
 def _matmul_flops(x: torch.Tensor, w: torch.Tensor, repeats: int) -> float:
@@ -189,6 +223,7 @@ def profile_this_machine(
 
     storage_bandwidth = _storage_bandwidth(storage_dir, 128 * 1024 * 1024)
     profile = DeviceProfile(
+        layer_overhead_s=_layer_overhead(repeats, device, compute_dtype),
         name=_machine_name(device),
         memory_bytes=int(memory_bytes if memory_bytes is not None else _available_memory(device)),
         memory_bandwidth=memory_bandwidth,
