@@ -14,8 +14,11 @@ would pick instead of edge-llm:
   plus the chunked loss: autograd records nothing below the first trainable layer;
 - `edge`: edge-llm's defaults; `edge_top`: one exit at the top with a K-layer window;
   `edge_gc`: edge-llm's defaults plus gradient checkpointing inside the window;
+  `edge_deep` / `edge_deep_gc`: one exit at the top with a deeper window (`Setup.deep_depth`
+  layers), without and with gradient checkpointing inside it;
   `luc4_edge`: edge-llm's defaults over a base compressed by LUC to 4 bits (RTN, groups of 64),
-  the QLoRA-style pipeline.
+  the QLoRA-style pipeline; `luc_edge_deep`: `edge_deep` over a base compressed with
+  `Setup.luc_policy` (a LUC policy file; 4-bit RTN when none is given).
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ class Setup:
     targets: list[str]
     depth: int  # K
     exit_sampling: str = "curriculum"
+    deep_depth: int | None = None  # edge_deep's window; None: two thirds of the layers
+    luc_policy: str | None = None
+    calibration: Any = None  # token ids (batch x seq) for LUC methods that calibrate
     edge_options: dict[str, Any] = field(default_factory=dict)  # extra EdgeLLMConfig fields for edge methods
 
 
@@ -69,26 +75,33 @@ def _lora(model: nn.Module, setup: Setup, top_k: bool = False, chunked: bool = F
     return Prepared(peft_model, Trainer, dict(GC) if gc else {})
 
 
-def _edge(model: nn.Module, setup: Setup, top: bool = False, gc: bool = False) -> Prepared:
+def _edge(model: nn.Module, setup: Setup, top: bool = False, gc: bool = False, deep: bool = False) -> Prepared:
     from peft import get_peft_model
 
     from edge_llm import EdgeLLMConfig, EdgeTrainer
 
     options: dict[str, Any] = {"exit_sampling": setup.exit_sampling, **setup.edge_options}
-    if top:
-        options.update(exit_layers=[model.config.num_hidden_layers - 1], backprop_depth=setup.depth)
+    layers = model.config.num_hidden_layers
+    if top or deep:
+        depth = (setup.deep_depth or -(-2 * layers // 3)) if deep else setup.depth
+        options.update(exit_layers=[layers - 1], backprop_depth=depth)
     config = EdgeLLMConfig(
         r=setup.rank, lora_alpha=2 * setup.rank, lora_dropout=0.0, target_modules=setup.targets, **options
     )
     return Prepared(get_peft_model(model, config), EdgeTrainer, dict(GC) if gc else {})
 
 
-def _luc4_edge(model: nn.Module, setup: Setup) -> Prepared:
-    from edge_llm.luc import CompressionMethod, compress_model
+def _luc_edge(model: nn.Module, setup: Setup, deep: bool = False) -> Prepared:
+    from edge_llm.luc import CompressionMethod, LUCPolicy, compress_model
 
-    layers = model.config.num_hidden_layers
-    compress_model(model, [(4, 0.0)] * layers, CompressionMethod(64, "rtn", "magnitude"), progress=False)
-    return _edge(model, setup)
+    if setup.luc_policy is not None:
+        policy = LUCPolicy.load(setup.luc_policy)
+        settings, method, targets = policy.layers, policy.method, policy.targets
+    else:
+        settings, targets = [(4, 0.0)] * model.config.num_hidden_layers, None
+        method = CompressionMethod(64, "rtn", "magnitude")
+    compress_model(model, settings, method, setup.calibration, targets, progress=False)
+    return _edge(model, setup, deep=deep)
 
 
 METHODS: dict[str, Callable[[nn.Module, Setup], Prepared]] = {
@@ -100,7 +113,10 @@ METHODS: dict[str, Callable[[nn.Module, Setup], Prepared]] = {
     "edge": _edge,
     "edge_top": lambda m, s: _edge(m, s, top=True),
     "edge_gc": lambda m, s: _edge(m, s, gc=True),
-    "luc4_edge": _luc4_edge,
+    "edge_deep": lambda m, s: _edge(m, s, deep=True),
+    "edge_deep_gc": lambda m, s: _edge(m, s, deep=True, gc=True),
+    "luc4_edge": lambda m, s: _luc_edge(m, Setup(**{**vars(s), "luc_policy": None})),
+    "luc_edge_deep": lambda m, s: _luc_edge(m, s, deep=True),
 }
 
 LABELS = {
@@ -112,7 +128,10 @@ LABELS = {
     "edge": "edge-llm defaults",
     "edge_top": "edge-llm, one exit at the top, K-layer window",
     "edge_gc": "edge-llm defaults + grad. checkpointing",
+    "edge_deep": "edge-llm, one exit at the top, deep window",
+    "edge_deep_gc": "edge-llm, one exit at the top, deep window + grad. checkpointing",
     "luc4_edge": "LUC 4-bit base + edge-llm defaults",
+    "luc_edge_deep": "LUC base + edge-llm, one exit at the top, deep window",
 }
 
 

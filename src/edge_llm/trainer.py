@@ -92,7 +92,9 @@ class EdgeTrainer(Trainer):
     def train(self, *args: Any, **kwargs: Any) -> Any:
         output = super().train(*args, **kwargs)
         config = self.tuner.active_edge_config
-        if config.voting == "weighted" and config.exit_weights is None and self.eval_dataset is not None:
+        if config.voting == "weighted" and config.exit_weights is None and len(config.exit_layers) == 1:
+            config.exit_weights = [1.0]  # one exit: nothing to fit
+        elif config.voting == "weighted" and config.exit_weights is None and self.eval_dataset is not None:
             try:
                 self.calibrate_exit_weights()
             except ValueError as error:
