@@ -154,3 +154,36 @@ def test_ddp_with_two_cpu_processes(tmp_path):
         assert torch.equal(rank0[name], rank1[name]), name  # gradients were all-reduced
     exits = [e["active_exit"] for e in torch.load(tmp_path / "log0.pt", weights_only=False) if "active_exit" in e]
     assert exits == [3, 7, 3, 7, 3, 7]
+
+
+def test_exit_selection_keeps_the_exits_that_predict_and_drops_the_rest_with_their_heads(tmp_path, monkeypatch):
+    model = edge_model(exit_layers="auto", backprop_depth=2, exit_head="norm")  # candidates 1, 3, 5, 7
+    config = model.peft_config["default"]
+    assert config.select_exits and config.exit_layers == [1, 3, 5, 7]
+    assert sorted(model.base_model.exit_heads["default"]) == ["1", "3", "5"]
+    scored = []
+
+    def fitted(batches, all_reduce_sum=None):  # exit 3 predicts, 1 and 5 do not
+        scored.extend(batches)
+        return [0.01, 0.3, 0.049, 0.641]
+
+    monkeypatch.setattr(model.base_model, "calibrate_exit_weights", fitted)
+    trainer = EdgeTrainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=counting_dataset())
+    trainer.train()
+    assert len(scored) == 4 and all("labels" in batch for batch in scored)
+    assert config.exit_layers == [3, 7] and not config.select_exits
+    assert sorted(model.base_model.exit_heads["default"]) == ["3"]
+    # The optimizer never held the dropped heads; the saved adapter has the kept exits only.
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in optimized for p in model.base_model.exit_heads.parameters())
+    model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["exit_layers"] == [3, 7] and saved["select_exits"] is False
+
+
+def test_exit_selection_on_real_scores_always_keeps_the_last_exit(tmp_path):
+    model = edge_model(exit_layers="auto", backprop_depth=2)
+    trainer = EdgeTrainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=counting_dataset())
+    kept = trainer.select_exits()
+    assert kept[-1] == 7 and set(kept) <= {1, 3, 5, 7}
+    assert model.peft_config["default"].exit_layers == kept and model.peft_config["default"].exit_weights is None

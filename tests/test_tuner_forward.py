@@ -346,3 +346,14 @@ def test_exit_logit_chunks_equal_the_exit_logits_of_a_voting_pass(window_input, 
         torch.testing.assert_close(torch.cat([c[layer] for _, c in chunks]), expected, rtol=1e-5, atol=1e-5)
     voted = torch.cat([model.base_model.voted(c) for _, c in chunks])
     torch.testing.assert_close(voted, full.logits[:, :-1].reshape(-1, VOCAB)[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_delete_adapter_removes_its_weights_and_exit_heads():
+    model = make(exit_layers=[3], exit_head="norm")
+    model.add_adapter("other", EdgeLLMConfig(r=2, target_modules=["q_proj"], exit_layers=[5], exit_head="norm"))
+    assert sorted(model.base_model.exit_heads) == ["default", "other"]
+    model.delete_adapter("other")
+    assert sorted(model.base_model.exit_heads) == ["default"]
+    assert not any("other" in name for name, _ in model.named_parameters())
+    with torch.no_grad():
+        assert model(input_ids=batch()).logits.shape == (2, 12, VOCAB)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from itertools import islice
 from typing import Any
 
 import torch
@@ -15,6 +16,9 @@ from edge_llm.tuner.loss import IGNORE_INDEX, shift_for_causal_lm
 from edge_llm.tuner.model import EdgeLLMModel
 
 logger = logging.getLogger(__name__)
+
+# Training batches that `select_exits` scores the exits on.
+SELECTION_BATCHES = 4
 
 
 class EdgeTrainer(Trainer):
@@ -90,6 +94,8 @@ class EdgeTrainer(Trainer):
         super().log(logs, start_time)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
+        if self.tuner.active_edge_config.select_exits:
+            self.select_exits()
         output = super().train(*args, **kwargs)
         config = self.tuner.active_edge_config
         if config.voting == "weighted" and config.exit_weights is None and len(config.exit_layers) == 1:
@@ -105,16 +111,26 @@ class EdgeTrainer(Trainer):
 
     def calibrate_exit_weights(self, dataset: Any = None) -> list[float]:
         """Fit the adapter's `exit_weights` (for `voting="weighted"`) on `dataset` or `eval_dataset`."""
-        dataloader = self.get_eval_dataloader(dataset)
+        batches = (self._prepare_inputs(batch) for batch in self.get_eval_dataloader(dataset))
+        return self._in_eval_mode(self.tuner.calibrate_exit_weights, batches)
+
+    def select_exits(self, num_batches: int = SELECTION_BATCHES) -> list[int]:
+        """Keep only the exits that predict (`EdgeLLMConfig.select_exits`), scored on the first
+        `num_batches` training batches; `train()` calls this before the first step."""
+        batches = (self._prepare_inputs(b) for b in islice(self.get_train_dataloader(), num_batches))
+        return self._in_eval_mode(self.tuner.select_exits, batches)
+
+    def _in_eval_mode(self, fn: Any, batches: Any) -> Any:
+        """`fn(batches, all_reduce_sum)` with the model in eval mode; every process gets the result
+        of all processes' batches."""
         model = self.model
         was_training = model.training
         model.eval()
+        reduce = None
+        if self.accelerator.num_processes > 1:
+            reduce = lambda tensor: self.accelerator.reduce(tensor, reduction="sum")  # noqa: E731
         try:
-            batches = (self._prepare_inputs(batch) for batch in dataloader)
-            reduce = None
-            if self.accelerator.num_processes > 1:
-                reduce = lambda tensor: self.accelerator.reduce(tensor, reduction="sum")  # noqa: E731
-            return self.tuner.calibrate_exit_weights(batches, all_reduce_sum=reduce)
+            return fn(batches, all_reduce_sum=reduce)
         finally:
             model.train(was_training)
 

@@ -11,6 +11,8 @@ EXIT_SAMPLING_RULES = ("curriculum", "round_robin", "uniform")
 VOTING_RULES = ("last", "mean", "weighted", "confidence")
 WINDOW_INPUTS = ("adapted", "backbone")
 EXIT_HEADS = ("shared", "norm", "lora")
+# An exit whose weight in a vote fitted before training is below this gets no steps (select_exits).
+MIN_EXIT_WEIGHT = 0.05
 
 
 @dataclass
@@ -24,10 +26,18 @@ class EdgeLLMConfig(LoraConfig):
     output through the final norm and LM head, and the exits vote.
 
     Args:
-        exit_layers (`list[int]`, *optional*):
+        exit_layers (`list[int]` or `"auto"`, *optional*):
             0-based decoder-layer indices with an exit. The exit at layer `i` reads the hidden state
             that layer `i` outputs. The last layer is always an exit (added when missing). `None`
             spaces exits `backprop_depth` layers apart from the top, so the windows tile the model.
+            `"auto"`: those same exits are candidates, and `EdgeTrainer` keeps only the ones that
+            predict (see `select_exits`).
+        select_exits (`bool`):
+            Before the first training step, `EdgeTrainer` scores every exit on a few training
+            batches and keeps only those whose weight in a vote fitted to those batches is at least
+            `MIN_EXIT_WEIGHT` (the last exit always stays), so no steps go to exits that cannot
+            predict (the intermediate exits of small models). Set by `exit_layers="auto"`; the
+            saved adapter holds the exits that were kept.
         backprop_depth (`int`, *optional*):
             How many decoder layers, ending at the active exit, receive gradients. `None` picks the
             largest gap between consecutive exits (so the windows cover every layer), or a quarter of
@@ -72,8 +82,12 @@ class EdgeLLMConfig(LoraConfig):
             the model compute its loss from full logits.
     """
 
-    exit_layers: list[int] | None = field(
-        default=None, metadata={"help": "0-based decoder layers with an exit; the last layer is always one."}
+    exit_layers: list[int] | Literal["auto"] | None = field(
+        default=None,
+        metadata={"help": "0-based decoder layers with an exit (the last layer is always one), or 'auto'."},
+    )
+    select_exits: bool = field(
+        default=False, metadata={"help": "Keep only the exits that predict, scored before training."}
     )
     backprop_depth: int | None = field(
         default=None, metadata={"help": "Decoder layers, ending at the active exit, that receive gradients."}
@@ -125,8 +139,12 @@ class EdgeLLMConfig(LoraConfig):
             raise ValueError(
                 f"EdgeLLMConfig.task_type must be 'CAUSAL_LM' (exits read through the LM head), got {self.task_type!r}."
             )
+        if self.exit_layers == "auto":
+            self.exit_layers, self.select_exits = None, True
         if self.exit_layers is not None:
             self.exit_layers = _check_exit_layers(self.exit_layers)
+        if not isinstance(self.select_exits, bool):
+            raise ValueError(f"EdgeLLMConfig.select_exits must be True or False, got {self.select_exits!r}.")
         if self.backprop_depth is not None:
             _check_positive_int("backprop_depth", self.backprop_depth)
         _check_choice("exit_sampling", self.exit_sampling, EXIT_SAMPLING_RULES)

@@ -17,7 +17,7 @@ from peft import LoraModel
 from torch import nn
 
 from edge_llm.modeling import find_decoder_parts
-from edge_llm.tuner.config import EdgeLLMConfig
+from edge_llm.tuner.config import MIN_EXIT_WEIGHT, EdgeLLMConfig
 from edge_llm.tuner.control import ExitController
 from edge_llm.tuner.exits import build_exit_heads, exit_for_step, resolve_exits, window
 from edge_llm.tuner.loss import auto_chunk_size, shift_for_causal_lm
@@ -115,7 +115,8 @@ class EdgeLLMModel(LoraModel):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self.exit_heads.pop(adapter_name, None)
+        if adapter_name in self.exit_heads:  # ModuleDict.pop takes no default
+            del self.exit_heads[adapter_name]
 
     # ------------------------------------------------------------------ exits
 
@@ -202,6 +203,34 @@ class EdgeLLMModel(LoraModel):
         for start in range(0, targets.numel(), chunk_size):
             span = slice(start, start + chunk_size)
             yield targets[span], {layer: self.exit_logits(layer, h[span]) for layer, (h, _) in flat.items()}
+
+    def select_exits(
+        self,
+        batches: Iterable[dict[str, torch.Tensor]],
+        all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> list[int]:
+        """Keep only the exits that predict: fit vote weights on `batches` (with `labels`) and drop
+        every exit below the last whose weight is under `MIN_EXIT_WEIGHT`, with its exit head.
+
+        Call before training (the optimizer must not hold the dropped heads). Returns the kept exits.
+        """
+        config = self.active_edge_config
+        candidates = list(config.exit_layers)
+        weights = self.calibrate_exit_weights(batches, all_reduce_sum)
+        kept = [e for e, w in zip(candidates, weights, strict=True) if w >= MIN_EXIT_WEIGHT or e == candidates[-1]]
+        heads = self.exit_heads[self.active_adapters[0]]
+        for layer in set(candidates) - set(kept):
+            if str(layer) in heads:  # ModuleDict.pop takes no default
+                del heads[str(layer)]
+        config.exit_layers, config.exit_weights, config.select_exits = kept, None, False
+        logger.info(
+            "Exit selection: kept exits %s of %s (fitted weights %s; an exit needs %.2f)",
+            kept,
+            candidates,
+            [round(w, 4) for w in weights],
+            MIN_EXIT_WEIGHT,
+        )
+        return kept
 
     @torch.no_grad()
     def calibrate_exit_weights(
