@@ -98,3 +98,66 @@ def test_bad_pruning_and_quantization_arguments():
         prune_mask(weight, 0.5, "wanda")
     with pytest.raises(ValueError, match=r"bits must be one of \(2, 3, 4, 5, 6, 7, 8\)"):
         quantize_rtn(weight, 1, 4)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_kernel_matches_the_dequantized_reference(bits, group_size):
+    from edge_llm.luc import LUCLinear
+
+    torch.manual_seed(bits * group_size)
+    linear = torch.nn.Linear(256, 48)
+    layer = LUCLinear.from_linear(linear, bits, 0.0, group_size, quantize_rtn(linear.weight.detach(), bits, group_size))
+    packed = layer.int4_weight()
+    assert packed is not None and packed.group_size == group_size
+    x = torch.randn(3, 5, 256)
+    reference = x @ layer.dequantize_weight(torch.float32).t() + layer.bias
+    got = layer(x)
+    assert got.dtype == torch.float32 and got.shape == (3, 5, 48)
+    # The codes enter unchanged; scales, offsets and activations are rounded to bfloat16.
+    assert ((got - reference).norm() / reference.norm()).item() < 5e-3  # measured: 0.0028-0.0034
+    layer.use_kernel = False
+    torch.testing.assert_close(layer(x), reference)
+
+
+def test_int4_layout_is_built_once_and_rebuilt_when_the_stored_codes_change():
+    from edge_llm.luc import LUCLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 16, bias=False)
+    layer = LUCLinear.from_linear(linear, 4, 0.0, 32, quantize_rtn(linear.weight.detach(), 4, 32))
+    first = layer.int4_weight()
+    assert layer.int4_weight() is first
+    other = LUCLinear.from_linear(linear, 4, 0.0, 32, quantize_rtn(2 * linear.weight.detach(), 4, 32))
+    layer.load_state_dict(other.state_dict())
+    assert layer.int4_weight() is not first
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(layer(x), other(x))
+
+
+def test_layers_the_int4_kernel_does_not_fit_keep_the_dequantize_path():
+    from edge_llm.luc import LUCLinear
+    from edge_llm.luc.prune import prune_mask
+
+    weight = torch.randn(32, 64)
+    linear = torch.nn.Linear(64, 32, bias=False)
+    linear.weight.data = weight
+    eight_bit = LUCLinear.from_linear(linear, 8, 0.0, 32, quantize_rtn(weight, 8, 32))
+    mask = prune_mask(weight, 0.5, "magnitude")
+    pruned = LUCLinear.from_linear(linear, 4, 0.5, 32, quantize_rtn(weight, 4, 32, mask), mask)
+    small_groups = LUCLinear.from_linear(linear, 4, 0.0, 16, quantize_rtn(weight, 4, 16))
+    x = torch.randn(4, 64)
+    for layer in (eight_bit, pruned, small_groups):
+        assert layer.int4_weight() is None
+        torch.testing.assert_close(layer(x), x @ layer.dequantize_weight().t())
+
+
+def test_training_through_an_int4_layer_gets_the_dequantized_input_gradient():
+    from edge_llm.luc import LUCLinear
+
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(128, 64, bias=False)
+    layer = LUCLinear.from_linear(linear, 4, 0.0, 64, quantize_rtn(linear.weight.detach(), 4, 64))
+    x = torch.randn(6, 128, requires_grad=True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(6, 64) @ layer.dequantize_weight())

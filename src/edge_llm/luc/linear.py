@@ -10,9 +10,11 @@ Stored tensors (the state-dict keys of the module):
 - `weight_mask`: which weights were kept, one bit each, packed (absent when nothing was pruned).
 - `bias`: unchanged.
 
-The forward pass dequantizes the weight and runs a dense matmul (the CPU reference path). Under
-autograd the dense weight is not kept for the backward pass but dequantized again, so a
-compressed, frozen layer costs no weight-sized memory in training.
+Layers of at most 4 bits that are not pruned compute through PyTorch's fused int4 kernel (see
+`kernels.py`; its layout is built from the stored codes on the first call on a device and kept),
+in bfloat16 with the result in the input's dtype. Other layers dequantize the weight and run a
+dense matmul. Under autograd the dense weight is not kept for the backward pass but dequantized
+again, so a compressed, frozen layer costs no weight-sized memory in training.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edge_llm.luc.kernels import Int4Weight, int4_available, int4_fits, int4_matmul, to_int4
 from edge_llm.luc.pack import pack_bits, packed_size, unpack_bits
 from edge_llm.luc.quantize import GroupQuantized, check_bits, dequantize
 
@@ -36,7 +39,7 @@ class _CompressedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: LUCLinear) -> torch.Tensor:
         ctx.layer = layer
-        return x @ layer.dequantize_weight(x.dtype).t()
+        return layer.matmul(x)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -44,7 +47,13 @@ class _CompressedMatmul(torch.autograd.Function):
 
 
 class LUCLinear(nn.Module):
-    """A compressed Linear: `bits`-bit group-wise quantized and `sparsity`-pruned weights."""
+    """A compressed Linear: `bits`-bit group-wise quantized and `sparsity`-pruned weights.
+
+    `use_kernel` (class or instance attribute): compute through the fused int4 kernel where the
+    layer fits it (default); `False` always dequantizes (the reference path).
+    """
+
+    use_kernel: bool = True
 
     def __init__(
         self,
@@ -77,6 +86,8 @@ class LUCLinear(nn.Module):
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+        # (key of the stored tensors it was built from, layout): see `int4_weight`.
+        self._int4: tuple[tuple, Int4Weight] | None = None
 
     @classmethod
     def from_linear(
@@ -148,11 +159,34 @@ class LUCLinear(nn.Module):
             return codes.view(rows, columns)
         return torch.zeros(rows, columns, dtype=torch.uint8, device=codes.device).masked_scatter_(mask, codes)
 
+    def int4_weight(self) -> Int4Weight | None:
+        """This layer in the int4 kernel's layout, or None where the kernel does not fit it.
+
+        Built from the stored codes on first use and kept; rebuilt when the stored tensors change
+        (loading a state dict, moving to another device)."""
+        if not (
+            self.use_kernel
+            and int4_fits(self.bits, self.sparsity, self.group_size, self.in_features, self.out_features)
+            and int4_available(self.weight.device)
+        ):
+            return None
+        stored = (self.weight, self.weight_scales, self.weight_zeros)
+        key = tuple((t.data_ptr(), t._version, t.device) for t in stored)
+        if self._int4 is None or self._int4[0] != key:
+            self._int4 = (key, to_int4(self.codes(), self.weight_scales, self.weight_zeros, self.group_size, self.bits))
+        return self._int4[1]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """`x @ W^T` without the bias, through the int4 kernel where it fits."""
+        packed = self.int4_weight()
+        if packed is not None:
+            return int4_matmul(x, packed)
+        return x @ self.dequantize_weight(x.dtype).t()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            out = _CompressedMatmul.apply(x, self)
-        else:
-            out = x @ self.dequantize_weight(x.dtype).t()
+        # Under autograd the weight is not saved for backward but dequantized again there.
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
+        out = _CompressedMatmul.apply(x, self) if needs_grad else self.matmul(x)
         return out + self.bias.to(out.dtype) if self.bias is not None else out
 
     def storage_bytes(self) -> int:
