@@ -241,7 +241,83 @@ def part_cost_model(args: argparse.Namespace) -> dict:
     return results
 
 
-PARTS = {"tuning": part_tuning, "luc_kernels": part_luc_kernels, "cost_model": part_cost_model}
+def part_luc_model(args: argparse.Namespace) -> dict:
+    """The whole model: dense bf16 against LUC 4-bit through the int4 kernel and through the
+    dequantize path: greedy decoding, prefill, and an edge-llm training step over the base."""
+    import copy
+
+    from peft import get_peft_model
+
+    from edge_llm import EdgeLLMConfig
+    from edge_llm.luc import CompressionMethod, LUCLinear, compress_model
+
+    cuda = args.device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    dense, _ = load_model(args.model, dtype, args.device)
+    dense.eval()
+    layers = dense.config.num_hidden_layers
+    kernel = copy.deepcopy(dense)
+    compress_model(kernel, [(4, 0.0)] * layers, CompressionMethod(64, "rtn", "magnitude"), progress=False)
+    dequantize = copy.deepcopy(kernel)
+    for module in dequantize.modules():
+        if isinstance(module, LUCLinear):
+            module.use_kernel = False
+    variants = {"dense": dense, "luc4_int4_kernel": kernel, "luc4_dequantize": dequantize}
+    vocab = dense.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (1, 16), generator=generator).to(args.device)
+    prefill = torch.randint(0, vocab, (1, 256 if not args.smoke else 32), generator=generator).to(args.device)
+    batch, seq = (8, 1024) if not args.smoke else (2, 64)
+    train = torch.randint(0, vocab, (batch, seq), generator=generator).to(args.device)
+    new_tokens = 64 if not args.smoke else 4
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def timed(fn) -> float:
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - start
+
+    def step(model) -> None:
+        with model.exit_at(layers - 1), torch.autocast(args.device, dtype=dtype, enabled=cuda):
+            model(input_ids=train, labels=train).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    results: dict[str, dict[str, list[float]]] = {
+        n: {"decode_tok_s": [], "prefill_s": [], "step_s": []} for n in variants
+    }
+    for name, model in variants.items():
+        tuned = get_peft_model(
+            copy.deepcopy(model),
+            EdgeLLMConfig(r=8, target_modules=TARGETS, exit_layers=[layers - 1], backprop_depth=default_depth(layers)),
+        )
+        with torch.no_grad():
+            for round_index in range(4):  # round 0 warms up
+                decode = timed(
+                    lambda model=model: model.generate(
+                        prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+                    )
+                )
+                prefill_s = timed(lambda model=model: model(input_ids=prefill, use_cache=False))
+                with torch.enable_grad():
+                    step_s = timed(lambda tuned=tuned: step(tuned))
+                if round_index:
+                    results[name]["decode_tok_s"].append(new_tokens / decode)
+                    results[name]["prefill_s"].append(prefill_s)
+                    results[name]["step_s"].append(step_s)
+        del tuned
+        _free()
+        log(f"luc model: {name} done")
+    return {"model": args.model, "new_tokens": new_tokens, "train_batch": [batch, seq], "results": results}
+
+
+PARTS = {
+    "tuning": part_tuning,
+    "luc_kernels": part_luc_kernels,
+    "cost_model": part_cost_model,
+    "luc_model": part_luc_model,
+}
 
 
 def main() -> None:

@@ -357,3 +357,17 @@ def test_delete_adapter_removes_its_weights_and_exit_heads():
     assert not any("other" in name for name, _ in model.named_parameters())
     with torch.no_grad():
         assert model(input_ids=batch()).logits.shape == (2, 12, VOCAB)
+
+
+@pytest.mark.parametrize("window_input", ["backbone", "adapted"])
+def test_disable_adapter_gives_the_plain_base_model_whatever_the_voting_rule(window_input):
+    # A DPO-style reference pass: no adapters, no exits, no vote.
+    model = make("llama", num_layers=6, exit_layers=[1, 3], window_input=window_input, voting="weighted")
+    x = batch()
+    base_logits = tiny_model("llama", 6)(input_ids=x).logits
+    with torch.no_grad(), model.disable_adapter():
+        torch.testing.assert_close(model(input_ids=x).logits, base_logits)
+        base_loss = tiny_model("llama", 6)(input_ids=x, labels=x).loss
+        torch.testing.assert_close(model(input_ids=x, labels=x).loss, base_loss)
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=x).logits.float(), base_logits, atol=1e-3)

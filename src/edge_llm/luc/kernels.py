@@ -11,9 +11,9 @@ shifted up by a whole number per group, `(q + c) - (z + c)`, so that `z + c` sit
 offset `m` near 0, where its bfloat16 rounding costs least.
 
 The kernel reads the weight once per call instead of expanding it to a dense float matrix first,
-which is what makes compressed layers faster than dense ones at decoding and prefill. Layers it
-does not fit (more than 4 bits, pruned layers, group sizes it has no tiles for) keep LUC's
-dequantize-then-matmul path.
+which is what makes compressed layers faster than dense ones at decoding. Layers it does not fit
+(more than 4 bits, pruned layers, group sizes it has no tiles for) and calls with more than
+`INT4_MAX_ROWS` rows keep LUC's dequantize-then-matmul path.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ import torch
 # Group sizes the int4 kernels are built for.
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT4_MAX_BITS = 4
+# The int4 kernels are built for few rows (decoding, small batches). With more rows, expanding the
+# weight once and running the dense matmul is faster (on an H200, tinygemm takes 2.4x the dequantize
+# path at 2,048 rows and is 1.5x faster at 256; see docs/results.md).
+INT4_MAX_ROWS = 256
 
 
 @dataclass(frozen=True)

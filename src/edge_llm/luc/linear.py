@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edge_llm.luc.kernels import Int4Weight, int4_available, int4_fits, int4_matmul, to_int4
+from edge_llm.luc.kernels import INT4_MAX_ROWS, Int4Weight, int4_available, int4_fits, int4_matmul, to_int4
 from edge_llm.luc.pack import pack_bits, packed_size, unpack_bits
 from edge_llm.luc.quantize import GroupQuantized, check_bits, dequantize
 
@@ -178,7 +178,7 @@ class LUCLinear(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """`x @ W^T` without the bias, through the int4 kernel where it fits."""
-        packed = self.int4_weight()
+        packed = self.int4_weight() if x.numel() <= INT4_MAX_ROWS * self.in_features else None
         if packed is not None:
             return int4_matmul(x, packed)
         return x @ self.dequantize_weight(x.dtype).t()

@@ -103,6 +103,9 @@ class ExitController:
         config = self.tuner.active_edge_config
         return_exit_logits = bool(kwargs.pop("return_exit_logits", False))
         return_exit_states = bool(kwargs.pop("return_exit_states", False))
+        if self.lora_modules and all(m.disable_adapters for modules in self.lora_modules for m in modules):
+            # `disable_adapter()`: the plain base model (e.g. the reference pass of DPO), no exits.
+            return args, kwargs
         exit_layer = self.tuner.active_exit
         state = _Pass(
             exits=list(config.exit_layers),
