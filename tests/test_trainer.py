@@ -187,3 +187,23 @@ def test_exit_selection_on_real_scores_always_keeps_the_last_exit(tmp_path):
     kept = trainer.select_exits()
     assert kept[-1] == 7 and set(kept) <= {1, 3, 5, 7}
     assert model.peft_config["default"].exit_layers == kept and model.peft_config["default"].exit_weights is None
+
+
+def test_weighted_voting_without_data_to_fit_on_warns_loudly(tmp_path):
+    model = edge_model(voting="weighted")
+    trainer = EdgeTrainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=counting_dataset())
+    with pytest.warns(UserWarning, match="exit weights of exits \\[3, 7\\] were not fitted"):
+        trainer.train()
+    assert model.peft_config["default"].exit_weights is None
+
+
+def test_negligible_fitted_weights_leave_the_vote(monkeypatch):
+    import edge_llm.tuner.model as tuner_model
+
+    model = edge_model(exit_layers=[1, 3, 7], voting="weighted")
+    monkeypatch.setattr(tuner_model, "fit_exit_weights", lambda log_probs, all_reduce_sum=None: [0.004, 0.3, 0.696])
+    x = counting_dataset(rows=2)[:]
+    batch = {"input_ids": torch.tensor(x["input_ids"]), "labels": torch.tensor(x["labels"])}
+    weights = model.calibrate_exit_weights([batch])
+    assert weights[0] == 0.0 and sum(weights) == pytest.approx(1.0)
+    assert weights[1] == pytest.approx(0.3 / 0.996)

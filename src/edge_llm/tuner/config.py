@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -130,8 +131,13 @@ class EdgeLLMConfig(LoraConfig):
 
     def _validate(self) -> None:
         _check_positive_int("r", self.r)
-        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool) or self.lora_alpha <= 0:
-            raise ValueError(f"EdgeLLMConfig.lora_alpha must be a positive number, got {self.lora_alpha!r}.")
+        if (
+            not isinstance(self.lora_alpha, (int, float))
+            or isinstance(self.lora_alpha, bool)
+            or not math.isfinite(self.lora_alpha)
+            or self.lora_alpha <= 0
+        ):
+            raise ValueError(f"EdgeLLMConfig.lora_alpha must be a positive, finite number, got {self.lora_alpha!r}.")
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
             raise ValueError(f"EdgeLLMConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         _check_choice("bias", self.bias, ("none", "all", "lora_only"))
@@ -194,11 +200,12 @@ def _check_exit_weights(weights: object) -> list[float]:
     values = list(weights) if hasattr(weights, "__iter__") and not isinstance(weights, str) else None
     if (
         not values
-        or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 for w in values)
+        or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf for w in values)
         or sum(values) <= 0
     ):
         raise ValueError(
-            f"EdgeLLMConfig.exit_weights must be non-negative numbers, one per exit, not all zero; got {weights!r}."
+            "EdgeLLMConfig.exit_weights must be finite, non-negative numbers, one per exit, not all zero; "
+            f"got {weights!r}."
         )
     total = float(sum(values))
     return [float(w) / total for w in values]

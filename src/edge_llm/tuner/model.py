@@ -241,8 +241,10 @@ class EdgeLLMModel(LoraModel):
         """Fit `exit_weights` for `voting="weighted"` on held-out batches (with `labels`).
 
         Each exit's probability of the true next token is collected from voting passes, and the
-        mixture weights that maximise the held-out likelihood are fitted (see `fit_exit_weights`).
-        The weights are stored in the adapter config (saved with the adapter) and returned.
+        mixture weights that maximise the held-out likelihood are fitted (see `fit_exit_weights`);
+        exits whose weight is below `MIN_EXIT_WEIGHT` are then left out of the vote (weight 0, so
+        they cost nothing at inference) and the rest renormalised. The weights are stored in the
+        adapter config (saved with the adapter) and returned.
         """
         rows = []
         for batch in batches:
@@ -259,6 +261,11 @@ class EdgeLLMModel(LoraModel):
                 )
         log_probs = torch.cat(rows, dim=1) if rows else torch.zeros(len(self.exit_layers), 0)
         weights = fit_exit_weights(log_probs, all_reduce_sum=all_reduce_sum)
+        # A negligible weight still costs its exit's head (and window) at every inference, and lets a
+        # confident but wrong exit tip near-ties: such exits leave the vote.
+        kept = [w if w >= MIN_EXIT_WEIGHT else 0.0 for w in weights]
+        if sum(kept) > 0:
+            weights = [w / sum(kept) for w in kept]
         self.active_edge_config.exit_weights = weights
         logger.info("Exit weights for weighted voting (exits %s): %s", self.exit_layers, [round(w, 4) for w in weights])
         return weights
