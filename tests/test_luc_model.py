@@ -1,5 +1,6 @@
 """LUC on whole models: LUCLinear, profiling, transformers/Optimum integration, tuning on top."""
 
+import json
 import subprocess
 import sys
 
@@ -229,3 +230,18 @@ def test_missing_calibration_data_is_a_clear_error(base_dir):
         AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=LUCConfig())
     with pytest.raises(ValueError, match="also pass the tokenizer"):
         AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=LUCConfig(dataset=["some text"]))
+
+
+def test_a_checkpoint_whose_policy_is_a_path_is_refused_without_reading_it(base_dir, tmp_path):
+    policy = LUCPolicy([(8, 0.0)] * 4, CompressionMethod(16, "rtn", "magnitude"))
+    AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=LUCConfig(policy=policy)).save_pretrained(
+        tmp_path / "luc"
+    )
+    config_path = tmp_path / "luc" / "config.json"
+    config = json.loads(config_path.read_text())
+    outside = tmp_path / "elsewhere.json"
+    policy.save(outside)
+    config["quantization_config"]["policy"] = str(outside)  # a tampered checkpoint pointing outside its folder
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="policy must be the LUC policy itself"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "luc")

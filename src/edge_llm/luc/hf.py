@@ -152,6 +152,18 @@ class LUCConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict[str, Any]:
         return {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in _RUNTIME_FIELDS}
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        """The config as a checkpoint's `config.json` stores it. Its policy must be inline: a path
+        there would let a downloaded checkpoint make `from_pretrained` read any file."""
+        policy = config_dict.get("policy")
+        if policy is not None and not isinstance(policy, dict):
+            raise ValueError(
+                "The checkpoint's quantization_config.policy must be the LUC policy itself (a JSON object), "
+                f"got {type(policy).__name__} {str(policy)[:80]!r}; re-save the model with edge-llm."
+            )
+        return super().from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
 
 def _policy_of(config: LUCConfig) -> LUCPolicy:
     return LUCPolicy.from_dict(config.policy)
