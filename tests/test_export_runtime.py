@@ -1,5 +1,6 @@
 """Bundles: export, verification, the reference executor, and GGUF lowering."""
 
+import importlib
 import json
 
 import numpy as np
@@ -159,6 +160,57 @@ def test_corrupt_or_foreign_bundles_are_rejected(tmp_path):
         verify_bundle(out)
     with pytest.raises(FileNotFoundError, match="not an edge-llm bundle"):
         verify_bundle(tmp_path)
+
+
+def test_a_manifest_cannot_reach_outside_its_bundle_nor_leave_files_unverified(tmp_path):
+    model = adapted_model()
+    plan = schedule(model, cpu_device(10**9), Workload(prompt_tokens=8), edge_config=model.peft_config["default"])
+    out = export(model, plan, tmp_path / "bundle")
+    manifest = json.loads((out / "manifest.json").read_text())
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not the bundle's")
+    entry = {"bytes": outside.stat().st_size, "sha256": "0" * 64}
+    for name in ("../secret.txt", str(outside)):
+        (out / "manifest.json").write_text(json.dumps({**manifest, "files": {**manifest["files"], name: entry}}))
+        with pytest.raises(ValueError, match="outside the bundle"):
+            verify_bundle(out)
+    # Unlisting the weights (and then editing them) is caught: every file must be verified.
+    files = {k: v for k, v in manifest["files"].items() if k != "model.safetensors"}
+    (out / "manifest.json").write_text(json.dumps({**manifest, "files": files}))
+    with pytest.raises(ValueError, match=r"model\.safetensors is not in the manifest"):
+        verify_bundle(out)
+    (out / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"does not list model\.safetensors"):
+        verify_bundle(out)
+
+
+def test_overwrite_replaces_a_bundle_whole_and_an_interrupted_export_keeps_the_old_one(tmp_path, monkeypatch):
+    bundle_module = importlib.import_module("edge_llm.export.bundle")  # `edge_llm.export` is also a function
+
+    model = adapted_model()
+    plan = schedule(model, cpu_device(10**9), Workload(prompt_tokens=8), edge_config=model.peft_config["default"])
+    out = export(model, plan, tmp_path / "bundle")
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # the user stops the export half-way: weights written, manifest not
+
+    monkeypatch.setattr(bundle_module, "_write_manifest", crash)
+    with pytest.raises(KeyboardInterrupt):
+        export(model, plan, out, overwrite=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no partial folder left behind
+    verify_bundle(out)
+    (out / "leftover.gguf").write_bytes(b"from an older export")
+    export(model, plan, out, overwrite=True)
+    assert not (out / "leftover.gguf").exists()
+    verify_bundle(out)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not an edge-llm bundle"):
+        export(model, plan, tmp_path / "mine", overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_kernels_compute_what_the_compressed_layer_computes():

@@ -16,6 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "edge-llm/bundle"
 BUNDLE_VERSION = 1
+# Files every bundle has; `verify_bundle` refuses a manifest that does not list them.
+REQUIRED_FILES = ("model.safetensors", "config.json", "schedule.json")
 
 
 def _sha256(path: Path) -> str:
@@ -106,19 +111,52 @@ def export(
 ) -> Path:
     """Write `model` (LUC-compressed, with or without an Edge-LLM adapter) and `schedule` as a bundle.
 
-    Refuses to write into a non-empty `out_dir` unless `overwrite=True` (then only the bundle's own
-    files are replaced). With `gguf=True` also lowers the model to GGUF for llama.cpp (tokenizer
-    metadata from `gguf_reference`, a GGUF of the same base model, or from `tokenizer`).
-    With `dtype` (e.g. `torch.bfloat16` for a model tuned in float32 on a CPU) the float32 tensors LUC
-    left uncompressed (embeddings, norms) are stored in it; the default keeps them as they are.
+    Refuses to write into a non-empty `out_dir`; `overwrite=True` replaces an existing bundle there
+    as a whole (a non-empty folder that is not a bundle is always refused). The bundle is written
+    into a new folder beside `out_dir` and switched in only when complete, so an interrupted export
+    leaves the previous bundle as it was. With `gguf=True` also lowers the model to GGUF for
+    llama.cpp (tokenizer metadata from `gguf_reference`, a GGUF of the same base model, or from
+    `tokenizer`). With `dtype` (e.g. `torch.bfloat16` for a model tuned in float32 on a CPU) the
+    float32 tensors LUC left uncompressed (embeddings, norms) are stored in it; the default keeps
+    them as they are.
     """
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} is not empty; choose a new directory or pass overwrite=True.")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise FileExistsError(f"{out} is not empty; choose a new directory or pass overwrite=True.")
+        if not (out / "manifest.json").is_file():
+            raise FileExistsError(
+                f"{out} is not empty and is not an edge-llm bundle; overwrite=True only replaces a bundle. "
+                "Choose a new directory."
+            )
     base, edge_config = _edge_parts(model)
     _check_schedule_matches(base, schedule)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        _write_bundle(
+            staging, model, base, edge_config, schedule, merge_adapters, tokenizer, gguf, gguf_reference, dtype
+        )
+        _switch_in(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("Exported bundle to %s", out)
+    return out
 
+
+def _write_bundle(
+    out: Path,
+    model: nn.Module,
+    base: nn.Module,
+    edge_config: Any,
+    schedule: Schedule,
+    merge_adapters: bool,
+    tokenizer: Any,
+    gguf: bool,
+    gguf_reference: str | Path | None,
+    dtype: torch.dtype | None,
+) -> None:
     merged = False
     if edge_config is not None and merge_adapters:
         model.merge_adapter()
@@ -137,13 +175,27 @@ def export(
         tokenizer.save_pretrained(out)
     if edge_config is not None:
         adapter_dir = out / "adapter"
-        model.save_pretrained(adapter_dir)  # replaces the adapter's own files, nothing else
+        model.save_pretrained(adapter_dir)
         if merged:  # the LoRA deltas live in model.safetensors; keep only the exit heads
             _keep_only_exit_heads(adapter_dir)
     schedule.save(out / "schedule.json")
     _write_manifest(out, base, edge_config, merged)
-    logger.info("Exported bundle to %s", out)
-    return out
+
+
+def _switch_in(staging: Path, out: Path) -> None:
+    """Make the complete bundle in `staging` the one at `out`: its files reach the disk first, then
+    two renames replace the old bundle (kept aside under a hidden name until the new one is in)."""
+    for file in staging.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    previous = None
+    if out.exists():
+        previous = out.with_name(f".{out.name}.previous-{os.getpid()}")
+        os.replace(out, previous)
+    os.replace(staging, out)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 def _keep_only_exit_heads(adapter_dir: Path) -> None:
@@ -202,10 +254,36 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
             f"Bundle format version {manifest.get('version')!r} is not supported (this edge-llm reads version "
             f"{BUNDLE_VERSION})."
         )
-    for name, entry in manifest["files"].items():
-        file = root / name
-        if not file.exists():
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ValueError(f"{manifest_path} lists no files: the bundle is incomplete; export it again.")
+    inside = root.resolve()
+    for name, entry in files.items():
+        file = (root / name).resolve()
+        # A manifest names files of its own bundle only: no absolute paths, no way out through "..".
+        if Path(name).is_absolute() or not file.is_relative_to(inside):
+            raise ValueError(f"{manifest_path} names {name!r}, which is outside the bundle; refusing it.")
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("bytes"), int)
+            or not isinstance(entry.get("sha256"), str)
+            or len(entry["sha256"]) != 64
+        ):
+            raise ValueError(
+                f"{manifest_path}: the entry of {name!r} needs an integer 'bytes' and a SHA-256 hex digest."
+            )
+        if not file.is_file():
             raise ValueError(f"Bundle file {name} is missing.")
         if file.stat().st_size != entry["bytes"] or _sha256(file) != entry["sha256"]:
             raise ValueError(f"Bundle file {name} does not match its manifest (corrupt or modified).")
+    listed = {(root / name).resolve() for name in files}
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json"):
+        if file.resolve() not in listed:
+            raise ValueError(
+                f"Bundle file {file.relative_to(root)} is not in the manifest, so it cannot be verified: remove it "
+                "or export the bundle again."
+            )
+    for required in REQUIRED_FILES:
+        if required not in files:
+            raise ValueError(f"{manifest_path} does not list {required}: the bundle is incomplete; export it again.")
     return manifest
