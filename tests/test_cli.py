@@ -81,3 +81,15 @@ def test_errors_are_one_clear_line(tiny_dir, tmp_path, capsys):
     (tmp_path / "b" / "keep.txt").write_text("mine")
     assert run("export", tiny_dir, "--out", tmp_path / "b", "--prompt-tokens", "16") == 2
     assert "is not empty" in capsys.readouterr().err and (tmp_path / "b" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", ["profile", "compress", "tune", "export", "demo"])
+def test_no_command_writes_over_earlier_output_without_overwrite(command, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier.txt").write_text("mine")
+    model = [] if command == "demo" else [str(tmp_path / "no-model-needed")]
+    assert run(command, *model, "--out", out) == 2
+    error = capsys.readouterr().err
+    assert f"edge-llm {command}: error:" in error and "pass --overwrite" in error
+    assert (out / "earlier.txt").read_text() == "mine"

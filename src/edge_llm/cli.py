@@ -209,7 +209,14 @@ def _export(args: argparse.Namespace) -> int:
 
         reference = smollm2_135m_gguf()
     export(
-        model, plan, args.out, merge_adapters=args.merge, tokenizer=tokenizer, gguf=args.gguf, gguf_reference=reference
+        model,
+        plan,
+        args.out,
+        merge_adapters=args.merge,
+        tokenizer=tokenizer,
+        gguf=args.gguf,
+        gguf_reference=reference,
+        overwrite=args.overwrite,
     )
     print(plan.summary())
     print(f"bundle -> {args.out}")
@@ -307,7 +314,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="edge-llm-demo", help="where the demo writes its bundle")
     demo.set_defaults(run=_demo)
+    for command in (profile, compress, tune, export, demo):
+        command.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
     return parser
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """Refuse to write over earlier output unless `--overwrite`: one rule for every command, checked
+    before any model is loaded."""
+    out = getattr(args, "out", None)
+    if out is None or args.overwrite:
+        return
+    path = Path(out)
+    if path.is_file() or (path.is_dir() and any(path.iterdir())):
+        raise FileExistsError(f"{path} already exists and is not empty; choose another --out or pass --overwrite.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "peft", "accelerate", "datasets", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
+        _check_output(args)
         return args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError, OSError, KeyError, RuntimeError) as error:
         if args.verbose:
