@@ -89,6 +89,16 @@ def test_profile_is_cached_and_the_search_meets_the_budget(tmp_path, monkeypatch
         model, calibration(), bits=(2, 4, 8), sparsities=(0.0, 0.5), method=METHOD, cache_dir=tmp_path, progress=False
     )
     assert again.damage == profile.damage
+    monkeypatch.undo()
+    # A cache entry cut short (a process killed while writing it, before writes were atomic) is
+    # measured again and replaced, not a crash of every later run.
+    (entry,) = tmp_path.glob("luc-profile-*.json")
+    entry.write_text(entry.read_text()[:40])
+    repaired = profile_sensitivity(
+        model, calibration(), bits=(2, 4, 8), sparsities=(0.0, 0.5), method=METHOD, cache_dir=tmp_path, progress=False
+    )
+    assert repaired.damage == profile.damage and json.loads(entry.read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [entry.name]  # no temporary file left
     policy = profile.search(Budget(avg_bits=4.0, avg_sparsity=0.25))
     assert sum(b for b, _ in policy.layers) <= 16 and sum(s for _, s in policy.layers) >= 1.0
     assert profile.policy_bytes(policy) <= profile.policy_bytes(LUCPolicy([(8, 0.0)] * 4, METHOD))
@@ -245,3 +255,18 @@ def test_a_checkpoint_whose_policy_is_a_path_is_refused_without_reading_it(base_
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="policy must be the LUC policy itself"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "luc")
+
+
+def test_an_interrupted_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    from edge_llm._io import atomic_write_text
+
+    path = tmp_path / "policy.json"
+    atomic_write_text(path, "old")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("os.replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_text(path, "new and longer")
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["policy.json"]

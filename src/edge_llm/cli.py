@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from edge_llm._io import atomic_write_text
+
 logger = logging.getLogger("edge_llm.cli")
 
 
@@ -86,7 +88,7 @@ def _profile(args: argparse.Namespace) -> int:
     tokens = calibration_tokens(texts_of(load_rows(args.data)), tokenizer, args.samples, args.seq_len)
     method = CompressionMethod(args.group_size, args.quant, args.prune, args.structure)
     profile = profile_sensitivity(model, tokens, tuple(args.bits), tuple(args.sparsities), method, args.metric)
-    Path(args.out).write_text(profile.to_json())
+    atomic_write_text(args.out, profile.to_json())
     print(f"sensitivity profile of {len(profile.damage)} layers x {len(profile.candidates)} settings -> {args.out}")
     return 0
 

@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from edge_llm import __version__
+from edge_llm._io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def push_to_hub(
         model.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        (Path(folder) / "README.md").write_text(model_card(model, repo_id))
+        atomic_write_text(Path(folder) / "README.md", model_card(model, repo_id))
         api.create_repo(repo_id, private=private, exist_ok=True)
         info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
     logger.info("Pushed to %s", repo_id)

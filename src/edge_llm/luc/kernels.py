@@ -66,9 +66,7 @@ def _inner_k_tiles(in_features: int) -> int:
     return next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
 
 
-def to_int4(
-    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, bits: int
-) -> Int4Weight:
+def to_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, bits: int) -> Int4Weight:
     """Build the kernel layout from LUC's dense `bits`-bit codes (out x in), float16 scales and
     integer zero-points (out x groups)."""
     scales32 = scales.float()

@@ -25,6 +25,7 @@ from typing import Any
 import jsonschema
 import numpy as np
 
+from edge_llm._io import atomic_write_text
 from edge_llm.luc.compress import CompressionMethod
 from edge_llm.luc.linear import UNQUANTIZED_BITS, kept_per_row
 from edge_llm.luc.pack import packed_size
@@ -71,7 +72,7 @@ class LUCPolicy:
         return cls(layers=layers, method=method, targets=data.get("targets"))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> LUCPolicy:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge_llm._io import atomic_write_text
 from edge_llm.luc.calibration import LayerRunner, input_hessians, iterate, target_linears
 from edge_llm.luc.compress import CompressionMethod, compressed_dense_weight
 from edge_llm.luc.linear import UNQUANTIZED_BITS
@@ -133,8 +134,13 @@ def profile_sensitivity(
     fingerprint = _fingerprint(model, tokens, settings | {"version": _PROFILE_VERSION})
     cache_file = Path(cache_dir) / f"luc-profile-{fingerprint[:24]}.json" if cache_dir is not None else None
     if cache_file is not None and cache_file.exists():
-        logger.info("Using the cached sensitivity profile %s", cache_file)
-        return SensitivityProfile.from_json(cache_file.read_text())
+        try:
+            cached = SensitivityProfile.from_json(cache_file.read_text())
+        except (ValueError, KeyError, TypeError) as error:  # a damaged entry is measured again, not fatal
+            logger.warning("Ignoring the unreadable cached profile %s (%s); profiling again.", cache_file, error)
+        else:
+            logger.info("Using the cached sensitivity profile %s", cache_file)
+            return cached
 
     model_was_training = model.training
     model.eval()
@@ -143,8 +149,7 @@ def profile_sensitivity(
     finally:
         model.train(model_was_training)
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        cache_file.write_text(profile.to_json())
+        atomic_write_text(cache_file, profile.to_json())
     return profile
 
 

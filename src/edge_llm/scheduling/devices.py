@@ -29,6 +29,8 @@ from typing import Any
 
 import jsonschema
 
+from edge_llm._io import atomic_write_text
+
 DEVICE_FORMAT = "edge-llm/device-profile"
 DEVICE_VERSION = 1
 
@@ -94,7 +96,7 @@ class DeviceProfile:
         return cls(**fields)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> DeviceProfile:

@@ -20,6 +20,7 @@ from typing import Any
 import jsonschema
 from torch import nn
 
+from edge_llm._io import atomic_write_text
 from edge_llm.luc.policy import LUCPolicy
 from edge_llm.scheduling.cost import LayerSpec, ModelSpec, Option, Workload, fixed_costs, layer_options
 from edge_llm.scheduling.devices import DeviceProfile
@@ -159,7 +160,7 @@ class Schedule:
         return schedule
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Schedule:
