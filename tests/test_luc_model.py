@@ -270,3 +270,33 @@ def test_an_interrupted_write_leaves_the_previous_file_whole(tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         atomic_write_text(path, "new and longer")
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["policy.json"]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (lambda t, k: t.pop(k["codes"]), "is missing from its safetensors files"),
+        (lambda t, k: t.update({k["codes"]: t[k["codes"]].float()}), "is F32"),
+        (lambda t, k: t.update({k["scales"]: t[k["scales"]][:, :1].contiguous()}), "the policy in config.json implies"),
+        (lambda t, k: t[k["scales"]].view(-1)[0].fill_(float("nan")), "weight_scales holds non-finite"),
+        (lambda t, k: t[k["zeros"]].view(-1)[0].fill_(0.5), "weight_zeros must hold finite whole numbers"),
+        (lambda t, k: t[k["mask"]].view(-1)[0].bitwise_xor_(1), "weight_mask does not keep"),
+    ],
+    ids=["missing-codes", "float-codes", "scales-shape", "nan-scale", "fractional-zero", "mask-popcount"],
+)
+def test_a_damaged_luc_checkpoint_is_refused_naming_the_tensor(base_dir, tmp_path, tamper, message):
+    from safetensors.torch import load_file, save_file
+
+    policy = LUCPolicy([(4, 0.5)] * 4, CompressionMethod(16, "rtn", "magnitude"))
+    AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=LUCConfig(policy=policy)).save_pretrained(
+        tmp_path / "luc"
+    )
+    file = tmp_path / "luc" / "model.safetensors"
+    tensors = load_file(file)
+    prefix = "model.layers.1.mlp.up_proj."
+    keys = {"codes": prefix + "weight", "scales": prefix + "weight_scales", "zeros": prefix + "weight_zeros"}
+    keys["mask"] = prefix + "weight_mask"
+    tamper(tensors, keys)
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "luc")

@@ -24,6 +24,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from edge_llm.assets import cache_dir
 from edge_llm.luc.calibration import calibration_tokens, target_linears
+from edge_llm.luc.checks import check_checkpoint_files, check_loaded_layers
 from edge_llm.luc.compress import CompressionMethod, compress_model
 from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
 from edge_llm.luc.policy import Budget, LUCPolicy
@@ -262,9 +263,13 @@ class LUCHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         if self.pre_quantized:
             replace_with_luc_shells(model, _policy_of(self.quantization_config))
+            if kwargs.get("checkpoint_files"):
+                check_checkpoint_files(model, kwargs["checkpoint_files"])
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        if not self.pre_quantized:
+        if self.pre_quantized:
+            check_loaded_layers(model)
+        else:
             policy = apply_luc(model, self.quantization_config)
             logger.info("LUC policy:\n%s", policy.summary())
         return model

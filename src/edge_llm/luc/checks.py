@@ -1,0 +1,82 @@
+"""Consistency checks of a saved LUC checkpoint against its policy, before any tensor is used.
+
+A LUC layer is only right if its stored tensors agree with each other and with the policy: the
+packed codes' size with the bit-width and kept count, the scales' shape with the group size, the
+mask's popcount with the sparsity. transformers loads whatever tensors a file holds (and leaves
+missing ones uninitialised), so a damaged or edited checkpoint would compute garbage silently.
+These checks name the file, the tensor and what was expected instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from edge_llm.luc.linear import LUCLinear, kept_per_row
+from edge_llm.luc.pack import unpack_bits
+
+_DTYPES = {"U8": torch.uint8, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+def _expected(model: nn.Module) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Every LUC buffer of `model` (built from the policy, before loading): dtype and shape."""
+    expected = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LUCLinear):
+            for buffer_name, buffer in module.named_buffers(recurse=False):
+                expected[f"{name}.{buffer_name}"] = (buffer.dtype, tuple(buffer.shape))
+    return expected
+
+
+def check_checkpoint_files(model: nn.Module, checkpoint_files: Iterable[str | Path]) -> None:
+    """Every LUC tensor the policy implies is in the files, with the dtype and shape it implies
+    (read from the safetensors headers only)."""
+    expected = _expected(model)
+    found: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+    for file in checkpoint_files:
+        if not str(file).endswith(".safetensors"):
+            continue
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle is not a dict)
+                if key in expected:
+                    piece = handle.get_slice(key)
+                    found[key] = (Path(file).name, piece.get_dtype(), tuple(piece.get_shape()))
+    for key, (dtype, shape) in expected.items():
+        if key not in found:
+            raise ValueError(
+                f"LUC checkpoint is incomplete: tensor {key} is missing from its safetensors files; the policy in "
+                "config.json needs it. Re-save the model with edge-llm."
+            )
+        file, stored_dtype, stored_shape = found[key]
+        if _DTYPES.get(stored_dtype) != dtype or stored_shape != shape:
+            raise ValueError(
+                f"LUC checkpoint {file}: tensor {key} is {stored_dtype} {list(stored_shape)}, but the policy in "
+                f"config.json implies {dtype} {list(shape)}. The file and the policy disagree (edited or damaged)."
+            )
+
+
+def check_loaded_layers(model: nn.Module) -> None:
+    """Values the shapes cannot show: finite, positive scales; integer zero-points; a pruning mask
+    that keeps exactly the policy's count in every row."""
+    for name, module in model.named_modules():
+        if not isinstance(module, LUCLinear):
+            continue
+        if hasattr(module, "weight_scales"):
+            scales, zeros = module.weight_scales.float(), module.weight_zeros.float()
+            if not (torch.isfinite(scales).all() and (scales > 0).all()):
+                raise ValueError(f"LUC layer {name}: weight_scales holds non-finite or non-positive values.")
+            if not (torch.isfinite(zeros).all() and torch.equal(zeros, zeros.round())):
+                raise ValueError(f"LUC layer {name}: weight_zeros must hold finite whole numbers.")
+        if module.sparsity > 0:
+            rows, columns = module.out_features, module.in_features
+            mask = unpack_bits(module.weight_mask, 1, rows * columns).view(rows, columns)
+            kept = kept_per_row(columns, module.sparsity)
+            if not (mask.sum(dim=1) == kept).all():
+                raise ValueError(
+                    f"LUC layer {name}: weight_mask does not keep {kept} of {columns} weights in every row, as "
+                    f"sparsity {module.sparsity} implies; the mask and the packed weights disagree."
+                )
