@@ -371,3 +371,39 @@ def test_disable_adapter_gives_the_plain_base_model_whatever_the_voting_rule(win
         torch.testing.assert_close(model(input_ids=x, labels=x).loss, base_loss)
     with torch.no_grad():
         assert not torch.allclose(model(input_ids=x).logits.float(), base_logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("window_input", ["backbone", "adapted"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"num_beams": 2},
+        {"num_beams": 3, "num_return_sequences": 2},
+        {"prompt_lookup_num_tokens": 2},
+        {"do_sample": True, "num_return_sequences": 2},
+    ],
+    ids=["beam", "beam-several", "prompt-lookup", "sampling-several"],
+)
+def test_every_decoding_strategy_gives_the_same_sequences_with_and_without_the_cache(window_input, options):
+    # The exits' own caches must follow every edit generate() makes to the model's cache.
+    model = make("llama", num_layers=6, exit_layers=[1, 3], backprop_depth=2, window_input=window_input, voting="mean")
+    model.eval()
+    prompt = torch.tensor([[5, 17, 42, 5, 17, 42, 5, 17], [7, 8, 9, 7, 8, 9, 7, 8]])
+    if "prompt_lookup_num_tokens" in options:
+        prompt = prompt[:1]  # assisted decoding takes one sequence at a time
+    outputs = []
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        settings = {"do_sample": False, **options}
+        if not use_cache and "prompt_lookup_num_tokens" in settings:
+            del settings["prompt_lookup_num_tokens"]  # needs a cache; greedy decoding is its reference
+        outputs.append(
+            model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=6,
+                use_cache=use_cache,
+                **settings,
+            )
+        )
+    assert torch.equal(outputs[0], outputs[1])

@@ -298,7 +298,10 @@ class ExitController:
             backbone_cache = _find_cache(args, kwargs)
             if backbone_cache is not None:
                 # Each stream keeps its own keys/values: they differ from the backbone's.
-                caches = self._stream_caches.setdefault(backbone_cache, {})
+                caches = self._stream_caches.get(backbone_cache)
+                if caches is None:
+                    caches = self._stream_caches[backbone_cache] = {}
+                    _mirror_cache_edits(backbone_cache, caches)
                 if exit_layer not in caches:
                     caches[exit_layer] = DynamicCache(config=self.tuner.model.config)
                 stream_args, stream_kwargs = _replace_cache(stream_args, stream_kwargs, caches[exit_layer])
@@ -341,6 +344,28 @@ def _replace_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tu
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
+
+
+# What `generate()` does to the model's cache between steps (beam search reorders it, assisted and
+# prompt-lookup decoding crop it, contrastive search selects rows, ...).
+_CACHE_EDITS = ("reorder_cache", "crop", "batch_repeat_interleave", "batch_select_indices", "reset")
+
+
+def _mirror_cache_edits(backbone: Cache, streams: dict[int, Cache]) -> None:
+    """Make every edit `generate()` applies to the backbone's cache apply to the exits' stream
+    caches too, so their keys and values stay aligned with the backbone's rows and positions."""
+    for name in _CACHE_EDITS:
+        original = getattr(backbone, name, None)
+        if original is None:
+            continue
+
+        def edit(*args: Any, _original: Any = original, _name: str = name, **kwargs: Any) -> Any:
+            result = _original(*args, **kwargs)
+            for stream in streams.values():
+                getattr(stream, _name)(*args, **kwargs)
+            return result
+
+        setattr(backbone, name, edit)
 
 
 def _find_cache(args: tuple, kwargs: dict) -> Cache | None:
