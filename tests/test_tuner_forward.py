@@ -407,3 +407,20 @@ def test_every_decoding_strategy_gives_the_same_sequences_with_and_without_the_c
             )
         )
     assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("window_input", ["backbone", "adapted"])
+def test_a_deep_copy_computes_what_the_original_does_and_trains_on_its_own(window_input):
+    import copy
+
+    model = make("llama", num_layers=4, exit_layers=[1], backprop_depth=2, window_input=window_input, voting="mean")
+    twin = copy.deepcopy(model)
+    x = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(input_ids=x).logits, model(input_ids=x).logits)
+        with twin.exit_at(1), model.exit_at(1):
+            torch.testing.assert_close(twin(input_ids=x).logits, model(input_ids=x).logits)
+    twin.train()
+    with twin.exit_at(3):
+        twin(input_ids=x, labels=x).loss.backward()
+    assert any(p.grad is not None for p in twin.parameters()) and all(p.grad is None for p in model.parameters())

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -87,8 +88,8 @@ class ExitController:
             model.register_forward_hook(self._cleanup, with_kwargs=True, always_call=True),
         ]
         for index, layer in enumerate(self.layers):
-            self.handles.append(layer.register_forward_pre_hook(self._layer_pre_hook(index), with_kwargs=True))
-            self.handles.append(layer.register_forward_hook(self._layer_post_hook(index), with_kwargs=True))
+            self.handles.append(layer.register_forward_pre_hook(partial(self._layer_pre_hook, index), with_kwargs=True))
+            self.handles.append(layer.register_forward_hook(partial(self._layer_post_hook, index), with_kwargs=True))
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -242,36 +243,33 @@ class ExitController:
 
     # ---------------------------------------------------------------- layer-level hooks
 
-    def _layer_pre_hook(self, index: int):
-        def hook(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            state = self._pass
-            if state is None or self._in_stream or state.exit_layer is None:
-                return None
-            if index < state.grad_from:
-                torch.set_grad_enabled(False)
-            elif index == state.grad_from and state.grad_from > 0 and getattr(layer, "gradient_checkpointing", False):
-                # Re-entrant checkpointing drops gradients when no input requires grad, and the
-                # input of the window comes out of a no_grad region.
-                return _replace_hidden(args, kwargs, _hidden_of(args, kwargs).detach().requires_grad_(True))
+    # Registered as `partial(method, index)`, not closures: `copy.deepcopy` of the model then gives
+    # hooks bound to the copy's controller (a closure would keep calling the original's).
+
+    def _layer_pre_hook(self, index: int, layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        state = self._pass
+        if state is None or self._in_stream or state.exit_layer is None:
             return None
+        if index < state.grad_from:
+            torch.set_grad_enabled(False)
+        elif index == state.grad_from and state.grad_from > 0 and getattr(layer, "gradient_checkpointing", False):
+            # Re-entrant checkpointing drops gradients when no input requires grad, and the
+            # input of the window comes out of a no_grad region.
+            return _replace_hidden(args, kwargs, _hidden_of(args, kwargs).detach().requires_grad_(True))
+        return None
 
-        return hook
-
-    def _layer_post_hook(self, index: int):
-        def hook(layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            state = self._pass
-            if state is None or self._in_stream:
-                return
-            if state.exit_layer is not None:
-                if index < state.grad_from:
-                    torch.set_grad_enabled(state.grad_was_enabled)
-                return
-            if state.backbone:
-                self._run_streams(index, layer, args, kwargs, state)
-            elif index in state.computed and (index != state.exits[-1] or state.return_exit_states):
-                state.captured[index] = first_tensor(output)
-
-        return hook
+    def _layer_post_hook(self, index: int, layer: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        state = self._pass
+        if state is None or self._in_stream:
+            return
+        if state.exit_layer is not None:
+            if index < state.grad_from:
+                torch.set_grad_enabled(state.grad_was_enabled)
+            return
+        if state.backbone:
+            self._run_streams(index, layer, args, kwargs, state)
+        elif index in state.computed and (index != state.exits[-1] or state.return_exit_states):
+            state.captured[index] = first_tensor(output)
 
     # ---------------------------------------------------------------- helpers
 
