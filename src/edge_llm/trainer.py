@@ -15,6 +15,7 @@ from transformers.trainer_utils import EvalLoopOutput
 
 from edge_llm.tuner.loss import IGNORE_INDEX, shift_for_causal_lm
 from edge_llm.tuner.model import EdgeLLMModel
+from edge_llm.tuner.planning import WindowPlan, plan_backprop_depth
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +53,20 @@ class EdgeTrainer(Trainer):
     - evaluation runs voting passes and reports `<prefix>_exit_<layer>_loss/_accuracy` and
       `<prefix>_voted_loss/_accuracy` (next-token accuracy) besides `<prefix>_loss` (voted);
     - with `voting="weighted"` and no `exit_weights` yet, `train()` ends by fitting them on
-      `eval_dataset` (`calibrate_exit_weights`).
+      `eval_dataset` (`calibrate_exit_weights`);
+    - with `exit_layers="auto"` it first keeps only the exits that predict (`select_exits`), and
+      with `memory_budget_bytes` it sets the deepest gradient window whose step fits that many
+      bytes above the loaded model (`plan_window`).
     """
 
-    def __init__(self, model: PeftModel | None = None, args: Any = None, *more: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: PeftModel | None = None,
+        args: Any = None,
+        *more: Any,
+        memory_budget_bytes: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         tuner = getattr(model, "base_model", None)
         if not isinstance(tuner, EdgeLLMModel):
             raise TypeError(
@@ -70,6 +81,7 @@ class EdgeTrainer(Trainer):
             )
         super().__init__(model, args, *more, **kwargs)
         self.tuner: EdgeLLMModel = tuner
+        self.memory_budget_bytes = memory_budget_bytes
         self._exit_loss_sums: dict[int, torch.Tensor] = {}
         self._exit_step_counts: dict[int, float] = {}
         self._last_exit: int | None = None
@@ -109,6 +121,8 @@ class EdgeTrainer(Trainer):
     def train(self, *args: Any, **kwargs: Any) -> Any:
         if self.tuner.active_edge_config.select_exits:
             self.select_exits()
+        if self.memory_budget_bytes is not None:
+            self.plan_window()
         output = super().train(*args, **kwargs)
         config = self.tuner.active_edge_config
         if config.voting == "weighted" and config.exit_weights is None and len(config.exit_layers) == 1:
@@ -134,6 +148,21 @@ class EdgeTrainer(Trainer):
         `num_batches` training batches; `train()` calls this before the first step."""
         batches = (self._prepare_inputs(b) for b in islice(self.get_train_dataloader(), num_batches))
         return self._in_eval_mode(self.tuner.select_exits, batches)
+
+    def plan_window(self) -> WindowPlan:
+        """Set the adapter's `backprop_depth` to the deepest window whose step fits
+        `memory_budget_bytes` above the loaded model (see `edge_llm.tuner.planning`), for this
+        Trainer's batch size and the longest of the first training batches."""
+        batch = next(iter(self.get_train_dataloader()))
+        plan = plan_backprop_depth(
+            self.model,
+            self.memory_budget_bytes,
+            self.args.per_device_train_batch_size,
+            batch["input_ids"].shape[1],
+            checkpointing=self.args.gradient_checkpointing,
+        )
+        self.tuner.active_edge_config.backprop_depth = plan.backprop_depth
+        return plan
 
     def _in_eval_mode(self, fn: Any, batches: Any) -> Any:
         """`fn(batches, all_reduce_sum)` with the model in eval mode; every process gets the result
