@@ -52,18 +52,10 @@ TASKS = {"sciq": {"batch": 8, "steps": 100}, "sonnets": {"batch": 4, "steps": 60
 
 
 def _sciq_data(tokenizer, seed: int):
-    from datasets import Dataset
-    from task import sciq_split
+    from task import sciq_split, sciq_training_data
 
     train_items, test_items = sciq_split(seed)
-
-    def encode(item) -> dict:
-        prompt = tokenizer(item.context)["input_ids"]
-        answer = tokenizer(item.choices[item.gold] + tokenizer.eos_token)["input_ids"]
-        return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
-
-    train = Dataset.from_list([encode(i) for i in train_items[:720]])
-    validation = Dataset.from_list([encode(i) for i in train_items[720:]])
+    train, validation = sciq_training_data(tokenizer, train_items)
     texts = [f"{i.context}{i.choices[i.gold]}" for i in train_items]
     return train, validation, test_items, texts
 

@@ -50,6 +50,21 @@ def sciq_split(seed: int = 0):
     return items[:800], items[800:]
 
 
+def sciq_training_data(tokenizer, train_items):
+    """(train, validation) datasets: "Question: ...\\nAnswer: <correct answer><eos>", loss on the answer;
+    the first 720 training questions train, the last 80 fit the exit weights."""
+    from datasets import Dataset
+
+    def encode(item) -> dict:
+        prompt = tokenizer(item.context)["input_ids"]
+        answer = tokenizer(item.choices[item.gold] + tokenizer.eos_token)["input_ids"]
+        return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
+
+    return Dataset.from_list([encode(i) for i in train_items[:720]]), Dataset.from_list(
+        [encode(i) for i in train_items[720:]]
+    )
+
+
 def decoder_bytes(model: torch.nn.Module) -> int:
     from edge_llm.luc import LUCLinear
     from edge_llm.modeling import find_decoder_parts
@@ -65,7 +80,6 @@ def decoder_bytes(model: torch.nn.Module) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> dict:
-    from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer
 
@@ -86,14 +100,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         calibration = calibration_tokens(texts, tokenizer, num_samples=8, seq_len=128, seed=args.seed)
         compress_model(model, policy.layers, policy.method, calibration, policy.targets, progress=False)
     if args.worker != "original":
-
-        def encode(item) -> dict:
-            prompt = tokenizer(item.context)["input_ids"]
-            answer = tokenizer(item.choices[item.gold] + tokenizer.eos_token)["input_ids"]
-            return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
-
-        train = Dataset.from_list([encode(i) for i in train_items[:720]])
-        validation = Dataset.from_list([encode(i) for i in train_items[720:]])
+        train, validation = sciq_training_data(tokenizer, train_items)
         lora = dict(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS)
         if args.worker == "lora":
             model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
