@@ -12,7 +12,7 @@ from tiny_models import VOCAB, tiny_model
 import edge_llm
 from edge_llm.export import export, verify_bundle, write_gguf
 from edge_llm.export.gguf import quantize_tensor
-from edge_llm.luc import CompressionMethod, compress_model
+from edge_llm.luc import CompressionMethod, LUCLinear, compress_model
 from edge_llm.runtime import DenseKernel, SparseKernel, load_bundle
 from edge_llm.scheduling import DeviceProfile, Kernel, Workload, schedule
 
@@ -351,3 +351,37 @@ def test_llama_cpp_loads_the_gguf_and_agrees_with_pytorch(tmp_path):
         theirs.log_softmax(-1), ours.log_softmax(-1), log_target=True, reduction="batchmean"
     ).item()
     assert agreement >= 0.9 and kl < 1e-3, (agreement, kl)
+
+
+def test_a_schedule_with_the_int4_kernel_runs_it_and_matches_the_compressed_model(tmp_path):
+    from edge_llm.runtime import Int4Kernel
+
+    model = tiny_model("llama", 4)
+    compress_model(model, [(4, 0.0), (2, 0.0), (4, 0.5), (8, 0.0)], CompressionMethod(32, "rtn", "magnitude"))
+    device = cpu_device(10**9)
+    device = DeviceProfile(
+        device.name, device.memory_bytes, 2e10, 1e9, 1e10, {**device.kernels, "int4_packed": Kernel(1e13)}
+    )
+    plan = schedule(model, device, Workload(prompt_tokens=8))
+    # Only unpruned layers of at most 4 bits fit the int4 kernel.
+    assert [p.kernel for p in plan.layers][:2] == ["int4_packed", "int4_packed"]
+    assert plan.layers[2].kernel != "int4_packed" and plan.layers[3].kernel != "int4_packed"
+    runner = load_bundle(export(model, plan, tmp_path / "bundle"))
+    q_proj = runner.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, Int4Kernel) and not any(isinstance(b, LUCLinear) for b in q_proj.modules())
+    x = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        expected, got = model(input_ids=x).logits, runner(input_ids=x).logits
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-2  # bfloat16 activations in the kernel
+
+
+def test_device_profile_schema_names_exactly_the_known_kernels():
+    from importlib.resources import files
+
+    from edge_llm.scheduling.devices import KERNEL_NAMES
+
+    schema = json.loads(files("edge_llm").joinpath("schemas", "device-profile.schema.json").read_text())
+    assert schema["properties"]["kernels"]["propertyNames"]["enum"] == list(KERNEL_NAMES)
+    schedule_schema = json.loads(files("edge_llm").joinpath("schemas", "schedule.schema.json").read_text())
+    kernel = schedule_schema["properties"]["layers"]["items"]["properties"]["kernel"]
+    assert kernel["enum"] == list(KERNEL_NAMES)

@@ -1,8 +1,9 @@
 """Reference executor: run an exported bundle in PyTorch exactly as its schedule says.
 
 Each decoder layer runs with the schedule's kernel — `dequant_int*` (packed weights, dequantized on
-every call), `dense_*` (dequantized once at load into that dtype), `sparse_unstructured` (CSR),
-`sparse_2_4` (CUDA semi-structured sparse) — and streamed layers keep no weights in memory: their
+every call), `int4_packed` (PyTorch's fused int4 matmul on the layer's codes), `dense_*`
+(dequantized once at load into that dtype), `sparse_unstructured` (CSR), `sparse_2_4` (CUDA
+semi-structured sparse) — and streamed layers keep no weights in memory: their
 packed tensors are read from the bundle's safetensors file when the layer runs and dropped after.
 Exits and voting come from the bundle's Edge-LLM adapter. This proves a schedule runnable and
 gives the logits an edge runtime should reproduce; it is not a fast runtime.
@@ -25,6 +26,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from edge_llm.export.bundle import verify_bundle
+from edge_llm.luc.kernels import Int4Weight, int4_matmul, to_int4
 from edge_llm.luc.linear import LUCLinear
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.scheduling.scheduler import Schedule
@@ -42,6 +44,24 @@ class DenseKernel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+class Int4Kernel(nn.Module):
+    """A LUC layer of at most 4 bits in PyTorch's int4 matmul layout (`int4_packed`); it keeps only
+    that layout, not the LUC codes it was built from."""
+
+    def __init__(self, layer: LUCLinear) -> None:
+        super().__init__()
+        weight = to_int4(layer.codes(), layer.weight_scales, layer.weight_zeros, layer.group_size, layer.bits)
+        self.register_buffer("packed", weight.packed)
+        self.register_buffer("scales_and_zeros", weight.scales_and_zeros)
+        self.group_size, self.out_features = weight.group_size, weight.out_features
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = Int4Weight(self.packed, self.scales_and_zeros, self.group_size, self.out_features)
+        out = int4_matmul(x, weight)
+        return out + self.bias.to(out.dtype) if self.bias is not None else out
 
 
 class SparseKernel(nn.Module):
@@ -84,7 +104,10 @@ _DTYPES = {"dense_fp32": torch.float32, "dense_fp16": torch.float16, "dense_bf16
 
 def _kernel_module(layer: LUCLinear, kernel: str) -> nn.Module:
     if kernel.startswith("dequant_int"):
+        layer.use_kernel = False  # the schedule's kernel, not the fused one LUCLinear would pick
         return layer
+    if kernel == "int4_packed":
+        return Int4Kernel(layer)
     if kernel in _DTYPES:
         return DenseKernel(layer, _DTYPES[kernel])
     if kernel == "sparse_unstructured":
@@ -128,8 +151,10 @@ def load_bundle(path: str | Path, dtype: torch.dtype | None = None) -> BundleMod
     for plan, layer in zip(schedule.layers, layers, strict=True):
         compressed = [(module, names[id(module)]) for module in layer.modules() if isinstance(module, LUCLinear)]
         if plan.placement == "streamed":
+            for module, _ in compressed:
+                module.use_kernel = False  # re-read every pass: dequantized, as the cost model plans
             _stream_from_file(layer, compressed, root / "model.safetensors")
-        elif not plan.kernel.startswith("dequant_int"):
+        else:
             for module, _ in compressed:
                 _replace_module(model, module, _kernel_module(module, plan.kernel))
     return BundleModel(model, schedule, manifest).eval()

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from edge_llm.luc.kernels import int4_fits
 from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
 from edge_llm.luc.policy import LUCPolicy, linear_storage_bytes
 from edge_llm.modeling import find_decoder_parts
@@ -193,6 +194,8 @@ def weight_bytes(layer: LayerSpec, kernel: str) -> int:
         return dense * 4
     if kernel in ("dense_fp16", "dense_bf16"):
         return dense * FP16_BYTES
+    if kernel == "int4_packed":  # two codes a byte, a bfloat16 scale and offset per group
+        return dense // 2 + sum(o * -(-i // layer.group_size) * 4 for o, i in layer.linears)
     if kernel == "sparse_2_4":
         return dense // 2 * FP16_BYTES + dense // 8  # half the values + 2-bit indices of the kept half
     if kernel == "sparse_unstructured":
@@ -207,6 +210,10 @@ def compatible_kernels(layer: LayerSpec, device: DeviceProfile) -> list[str]:
     for name in device.kernels:
         if name.startswith("dequant_int"):
             ok = layer.bits != UNQUANTIZED_BITS and int(name.removeprefix("dequant_int")) == layer.bits
+        elif name == "int4_packed":
+            ok = layer.bits != UNQUANTIZED_BITS and all(
+                int4_fits(layer.bits, layer.sparsity, layer.group_size, i, o) for o, i in layer.linears
+            )
         elif name == "sparse_2_4":
             ok = layer.structure == "nm" and abs(layer.sparsity - 0.5) < 1e-9
         elif name == "sparse_unstructured":

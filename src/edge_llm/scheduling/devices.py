@@ -9,8 +9,10 @@ A profile is a small JSON document (schema: `schemas/device-profile.schema.json`
   that dequantize packed weights on the fly, how many weights per second they dequantize (and,
   for pruned layers, expand through the pruning mask).
   Kernel names: `dense_fp32`, `dense_fp16`, `dense_bf16` (weights stored dense in that type),
-  `dequant_int2` ... `dequant_int8` (weights stay packed, dequantized per call), `sparse_2_4`
-  (semi-structured 2:4 fp16 weights) and `sparse_unstructured` (compressed sparse rows).
+  `dequant_int2` ... `dequant_int8` (weights stay packed, dequantized per call), `int4_packed`
+  (codes of at most 4 bits, unpruned, in PyTorch's fused int4 matmul layout: see
+  `edge_llm.luc.kernels`), `sparse_2_4` (semi-structured 2:4 fp16 weights) and
+  `sparse_unstructured` (compressed sparse rows).
 - `elementwise_bandwidth`: bytes/s that norms, activations and other elementwise work reach.
 - `layer_overhead_s`: fixed seconds of every decoder-layer call whatever its size (dispatching
   and launching its few dozen operations); it dominates small-batch decoding on a GPU.
@@ -45,6 +47,7 @@ KERNEL_NAMES = (
     "dequant_int6",
     "dequant_int7",
     "dequant_int8",
+    "int4_packed",
     "sparse_2_4",
     "sparse_unstructured",
 )

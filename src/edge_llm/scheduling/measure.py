@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from edge_llm.luc.kernels import int4_available, int4_fits, int4_matmul
 from edge_llm.luc.linear import LUCLinear
 from edge_llm.luc.prune import prune_mask
 from edge_llm.luc.quantize import quantize_rtn
@@ -114,6 +115,20 @@ def _dequant_kernels(
         )
         for bits, (rate, overhead, _) in kernels.items()
     }
+
+
+def _int4_kernel(shape: tuple[int, int], tokens: int, repeats: int, device: torch.device) -> dict[str, Kernel]:
+    """`int4_packed`: PyTorch's fused int4 matmul on LUC codes, where this build has it."""
+    rows, columns = shape
+    if not (int4_available(device) and int4_fits(4, 0.0, 64, columns, rows)):
+        return {}
+    weight = torch.randn(rows, columns, generator=torch.Generator().manual_seed(0)) * 0.02
+    linear = torch.nn.Linear(columns, rows, bias=False)
+    linear.weight.data = weight
+    layer = LUCLinear.from_linear(linear, 4, 0.0, 64, quantize_rtn(weight, 4, 64)).to(device)
+    packed = layer.int4_weight()
+    x = torch.randn(tokens, columns, device=device)
+    return {"int4_packed": Kernel(2 * tokens * rows * columns / _best_seconds(lambda: int4_matmul(x, packed), repeats))}
 
 
 def _layer_overhead(repeats: int, device: torch.device, dtype: torch.dtype) -> float:
@@ -219,6 +234,7 @@ def profile_this_machine(
             kernels[name] = Kernel(_matmul_flops(x.to(dtype), w.to(dtype), repeats))
         compute_dtype, compute_flops = torch.bfloat16, kernels["dense_bf16"].flops
     kernels.update(_dequant_kernels(weight_shape, compute_flops, repeats, device, compute_dtype))
+    kernels.update(_int4_kernel(weight_shape, tokens, repeats, device))
     kernels.update(_sparse_kernels(x, w, repeats))
 
     storage_bandwidth = _storage_bandwidth(storage_dir, 128 * 1024 * 1024)
