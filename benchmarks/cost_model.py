@@ -2,9 +2,10 @@
 
 Measures this machine with `profile_this_machine()`, compresses SmolLM2-135M (or a config-built
 model: the cost model needs shapes, not trained weights) with a mixed LUC policy, then for every
-decoder layer and kernel (packed `dequant_int*`, `dense_fp32` on a CPU / `dense_bf16` on a GPU,
-`sparse_unstructured` for pruned layers) times the layer's prefill forward pass as the reference
-executor runs it and compares with the cost model's prediction.
+decoder layer and kernel (packed `dequant_int*`, `int4_packed` for unpruned layers of at most 4
+bits, `dense_fp32` on a CPU / `dense_bf16` on a GPU, `sparse_unstructured` for pruned layers)
+times the layer's prefill forward pass as the reference executor runs it and compares with the
+cost model's prediction.
 
     python benchmarks/cost_model.py --tokens 256
     python benchmarks/cost_model.py --device cuda --model llama-1b --tokens 256
@@ -45,9 +46,9 @@ def run(args: argparse.Namespace) -> dict:
     from edge_llm.data import sonnets
     from edge_llm.luc import CompressionMethod, LUCLinear, compress_model
     from edge_llm.luc.calibration import LayerRunner, calibration_tokens
-    from edge_llm.runtime import DenseKernel, SparseKernel
+    from edge_llm.runtime import _kernel_module
     from edge_llm.scheduling import ModelSpec, profile_this_machine
-    from edge_llm.scheduling.cost import layer_forward_seconds
+    from edge_llm.scheduling.cost import compatible_kernels, layer_forward_seconds
 
     cuda = args.device.startswith("cuda")
     dtype, dense = (torch.bfloat16, "dense_bf16") if cuda else (torch.float32, "dense_fp32")
@@ -68,14 +69,12 @@ def run(args: argparse.Namespace) -> dict:
 
     rows = []
     for index, layer in enumerate(runner.layers):
-        kernels = [f"dequant_int{policy[index][0]}", dense] + (["sparse_unstructured"] if policy[index][1] else [])
+        wanted = [f"dequant_int{policy[index][0]}", "int4_packed", dense, "sparse_unstructured"]
+        kernels = [k for k in wanted if k in compatible_kernels(spec.layers[index], device)]
         originals = {name: m for name, m in layer.named_modules() if isinstance(m, LUCLinear)}
         for kernel in kernels:
             for name, module in originals.items():
-                replacement = {
-                    dense: lambda m: DenseKernel(m, dtype),
-                    "sparse_unstructured": SparseKernel,
-                }.get(kernel, lambda m: m)(module)
+                replacement = _kernel_module(module, kernel)  # what the reference executor runs
                 owner, _, attribute = name.rpartition(".")
                 setattr(layer.get_submodule(owner) if owner else layer, attribute, replacement)
             hidden = runner.layer_input(0, index)
