@@ -44,6 +44,7 @@ DEFAULT_METHODS = [
     "lora_gc_chunked",
     "topk_chunked",
     "edge",
+    "edge_auto",
     "edge_deep",
     "edge_deep_gc",
     "luc_edge_deep",
@@ -262,7 +263,8 @@ def main() -> None:
     if args.from_json:
         results = json.loads(args.from_json.read_text())["results"]
     else:
-        results = {}
+        # Methods run again replace their earlier result in --json; the others are kept.
+        results = json.loads(args.json.read_text())["results"] if args.json and args.json.exists() else {}
         with tempfile.TemporaryDirectory() as scratch:
             for method in args.methods:
                 out = Path(scratch) / f"{method}.json"

@@ -12,11 +12,13 @@ would pick instead of edge-llm:
   not decide the comparison;
 - `topk_chunked`: LoRA on the top K layers only (`layers_to_transform`, MLX-LM's default recipe)
   plus the chunked loss: autograd records nothing below the first trainable layer;
-- `edge`: edge-llm's defaults; `edge_top`: one exit at the top with a K-layer window;
+- `edge`: edge-llm with the paper's layout (four exits tiling the model, `exit_layers=None`);
+  `edge_auto`: edge-llm's defaults (`exit_layers="auto"`: only the exits that predict);
+  `edge_top`: one exit at the top with a K-layer window;
   `edge_gc`: edge-llm's defaults plus gradient checkpointing inside the window;
   `edge_deep` / `edge_deep_gc`: one exit at the top with a deeper window (`Setup.deep_depth`
   layers), without and with gradient checkpointing inside it;
-  `luc4_edge`: edge-llm's defaults over a base compressed by LUC to 4 bits (RTN, groups of 64),
+  `luc4_edge`: edge-llm with the paper's layout over a base compressed by LUC to 4 bits (RTN, groups of 64),
   the QLoRA-style pipeline; `luc_edge_deep`: `edge_deep` over a base compressed with
   `Setup.luc_policy` (a LUC policy file; 4-bit RTN when none is given).
 """
@@ -75,12 +77,16 @@ def _lora(model: nn.Module, setup: Setup, top_k: bool = False, chunked: bool = F
     return Prepared(peft_model, Trainer, dict(GC) if gc else {})
 
 
-def _edge(model: nn.Module, setup: Setup, top: bool = False, gc: bool = False, deep: bool = False) -> Prepared:
+def _edge(
+    model: nn.Module, setup: Setup, top: bool = False, gc: bool = False, deep: bool = False, paper: bool = False
+) -> Prepared:
     from peft import get_peft_model
 
     from edge_llm import EdgeLLMConfig, EdgeTrainer
 
     options: dict[str, Any] = {"exit_sampling": setup.exit_sampling, **setup.edge_options}
+    if paper:
+        options["exit_layers"] = None
     layers = model.config.num_hidden_layers
     if top or deep:
         depth = (setup.deep_depth or -(-2 * layers // 3)) if deep else setup.depth
@@ -101,7 +107,7 @@ def _luc_edge(model: nn.Module, setup: Setup, deep: bool = False) -> Prepared:
         settings, targets = [(4, 0.0)] * model.config.num_hidden_layers, None
         method = CompressionMethod(64, "rtn", "magnitude")
     compress_model(model, settings, method, setup.calibration, targets, progress=False)
-    return _edge(model, setup, deep=deep)
+    return _edge(model, setup, deep=deep, paper=not deep)
 
 
 METHODS: dict[str, Callable[[nn.Module, Setup], Prepared]] = {
@@ -110,9 +116,10 @@ METHODS: dict[str, Callable[[nn.Module, Setup], Prepared]] = {
     "lora_chunked": lambda m, s: _lora(m, s, chunked=True),
     "lora_gc_chunked": lambda m, s: _lora(m, s, chunked=True, gc=True),
     "topk_chunked": lambda m, s: _lora(m, s, top_k=True, chunked=True),
-    "edge": _edge,
+    "edge": lambda m, s: _edge(m, s, paper=True),
+    "edge_auto": _edge,
     "edge_top": lambda m, s: _edge(m, s, top=True),
-    "edge_gc": lambda m, s: _edge(m, s, gc=True),
+    "edge_gc": lambda m, s: _edge(m, s, gc=True, paper=True),
     "edge_deep": lambda m, s: _edge(m, s, deep=True),
     "edge_deep_gc": lambda m, s: _edge(m, s, deep=True, gc=True),
     "luc4_edge": lambda m, s: _luc_edge(m, Setup(**{**vars(s), "luc_policy": None})),
@@ -125,12 +132,13 @@ LABELS = {
     "lora_chunked": "LoRA + chunked loss",
     "lora_gc_chunked": "LoRA + grad. checkpointing + chunked loss",
     "topk_chunked": "LoRA on the top K layers + chunked loss",
-    "edge": "edge-llm defaults",
+    "edge": "edge-llm, the paper's four exits",
+    "edge_auto": "edge-llm defaults (exits that predict)",
     "edge_top": "edge-llm, one exit at the top, K-layer window",
-    "edge_gc": "edge-llm defaults + grad. checkpointing",
+    "edge_gc": "edge-llm, the paper's four exits + grad. checkpointing",
     "edge_deep": "edge-llm, one exit at the top, deep window",
     "edge_deep_gc": "edge-llm, one exit at the top, deep window + grad. checkpointing",
-    "luc4_edge": "LUC 4-bit base + edge-llm defaults",
+    "luc4_edge": "LUC 4-bit base + edge-llm, the paper's four exits",
     "luc_edge_deep": "LUC base + edge-llm, one exit at the top, deep window",
 }
 

@@ -131,7 +131,7 @@ def _tune(args: argparse.Namespace) -> int:
         r=args.r,
         lora_alpha=2 * args.r,
         target_modules=args.targets,
-        exit_layers=args.exits,
+        exit_layers=args.exits or "auto",
         backprop_depth=args.backprop_depth,
         exit_sampling=args.exit_sampling,
         window_input=args.window_input,
@@ -273,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument(
         "--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    tune.add_argument("--exits", type=int, nargs="+", help="exit layers (default: a quarter apart)")
+    tune.add_argument(
+        "--exits", type=int, nargs="+", help="exit layers (default: of the exits a quarter apart, those that predict)"
+    )
     tune.add_argument("--backprop-depth", type=int)
     tune.add_argument("--exit-sampling", choices=("curriculum", "round_robin", "uniform"), default="curriculum")
     tune.add_argument("--window-input", choices=("adapted", "backbone"), default="backbone")

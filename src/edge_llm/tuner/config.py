@@ -27,12 +27,13 @@ class EdgeLLMConfig(LoraConfig):
     output through the final norm and LM head, and the exits vote.
 
     Args:
-        exit_layers (`list[int]` or `"auto"`, *optional*):
+        exit_layers (`list[int]`, `"auto"` or `None`):
             0-based decoder-layer indices with an exit. The exit at layer `i` reads the hidden state
             that layer `i` outputs. The last layer is always an exit (added when missing). `None`
-            spaces exits `backprop_depth` layers apart from the top, so the windows tile the model.
-            `"auto"`: those same exits are candidates, and `EdgeTrainer` keeps only the ones that
-            predict (see `select_exits`).
+            (the paper's layout) spaces exits `backprop_depth` layers apart from the top, so the
+            windows tile the model. `"auto"` (default): those same exits are candidates, and
+            `EdgeTrainer` keeps only the ones that predict (see `select_exits`): on a 135M model
+            only the last one, so every step trains the layers that make the prediction.
         select_exits (`bool`):
             Before the first training step, `EdgeTrainer` scores every exit on a few training
             batches and keeps only those whose weight in a vote fitted to those batches is at least
@@ -84,7 +85,7 @@ class EdgeLLMConfig(LoraConfig):
     """
 
     exit_layers: list[int] | Literal["auto"] | None = field(
-        default=None,
+        default="auto",
         metadata={"help": "0-based decoder layers with an exit (the last layer is always one), or 'auto'."},
     )
     select_exits: bool = field(
@@ -145,12 +146,12 @@ class EdgeLLMConfig(LoraConfig):
             raise ValueError(
                 f"EdgeLLMConfig.task_type must be 'CAUSAL_LM' (exits read through the LM head), got {self.task_type!r}."
             )
+        if not isinstance(self.select_exits, bool):
+            raise ValueError(f"EdgeLLMConfig.select_exits must be True or False, got {self.select_exits!r}.")
         if self.exit_layers == "auto":
             self.exit_layers, self.select_exits = None, True
         if self.exit_layers is not None:
             self.exit_layers = _check_exit_layers(self.exit_layers)
-        if not isinstance(self.select_exits, bool):
-            raise ValueError(f"EdgeLLMConfig.select_exits must be True or False, got {self.select_exits!r}.")
         if self.backprop_depth is not None:
             _check_positive_int("backprop_depth", self.backprop_depth)
         _check_choice("exit_sampling", self.exit_sampling, EXIT_SAMPLING_RULES)
