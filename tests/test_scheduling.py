@@ -220,3 +220,25 @@ def test_a_layer_takes_the_larger_of_its_launch_costs_and_its_work():
     assert restored.layer_overhead_s == 2e-4 and restored.kernels["dequant_int4"].call_overhead_s == 1e-3
     with pytest.raises(ValueError, match="layer_overhead_s"):
         DeviceProfile.from_dict({**device.to_dict(), "layer_overhead_s": -1.0})
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda K: DeviceProfile("x", 2**30, float("nan"), 1e9, 1e10, {"dense_fp32": K(1e11)}), "memory_bandwidth"),
+        (lambda K: DeviceProfile("x", 2**30, 1e10, -1.0, 1e10, {"dense_fp32": K(1e11)}), "storage_bandwidth"),
+        (lambda K: DeviceProfile("x", 0, 1e10, 1e9, 1e10, {"dense_fp32": K(1e11)}), "memory_bytes"),
+        (lambda K: DeviceProfile("x", 2**30, 1e10, 1e9, 1e10, {}), "kernels is empty"),
+        (lambda K: DeviceProfile("x", 2**30, 1e10, 1e9, 1e10, {"warp_drive": K(1e11)}), "unknown kernels"),
+        (lambda K: K(0.0), "Kernel.flops"),
+        (lambda K: K(1e11, dequant_per_s=float("inf")), "Kernel.dequant_per_s"),
+        (lambda K: Workload(batch_size=1.5), "Workload.batch_size must be an integer"),
+        (lambda K: Workload(prompt_tokens=True), "Workload.prompt_tokens must be an integer"),
+        (lambda K: Workload(decode_tokens=-1), "Workload.decode_tokens must be an integer of at least 0"),
+    ],
+)
+def test_profiles_and_workloads_built_in_python_are_validated(build, message):
+    from edge_llm.scheduling.devices import Kernel
+
+    with pytest.raises(ValueError, match=message):
+        build(Kernel)

@@ -166,11 +166,10 @@ class Workload:
     def __post_init__(self) -> None:
         if self.mode not in ("inference", "tuning"):
             raise ValueError(f"Workload.mode must be 'inference' or 'tuning', got {self.mode!r}.")
-        for name in ("batch_size", "prompt_tokens", "seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"Workload.{name} must be at least 1.")
-        if self.decode_tokens < 0:
-            raise ValueError("Workload.decode_tokens must be at least 0.")
+        for name, least in (("batch_size", 1), ("prompt_tokens", 1), ("seq_len", 1), ("decode_tokens", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"Workload.{name} must be an integer of at least {least}, got {value!r}.")
 
 
 @dataclass(frozen=True)

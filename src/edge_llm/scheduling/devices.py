@@ -24,6 +24,7 @@ efficiency stated there; `profile_this_machine()` measures the machine it runs o
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -68,6 +69,11 @@ class Kernel:
     unmask_per_s: float = 0.0
     call_overhead_s: float = 0.0
 
+    def __post_init__(self) -> None:
+        _check_rate("Kernel.flops", self.flops, positive=True)
+        for name in ("dequant_per_s", "unmask_per_s", "call_overhead_s"):
+            _check_rate(f"Kernel.{name}", getattr(self, name), positive=False)
+
 
 @dataclass(frozen=True)
 class DeviceProfile:
@@ -79,6 +85,23 @@ class DeviceProfile:
     kernels: dict[str, Kernel] = field(default_factory=dict)
     source: str = ""
     layer_overhead_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        # Profiles built in Python get the checks the schema gives loaded ones: the cost model
+        # divides by these rates, so a zero, negative or NaN rate would give nonsense silently.
+        if not isinstance(self.memory_bytes, int) or isinstance(self.memory_bytes, bool) or self.memory_bytes < 1:
+            raise ValueError(f"DeviceProfile.memory_bytes must be a positive integer, got {self.memory_bytes!r}.")
+        for name in ("memory_bandwidth", "storage_bandwidth", "elementwise_bandwidth"):
+            _check_rate(f"DeviceProfile.{name}", getattr(self, name), positive=True)
+        _check_rate("DeviceProfile.layer_overhead_s", self.layer_overhead_s, positive=False)
+        if not self.kernels:
+            raise ValueError("DeviceProfile.kernels is empty: a device needs at least one kernel.")
+        unknown = sorted(set(self.kernels) - set(KERNEL_NAMES))
+        if unknown:
+            raise ValueError(f"DeviceProfile.kernels has unknown kernels {unknown}; known: {', '.join(KERNEL_NAMES)}.")
+        for name, kernel in self.kernels.items():
+            if not isinstance(kernel, Kernel):
+                raise ValueError(f"DeviceProfile.kernels[{name!r}] must be a Kernel, got {type(kernel).__name__}.")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -111,6 +134,13 @@ class DeviceProfile:
     def with_memory(self, memory_bytes: int) -> DeviceProfile:
         """The same device with another memory budget (e.g. what is left for the model)."""
         return DeviceProfile(**{**asdict(self), "kernels": self.kernels, "memory_bytes": int(memory_bytes)})
+
+
+def _check_rate(name: str, value: object, positive: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= 0 if positive else value < 0):
+        bound = "positive" if positive else "non-negative"
+        raise ValueError(f"{name} must be a finite, {bound} number, got {value!r}.")
 
 
 GB = 1e9
