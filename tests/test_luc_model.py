@@ -300,3 +300,16 @@ def test_a_damaged_luc_checkpoint_is_refused_naming_the_tensor(base_dir, tmp_pat
     save_file(tensors, file, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=message):
         AutoModelForCausalLM.from_pretrained(tmp_path / "luc")
+
+
+def test_token_lists_are_calibration_samples_as_given(caplog):
+    from edge_llm.luc import calibration_tokens
+
+    rows = calibration(rows=8, length=32).tolist()
+    with caplog.at_level("INFO", logger="edge_llm.luc.calibration"):
+        tokens = calibration_tokens(rows, num_samples=16, seq_len=256)  # the defaults ask for more
+    assert tokens.tolist() == rows and "8 given token samples, 32 tokens each" in caplog.text
+    assert calibration_tokens(rows, num_samples=4, seq_len=16).tolist() == [r[:16] for r in rows[:4]]
+    assert calibration_tokens([[1, 2, 3], [4, 5]], num_samples=4, seq_len=8).tolist() == [[1, 2], [4, 5]]
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        calibration_tokens([[1], [2, 3]])

@@ -30,9 +30,12 @@ def calibration_tokens(
 ) -> torch.Tensor:
     """`(num_samples, seq_len)` token ids drawn from `dataset`.
 
-    `dataset` is a list of strings (then `tokenizer` is needed), a list of token-id lists, or a
-    `datasets.Dataset` with a `text` or `input_ids` column. All texts are joined into one stream and
-    `num_samples` windows are drawn at random positions (seeded), as GPTQ does.
+    `dataset` is a list of strings (then `tokenizer` is needed), a list of token-id lists (or a
+    2-D tensor), or a `datasets.Dataset` with a `text` or `input_ids` column. Texts are joined into
+    one stream and `num_samples` windows of `seq_len` tokens are drawn at random positions (seeded),
+    as GPTQ does. Token-id lists are samples already (as GPTQ configs take them): the first
+    `num_samples` are used as they are, cut to `seq_len`, or all to the shortest one's length when
+    they are shorter (logged).
     """
     if hasattr(dataset, "column_names"):
         if "input_ids" in dataset.column_names:
@@ -46,19 +49,34 @@ def calibration_tokens(
     items = list(dataset) if dataset is not None else []
     if not items:
         raise ValueError("LUC needs calibration data: pass dataset=[...texts...] (with a tokenizer) or token-id lists.")
-    if isinstance(items[0], str):
-        if tokenizer is None:
-            raise ValueError("The calibration dataset holds text: also pass the tokenizer (LUCConfig(tokenizer=...)).")
-        separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        stream = [t for text in items for t in [*tokenizer(text, add_special_tokens=False)["input_ids"], *separator]]
-    else:
-        stream = [int(t) for ids in items for t in ids]
+    if not isinstance(items[0], str):
+        return _given_samples(items, num_samples, seq_len)
+    if tokenizer is None:
+        raise ValueError("The calibration dataset holds text: also pass the tokenizer (LUCConfig(tokenizer=...)).")
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream = [t for text in items for t in [*tokenizer(text, add_special_tokens=False)["input_ids"], *separator]]
     if len(stream) < seq_len + 1:
         raise ValueError(f"The calibration data has {len(stream)} tokens; need more than seq_len={seq_len}.")
     tokens = torch.tensor(stream, dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(tokens) - seq_len, (num_samples,), generator=generator)
     return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
+
+
+def _given_samples(items: list[Any], num_samples: int, seq_len: int) -> torch.Tensor:
+    rows = [[int(t) for t in ids] for ids in items[:num_samples]]
+    length = min(seq_len, *(len(r) for r in rows))
+    if length < 2:
+        raise ValueError("Calibration token samples need at least 2 tokens each; one of them is shorter.")
+    if length < seq_len or len(rows) < num_samples:
+        logger.info(
+            "Calibrating on the %d given token samples, %d tokens each (asked: %d samples of %d tokens).",
+            len(rows),
+            length,
+            num_samples,
+            seq_len,
+        )
+    return torch.tensor([r[:length] for r in rows], dtype=torch.long)
 
 
 @dataclass
