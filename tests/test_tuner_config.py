@@ -144,3 +144,9 @@ def test_set_active_exit_rejects_non_exits():
     with pytest.raises(ValueError, match=r"Layer 4 is not an exit of this adapter; its exits are \[3, 7\]"):
         model.set_active_exit(4)
     assert isinstance(model.base_model, EdgeLLMModel)
+
+
+def test_an_exit_head_rank_above_the_hidden_size_is_refused_before_allocating():
+    config = EdgeLLMConfig(target_modules=["q_proj"], exit_head="lora", exit_head_rank=10**9)
+    with pytest.raises(ValueError, match="exit_head_rank=1000000000 exceeds the model's hidden size 32"):
+        get_peft_model(tiny_model("llama", 4), config)

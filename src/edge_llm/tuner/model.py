@@ -76,6 +76,14 @@ class EdgeLLMModel(LoraModel):
                 f"{len(config.exit_layers)} exits {config.exit_layers}; give one weight per exit, lowest first."
             )
         final_norm, lm_head = parts.norm(model), parts.head(model)
+        hidden_size = getattr(lm_head, "in_features", None) or lm_head.weight.shape[1]
+        if config.exit_head == "lora" and config.exit_head_rank > hidden_size:
+            # A rank above the hidden size adds nothing and, read from a tampered file, could
+            # allocate any amount of memory.
+            raise ValueError(
+                f"EdgeLLMConfig.exit_head_rank={config.exit_head_rank} exceeds the model's hidden size "
+                f"{hidden_size}; use at most {hidden_size}."
+            )
         dtype = next(final_norm.parameters(), lm_head.weight).dtype
         if dtype in (torch.float16, torch.bfloat16):
             dtype = torch.float32  # as peft keeps LoRA weights of half-precision models in float32
