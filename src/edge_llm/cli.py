@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_export)
 
     demo = commands.add_parser("demo", help="the whole pipeline on SmolLM2-135M and bundled data")
-    demo.add_argument("--steps", type=int, default=60, help="tuning steps (default: 60)")
+    demo.add_argument("--steps", type=int, default=40, help="tuning steps (default: 40)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="edge-llm-demo", help="where the demo writes its bundle")
     demo.set_defaults(run=_demo)
