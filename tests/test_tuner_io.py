@@ -80,3 +80,22 @@ def test_loading_without_importing_edge_llm_fails_loudly(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode != 0
     assert "EDGE_LLM" in result.stderr
+
+
+@pytest.mark.parametrize("damage", ["drop-a-head-tensor", "edit-exit-layers"])
+def test_an_adapter_whose_exit_heads_do_not_match_its_config_is_refused(tmp_path, damage):
+    from safetensors.torch import save_file
+
+    trained_adapter("llama", exit_head="norm").save_pretrained(tmp_path)
+    if damage == "drop-a-head-tensor":
+        weights = load_file(tmp_path / "adapter_model.safetensors")
+        dropped = next(k for k in weights if "exit_heads" in k)
+        save_file({k: v for k, v in weights.items() if k != dropped}, tmp_path / "adapter_model.safetensors")
+        message = "missing from the weights file"
+    else:
+        config = json.loads((tmp_path / "adapter_config.json").read_text())
+        config["exit_layers"] = [3, 5]  # exit 1's trained head would be dropped without a word
+        (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+        message = "in the file but not in adapter_config.json's exits"
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(tiny_model("llama", 6), tmp_path)

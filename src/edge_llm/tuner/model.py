@@ -47,7 +47,9 @@ class EdgeLLMModel(LoraModel):
     def __init__(self, model: nn.Module, config: Any, adapter_name: str, **kwargs: Any) -> None:
         self._active_exit: int | None = None
         self._controller: ExitController | None = None
+        self._last_injected: str | None = None
         super().__init__(model, config, adapter_name, **kwargs)
+        self.register_load_state_dict_post_hook(_check_exit_heads_loaded)
 
     # ------------------------------------------------------------------ injection
 
@@ -61,6 +63,7 @@ class EdgeLLMModel(LoraModel):
             self.exit_heads = nn.ModuleDict()
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         self._setup_exits(model, adapter_name, parts)
+        self._last_injected = adapter_name
         if self._controller is not None:
             self._controller.remove()
         # LoRA may have wrapped new modules; the controller indexes them per layer.
@@ -277,3 +280,23 @@ class EdgeLLMModel(LoraModel):
         self.active_edge_config.exit_weights = weights
         logger.info("Exit weights for weighted voting (exits %s): %s", self.exit_layers, [round(w, 4) for w in weights])
         return weights
+
+
+def _check_exit_heads_loaded(tuner: EdgeLLMModel, incompatible: Any) -> None:
+    """After peft loads an adapter: its trained exit heads must all be in the file, and the file
+    must hold no heads for exits its config lacks (an edited `exit_layers`), or trained heads would
+    be silently replaced by fresh ones or dropped."""
+    adapter = tuner._last_injected
+    if adapter is None or adapter not in tuner.exit_heads or not len(tuner.exit_heads[adapter]):
+        return
+    marker = f"exit_heads.{adapter}."
+    missing = sorted(k for k in incompatible.missing_keys if marker in k)
+    unexpected = sorted(k for k in incompatible.unexpected_keys if "exit_heads." in k)
+    if missing or unexpected:
+        raise ValueError(
+            f"The Edge-LLM adapter {adapter!r} does not match its exit heads: "
+            + (f"missing from the weights file: {missing[:4]}" if missing else "")
+            + ("; " if missing and unexpected else "")
+            + (f"in the file but not in adapter_config.json's exits: {unexpected[:4]}" if unexpected else "")
+            + ". Was adapter_config.json's exit_layers edited, or the weights file cut? Save the adapter again."
+        )
