@@ -313,3 +313,20 @@ def test_token_lists_are_calibration_samples_as_given(caplog):
     assert calibration_tokens([[1, 2, 3], [4, 5]], num_samples=4, seq_len=8).tolist() == [[1, 2], [4, 5]]
     with pytest.raises(ValueError, match="at least 2 tokens"):
         calibration_tokens([[1], [2, 3]])
+
+
+def test_a_folder_written_as_a_whole_replaces_the_old_one_only_when_complete(tmp_path):
+    from edge_llm._io import atomic_directory
+
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("old")
+    with pytest.raises(KeyboardInterrupt), atomic_directory(out) as staging:
+        (staging / "adapter_config.json").write_text("new, half written")
+        raise KeyboardInterrupt
+    assert (out / "adapter_config.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    with atomic_directory(out) as staging:
+        (staging / "adapter_config.json").write_text("new")
+    assert (out / "adapter_config.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

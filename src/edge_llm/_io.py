@@ -6,8 +6,11 @@ process is killed mid-write (`os.replace` is atomic on POSIX and Windows within 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -24,4 +27,30 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | Path) -> Iterator[Path]:
+    """Write a folder as a whole: yields a new folder beside `out` to write into; when the block ends
+    without an error its files are flushed to disk and it replaces `out` (an old `out` is kept aside
+    until the new one is in place); on an error it is removed and `out` is left as it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield staging
+        for file in staging.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+        previous = None
+        if out.exists():
+            previous = out.with_name(f".{out.name}.previous-{os.getpid()}")
+            os.replace(out, previous)
+        os.replace(staging, out)
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise

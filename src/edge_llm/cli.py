@@ -11,10 +11,11 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from edge_llm._io import atomic_write_text
+from edge_llm._io import atomic_directory, atomic_write_text
 
 logger = logging.getLogger("edge_llm.cli")
 
@@ -107,9 +108,10 @@ def _compress(args: argparse.Namespace) -> int:
     if args.policy:
         budget = {"policy": LUCPolicy.load(args.policy)}
     config = _luc_config(args, texts, tokenizer, **budget)
-    LUCQuantizer(model, tokenizer).quantize(save_dir=args.out, config=config)
-    policy = LUCPolicy.from_dict(config.policy)
-    policy.save(Path(args.out) / "luc_policy.json")
+    with atomic_directory(args.out) as staging:  # an interrupted run leaves --out as it was
+        LUCQuantizer(model, tokenizer).quantize(save_dir=staging, config=config)
+        policy = LUCPolicy.from_dict(config.policy)
+        policy.save(staging / "luc_policy.json")
     size = (Path(args.out) / "model.safetensors").stat().st_size
     print(policy.summary())
     print(f"compressed model -> {args.out} (model.safetensors: {size / 2**20:.1f} MiB; policy: luc_policy.json)")
@@ -139,8 +141,9 @@ def _tune(args: argparse.Namespace) -> int:
         exit_head=args.exit_head,
     )
     model = get_peft_model(model, config)
+    scratch = tempfile.TemporaryDirectory(prefix="edge-llm-tune-")  # the Trainer's own files stay out of --out
     training = TrainingArguments(
-        output_dir=args.out,
+        output_dir=scratch.name,
         max_steps=args.steps,
         per_device_train_batch_size=args.batch,
         per_device_eval_batch_size=args.batch,
@@ -157,10 +160,12 @@ def _tune(args: argparse.Namespace) -> int:
         eval_dataset=data["test"],
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
     )
-    trainer.train()
-    metrics = trainer.evaluate()
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
+    with scratch:
+        trainer.train()
+        metrics = trainer.evaluate()
+    with atomic_directory(args.out) as staging:  # an interrupted save leaves --out as it was
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     print(json.dumps({k: round(v, 4) for k, v in metrics.items() if "loss" in k or "accuracy" in k}, indent=1))
     print(f"adapter -> {args.out}")
     return 0

@@ -16,9 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from edge_llm import __version__
+from edge_llm._io import atomic_directory
 from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.scheduling.scheduler import Schedule
@@ -131,16 +129,10 @@ def export(
             )
     base, edge_config = _edge_parts(model)
     _check_schedule_matches(base, schedule)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_directory(out) as staging:
         _write_bundle(
             staging, model, base, edge_config, schedule, merge_adapters, tokenizer, gguf, gguf_reference, dtype
         )
-        _switch_in(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("Exported bundle to %s", out)
     return out
 
@@ -180,22 +172,6 @@ def _write_bundle(
             _keep_only_exit_heads(adapter_dir)
     schedule.save(out / "schedule.json")
     _write_manifest(out, base, edge_config, merged)
-
-
-def _switch_in(staging: Path, out: Path) -> None:
-    """Make the complete bundle in `staging` the one at `out`: its files reach the disk first, then
-    two renames replace the old bundle (kept aside under a hidden name until the new one is in)."""
-    for file in staging.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-    previous = None
-    if out.exists():
-        previous = out.with_name(f".{out.name}.previous-{os.getpid()}")
-        os.replace(out, previous)
-    os.replace(staging, out)
-    if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)
 
 
 def _keep_only_exit_heads(adapter_dir: Path) -> None:
