@@ -125,15 +125,17 @@ class EdgeTrainer(Trainer):
             self.plan_window()
         output = super().train(*args, **kwargs)
         config = self.tuner.active_edge_config
-        if config.voting == "weighted" and config.exit_weights is None and len(config.exit_layers) == 1:
+        if config.voting != "weighted" or config.exit_weights is not None:
+            return output
+        if len(config.exit_layers) == 1:
             config.exit_weights = [1.0]  # one exit: nothing to fit
-        elif config.voting == "weighted" and config.exit_weights is None and self.eval_dataset is not None:
+        elif self.eval_dataset is None:
+            _warn_uniform_vote(config.exit_layers, "EdgeTrainer has no eval_dataset to fit them on")
+        else:
             try:
                 self.calibrate_exit_weights()
             except ValueError as error:
                 _warn_uniform_vote(config.exit_layers, str(error))
-        elif config.voting == "weighted" and config.exit_weights is None:
-            _warn_uniform_vote(config.exit_layers, "EdgeTrainer has no eval_dataset to fit them on")
         return output
 
     # ------------------------------------------------------------------ evaluation

@@ -17,7 +17,6 @@ from safetensors import safe_open
 from torch import nn
 
 from edge_llm.luc.linear import LUCLinear, kept_per_row
-from edge_llm.luc.pack import unpack_bits
 
 _DTYPES = {"U8": torch.uint8, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
@@ -71,9 +70,9 @@ def check_loaded_layers(model: nn.Module) -> None:
                 raise ValueError(f"LUC layer {name}: weight_scales holds non-finite or non-positive values.")
             if not (torch.isfinite(zeros).all() and torch.equal(zeros, zeros.round())):
                 raise ValueError(f"LUC layer {name}: weight_zeros must hold finite whole numbers.")
-        if module.sparsity > 0:
-            rows, columns = module.out_features, module.in_features
-            mask = unpack_bits(module.weight_mask, 1, rows * columns).view(rows, columns)
+        mask = module.mask()
+        if mask is not None:
+            columns = module.in_features
             kept = kept_per_row(columns, module.sparsity)
             if not (mask.sum(dim=1) == kept).all():
                 raise ValueError(

@@ -40,9 +40,6 @@ class Int4Weight:
     group_size: int
     out_features: int
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_and_zeros))
-
 
 def int4_available(device: torch.device) -> bool:
     """Whether this PyTorch build has the int4 kernel for `device`."""

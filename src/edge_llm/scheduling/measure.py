@@ -77,13 +77,19 @@ def _machine_name(device: torch.device) -> str:
     return f"this machine: {cpu}, {torch.get_num_threads()} threads"
 
 
-def _dequant_seconds(shape: tuple[int, int], bits: int, repeats: int, device: torch.device, dtype: torch.dtype):
+def _luc_layer(shape: tuple[int, int], bits: int, group: int, device: torch.device, sparsity: float = 0.0) -> LUCLinear:
+    """A LUC layer of a fixed random weight of `shape` (pruned by magnitude at `sparsity`)."""
     rows, columns = shape
     weight = torch.randn(rows, columns, generator=torch.Generator().manual_seed(0)) * 0.02
     linear = torch.nn.Linear(columns, rows, bias=False)
     linear.weight.data = weight
-    group = min(128, columns)
-    layer = LUCLinear.from_linear(linear, bits, 0.0, group, quantize_rtn(weight, bits, group)).to(device)
+    mask = prune_mask(weight, sparsity, "magnitude") if sparsity else None
+    quantized = quantize_rtn(weight, bits, group, mask)
+    return LUCLinear.from_linear(linear, bits, sparsity, group, quantized, mask).to(device)
+
+
+def _dequant_seconds(shape: tuple[int, int], bits: int, repeats: int, device: torch.device, dtype: torch.dtype):
+    layer = _luc_layer(shape, bits, min(128, shape[1]), device)
     return _best_seconds(lambda: layer.dequantize_weight(dtype), repeats)
 
 
@@ -102,11 +108,7 @@ def _dequant_kernels(
         per_weight = max(big - small, 1e-12) / (rows * columns - tiny[0] * tiny[1])
         kernels[bits] = (1 / per_weight, max(small - tiny[0] * tiny[1] * per_weight, 0.0), big)
     # A pruned layer also scatters its kept weights through the mask: time that extra at 50%.
-    weight = torch.randn(rows, columns, generator=torch.Generator().manual_seed(0)) * 0.02
-    linear = torch.nn.Linear(columns, rows, bias=False)
-    linear.weight.data = weight
-    mask = prune_mask(weight, 0.5, "magnitude")
-    layer = LUCLinear.from_linear(linear, 4, 0.5, 128, quantize_rtn(weight, 4, 128, mask), mask).to(device)
+    layer = _luc_layer(shape, 4, 128, device, sparsity=0.5)
     extra = _best_seconds(lambda: layer.dequantize_weight(dtype), repeats) - kernels[4][2] / 2
     unmask_per_s = rows * columns / extra if extra > 0 else 0.0
     return {
@@ -122,11 +124,7 @@ def _int4_kernel(shape: tuple[int, int], tokens: int, repeats: int, device: torc
     rows, columns = shape
     if not (int4_available(device) and int4_fits(4, 0.0, 64, columns, rows)):
         return {}
-    weight = torch.randn(rows, columns, generator=torch.Generator().manual_seed(0)) * 0.02
-    linear = torch.nn.Linear(columns, rows, bias=False)
-    linear.weight.data = weight
-    layer = LUCLinear.from_linear(linear, 4, 0.0, 64, quantize_rtn(weight, 4, 64)).to(device)
-    packed = layer.int4_weight()
+    packed = _luc_layer(shape, 4, 64, device).int4_weight()
     x = torch.randn(tokens, columns, device=device)
     return {"int4_packed": Kernel(2 * tokens * rows * columns / _best_seconds(lambda: int4_matmul(x, packed), repeats))}
 
