@@ -46,9 +46,9 @@ def run(args: argparse.Namespace) -> dict:
     from edge_llm.data import sonnets
     from edge_llm.luc import CompressionMethod, LUCLinear, compress_model
     from edge_llm.luc.calibration import LayerRunner, calibration_tokens
-    from edge_llm.runtime import _kernel_module
     from edge_llm.scheduling import ModelSpec, profile_this_machine
     from edge_llm.scheduling.cost import compatible_kernels, layer_forward_seconds
+    from edge_llm.scheduling.kernels import kernel_type
 
     cuda = args.device.startswith("cuda")
     dtype, dense = (torch.bfloat16, "dense_bf16") if cuda else (torch.float32, "dense_fp32")
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> dict:
         originals = {name: m for name, m in layer.named_modules() if isinstance(m, LUCLinear)}
         for kernel in kernels:
             for name, module in originals.items():
-                replacement = _kernel_module(module, kernel)  # what the reference executor runs
+                replacement = kernel_type(kernel).module(module)  # what the reference executor runs
                 owner, _, attribute = name.rpartition(".")
                 setattr(layer.get_submodule(owner) if owner else layer, attribute, replacement)
             hidden = runner.layer_input(0, index)

@@ -1,10 +1,13 @@
 """Do LUC-compressed models run faster than dense ones? Decode, prefill and a tuning step.
 
 SmolLM2-135M-Instruct as dense float32, dense bfloat16, and LUC-compressed (a uniform 4-bit
-policy and a mixed LUC policy file) with LUC's fused int4 kernel and, for reference, with the
-dequantize-per-call path (`LUCLinear.use_kernel = False`). All variants live in one process and
-are timed in interleaved rounds (each round runs every variant once, in alternating order), so
-the ratios are robust to a shared machine; figures are medians over rounds with [min-max].
+policy and a mixed LUC policy file) as `LUCLinear` runs by default (the int4 kernel for few rows,
+dequantize + bfloat16 matmul for many; see `edge_llm.luc.kernels`) and, for reference, on the
+dequantize-per-call path (`LUCLinear.use_kernel = False`). Weight memory is what the model holds
+after the runs: every parameter and buffer plus the int4 layouts built from the stored codes.
+All variants live in one process and are timed in interleaved rounds (each round runs every
+variant once, in alternating order), so the ratios are robust to a shared machine; figures are
+medians over rounds with [min-max].
 
     python benchmarks/luc_speed.py --rounds 5 --json benchmarks/results/luc_speed_smollm2.json
 """
@@ -39,19 +42,31 @@ def _variants(args: argparse.Namespace) -> dict:
     variants = {"dense fp32": dense, "dense bf16": copy.deepcopy(dense).to(torch.bfloat16)}
     uniform = copy.deepcopy(dense)
     compress_model(uniform, [(4, 0.0)] * layers, CompressionMethod(64, "rtn", "magnitude"), progress=False)
-    variants["LUC 4-bit, int4 kernel"] = uniform
+    variants["LUC 4-bit, kernels"] = uniform
     if args.policy:
         policy = LUCPolicy.load(args.policy)
         mixed = copy.deepcopy(dense)
         compress_model(mixed, policy.layers, policy.method, calibration, policy.targets, progress=False)
-        variants[f"LUC {Path(args.policy).stem}, int4 kernel"] = mixed
+        variants[f"LUC {Path(args.policy).stem}, kernels"] = mixed
     for name in [n for n in variants if n.startswith("LUC")]:
         reference = copy.deepcopy(variants[name])
         for module in reference.modules():
             if isinstance(module, LUCLinear):
                 module.use_kernel = False
-        variants[name.replace("int4 kernel", "dequantize per call")] = reference
+        variants[name.replace("kernels", "dequantize per call")] = reference
     return variants
+
+
+def _weight_bytes(model) -> int:
+    """Bytes of every parameter and buffer, plus the int4 layouts `LUCLinear`s built and keep."""
+    from edge_llm.luc import LUCLinear
+
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    for module in model.modules():
+        if isinstance(module, LUCLinear) and module._int4 is not None and module._int4[1] is not None:
+            layout = module._int4[1]
+            total += sum(t.numel() * t.element_size() for t in (layout.packed, layout.scales_and_zeros))
+    return total
 
 
 def _decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
@@ -83,7 +98,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prefill", type=int, default=256)
     parser.add_argument("--train-batch", type=int, nargs=2, default=(4, 256), metavar=("BATCH", "SEQ"))
-    parser.add_argument("--policy", help="a LUC policy JSON to compare as well (pruned layers keep dequantizing)")
+    parser.add_argument("--policy", help="a LUC policy JSON to compare as well")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -120,6 +135,7 @@ def main() -> None:
     def summary(values: list[float]) -> str:
         return f"{statistics.median(values):.3g} [{min(values):.3g}-{max(values):.3g}]" if values else "-"
 
+    memory = {name: _weight_bytes(model) for name, model in variants.items()}
     base = times["dense fp32"]
     lines = [
         f"machine: {machine()}",
@@ -127,8 +143,9 @@ def main() -> None:
         f"prefill: {args.prefill} tokens; tuning step: edge-llm exit 29, window 8, LoRA r=8 q/v, batch "
         f"{args.train_batch[0]} x {args.train_batch[1]}, float32; {args.rounds} interleaved rounds, median [min-max]",
         "",
-        "| variant | decode tokens/s | vs dense fp32 | prefill (s) | vs dense fp32 | tuning step (s) | vs dense fp32 |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | weights (MiB) | decode tokens/s | vs dense fp32 | prefill (s) | vs dense fp32 "
+        "| tuning step (s) | vs dense fp32 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, measured in times.items():
 
@@ -140,12 +157,13 @@ def main() -> None:
             return f"{statistics.median(values):.2f}x [{min(values):.2f}-{max(values):.2f}]"
 
         lines.append(
-            f"| {name} | {summary(measured['decode'])} | {ratio('decode', True)} | {summary(measured['prefill'])} | "
+            f"| {name} | {memory[name] / 2**20:.1f} "
+            f"| {summary(measured['decode'])} | {ratio('decode', True)} | {summary(measured['prefill'])} | "
             f"{ratio('prefill', False)} | {summary(measured['tuning step'])} | {ratio('tuning step', False)} |"
         )
     print("\n".join(lines))
     if args.json:
-        record = {"machine": machine(), "args": vars(args), "times": times}
+        record = {"machine": machine(), "args": vars(args), "times": times, "weight_bytes": memory}
         args.json.write_text(json.dumps(record, indent=2, default=str))
 
 

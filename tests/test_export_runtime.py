@@ -2,6 +2,7 @@
 
 import importlib
 import json
+from importlib.resources import files
 
 import numpy as np
 import pytest
@@ -61,8 +62,16 @@ def adapted_model(window_input="backbone"):
 
 
 def expected_logits(model, x):
-    with torch.no_grad():
-        return model(input_ids=x).logits
+    """The compressed model's logits on LUC's reference path (dequantize into float32 every call),
+    which the dequant_int* and dense_fp32 kernels reproduce."""
+    from edge_llm.luc import LUCLinear
+
+    default, LUCLinear.use_kernel = LUCLinear.use_kernel, False
+    try:
+        with torch.no_grad():
+            return model(input_ids=x).logits
+    finally:
+        LUCLinear.use_kernel = default
 
 
 @pytest.mark.parametrize("merge", [False, True])
@@ -217,6 +226,7 @@ def test_kernels_compute_what_the_compressed_layer_computes():
     model = tiny_model("llama", 4)
     compress_model(model, POLICY, METHOD, progress=False)
     layer = model.model.layers[0].self_attn.q_proj
+    layer.use_kernel = False  # LUC's float32 reference path
     x = torch.randn(3, 32)
     torch.testing.assert_close(DenseKernel(layer, torch.float32)(x), layer(x), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(SparseKernel(layer)(x), layer(x), rtol=1e-5, atol=1e-6)
@@ -357,31 +367,34 @@ def test_a_schedule_with_the_int4_kernel_runs_it_and_matches_the_compressed_mode
     from edge_llm.runtime import Int4Kernel
 
     model = tiny_model("llama", 4)
-    compress_model(model, [(4, 0.0), (2, 0.0), (4, 0.5), (8, 0.0)], CompressionMethod(32, "rtn", "magnitude"))
+    compress_model(model, [(4, 0.0), (2, 0.0), (4, 0.5), (8, 0.25)], CompressionMethod(32, "rtn", "magnitude"))
     device = cpu_device(10**9)
     device = DeviceProfile(
         device.name, device.memory_bytes, 2e10, 1e9, 1e10, {**device.kernels, "int4_packed": Kernel(1e13)}
     )
     plan = schedule(model, device, Workload(prompt_tokens=8))
-    # Only unpruned layers of at most 4 bits fit the int4 kernel.
-    assert [p.kernel for p in plan.layers][:2] == ["int4_packed", "int4_packed"]
-    assert plan.layers[2].kernel != "int4_packed" and plan.layers[3].kernel != "int4_packed"
+    # Every LUC layer fits the int4 kernel: 2-4 bits in one 4-bit plane, 8 bits in two, pruned
+    # weights as exact zeros.
+    assert [p.kernel for p in plan.layers] == ["int4_packed"] * 4
     runner = load_bundle(export(model, plan, tmp_path / "bundle"))
-    q_proj = runner.model.model.layers[0].self_attn.q_proj
-    assert isinstance(q_proj, Int4Kernel) and not any(isinstance(b, LUCLinear) for b in q_proj.modules())
+    modules = [runner.model.model.layers[i].mlp.down_proj for i in range(4)]
+    assert all(isinstance(m, Int4Kernel) for m in modules) and [m.planes for m in modules] == [1, 1, 1, 2]
+    assert not any(isinstance(b, LUCLinear) for b in runner.modules())
     x = torch.randint(0, 96, (2, 9))
+    expected = expected_logits(model, x)
     with torch.no_grad():
-        expected, got = model(input_ids=x).logits, runner(input_ids=x).logits
+        got = runner(input_ids=x).logits
     assert ((got - expected).norm() / expected.norm()).item() < 1e-2  # bfloat16 activations in the kernel
 
 
-def test_device_profile_schema_names_exactly_the_known_kernels():
-    from importlib.resources import files
+def test_schemas_take_the_kernel_names_from_the_registry():
+    from edge_llm.scheduling.kernels import KERNEL_NAMES, KERNELS
 
-    from edge_llm.scheduling.devices import KERNEL_NAMES
-
-    schema = json.loads(files("edge_llm").joinpath("schemas", "device-profile.schema.json").read_text())
-    assert schema["properties"]["kernels"]["propertyNames"]["enum"] == list(KERNEL_NAMES)
-    schedule_schema = json.loads(files("edge_llm").joinpath("schemas", "schedule.schema.json").read_text())
-    kernel = schedule_schema["properties"]["layers"]["items"]["properties"]["kernel"]
-    assert kernel["enum"] == list(KERNEL_NAMES)
+    assert tuple(KERNELS) == KERNEL_NAMES and {"dense_fp32", "int4_packed", "dequant_int8"} <= set(KERNEL_NAMES)
+    for name in ("device-profile", "schedule"):
+        schema = json.loads(files("edge_llm").joinpath("schemas", f"{name}.schema.json").read_text())
+        assert "enum" not in schema["$defs"]["kernel"]  # one owner: the registry
+    device = cpu_device(10**9).to_dict()
+    with pytest.raises(ValueError, match="Invalid device profile at kernels"):
+        DeviceProfile.from_dict({**device, "kernels": {"warp_drive": {"flops": 1.0}}})
+    assert DeviceProfile.from_dict(device) == cpu_device(10**9)

@@ -55,6 +55,7 @@ def test_luc_linear_stores_less_and_computes_with_its_dequantized_weight(bits, s
     if mask is not None:
         assert (weight[~mask] == 0).all() and torch.equal(layer.mask(), mask)
     x = torch.randn(3, 64)
+    layer.use_kernel = False  # the reference path; the fast paths are tested in test_luc_kernels.py
     torch.testing.assert_close(layer(x), x @ weight.t() + linear.bias)
     assert layer.weight.dim() == 1  # never loadable into a float Linear
     dense_bytes = 32 * 64 * 2
@@ -63,6 +64,7 @@ def test_luc_linear_stores_less_and_computes_with_its_dequantized_weight(bits, s
 
 def test_luc_linear_backward_recomputes_the_weight_instead_of_saving_it():
     layer = LUCLinear.from_linear(torch.nn.Linear(64, 32), 4, 0.0, 16, quantize_rtn(torch.randn(32, 64), 4, 16))
+    layer.use_kernel = False
     x = torch.randn(5, 64, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):

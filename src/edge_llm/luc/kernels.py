@@ -1,44 +1,64 @@
-"""Fused low-bit matmul for `LUCLinear`: LUC's codes in the layout of PyTorch's int4 kernel.
+"""How a `LUCLinear` computes: PyTorch's fused int4 matmul on LUC's codes, or dequantize + matmul.
 
-PyTorch ships an int4 "tinygemm" matmul (`aten._weight_int4pack_mm` on CUDA,
+**The int4 kernel.** PyTorch ships an int4 "tinygemm" matmul (`aten._weight_int4pack_mm` on CUDA,
 `aten._weight_int4pack_mm_for_cpu` on CPUs): 4-bit codes with one bfloat16 scale `s` and offset
-`m` per (group of input columns, output row), computing with `(q - 8) * s + m`, in bfloat16. LUC
-stores `(q - z) * s` with an integer zero-point `z` per group, which is the same weight with
-`m = (8 - z) * s`; 2- and 3-bit codes are 4-bit codes that use fewer values. So every LUC layer of
-at most 4 bits enters the kernel with its codes unchanged (nothing is re-rounded); only scale and
-offset are rounded to bfloat16, and activations run in bfloat16. Codes of fewer than 4 bits are
-shifted up by a whole number per group, `(q + c) - (z + c)`, so that `z + c` sits near 8 and the
-offset `m` near 0, where its bfloat16 rounding costs least.
+`m` per (group of input columns, output row), computing `(q - 8) * s + m` in bfloat16. LUC stores
+`(q - z) * s` with an integer zero-point `z` per group, which is the same weight with
+`m = (8 - z) * s`. Every LUC layer enters the kernel with its codes unchanged (nothing is
+re-rounded; only scales, offsets and activations are rounded to bfloat16):
+
+- codes of at most 4 bits are 4-bit codes that use fewer values. They are shifted up by a whole
+  number per group, `(q + c) - (z + c)`, so that `z + c` sits near 8 and the offset near 0, where
+  its bfloat16 rounding costs least.
+- codes of 5 to 8 bits are split into two 4-bit planes, `q = 16 h + l`: the kernel runs once over
+  an inner dimension twice as long, `[x, x] @ [16 s (h - 8) | s (l - 8)]^T`, plus the offset
+  `(136 - z) s`, which is split over the two planes as a bfloat16 pair (16 significant bits).
+- a pruned weight takes the code `z + c`, which is weight exactly 0. This needs `z + c` inside
+  the code range, true for every group whose kept weights do not all share one sign; a layer
+  with such a group cannot use the kernel.
 
 The kernel reads the weight once per call instead of expanding it to a dense float matrix first,
-which is what makes compressed layers faster than dense ones at decoding. Layers it does not fit
-(more than 4 bits, pruned layers, group sizes it has no tiles for) and calls with more than
-`INT4_MAX_ROWS` rows keep LUC's dequantize-then-matmul path.
+which is what makes compressed layers faster than dense ones at decoding. It is built for few
+rows: above `kernel_max_rows` rows a call (prefill, training) the weight is dequantized and
+multiplied densely — in bfloat16 where the device multiplies bfloat16 faster than float32
+(CUDA GPUs, CPUs with AVX-512 BF16 or AMX), which is the compute dtype QLoRA uses too.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 # Group sizes the int4 kernels are built for.
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-INT4_MAX_BITS = 4
-# The int4 kernels are built for few rows (decoding, small batches). With more rows, expanding the
-# weight once and running the dense matmul is faster (on an H200, tinygemm takes 2.4x the dequantize
-# path at 2,048 rows and is 1.5x faster at 256; see docs/results.md).
-INT4_MAX_ROWS = 256
+INT4_BITS = 4
+MAX_KERNEL_BITS = 2 * INT4_BITS  # two 4-bit planes
+# Rows per call (times the layer's planes) up to which the int4 kernel beats dequantize + dense
+# matmul. On an H200 tinygemm is 1.5x faster than the dequantize path at 256 rows and takes 2.4x
+# its time at 2,048; on a 2-core AVX-512 BF16 CPU the crossover is near 64 rows for SmolLM2's
+# shapes (see docs/results.md and benchmarks/luc_kernels.py).
+KERNEL_MAX_ROWS = {"cuda": 256, "cpu": 64}
 
 
 @dataclass(frozen=True)
 class Int4Weight:
-    """A weight in the int4 kernel's layout (built once per layer and device, see `LUCLinear`)."""
+    """A weight in the int4 kernel's layout (built once per layer and device, see `LUCLinear`).
+
+    `planes`: 1 for codes of at most 4 bits, 2 for 5 to 8 bits (the kernel's inner dimension is
+    `planes * in_features`)."""
 
     packed: torch.Tensor
-    scales_and_zeros: torch.Tensor  # (groups, out_features, 2), bfloat16
+    scales_and_zeros: torch.Tensor  # (planes * groups, out_features, 2), bfloat16
     group_size: int
     out_features: int
+    planes: int = 1
+
+
+def planes_for(bits: int) -> int:
+    """4-bit planes the int4 kernel needs for codes of `bits` bits."""
+    return 1 if bits <= INT4_BITS else 2
 
 
 def int4_available(device: torch.device) -> bool:
@@ -47,11 +67,13 @@ def int4_available(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda") and hasattr(torch.ops.aten, name)
 
 
-def int4_fits(bits: int, sparsity: float, group_size: int, in_features: int, out_features: int) -> bool:
-    """Whether a LUC layer of this shape and setting can run through the int4 kernel."""
+def int4_fits(bits: int, group_size: int, in_features: int, out_features: int) -> bool:
+    """Whether a LUC layer of this shape and setting has the int4 kernel's layout.
+
+    Pruned layers fit too, unless a group's kept weights all share one sign (see the module
+    docstring): `to_int4` is the final word."""
     return (
-        bits <= INT4_MAX_BITS
-        and sparsity == 0  # pruned weights are code 0, which is not weight 0 unless z == 0
+        bits <= MAX_KERNEL_BITS
         and group_size in INT4_GROUP_SIZES
         and in_features % group_size == 0
         and in_features % 32 == 0
@@ -59,30 +81,105 @@ def int4_fits(bits: int, sparsity: float, group_size: int, in_features: int, out
     )
 
 
+def kernel_max_rows(device: torch.device) -> int:
+    return KERNEL_MAX_ROWS.get(device.type, 0)
+
+
+@functools.cache
+def _fast_bfloat16(device_type: str) -> bool:
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def dense_compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a compressed layer's dense matmul runs in for input `x`: half-precision inputs keep
+    their dtype; float32 inputs run in bfloat16 where the device is faster at it."""
+    if x.dtype in (torch.float16, torch.bfloat16) or not _fast_bfloat16(x.device.type):
+        return x.dtype
+    return torch.bfloat16
+
+
 def _inner_k_tiles(in_features: int) -> int:
     return next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
 
 
-def to_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, bits: int) -> Int4Weight:
-    """Build the kernel layout from LUC's dense `bits`-bit codes (out x in), float16 scales and
-    integer zero-points (out x groups)."""
-    scales32 = scales.float()
-    shift = (8 - zeros.float()).round().clamp(0, (1 << INT4_MAX_BITS) - (1 << bits))
-    codes = codes.to(torch.int32) + shift.to(torch.int32).repeat_interleave(group_size, dim=1)
-    offsets = (8 - zeros.float() - shift) * scales32
-    scales_and_zeros = torch.stack([scales32, offsets], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+def _center(levels: int) -> int:
+    """The code the kernel reads as weight 0 before offsets: 8 for one plane, 136 = 16*8 + 8 for two."""
+    return 8 * (levels - 1) // 15
+
+
+def _shifted_codes(
+    codes: torch.Tensor, zeros: torch.Tensor, mask: torch.Tensor | None, bits: int, group_size: int, levels: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Codes in [0, levels) with each group's zero-point moved near the middle, pruned weights at
+    their group's zero-point; and the shift per group. None when a pruned weight cannot be 0."""
+    center = _center(levels)
+    shift = (center - zeros).round().clamp(0, levels - (1 << bits))
+    zero_code = zeros + shift
+    shifted = codes.to(torch.int32) + shift.to(torch.int32).repeat_interleave(group_size, dim=1)
+    if mask is None:
+        return shifted, shift
+    groups_pruned = ~mask.view(mask.shape[0], -1, group_size).all(dim=-1)
+    if ((zero_code < 0) | (zero_code >= levels))[groups_pruned].any():
+        return None
+    pruned_code = zero_code.to(torch.int32).repeat_interleave(group_size, dim=1)
+    return torch.where(mask, shifted, pruned_code), shift
+
+
+def _pack(codes: torch.Tensor) -> torch.Tensor:
     tiles = _inner_k_tiles(codes.shape[1])
     if codes.is_cuda:
         nibbles = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
-        packed = torch.ops.aten._convert_weight_to_int4pack(nibbles, tiles)
+        return torch.ops.aten._convert_weight_to_int4pack(nibbles, tiles)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, tiles)
+
+
+def to_int4(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bits: int,
+    mask: torch.Tensor | None = None,
+) -> Int4Weight | None:
+    """Build the kernel layout from LUC's dense `bits`-bit codes (out x in), float16 scales,
+    integer zero-points (out x groups) and the kept-weight mask (None: nothing pruned).
+
+    None when a pruned weight cannot be represented (see the module docstring); a layer of at
+    most 4 bits whose pruned weights do not fit one plane gets two."""
+    zeros32 = zeros.float()
+    scale = scales.float().to(torch.bfloat16).float()  # what the kernel multiplies with
+    planes = planes_for(bits)
+    shifted = _shifted_codes(codes, zeros32, mask, bits, group_size, 16**planes)
+    if shifted is None and planes == 1:
+        planes = 2
+        shifted = _shifted_codes(codes, zeros32, mask, bits, group_size, 256)
+    if shifted is None:
+        return None
+    codes, shift = shifted
+    # (q - z) * s = (q' - center) * s + offset with q' = q + shift; the offset is an integer
+    # multiple of the bfloat16 scale, exact in float32.
+    offset = (_center(16**planes) - zeros32 - shift) * scale
+    if planes == 1:
+        scales_and_zeros = torch.stack([scale, offset], dim=-1)
     else:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, tiles)
-    return Int4Weight(packed, scales_and_zeros, group_size, codes.shape[0])
+        high = offset.to(torch.bfloat16).float()
+        scales_and_zeros = torch.cat(
+            [torch.stack([16 * scale, high], dim=-1), torch.stack([scale, offset - high], dim=-1)], dim=1
+        )
+        codes = torch.cat([codes >> 4, codes & 15], dim=1)
+    scales_and_zeros = scales_and_zeros.transpose(0, 1).contiguous().to(torch.bfloat16)
+    return Int4Weight(_pack(codes), scales_and_zeros, group_size, codes.shape[0], planes)
 
 
 def int4_matmul(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
     """`x @ W^T` for `W` in the int4 layout; bfloat16 inside, `x`'s dtype out."""
     flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    if weight.planes == 2:
+        flat = torch.cat([flat, flat], dim=1)
     if flat.is_cuda:
         out = torch.ops.aten._weight_int4pack_mm(flat, weight.packed, weight.group_size, weight.scales_and_zeros)
     else:

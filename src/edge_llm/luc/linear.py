@@ -10,11 +10,13 @@ Stored tensors (the state-dict keys of the module):
 - `weight_mask`: which weights were kept, one bit each, packed (absent when nothing was pruned).
 - `bias`: unchanged.
 
-Layers of at most 4 bits that are not pruned compute through PyTorch's fused int4 kernel (see
-`kernels.py`; its layout is built from the stored codes on the first call on a device and kept),
-in bfloat16 with the result in the input's dtype. Other layers dequantize the weight and run a
-dense matmul. Under autograd the dense weight is not kept for the backward pass but dequantized
-again, so a compressed, frozen layer costs no weight-sized memory in training.
+How it computes (see `kernels.py`): calls of few rows (decoding) go through PyTorch's fused int4
+kernel on the stored codes, in bfloat16 with the result in the input's dtype; its layout is built
+from the stored codes on the first call on a device and kept. Calls of many rows (prefill,
+training) dequantize the weight and multiply densely, in bfloat16 where the device is faster at
+it. Under autograd the dense weight is not kept for the backward pass but dequantized again, so a
+compressed, frozen layer costs no weight-sized memory in training. `use_kernel = False` selects
+the reference path: dequantize into the input's dtype at every call.
 """
 
 from __future__ import annotations
@@ -22,11 +24,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edge_llm.luc.kernels import INT4_MAX_ROWS, Int4Weight, int4_available, int4_fits, int4_matmul, to_int4
+from edge_llm.luc.kernels import (
+    Int4Weight,
+    dense_compute_dtype,
+    int4_available,
+    int4_fits,
+    int4_matmul,
+    kernel_max_rows,
+    planes_for,
+    to_int4,
+)
 from edge_llm.luc.pack import pack_bits, packed_size, unpack_bits
 from edge_llm.luc.quantize import GroupQuantized, check_bits, dequantize
 
 UNQUANTIZED_BITS = 16
+# Weights the dense path dequantizes at a time (see `LUCLinear.row_blocks`).
+DEQUANTIZE_BLOCK = 2**19
 
 
 def kept_per_row(in_features: int, sparsity: float) -> int:
@@ -43,14 +56,22 @@ class _CompressedMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        return grad_output @ ctx.layer.dequantize_weight(grad_output.dtype), None
+        layer = ctx.layer
+        dtype = layer.dense_dtype(grad_output)
+        grad = grad_output.to(dtype)
+        grad_input = None
+        for start, stop in layer.row_blocks():
+            part = grad[..., start:stop] @ layer.dequantize_weight(dtype, start, stop)
+            grad_input = part if grad_input is None else grad_input.add_(part)
+        return grad_input.to(grad_output.dtype), None
 
 
 class LUCLinear(nn.Module):
     """A compressed Linear: `bits`-bit group-wise quantized and `sparsity`-pruned weights.
 
-    `use_kernel` (class or instance attribute): compute through the fused int4 kernel where the
-    layer fits it (default); `False` always dequantizes (the reference path).
+    `use_kernel` (class or instance attribute): compute through the fused int4 kernel and in
+    bfloat16 where that is faster (default); `False` always dequantizes into the input's dtype
+    (the reference path).
     """
 
     use_kernel: bool = True
@@ -126,35 +147,51 @@ class LUCLinear(nn.Module):
             layer.bias.data.copy_(linear.bias.detach())
         return layer
 
-    def mask(self) -> torch.Tensor | None:
-        """The kept-weight mask (out x in, bool), or None when nothing was pruned."""
+    def _row_range(self, start: int, stop: int | None) -> tuple[int, int]:
+        stop = self.out_features if stop is None else stop
+        # Rows from a multiple of 8 start on a whole byte of every packed tensor.
+        if start % 8 or not 0 <= start < stop <= self.out_features:
+            raise ValueError(f"Rows {start}:{stop} of {self.out_features}: the start must be a multiple of 8.")
+        return start, stop
+
+    def mask(self, start: int = 0, stop: int | None = None) -> torch.Tensor | None:
+        """The kept-weight mask of rows `start:stop` (bool), or None when nothing was pruned."""
         if self.sparsity == 0:
             return None
-        count = self.out_features * self.in_features
-        return unpack_bits(self.weight_mask, 1, count).view(self.out_features, self.in_features).bool()
+        start, stop = self._row_range(start, stop)
+        columns = self.in_features
+        packed = self.weight_mask[start * columns // 8 :]
+        return unpack_bits(packed, 1, (stop - start) * columns).view(stop - start, columns).bool()
 
-    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense weight (out x in) this layer computes with."""
+    def dequantize_weight(
+        self, dtype: torch.dtype | None = None, start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
+        """The dense weight this layer computes with (rows `start:stop` of out x in)."""
         dtype = dtype or self.compute_dtype
-        rows, columns = self.out_features, self.in_features
-        mask = self.mask()
+        start, stop = self._row_range(start, stop)
+        mask = self.mask(start, stop)
         if self.bits == UNQUANTIZED_BITS:
-            values = self.weight.to(dtype)
+            kept = kept_per_row(self.in_features, self.sparsity)
+            values = self.weight[start * kept : stop * kept].to(dtype)
             if mask is None:
-                return values.view(rows, columns)
-            return torch.zeros(rows, columns, dtype=dtype, device=values.device).masked_scatter_(mask, values)
-        return dequantize(self.codes(mask), self.weight_scales, self.weight_zeros, self.group_size, mask).to(dtype)
+                return values.view(stop - start, self.in_features)
+            return torch.zeros(mask.shape, dtype=dtype, device=values.device).masked_scatter_(mask, values)
+        codes = self.codes(mask, start, stop)
+        scales, zeros = self.weight_scales[start:stop], self.weight_zeros[start:stop]
+        return dequantize(codes, scales, zeros, self.group_size, mask).to(dtype)
 
-    def codes(self, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The quantization codes as a dense (out x in) uint8 tensor, 0 where pruned.
+    def codes(self, mask: torch.Tensor | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The quantization codes of rows `start:stop` as a dense uint8 tensor, 0 where pruned.
 
-        `mask`: this layer's `mask()`, when the caller already has it.
+        `mask`: this layer's `mask(start, stop)`, when the caller already has it.
         """
         if self.bits == UNQUANTIZED_BITS:
             raise ValueError("This layer is not quantized (bits=16): it has no codes.")
-        rows, columns = self.out_features, self.in_features
-        mask = self.mask() if mask is None else mask
-        codes = unpack_bits(self.weight, self.bits, rows * kept_per_row(columns, self.sparsity))
+        start, stop = self._row_range(start, stop)
+        rows, columns = stop - start, self.in_features
+        mask = self.mask(start, stop) if mask is None else mask
+        kept = kept_per_row(columns, self.sparsity)
+        codes = unpack_bits(self.weight[start * kept * self.bits // 8 :], self.bits, rows * kept)
         if mask is None:
             return codes.view(rows, columns)
         return torch.zeros(rows, columns, dtype=torch.uint8, device=codes.device).masked_scatter_(mask, codes)
@@ -166,22 +203,41 @@ class LUCLinear(nn.Module):
         (loading a state dict, moving to another device)."""
         if not (
             self.use_kernel
-            and int4_fits(self.bits, self.sparsity, self.group_size, self.in_features, self.out_features)
+            and self.bits != UNQUANTIZED_BITS
+            and int4_fits(self.bits, self.group_size, self.in_features, self.out_features)
             and int4_available(self.weight.device)
         ):
             return None
-        stored = (self.weight, self.weight_scales, self.weight_zeros)
+        stored = [t for _, t in self.named_buffers(recurse=False)]
         key = tuple((t.data_ptr(), t._version, t.device) for t in stored)
         if self._int4 is None or self._int4[0] != key:
-            self._int4 = (key, to_int4(self.codes(), self.weight_scales, self.weight_zeros, self.group_size, self.bits))
+            mask = self.mask()
+            layout = to_int4(self.codes(mask), self.weight_scales, self.weight_zeros, self.group_size, self.bits, mask)
+            self._int4 = (key, layout)
         return self._int4[1]
 
+    def dense_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the dequantize path multiplies `x` in (unquantized layers keep full precision)."""
+        return dense_compute_dtype(x) if self.use_kernel and self.bits != UNQUANTIZED_BITS else x.dtype
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """`x @ W^T` without the bias, through the int4 kernel where it fits."""
-        packed = self.int4_weight() if x.numel() <= INT4_MAX_ROWS * self.in_features else None
-        if packed is not None:
-            return int4_matmul(x, packed)
-        return x @ self.dequantize_weight(x.dtype).t()
+        """`x @ W^T` without the bias: the int4 kernel for few rows, else dequantize + matmul."""
+        rows = x.numel() // self.in_features
+        if self.bits != UNQUANTIZED_BITS and rows * planes_for(self.bits) <= kernel_max_rows(x.device):
+            packed = self.int4_weight()
+            if packed is not None:
+                return int4_matmul(x, packed)
+        dtype = self.dense_dtype(x)
+        inputs = x.to(dtype)
+        blocks = [nn.functional.linear(inputs, self.dequantize_weight(dtype, *rows)) for rows in self.row_blocks()]
+        return (blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)).to(x.dtype)
+
+    def row_blocks(self) -> list[tuple[int, int]]:
+        """Row ranges the dense path dequantizes one at a time: a whole large weight expanded at
+        once leaves the caches (4x slower per weight at a ~1B model's shapes) and costs its full
+        float size in memory; blocks of about `DEQUANTIZE_BLOCK` weights do neither."""
+        rows = max(8, DEQUANTIZE_BLOCK // self.in_features // 8 * 8)
+        return [(start, min(start + rows, self.out_features)) for start in range(0, self.out_features, rows)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Under autograd the weight is not saved for backward but dequantized again there.

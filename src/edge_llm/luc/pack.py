@@ -51,9 +51,9 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
         raise ValueError(f"{packed.numel()} packed bytes cannot hold {count} values of {bits} bits.")
     if 8 % bits == 0:
         # Whole values per byte: shift each slot down, in uint8 (no wider copy of the weights).
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-        values = (packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
-        return values.reshape(-1)[:count]
+        # One op per slot: a broadcast shift over a uint8 tensor is several times slower.
+        slots = [(packed >> shift) & ((1 << bits) - 1) for shift in range(0, 8, bits)]
+        return torch.stack(slots, dim=1).view(-1)[:count]
     # Other widths: 8 values fill exactly `bits` bytes. Read each group of `bits` bytes as one
     # little-endian integer (at most 56 bits) and shift the 8 values out of it: a few int64 ops per
     # value rather than one per bit.

@@ -91,11 +91,13 @@ def dequantize(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Float32 weights from codes (out x in), per-group float16 scales/zero-points and the mask."""
-    in_features = codes.shape[1]
-    scale = scales.float().repeat_interleave(group_size, dim=1)[:, :in_features]
-    zero = zeros.float().repeat_interleave(group_size, dim=1)[:, :in_features]
-    weight = (codes.float() - zero) * scale
-    return weight if mask is None else weight.mul_(mask)  # codes are finite: x * 0 is 0
+    rows, in_features = codes.shape
+    groups = scales.shape[1]
+    # Broadcast one scale and zero-point over each group's columns instead of expanding them.
+    grouped = _pad_columns(codes, group_size, 0).view(rows, groups, group_size).float()
+    weight = ((grouped - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)).view(rows, -1)
+    weight = weight[:, :in_features] if weight.shape[1] != in_features else weight
+    return weight if mask is None else weight * mask  # codes are finite: x * 0 is 0
 
 
 def quantize_gptq(

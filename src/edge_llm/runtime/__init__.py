@@ -1,9 +1,10 @@
 """Reference executor: run an exported bundle in PyTorch exactly as its schedule says.
 
-Each decoder layer runs with the schedule's kernel — `dequant_int*` (packed weights, dequantized on
-every call), `int4_packed` (PyTorch's fused int4 matmul on the layer's codes), `dense_*`
-(dequantized once at load into that dtype), `sparse_unstructured` (CSR), `sparse_2_4` (CUDA
-semi-structured sparse) — and streamed layers keep no weights in memory: their
+Each decoder layer runs with the module of the schedule's kernel (the registry in
+`edge_llm.scheduling.kernels`: `dequant_int*` dequantizes the packed weights at every call,
+`int4_packed` runs PyTorch's fused int4 matmul on the layer's codes, `dense_*` dequantized once at
+load into that dtype, `sparse_unstructured` CSR, `sparse_2_4` CUDA semi-structured sparse), and
+streamed layers keep no weights in memory: their
 packed tensors are read from the bundle's safetensors file when the layer runs and dropped after.
 Exits and voting come from the bundle's Edge-LLM adapter. This proves a schedule runnable and
 gives the logits an edge runtime should reproduce; it is not a fast runtime.
@@ -26,95 +27,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from edge_llm.export.bundle import verify_bundle
-from edge_llm.luc.kernels import Int4Weight, int4_matmul, to_int4
 from edge_llm.luc.linear import LUCLinear
 from edge_llm.modeling import find_decoder_parts
+from edge_llm.scheduling.kernels import DenseKernel, Int4Kernel, SemiStructuredKernel, SparseKernel, kernel_type
 from edge_llm.scheduling.scheduler import Schedule
 
+__all__ = ["BundleModel", "DenseKernel", "Int4Kernel", "SemiStructuredKernel", "SparseKernel", "load_bundle"]
+
 logger = logging.getLogger(__name__)
-
-
-class DenseKernel(nn.Module):
-    """A Linear whose weight was dequantized once into `dtype` (`dense_fp32/fp16/bf16`)."""
-
-    def __init__(self, layer: LUCLinear, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(layer.dequantize_weight(dtype), requires_grad=False)
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
-
-
-class Int4Kernel(nn.Module):
-    """A LUC layer of at most 4 bits in PyTorch's int4 matmul layout (`int4_packed`); it keeps only
-    that layout, not the LUC codes it was built from."""
-
-    def __init__(self, layer: LUCLinear) -> None:
-        super().__init__()
-        weight = to_int4(layer.codes(), layer.weight_scales, layer.weight_zeros, layer.group_size, layer.bits)
-        self.register_buffer("packed", weight.packed)
-        self.register_buffer("scales_and_zeros", weight.scales_and_zeros)
-        self.group_size, self.out_features = weight.group_size, weight.out_features
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = Int4Weight(self.packed, self.scales_and_zeros, self.group_size, self.out_features)
-        out = int4_matmul(x, weight)
-        return out + self.bias.to(out.dtype) if self.bias is not None else out
-
-
-class SparseKernel(nn.Module):
-    """A Linear stored as a CSR sparse matrix of its kept weights (`sparse_unstructured`)."""
-
-    def __init__(self, layer: LUCLinear) -> None:
-        super().__init__()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-            self.weight = layer.dequantize_weight(torch.float32).to_sparse_csr()
-        self.bias = None if layer.bias is None else layer.bias.detach().float()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).float()
-        out = torch.sparse.mm(self.weight, flat.t()).t()
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], -1).to(x.dtype)
-
-
-class SemiStructuredKernel(nn.Module):
-    """A 2:4 sparse float16 Linear on CUDA sparse tensor cores (`sparse_2_4`)."""
-
-    def __init__(self, layer: LUCLinear) -> None:
-        super().__init__()
-        if not torch.cuda.is_available():
-            raise RuntimeError("The schedule uses the sparse_2_4 kernel, which needs a CUDA GPU; none is available.")
-        from torch.sparse import to_sparse_semi_structured
-
-        dense = layer.dequantize_weight(torch.float16).cuda()
-        self.weight = nn.Parameter(to_sparse_semi_structured(dense), requires_grad=False)
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().half().cuda(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x.half(), self.weight, self.bias).to(x.dtype)
-
-
-_DTYPES = {"dense_fp32": torch.float32, "dense_fp16": torch.float16, "dense_bf16": torch.bfloat16}
-
-
-def _kernel_module(layer: LUCLinear, kernel: str) -> nn.Module:
-    if kernel.startswith("dequant_int"):
-        layer.use_kernel = False  # the schedule's kernel, not the fused one LUCLinear would pick
-        return layer
-    if kernel == "int4_packed":
-        return Int4Kernel(layer)
-    if kernel in _DTYPES:
-        return DenseKernel(layer, _DTYPES[kernel])
-    if kernel == "sparse_unstructured":
-        return SparseKernel(layer)
-    if kernel == "sparse_2_4":
-        return SemiStructuredKernel(layer)
-    raise ValueError(f"Unknown kernel {kernel!r} in the schedule.")
 
 
 class BundleModel(nn.Module):
@@ -156,7 +76,7 @@ def load_bundle(path: str | Path, dtype: torch.dtype | None = None) -> BundleMod
             _stream_from_file(layer, compressed, root / "model.safetensors")
         else:
             for module, _ in compressed:
-                _replace_module(model, module, _kernel_module(module, plan.kernel))
+                _replace_module(model, module, kernel_type(plan.kernel).module(module))
     return BundleModel(model, schedule, manifest).eval()
 
 

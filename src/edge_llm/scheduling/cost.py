@@ -27,13 +27,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from edge_llm.luc.kernels import int4_fits
 from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
 from edge_llm.luc.policy import LUCPolicy, linear_storage_bytes
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.scheduling.devices import DeviceProfile, Kernel
+from edge_llm.scheduling.kernels import FP16_BYTES, KERNELS, kernel_type
 
-FP16_BYTES = 2
 ACTIVATION_BYTES = 4
 
 
@@ -186,49 +185,18 @@ class Option:
 
 def weight_bytes(layer: LayerSpec, kernel: str) -> int:
     """Bytes of the layer's weights in the memory format `kernel` computes from."""
-    dense = layer.params
-    if kernel.startswith("dequant_int"):
-        return layer.packed_bytes()
-    if kernel == "dense_fp32":
-        return dense * 4
-    if kernel in ("dense_fp16", "dense_bf16"):
-        return dense * FP16_BYTES
-    if kernel == "int4_packed":  # two codes a byte, a bfloat16 scale and offset per group
-        return dense // 2 + sum(o * -(-i // layer.group_size) * 4 for o, i in layer.linears)
-    if kernel == "sparse_2_4":
-        return dense // 2 * FP16_BYTES + dense // 8  # half the values + 2-bit indices of the kept half
-    if kernel == "sparse_unstructured":
-        kept = round(dense * (1 - layer.sparsity))
-        return kept * (FP16_BYTES + 4) + sum(o for o, _ in layer.linears) * 4  # CSR: values, columns, rows
-    raise ValueError(f"Unknown kernel {kernel!r}.")
+    return kernel_type(kernel).storage_bytes(layer)
 
 
 def compatible_kernels(layer: LayerSpec, device: DeviceProfile) -> list[str]:
     """Kernels that can run this layer on this device."""
-    names = []
-    for name in device.kernels:
-        if name.startswith("dequant_int"):
-            ok = layer.bits != UNQUANTIZED_BITS and int(name.removeprefix("dequant_int")) == layer.bits
-        elif name == "int4_packed":
-            ok = layer.bits != UNQUANTIZED_BITS and all(
-                int4_fits(layer.bits, layer.sparsity, layer.group_size, i, o) for o, i in layer.linears
-            )
-        elif name == "sparse_2_4":
-            ok = layer.structure == "nm" and abs(layer.sparsity - 0.5) < 1e-9
-        elif name == "sparse_unstructured":
-            ok = layer.sparsity > 0
-        else:
-            ok = True  # dense kernels: dequantize once when loading
-        if ok:
-            names.append(name)
-    return names
+    return [name for name in device.kernels if KERNELS[name].fits(layer)]
 
 
 def _linear_seconds(layer: LayerSpec, kernel: str, spec: Kernel, tokens: int, device: DeviceProfile) -> float:
-    skipped = 0.5 if kernel == "sparse_2_4" else (layer.sparsity if kernel == "sparse_unstructured" else 0.0)
-    flops = 2 * tokens * layer.params * (1 - skipped)
+    flops = 2 * tokens * layer.params * KERNELS[kernel].work(layer)
     seconds = max(flops / spec.flops, weight_bytes(layer, kernel) / device.memory_bandwidth)
-    if spec.dequant_per_s:
+    if KERNELS[kernel].dequantizes and spec.dequant_per_s:
         # Only the kept weights are stored packed; a pruned layer then expands them through its mask.
         seconds += layer.params * (1 - layer.sparsity) / spec.dequant_per_s
         if layer.sparsity and spec.unmask_per_s:
@@ -300,8 +268,7 @@ def layer_options(layer: LayerSpec, spec: ModelSpec, device: DeviceProfile, work
         resident = weight_bytes(layer, kernel)
         compute = sum(passes[k] * counts[k] for k in passes)
         options.append(Option(kernel, "resident", resident, 0, compute, dict(passes)))
-        streamable = kernel.startswith("dequant_int") or (kernel.startswith("dense") and layer.bits == UNQUANTIZED_BITS)
-        if streamable:
+        if KERNELS[kernel].streamable(layer):
             stream = layer.packed_bytes()
             read = stream / device.storage_bandwidth
             seconds = sum(max(passes[k], read) * counts[k] for k in passes)

@@ -8,11 +8,7 @@ A profile is a small JSON document (schema: `schemas/device-profile.schema.json`
 - `kernels`: the matmul kernels the device runs, each with its sustained FLOP/s and, for kernels
   that dequantize packed weights on the fly, how many weights per second they dequantize (and,
   for pruned layers, expand through the pruning mask).
-  Kernel names: `dense_fp32`, `dense_fp16`, `dense_bf16` (weights stored dense in that type),
-  `dequant_int2` ... `dequant_int8` (weights stay packed, dequantized per call), `int4_packed`
-  (codes of at most 4 bits, unpruned, in PyTorch's fused int4 matmul layout: see
-  `edge_llm.luc.kernels`), `sparse_2_4` (semi-structured 2:4 fp16 weights) and
-  `sparse_unstructured` (compressed sparse rows).
+  Kernel names are those of the registry in `scheduling/kernels.py`.
 - `elementwise_bandwidth`: bytes/s that norms, activations and other elementwise work reach.
 - `layer_overhead_s`: fixed seconds of every decoder-layer call whatever its size (dispatching
   and launching its few dozen operations); it dominates small-batch decoding on a GPU.
@@ -33,26 +29,10 @@ from typing import Any
 import jsonschema
 
 from edge_llm._io import atomic_write_text
+from edge_llm.scheduling.kernels import KERNEL_NAMES, with_kernel_names
 
 DEVICE_FORMAT = "edge-llm/device-profile"
 DEVICE_VERSION = 1
-
-KERNEL_NAMES = (
-    "dense_fp32",
-    "dense_fp16",
-    "dense_bf16",
-    "dequant_int2",
-    "dequant_int3",
-    "dequant_int4",
-    "dequant_int5",
-    "dequant_int6",
-    "dequant_int7",
-    "dequant_int8",
-    "int4_packed",
-    "sparse_2_4",
-    "sparse_unstructured",
-)
-
 
 @dataclass(frozen=True)
 class Kernel:
@@ -111,7 +91,9 @@ class DeviceProfile:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DeviceProfile:
         """Build a profile from its JSON form, after checking it against the schema."""
-        schema = json.loads(files("edge_llm").joinpath("schemas", "device-profile.schema.json").read_text())
+        schema = with_kernel_names(
+            json.loads(files("edge_llm").joinpath("schemas", "device-profile.schema.json").read_text())
+        )
         try:
             jsonschema.validate(data, schema)
         except jsonschema.ValidationError as error:

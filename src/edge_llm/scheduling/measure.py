@@ -122,7 +122,7 @@ def _dequant_kernels(
 def _int4_kernel(shape: tuple[int, int], tokens: int, repeats: int, device: torch.device) -> dict[str, Kernel]:
     """`int4_packed`: PyTorch's fused int4 matmul on LUC codes, where this build has it."""
     rows, columns = shape
-    if not (int4_available(device) and int4_fits(4, 0.0, 64, columns, rows)):
+    if not (int4_available(device) and int4_fits(4, 64, columns, rows)):
         return {}
     packed = _luc_layer(shape, 4, 64, device).int4_weight()
     x = torch.randn(tokens, columns, device=device)

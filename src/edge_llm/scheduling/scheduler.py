@@ -24,6 +24,7 @@ from edge_llm._io import atomic_write_text
 from edge_llm.luc.policy import LUCPolicy
 from edge_llm.scheduling.cost import LayerSpec, ModelSpec, Option, Workload, fixed_costs, layer_options
 from edge_llm.scheduling.devices import DeviceProfile
+from edge_llm.scheduling.kernels import with_kernel_names
 
 SCHEDULE_FORMAT = "edge-llm/schedule"
 SCHEDULE_VERSION = 1
@@ -127,7 +128,8 @@ class Schedule:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Schedule:
         """Rebuild a schedule from JSON, after checking it against the schema and its own totals."""
-        schema = json.loads(files("edge_llm").joinpath("schemas", "schedule.schema.json").read_text())
+        text = files("edge_llm").joinpath("schemas", "schedule.schema.json").read_text()
+        schema = with_kernel_names(json.loads(text))
         if isinstance(data, dict) and data.get("format") == SCHEDULE_FORMAT and data.get("version") != SCHEDULE_VERSION:
             raise ValueError(
                 f"Schedule format version {data.get('version')!r} is not supported (this edge-llm reads version "
