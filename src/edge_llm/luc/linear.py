@@ -221,12 +221,20 @@ class LUCLinear(nn.Module):
         return dense_compute_dtype(x) if self.use_kernel and self.bits != UNQUANTIZED_BITS else x.dtype
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """`x @ W^T` without the bias: the int4 kernel for few rows, else dequantize + matmul."""
+        """`x @ W^T` without the bias: the int4 kernel for few rows, else dequantize + matmul.
+
+        Pruned layers take the kernel for many rows too, a few rows at a time: expanding kept
+        weights through their mask is a serial scatter, slower than the matmul it feeds."""
         rows = x.numel() // self.in_features
-        if self.bits != UNQUANTIZED_BITS and rows * planes_for(self.bits) <= kernel_max_rows(x.device):
+        max_rows = kernel_max_rows(x.device) // planes_for(self.bits)
+        if self.bits != UNQUANTIZED_BITS and (rows <= max_rows or self.sparsity > 0):
             packed = self.int4_weight()
-            if packed is not None:
+            if packed is not None and rows <= max_rows:
                 return int4_matmul(x, packed)
+            if packed is not None:
+                flat = x.reshape(rows, self.in_features)
+                out = torch.cat([int4_matmul(part, packed) for part in flat.split(max_rows)])
+                return out.view(*x.shape[:-1], self.out_features)
         dtype = self.dense_dtype(x)
         inputs = x.to(dtype)
         blocks = [nn.functional.linear(inputs, self.dequantize_weight(dtype, *rows)) for rows in self.row_blocks()]
