@@ -7,8 +7,11 @@ process is killed mid-write (`os.replace` is atomic on POSIX and Windows within 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +40,7 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
     until the new one is in place); on an error it is removed and `out` is left as it was."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _restore_interrupted(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield staging
@@ -44,8 +48,13 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
             if file.is_file():
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())
+        if out.exists() and _exchange(staging, out):
+            shutil.rmtree(staging, ignore_errors=True)  # now the old folder
+            return
         previous = None
         if out.exists():
+            # No atomic exchange here: a kill between these two renames leaves the old folder as
+            # `.<name>.previous-<pid>`, which the next `atomic_directory(out)` puts back.
             previous = out.with_name(f".{out.name}.previous-{os.getpid()}")
             os.replace(out, previous)
         os.replace(staging, out)
@@ -54,3 +63,30 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False where the
+    system has no such call, which leaves both untouched."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_cwd, rename_exchange = -100, 2
+    if renameat2(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # kernel or filesystem without it
+        return False
+    raise OSError(error, os.strerror(error), str(second))
+
+
+def _restore_interrupted(out: Path) -> None:
+    """Put back a folder that a killed `atomic_directory` had moved aside (see there)."""
+    if out.exists():
+        return
+    for previous in sorted(out.parent.glob(f".{out.name}.previous-*")):
+        os.replace(previous, out)
+        return

@@ -1,0 +1,73 @@
+"""Saves killed with SIGKILL at chosen points, in a subprocess: the previous output still loads,
+and nothing half-written is left where a loader looks."""
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fault_models import new_bundle_parts
+
+from edge_llm._io import atomic_directory
+from edge_llm.export import export, verify_bundle
+from edge_llm.luc import CompressionMethod, LUCPolicy
+
+WORKER = Path(__file__).with_name("fault_worker.py")
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+
+
+def killed(kind: str, out: Path, point: str, n: int = 1, *flags: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(WORKER), kind, str(out), point, str(n), *flags], capture_output=True, text=True
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def old_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("faults") / "bundle"
+    export(*new_bundle_parts(seed=0), out)
+    return out, verify_bundle(out)
+
+
+@pytest.mark.parametrize(
+    ("point", "flags", "swapped"),
+    [
+        ("fsync", (), False),  # every new file written, none switched in
+        ("exchange", (), False),  # right before the switch
+        ("rmtree", (), True),  # right after it, the old bundle not yet deleted
+    ],
+)
+def test_an_export_killed_at_any_point_leaves_a_whole_bundle(old_bundle, tmp_path, point, flags, swapped):
+    import shutil
+
+    out = tmp_path / "bundle"
+    shutil.copytree(old_bundle[0], out)
+    killed("bundle", out, point, 1, *flags)
+    manifest = verify_bundle(out)  # every file present with its recorded hash
+    assert (manifest == old_bundle[1]) is not swapped
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["bundle"]
+
+
+def test_without_an_atomic_exchange_a_kill_between_the_renames_is_repaired_by_the_next_write(old_bundle, tmp_path):
+    import shutil
+
+    out = tmp_path / "bundle"
+    shutil.copytree(old_bundle[0], out)
+    # Old bundle moved aside, new one not yet in place: the one window the fallback has.
+    killed("bundle", out, "switch", 1, "--no-exchange")
+    assert not out.exists() and list(tmp_path.glob(".bundle.previous-*"))
+    with pytest.raises(RuntimeError), atomic_directory(out):
+        raise RuntimeError("the next write fails too")
+    assert verify_bundle(out) == old_bundle[1]
+
+
+@pytest.mark.parametrize("point", ["fsync", "replace"])
+def test_a_json_write_killed_midway_keeps_the_old_file(tmp_path, point):
+    out = tmp_path / "policy.json"
+    old = LUCPolicy([(4, 0.5)] * 4, CompressionMethod(16, "rtn", "magnitude"))
+    old.save(out)
+    killed("policy", out, point)
+    assert LUCPolicy.load(out) == old
