@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,7 @@ class LUCConfig(QuantizationConfigMixin):
             policy = policy.to_dict()
         self.policy = policy
         self.group_size = group_size
-        self.bits, self.sparsities = list(bits), [float(s) for s in sparsities]
+        self.bits, self.sparsities = _number_list("bits", bits), _number_list("sparsities", sparsities)
         self.quant_algorithm, self.prune_method, self.prune_structure = quant_algorithm, prune_method, prune_structure
         self.metric, self.num_samples, self.seq_len, self.targets = metric, num_samples, seq_len, targets
         self.profile_cache_dir = profile_cache_dir
@@ -108,7 +109,18 @@ class LUCConfig(QuantizationConfigMixin):
 
     def post_init(self) -> None:
         """Check every field; errors name the field and what would be valid."""
-        _ = self.method  # validates group_size and the method names
+        try:
+            _ = self.method  # validates group_size and the method names
+        except ValueError as error:  # CompressionMethod calls quant_algorithm quant_method
+            raise ValueError(f"LUCConfig.{error}".replace("quant_method", "quant_algorithm")) from None
+        for name in ("avg_bits", "avg_sparsity"):
+            value = getattr(self, name)
+            if value is not None and not _is_finite_number(value):
+                raise ValueError(f"LUCConfig.{name} must be a finite number or None, got {value!r}.")
+        if self.targets is not None and (
+            not isinstance(self.targets, (list, tuple)) or not all(isinstance(t, str) for t in self.targets)
+        ):
+            raise ValueError(f"LUCConfig.targets must be None or a list of module names, got {self.targets!r}.")
         for b in self.bits:
             if b != UNQUANTIZED_BITS:
                 check_bits(b)
@@ -164,6 +176,20 @@ class LUCConfig(QuantizationConfigMixin):
                 f"got {type(policy).__name__} {str(policy)[:80]!r}; re-save the model with edge-llm."
             )
         return super().from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number_list(name: str, values: object) -> list:
+    """`bits` or `sparsities` as a list, refusing anything but a non-empty sequence of numbers."""
+    kind = int if name == "bits" else (int, float)
+    if not isinstance(values, (list, tuple)) or not values or not all(_is_finite_number(v) for v in values):
+        raise ValueError(f"LUCConfig.{name} must be a non-empty list of finite numbers, got {values!r}.")
+    if not all(isinstance(v, kind) for v in values):
+        raise ValueError(f"LUCConfig.{name} must be a list of whole numbers, got {values!r}.")
+    return [v if name == "bits" else float(v) for v in values]
 
 
 def _policy_of(config: LUCConfig) -> LUCPolicy:

@@ -74,8 +74,8 @@ class DeviceProfile:
         for name in ("memory_bandwidth", "storage_bandwidth", "elementwise_bandwidth"):
             _check_rate(f"DeviceProfile.{name}", getattr(self, name), positive=True)
         _check_rate("DeviceProfile.layer_overhead_s", self.layer_overhead_s, positive=False)
-        if not self.kernels:
-            raise ValueError("DeviceProfile.kernels is empty: a device needs at least one kernel.")
+        if not isinstance(self.kernels, dict) or not self.kernels:
+            raise ValueError(f"DeviceProfile.kernels must be a non-empty dict of Kernel, got {self.kernels!r}.")
         unknown = sorted(set(self.kernels) - set(KERNEL_NAMES))
         if unknown:
             raise ValueError(f"DeviceProfile.kernels has unknown kernels {unknown}; known: {', '.join(KERNEL_NAMES)}.")
