@@ -226,7 +226,7 @@ def test_edge_llm_tuning_on_a_compressed_base(tmp_path):
         (dict(avg_bits=None, avg_sparsity=None), "needs a budget"),
         (dict(bits=(2, 9)), "bits must be one of"),
         (dict(sparsities=(0.0, 1.5)), r"sparsity must be in \[0, 1\)"),
-        (dict(quant_algorithm="awq"), "quant_method must be one of"),
+        (dict(quant_algorithm="awq"), "LUCConfig.quant_algorithm must be one of"),
         (dict(metric="ppl"), "metric must be one of"),
         (dict(group_size=0), "group_size must be a positive integer"),
         (dict(policy={"format": "edge-llm/luc-policy", "version": 1}), "Invalid LUC policy"),
