@@ -424,3 +424,26 @@ def test_a_deep_copy_computes_what_the_original_does_and_trains_on_its_own(windo
     with twin.exit_at(3):
         twin(input_ids=x, labels=x).loss.backward()
     assert any(p.grad is not None for p in twin.parameters()) and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("window_input", ["backbone", "adapted"])
+def test_set_adapter_switches_weights_exits_and_vote_and_unload_gives_the_base_model(window_input):
+    model = make("llama", num_layers=6, exit_layers=[1, 3], voting="mean", window_input=window_input)
+    other = EdgeLLMConfig(
+        r=2, target_modules=["q_proj"], exit_layers=[2], voting="last", init_lora_weights=False, window_input=window_input
+    )
+    model.add_adapter("other", other)
+    x = batch()
+    with torch.no_grad():
+        first = model(input_ids=x).logits
+        model.set_adapter("other")
+        assert model.base_model.active_edge_config.exit_layers == [2, 5]
+        second = model(input_ids=x).logits
+        model.set_adapter("default")
+        torch.testing.assert_close(model(input_ids=x).logits, first)
+    assert not torch.allclose(first, second, atol=1e-3)
+    base = model.unload()
+    assert not base._forward_hooks and not base._forward_pre_hooks
+    assert not any(layer._forward_hooks or layer._forward_pre_hooks for layer in base.model.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(base(input_ids=x).logits, tiny_model("llama", 6)(input_ids=x).logits)
