@@ -430,7 +430,12 @@ def test_a_deep_copy_computes_what_the_original_does_and_trains_on_its_own(windo
 def test_set_adapter_switches_weights_exits_and_vote_and_unload_gives_the_base_model(window_input):
     model = make("llama", num_layers=6, exit_layers=[1, 3], voting="mean", window_input=window_input)
     other = EdgeLLMConfig(
-        r=2, target_modules=["q_proj"], exit_layers=[2], voting="last", init_lora_weights=False, window_input=window_input
+        r=2,
+        target_modules=["q_proj"],
+        exit_layers=[2],
+        voting="last",
+        init_lora_weights=False,
+        window_input=window_input,
     )
     model.add_adapter("other", other)
     x = batch()
