@@ -1,6 +1,6 @@
 """Run by test_faults.py: one save, killed with SIGKILL at the n-th call of a chosen function.
 
-python fault_worker.py bundle|policy OUT fsync|replace|switch|exchange|rmtree N [--no-exchange]
+python fault_worker.py bundle|luc|policy OUT fsync|replace|switch|exchange|rmtree N [--no-exchange]
 """
 
 import os
@@ -50,6 +50,12 @@ def main() -> None:
         model, plan = new_bundle_parts(seed=1)
         arm(point, n, out)
         export(model, plan, out, overwrite=True)
+    elif kind == "luc":
+        from fault_models import new_bundle_parts
+
+        model, _ = new_bundle_parts(seed=1)
+        arm(point, n, out)
+        model.save_pretrained(out)
     else:
         from edge_llm.luc import CompressionMethod, LUCPolicy
 

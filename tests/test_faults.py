@@ -64,6 +64,23 @@ def test_without_an_atomic_exchange_a_kill_between_the_renames_is_repaired_by_th
     assert verify_bundle(out) == old_bundle[1]
 
 
+@pytest.mark.parametrize(("point", "swapped"), [("exchange", False), ("rmtree", True)])
+def test_a_luc_save_pretrained_killed_midway_leaves_a_loadable_checkpoint(tmp_path, point, swapped):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "luc"
+    old, _ = new_bundle_parts(seed=0)
+    old.save_pretrained(out)
+    (out / "tokenizer.json").write_text("{}")  # the user's file, kept by every save
+    killed("luc", out, point)
+    x = torch.randint(0, 96, (1, 6))
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(out)(input_ids=x).logits
+        assert torch.equal(logits, old(input_ids=x).logits) is not swapped
+    assert (out / "tokenizer.json").read_text() == "{}"
+
+
 @pytest.mark.parametrize("point", ["fsync", "replace"])
 def test_a_json_write_killed_midway_keeps_the_old_file(tmp_path, point):
     out = tmp_path / "policy.json"
@@ -71,3 +88,18 @@ def test_a_json_write_killed_midway_keeps_the_old_file(tmp_path, point):
     old.save(out)
     killed("policy", out, point)
     assert LUCPolicy.load(out) == old
+
+
+def test_a_copied_luc_model_saves_itself_not_the_original(tmp_path):
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model, _ = new_bundle_parts(seed=0)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.model.norm.weight.fill_(2.0)
+    twin.save_pretrained(tmp_path / "twin")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "twin")
+    assert (reloaded.model.norm.weight == 2.0).all() and not (model.model.norm.weight == 2.0).all()

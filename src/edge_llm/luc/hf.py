@@ -10,8 +10,11 @@ and an Optimum-style quantizer for calibrate-then-save workflows.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from edge_llm._io import atomic_directory
 from edge_llm.assets import cache_dir
 from edge_llm.luc.calibration import calibration_tokens, target_linears
 from edge_llm.luc.checks import check_checkpoint_files, check_loaded_layers
@@ -235,6 +239,49 @@ def mark_compressed(model: nn.Module, policy: LUCPolicy, config: LUCConfig | Non
     # What from_pretrained attaches; Trainer asks it whether the quantized model can be trained.
     model.hf_quantizer = LUCHfQuantizer(config, pre_quantized=True)
     add_marker(model)
+    saves_whole_folders(model)
+
+
+def saves_whole_folders(model: nn.Module) -> None:
+    """Make `model.save_pretrained(folder)` switch `folder` over as a whole (see `_save_whole`).
+
+    A `partial` holding the model, not a closure: `copy.deepcopy(model)` then gives a copy whose
+    `save_pretrained` saves the copy."""
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained = functools.partial(_save_whole, model)
+
+
+# What a model's `save_pretrained` writes; any other file in the folder is the user's and is kept.
+_MODEL_FILES = ("config.json", "generation_config.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+
+
+def _save_whole(model: nn.Module, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+    """`save_pretrained` that writes into a new folder beside `save_directory` and swaps it in
+    when complete: a save killed midway leaves the previous checkpoint loadable. Files there that
+    the model save does not write (a tokenizer, a README) are carried over as hard links."""
+    out = Path(save_directory)
+    if kwargs.get("push_to_hub") and "repo_id" not in kwargs:
+        kwargs["repo_id"] = out.name  # transformers names the repository after the folder it saves to
+    with atomic_directory(out) as staging:
+        if out.is_dir():
+            for item in out.iterdir():
+                if item.name not in _MODEL_FILES and not item.name.endswith(_WEIGHT_SUFFIXES):
+                    _link_or_copy(item, staging / item.name)
+        type(model).save_pretrained(model, staging, *args, **kwargs)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    if source.is_dir():
+        shutil.copytree(source, target, copy_function=link)
+    else:
+        link(str(source), str(target))
 
 
 def apply_luc(model: nn.Module, config: LUCConfig, progress: bool = True) -> LUCPolicy:
@@ -295,6 +342,7 @@ class LUCHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if self.pre_quantized:
             check_loaded_layers(model)
+            saves_whole_folders(model)
         else:
             policy = apply_luc(model, self.quantization_config)
             logger.info("LUC policy:\n%s", policy.summary())
