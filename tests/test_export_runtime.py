@@ -398,3 +398,17 @@ def test_schemas_take_the_kernel_names_from_the_registry():
     with pytest.raises(ValueError, match="Invalid device profile at kernels"):
         DeviceProfile.from_dict({**device, "kernels": {"warp_drive": {"flops": 1.0}}})
     assert DeviceProfile.from_dict(device) == cpu_device(10**9)
+
+
+def test_a_bundle_has_one_voting_rule_the_adapters(tmp_path):
+    from dataclasses import replace
+
+    model = adapted_model()  # voting="mean"
+    device = cpu_device(10**9)
+    plan = schedule(model, device, Workload(prompt_tokens=8, decode_tokens=2))  # no edge_config=: the adapter's
+    assert plan.voting == "mean" and plan.exits == model.peft_config["default"].exit_layers
+    with pytest.raises(ValueError, match="disagrees with the adapter's voting='mean'"):
+        schedule(model, device, Workload(prompt_tokens=8, decode_tokens=2), voting="confidence")
+    with pytest.raises(ValueError, match="a bundle has one voting rule"):
+        export(model, replace(plan, voting="confidence"), tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()

@@ -23,7 +23,7 @@ from edge_llm.luc import (
     compress_model,
     profile_sensitivity,
 )
-from edge_llm.luc.hf import MARKER
+from edge_llm.luc.integration import MARKER
 from edge_llm.luc.quantize import quantize_rtn
 
 METHOD = CompressionMethod(group_size=16, quant_method="rtn", prune_method="wanda")

@@ -242,3 +242,25 @@ def test_profiles_and_workloads_built_in_python_are_validated(build, message):
 
     with pytest.raises(ValueError, match=message):
         build(Kernel)
+
+
+def test_a_2_4_pruned_model_scheduled_without_its_policy_can_use_sparse_2_4():
+    from tiny_models import tiny_model
+
+    from edge_llm.luc import compress_model
+    from edge_llm.scheduling.cost import ModelSpec
+
+    model = tiny_model("llama", 2)
+    compress_model(model, [(4, 0.5), (4, 0.0)], CompressionMethod(16, "rtn", "magnitude", "nm"), progress=False)
+    spec = ModelSpec.from_model(model)  # no policy=: the model's own
+    assert [layer.structure for layer in spec.layers] == ["nm", "nm"]
+    assert "sparse_2_4" in compatible_kernels(spec.layers[0], builtin_device("jetson-orin-nano-8gb"))
+
+
+def test_an_uncompressed_model_is_not_offered_streaming_the_runtime_cannot_do():
+    from edge_llm.scheduling.cost import ModelSpec, layer_options
+
+    spec = ModelSpec.from_model(meta_model(2))
+    device = builtin_device("jetson-orin-nano-8gb")
+    for layer in spec.layers:
+        assert {o.placement for o in layer_options(layer, spec, device, Workload())} == {"resident"}

@@ -79,3 +79,37 @@ def test_fit_exit_weights_recovers_the_mixture_and_ignores_useless_exits():
     useless = torch.full_like(tokens, -math.log(1000), dtype=torch.float32)
     weights = fit_exit_weights(torch.stack([p0[tokens].log(), p1[tokens].log(), useless]))
     assert weights[2] < 0.01 and sum(weights) == pytest.approx(1.0)
+
+
+def test_geometric_vote_is_the_renormalised_weighted_product():
+    from edge_llm import vote
+
+    torch.manual_seed(0)
+    logits = [torch.randn(3, 11) for _ in range(3)]
+    weights = [0.2, 0.0, 0.8]
+    probs = [torch.softmax(z, dim=-1) for z in logits]
+    product = probs[0] ** 0.2 * probs[2] ** 0.8
+    expected = product / product.sum(-1, keepdim=True)
+    torch.testing.assert_close(torch.softmax(vote(logits, "geometric", weights), -1), expected)
+
+
+def test_a_registered_voting_rule_is_known_everywhere(monkeypatch):
+    """Adding a rule is one registry entry: config, adapter, evaluation and schedule files take it."""
+    from peft import get_peft_model
+    from tiny_models import VOCAB, tiny_model
+
+    from edge_llm import EdgeLLMConfig
+    from edge_llm.evaluation import perplexity
+    from edge_llm.tuner import voting
+
+    rule = voting.VotingRule("first", "the lowest exit's logits", lambda logits, weights: logits[0])
+    monkeypatch.setitem(voting.VOTING_RULES, "first", rule)
+    with pytest.raises(ValueError, match="already registered"):
+        voting.register_voting_rule(rule)
+    config = EdgeLLMConfig(r=2, target_modules=["q_proj"], exit_layers=[1, 3], voting="first")
+    model = get_peft_model(tiny_model("llama", 4), config).eval()
+    x = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(input_ids=x, return_exit_logits=True)
+    torch.testing.assert_close(out.logits, out.exit_logits[1])
+    assert "voted_first" in perplexity(model, x)

@@ -9,10 +9,10 @@ __version__ = "0.1.0"  # first: submodules read it while the package initialises
 # `edge_llm.export(model, schedule, out_dir)` is the function; its package stays importable as
 # `from edge_llm.export import write_gguf, verify_bundle`.
 from edge_llm.export import export
-from edge_llm.luc import LUCConfig, LUCPolicy, LUCQuantizer
+from edge_llm.luc import LUCConfig, LUCPolicy, LUCQuantizer, policy_of
 from edge_llm.modeling import UnsupportedModelError, find_decoder_parts
 from edge_llm.trainer import EdgeTrainer
-from edge_llm.tuner import EdgeLLMConfig, EdgeLLMModel
+from edge_llm.tuner import EdgeLLMConfig, EdgeLLMModel, edge_config_of
 from edge_llm.tuner.loss import enable_chunked_loss
 from edge_llm.tuner.voting import vote
 
@@ -25,8 +25,10 @@ __all__ = [
     "LUCQuantizer",
     "UnsupportedModelError",
     "__version__",
+    "edge_config_of",
     "enable_chunked_loss",
     "export",
     "find_decoder_parts",
+    "policy_of",
     "vote",
 ]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_llm._io import atomic_directory, atomic_write_text
+from edge_llm.tuner.voting import VOTING_RULES
 
 logger = logging.getLogger("edge_llm.cli")
 
@@ -201,7 +202,6 @@ def _export(args: argparse.Namespace) -> int:
         device = DeviceProfile.load(args.device)
     else:
         device = builtin_device(args.device)
-    edge_config = getattr(getattr(model, "base_model", None), "active_edge_config", None)
     workload = Workload(
         mode=args.mode,
         batch_size=args.batch,
@@ -209,7 +209,7 @@ def _export(args: argparse.Namespace) -> int:
         decode_tokens=args.decode_tokens,
         seq_len=args.prompt_tokens,
     )
-    plan = schedule(model, device, workload, edge_config=edge_config)
+    plan = schedule(model, device, workload)
     reference = None
     if args.gguf and args.model == "smollm2":
         from edge_llm.assets import smollm2_135m_gguf
@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--backprop-depth", type=int)
     tune.add_argument("--exit-sampling", choices=("curriculum", "round_robin", "uniform"), default="curriculum")
     tune.add_argument("--window-input", choices=("adapted", "backbone"), default="backbone")
-    tune.add_argument("--voting", choices=("last", "mean", "weighted", "confidence"), default="weighted")
+    tune.add_argument("--voting", choices=tuple(VOTING_RULES), default="weighted")
     tune.add_argument("--exit-head", choices=("shared", "norm", "lora"), default="shared")
     tune.add_argument("--seed", type=int, default=0)
     tune.set_defaults(run=_tune)

@@ -21,9 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from edge_llm.tuner.voting import vote
-
-RULES = ("last", "mean", "weighted", "confidence")
+from edge_llm.tuner.model import edge_config_of
+from edge_llm.tuner.voting import VOTING_RULES, vote
 
 
 @dataclass(frozen=True)
@@ -35,23 +34,16 @@ class Item:
     gold: int
 
 
-def _edge_config(model: nn.Module) -> Any:
-    from edge_llm.tuner.model import EdgeLLMModel
-
-    tuner = getattr(model, "base_model", None)
-    return tuner.active_edge_config if isinstance(tuner, EdgeLLMModel) else None
-
-
 def _all_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[str, Any]:
     """Per-exit logits (`{layer: logits}`) and voted log-probabilities for every rule."""
-    config = _edge_config(model)
+    config = edge_config_of(model)
     with torch.no_grad():
         if config is None:
             out = model(input_ids=input_ids, attention_mask=attention_mask)
             return {"exits": {}, "rules": {"last": out.logits}}
         out = model(input_ids=input_ids, attention_mask=attention_mask, return_exit_logits=True)
     ordered = list(out.exit_logits.values())
-    rules = {rule: vote(ordered, rule, config.exit_weights) for rule in RULES}
+    rules = {rule: vote(ordered, rule, config.exit_weights) for rule in VOTING_RULES}
     return {"exits": out.exit_logits, "rules": rules}
 
 

@@ -12,29 +12,16 @@ from torch import nn
 
 from edge_llm import __version__
 from edge_llm._io import atomic_write_text
+from edge_llm.luc.integration import policy_of
+from edge_llm.tuner.model import edge_config_of
 
 logger = logging.getLogger(__name__)
 
 
-def _edge_config(model: nn.Module) -> Any:
-    from edge_llm.tuner.model import EdgeLLMModel
-
-    tuner = getattr(model, "base_model", None)
-    return tuner.active_edge_config if isinstance(tuner, EdgeLLMModel) else None
-
-
-def _policy(model: nn.Module) -> dict | None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    quantization = getattr(base.config, "quantization_config", None)
-    if isinstance(quantization, dict):
-        return quantization.get("policy")
-    return getattr(quantization, "policy", None)
-
-
 def model_card(model: nn.Module, repo_id: str) -> str:
     """A README.md (with YAML metadata) for an Edge-LLM adapter or a LUC-compressed model."""
-    edge = _edge_config(model)
-    policy = _policy(model)
+    edge = edge_config_of(model)
+    policy = policy_of(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base_name = getattr(edge, "base_model_name_or_path", None) or getattr(base.config, "_name_or_path", "") or ""
     tags = (
@@ -97,23 +84,23 @@ def model_card(model: nn.Module, repo_id: str) -> str:
             lines.append("")
         lines += [f"- LoRA: r={edge.r}, alpha={edge.lora_alpha}, targets {sorted(edge.target_modules)}", ""]
     if policy:
-        layers = policy["layers"]
-        method = policy["method"]
+        layers = policy.layers
+        method = policy.method
         settings: dict[tuple[int, float], list[int]] = {}
         for index, layer in enumerate(layers):
-            settings.setdefault((layer["bits"], layer["sparsity"]), []).append(index)
+            settings.setdefault(tuple(layer), []).append(index)
         lines += [
             "## LUC policy",
             "",
-            f"{method['quant_method'].upper()} quantization in groups of {method['group_size']}, "
-            f"{method['prune_method']} pruning ({method['prune_structure']}).",
+            f"{method.quant_method.upper()} quantization in groups of {method.group_size}, "
+            f"{method.prune_method} pruning ({method.prune_structure}).",
             "",
             "| bits | sparsity | decoder layers |",
             "|---|---|---|",
         ]
         lines += [f"| {b} | {s:.2f} | {', '.join(map(str, idx))} |" for (b, s), idx in sorted(settings.items())]
-        mean_bits = sum(layer["bits"] for layer in layers) / len(layers)
-        mean_sparsity = sum(layer["sparsity"] for layer in layers) / len(layers)
+        mean_bits = sum(bits for bits, _ in layers) / len(layers)
+        mean_sparsity = sum(sparsity for _, sparsity in layers) / len(layers)
         lines += ["", f"Mean over layers: {mean_bits:.2f} bits, sparsity {mean_sparsity:.2f}.", ""]
     return "\n".join(lines)
 

@@ -25,9 +25,11 @@ from torch import nn
 
 from edge_llm import __version__
 from edge_llm._io import atomic_directory
+from edge_llm.luc.integration import policy_of
 from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.scheduling.scheduler import Schedule
+from edge_llm.tuner.model import edge_config_of
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +45,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _edge_parts(model: nn.Module) -> tuple[nn.Module, Any]:
-    """(transformers base model, Edge-LLM config or None) of a PeftModel or a plain model."""
-    from edge_llm.tuner.model import EdgeLLMModel
-
-    tuner = getattr(model, "base_model", None)
-    if isinstance(tuner, EdgeLLMModel):
-        return tuner.model, tuner.active_edge_config
-    return model, None
 
 
 def _check_schedule_matches(base: nn.Module, schedule: Schedule) -> None:
@@ -127,8 +119,14 @@ def export(
                 f"{out} is not empty and is not an edge-llm bundle; overwrite=True only replaces a bundle. "
                 "Choose a new directory."
             )
-    base, edge_config = _edge_parts(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    edge_config = edge_config_of(model)
     _check_schedule_matches(base, schedule)
+    if edge_config is not None and schedule.voting != edge_config.voting:
+        raise ValueError(
+            f"The schedule votes with {schedule.voting!r} but the adapter with {edge_config.voting!r}; a bundle has "
+            "one voting rule: schedule the adapted model as it is."
+        )
     with atomic_directory(out) as staging:
         _write_bundle(
             staging, model, base, edge_config, schedule, merge_adapters, tokenizer, gguf, gguf_reference, dtype
@@ -189,10 +187,8 @@ def _keep_only_exit_heads(adapter_dir: Path) -> None:
 
 def _write_manifest(out: Path, base: nn.Module, edge_config: Any, merged: bool) -> None:
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
-    quantization = getattr(base.config, "quantization_config", None)
-    policy = getattr(quantization, "policy", None) if quantization is not None else None
-    if isinstance(quantization, dict):
-        policy = quantization.get("policy")
+    policy = policy_of(base)
+    policy = policy.to_dict() if policy is not None else None
     manifest = {
         "format": BUNDLE_FORMAT,
         "version": BUNDLE_VERSION,

@@ -29,8 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge_llm.luc.integration import policy_of
 from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
 from edge_llm.modeling import find_decoder_parts
+from edge_llm.tuner.model import edge_config_of
 
 logger = logging.getLogger(__name__)
 
@@ -291,9 +293,7 @@ def write_gguf(
     """
     import gguf
 
-    from edge_llm.export.bundle import _edge_parts
-
-    _, edge_config = _edge_parts(model)
+    edge_config = edge_config_of(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
     if config.model_type not in SUPPORTED_MODEL_TYPES:
@@ -403,10 +403,9 @@ def _add_tokenizer(writer: Any, tokenizer: Any, reference_gguf: str | Path | Non
 
 
 def _add_edge_metadata(writer: Any, base: nn.Module, edge_config: Any, schedule: Any) -> None:
-    quantization = getattr(base.config, "quantization_config", None)
-    policy = quantization.get("policy") if isinstance(quantization, dict) else getattr(quantization, "policy", None)
+    policy = policy_of(base)
     if policy is not None:
-        writer.add_string("edge_llm.luc_policy", json.dumps(policy))
+        writer.add_string("edge_llm.luc_policy", json.dumps(policy.to_dict()))
     if edge_config is not None:
         writer.add_array("edge_llm.exits", [int(e) for e in edge_config.exit_layers])
         writer.add_string("edge_llm.voting", edge_config.voting)

@@ -3,16 +3,21 @@ sensitivity profile, applied for real (packed low-bit weights, compact pruning m
 
 Pieces, in the order they run: `calibration` (tokens, layer-by-layer runner), `profile`
 (sensitivity), `policy` (exact search under a budget), `prune` + `quantize` + `compress`
-(applying a policy), `linear` (`LUCLinear`, the stored format), `hf` (transformers/Optimum glue),
+(applying a policy), `linear` (`LUCLinear`, the stored format), and the Hugging Face glue along
+transformers' own seams: `config` (`LUCConfig`), `quantizer` (`LUCHfQuantizer`, hooks only),
+`integration` (the module surgery: `apply_luc`, `policy_of`), `optimum` (`LUCQuantizer`);
 `lora` (LoRA adapters over `LUCLinear`).
 """
 
 from edge_llm.luc.calibration import calibration_tokens
 from edge_llm.luc.compress import CompressionMethod, compress_model
-from edge_llm.luc.hf import LUCConfig, LUCHfQuantizer, LUCQuantizer, apply_luc, register
+from edge_llm.luc.config import LUCConfig
+from edge_llm.luc.integration import apply_luc, policy_of
 from edge_llm.luc.linear import LUCLinear
+from edge_llm.luc.optimum import LUCQuantizer
 from edge_llm.luc.policy import Budget, LUCPolicy, search_policy
 from edge_llm.luc.profile import SensitivityProfile, profile_sensitivity
+from edge_llm.luc.quantizer import LUCHfQuantizer, register
 
 register()
 
@@ -28,6 +33,7 @@ __all__ = [
     "apply_luc",
     "calibration_tokens",
     "compress_model",
+    "policy_of",
     "profile_sensitivity",
     "search_policy",
 ]

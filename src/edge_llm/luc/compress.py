@@ -12,6 +12,7 @@ from edge_llm.luc.calibration import LayerRunner, input_hessians, iterate, targe
 from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
 from edge_llm.luc.prune import PRUNE_METHODS, PRUNE_STRUCTURES, prune_mask
 from edge_llm.luc.quantize import GroupQuantized, dequantize, quantize_gptq, quantize_rtn
+from edge_llm.modeling import find_decoder_parts
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,22 @@ def compress_model(
     of the already-compressed layers below it (as GPTQ does). The policy is recorded in
     `model.config.quantization_config`, so `save_pretrained` writes a loadable LUC checkpoint.
     """
+    compress_layers(model, settings, method, calibration, targets, progress)
+    from edge_llm.luc.policy import LUCPolicy
+    from edge_llm.luc.quantizer import mark_compressed  # the transformers glue imports this module
+
+    mark_compressed(model, LUCPolicy(list(settings), method, targets))
+
+
+def compress_layers(
+    model: nn.Module,
+    settings: list[tuple[int, float]],
+    method: CompressionMethod,
+    calibration: torch.Tensor | None = None,
+    targets: list[str] | None = None,
+    progress: bool = True,
+) -> None:
+    """`compress_model` without recording the policy in the model's config (its caller does)."""
     runner = None
     if method.needs_calibration:
         if calibration is None:
@@ -118,8 +135,6 @@ def compress_model(
         runner = LayerRunner(model, calibration)
         layers = runner.layers
     else:
-        from edge_llm.modeling import find_decoder_parts
-
         layers = list(find_decoder_parts(model).layers(model))
     if len(settings) != len(layers):
         raise ValueError(
@@ -135,7 +150,3 @@ def compress_model(
             _replace(layers[index], name, compressed)
         if runner is not None:
             runner.advance(index)
-    from edge_llm.luc.hf import mark_compressed  # the transformers glue imports this module
-    from edge_llm.luc.policy import LUCPolicy
-
-    mark_compressed(model, LUCPolicy(list(settings), method, targets))

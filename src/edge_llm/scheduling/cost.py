@@ -27,11 +27,13 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from edge_llm.luc.integration import policy_of
 from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
 from edge_llm.luc.policy import LUCPolicy, linear_storage_bytes
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.scheduling.devices import DeviceProfile, Kernel
 from edge_llm.scheduling.kernels import FP16_BYTES, KERNELS, kernel_type
+from edge_llm.tuner.model import edge_config_of
 
 ACTIVATION_BYTES = 4
 
@@ -51,6 +53,7 @@ class LayerSpec:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    luc: bool = True  # stored as LUC stores layers (what the runtime can stream), or plain float
 
     @property
     def params(self) -> int:
@@ -77,9 +80,12 @@ class ModelSpec:
     def from_model(cls, model: nn.Module, policy: LUCPolicy | None = None, edge_config: object = None) -> ModelSpec:
         """Describe a transformers causal LM (a real model, or one built on the meta device).
 
-        Bits and sparsity come from `policy`, or from the model's `LUCLinear` layers, or are 16/0.
-        `edge_config` (an `EdgeLLMConfig` with resolved exits) adds exits, windows and adapters.
+        Bits and sparsity come from `policy` (default: the policy the model was compressed with,
+        `policy_of(model)`), or from its `LUCLinear` layers, or are 16/0. `edge_config` (default:
+        the model's Edge-LLM adapter, `edge_config_of(model)`) adds exits, windows and adapters.
         """
+        policy = policy if policy is not None else policy_of(model)
+        edge_config = edge_config if edge_config is not None else edge_config_of(model)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = base.config
         parts = find_decoder_parts(base)
@@ -114,6 +120,7 @@ class ModelSpec:
                     num_heads=config.num_attention_heads,
                     num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
                     head_dim=head_dim,
+                    luc=policy is not None or bool(compressed),
                 )
             )
         layer_param_ids = {id(p) for layer in decoder_layers for p in layer.parameters()}
@@ -268,7 +275,8 @@ def layer_options(layer: LayerSpec, spec: ModelSpec, device: DeviceProfile, work
         resident = weight_bytes(layer, kernel)
         compute = sum(passes[k] * counts[k] for k in passes)
         options.append(Option(kernel, "resident", resident, 0, compute, dict(passes)))
-        if KERNELS[kernel].streamable(layer):
+        # The runtime streams LUCLinear tensors from the bundle's file; a plain float layer stays resident.
+        if layer.luc and KERNELS[kernel].streamable(layer):
             stream = layer.packed_bytes()
             read = stream / device.storage_bandwidth
             seconds = sum(max(passes[k], read) * counts[k] for k in passes)

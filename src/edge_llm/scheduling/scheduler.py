@@ -25,6 +25,8 @@ from edge_llm.luc.policy import LUCPolicy
 from edge_llm.scheduling.cost import LayerSpec, ModelSpec, Option, Workload, fixed_costs, layer_options
 from edge_llm.scheduling.devices import DeviceProfile
 from edge_llm.scheduling.kernels import with_kernel_names
+from edge_llm.tuner.model import edge_config_of
+from edge_llm.tuner.voting import VOTING_RULES
 
 SCHEDULE_FORMAT = "edge-llm/schedule"
 SCHEDULE_VERSION = 1
@@ -130,6 +132,7 @@ class Schedule:
         """Rebuild a schedule from JSON, after checking it against the schema and its own totals."""
         text = files("edge_llm").joinpath("schemas", "schedule.schema.json").read_text()
         schema = with_kernel_names(json.loads(text))
+        schema["$defs"]["voting"]["enum"] = list(VOTING_RULES)
         if isinstance(data, dict) and data.get("format") == SCHEDULE_FORMAT and data.get("version") != SCHEDULE_VERSION:
             raise ValueError(
                 f"Schedule format version {data.get('version')!r} is not supported (this edge-llm reads version "
@@ -222,11 +225,23 @@ def schedule(
 ) -> Schedule:
     """The fastest plan for `model` (with its LUC `policy` and `EdgeLLMConfig`) that fits `device`.
 
+    `policy` and `edge_config` default to the model's own (`policy_of`, `edge_config_of`): pass a
+    `PeftModel` with its Edge-LLM adapter as it is. The schedule's voting rule is the adapter's
+    (one rule per bundle); `voting`, if given, must agree with it.
+
     Raises:
         InfeasibleScheduleError: when no combination of kernels and streaming fits, saying by how
             many bytes the smallest possible plan exceeds the device's memory.
     """
     workload = workload or Workload()
+    if isinstance(model, nn.Module) and edge_config is None:
+        edge_config = edge_config_of(model)
+    adapter_voting = getattr(edge_config, "voting", None)
+    if voting is not None and adapter_voting is not None and voting != adapter_voting:
+        raise ValueError(
+            f"schedule(voting={voting!r}) disagrees with the adapter's voting={adapter_voting!r}; a bundle has one "
+            "voting rule, the adapter's: change EdgeLLMConfig.voting instead."
+        )
     spec = model if isinstance(model, ModelSpec) else ModelSpec.from_model(model, policy, edge_config)
     per_layer = [layer_options(layer, spec, device, workload) for layer in spec.layers]
     fixed_seconds, fixed_bytes = fixed_costs(spec, device, workload)
@@ -243,7 +258,7 @@ def schedule(
         fixed_bytes=fixed_bytes,
         fixed_seconds=fixed_seconds,
         exits=list(spec.exits) or [len(spec.layers) - 1],
-        voting=voting or getattr(edge_config, "voting", "last"),
+        voting=adapter_voting or voting or "last",
         window_input=spec.window_input,
         backprop_depth=spec.backprop_depth,
     )

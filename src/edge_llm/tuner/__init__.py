@@ -37,7 +37,7 @@ def _add_peft_type(name: str) -> PeftType:
 EDGE_LLM_PEFT_TYPE = _add_peft_type(PEFT_TYPE_NAME)
 
 from edge_llm.tuner.config import EdgeLLMConfig  # noqa: E402
-from edge_llm.tuner.model import EdgeLLMModel  # noqa: E402
+from edge_llm.tuner.model import EdgeLLMModel, edge_config_of  # noqa: E402
 
 
 def _register() -> None:
@@ -58,4 +58,4 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["EDGE_LLM_PEFT_TYPE", "EdgeLLMConfig", "EdgeLLMModel"]
+__all__ = ["EDGE_LLM_PEFT_TYPE", "EdgeLLMConfig", "EdgeLLMModel", "edge_config_of"]

@@ -8,8 +8,9 @@ from typing import Literal
 
 from peft import LoraConfig
 
-EXIT_SAMPLING_RULES = ("curriculum", "round_robin", "uniform")
-VOTING_RULES = ("last", "mean", "weighted", "confidence")
+from edge_llm.tuner.exits import EXIT_SAMPLERS
+from edge_llm.tuner.voting import VOTING_RULES
+
 WINDOW_INPUTS = ("adapted", "backbone")
 EXIT_HEADS = ("shared", "norm", "lora")
 # An exit whose weight in a vote fitted before training is below this gets no steps (select_exits).
@@ -65,8 +66,10 @@ class EdgeLLMConfig(LoraConfig):
             `"last"` returns the last layer's logits unchanged; `"mean"` returns `log(mean_i p_i)`;
             `"weighted"` returns `log(sum_i w_i p_i)` with `exit_weights` (fitted on held-out data by
             `calibrate_exit_weights`; uniform until then); `"confidence"` (the paper's rule) returns
-            `log(q / sum(q))` with `q = max_i p_i` element-wise. The returned logits are
-            log-probabilities, so `softmax(logits)` gives the voted distribution back.
+            `log(q / sum(q))` with `q = max_i p_i` element-wise; `"geometric"` returns
+            `prod_i p_i^w_i`, renormalised. The rules are the registry `tuner.voting.VOTING_RULES`.
+            The returned logits are log-probabilities, so `softmax(logits)` gives the voted
+            distribution back.
         exit_weights (`list[float]`, *optional*):
             One non-negative weight per exit (lowest first) for `voting="weighted"`; normalised to
             sum to 1.
@@ -94,13 +97,13 @@ class EdgeLLMConfig(LoraConfig):
     backprop_depth: int | None = field(
         default=None, metadata={"help": "Decoder layers, ending at the active exit, that receive gradients."}
     )
-    exit_sampling: Literal["curriculum", "round_robin", "uniform"] = field(
-        default="curriculum", metadata={"help": "How training picks the active exit: " + ", ".join(EXIT_SAMPLING_RULES)}
+    exit_sampling: str = field(
+        default="curriculum", metadata={"help": "How training picks the active exit: " + ", ".join(EXIT_SAMPLERS)}
     )
     window_input: Literal["adapted", "backbone"] = field(
         default="backbone", metadata={"help": "What a window sees below it: " + ", ".join(WINDOW_INPUTS)}
     )
-    voting: Literal["last", "mean", "weighted", "confidence"] = field(
+    voting: str = field(
         default="weighted", metadata={"help": "How exits combine at inference: " + ", ".join(VOTING_RULES)}
     )
     exit_weights: list[float] | None = field(
@@ -154,9 +157,10 @@ class EdgeLLMConfig(LoraConfig):
             self.exit_layers = _check_exit_layers(self.exit_layers)
         if self.backprop_depth is not None:
             _check_positive_int("backprop_depth", self.backprop_depth)
-        _check_choice("exit_sampling", self.exit_sampling, EXIT_SAMPLING_RULES)
+        # The registries are read now, not copied at import: a rule registered later is accepted.
+        _check_choice("exit_sampling", self.exit_sampling, tuple(EXIT_SAMPLERS))
         _check_choice("window_input", self.window_input, WINDOW_INPUTS)
-        _check_choice("voting", self.voting, VOTING_RULES)
+        _check_choice("voting", self.voting, tuple(VOTING_RULES))
         if self.exit_weights is not None:
             self.exit_weights = _check_exit_weights(self.exit_weights)
         _check_choice("exit_head", self.exit_head, EXIT_HEADS)

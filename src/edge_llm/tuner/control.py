@@ -36,7 +36,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from edge_llm.modeling import DecoderParts, first_tensor, postprocess_logits
 from edge_llm.tuner.exits import ExitHeadLoRA, ExitNorm, HeadWithExitLoRA, window
 from edge_llm.tuner.loss import LOSS_KWARGS, DeferredHead, replace_output_fields
-from edge_llm.tuner.voting import vote
+from edge_llm.tuner.voting import VOTING_RULES, vote
 
 if TYPE_CHECKING:
     from edge_llm.tuner.model import EdgeLLMModel
@@ -156,7 +156,7 @@ class ExitController:
         state.return_exit_logits = return_exit_logits
         state.return_exit_states = return_exit_states
         state.logits_to_keep = kwargs.get("logits_to_keep", 0)
-        if rule != "last" or state.backbone or return_exit_states:
+        if not VOTING_RULES[rule].last_only or state.backbone or return_exit_states:
             # The model would compute its loss on the last layer's logits only; the voted loss is
             # computed in `_finish` instead.
             self._take_labels(state, kwargs)
@@ -199,7 +199,7 @@ class ExitController:
         if state.return_exit_states:
             output["exit_states"] = {layer: state.captured[layer] for layer in state.exits}
             return output
-        needs_vote = state.rule != "last" or state.backbone
+        needs_vote = not VOTING_RULES[state.rule].last_only or state.backbone
         if not (needs_vote or state.return_exit_logits):
             return output
         logits_by_exit = {
@@ -225,7 +225,7 @@ class ExitController:
         config = self.tuner.active_edge_config
         voters = _voters(config.exit_layers, config.voting, config.exit_weights)
         weights = config.exit_weights
-        if config.voting == "weighted" and weights is not None:
+        if VOTING_RULES[config.voting].weighted and weights is not None:
             weights = [weights[config.exit_layers.index(layer)] for layer in voters]
         return vote([logits_by_exit[layer] for layer in voters], config.voting, weights)
 
@@ -325,11 +325,11 @@ class ExitController:
 
 
 def _voters(exits: list[int], rule: str, weights: list[float] | None) -> list[int]:
-    """The exits whose logits enter the vote: the last for "last", those with weight > 0 for a
-    weighted vote, all otherwise."""
-    if rule == "last":
+    """The exits whose logits enter the vote: the last for a last-only rule, those with weight > 0
+    for a weighted rule, all otherwise."""
+    if VOTING_RULES[rule].last_only:
         return [exits[-1]]
-    if rule == "weighted" and weights is not None:
+    if VOTING_RULES[rule].weighted and weights is not None:
         return [layer for layer, weight in zip(exits, weights, strict=True) if weight > 0]
     return list(exits)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -46,21 +47,35 @@ def window(exit_layer: int, backprop_depth: int) -> range:
     return range(max(0, exit_layer - backprop_depth + 1), exit_layer + 1)
 
 
-def exit_for_step(exits: list[int], rule: str, step: int, total_steps: int, seed: int) -> int:
-    """The active exit of optimizer step `step` (0-based) out of `total_steps`.
+def _curriculum(exits: list[int], step: int, total_steps: int, seed: int) -> int:
+    """Equal consecutive phases, lowest exit first; the last phase takes the remainder."""
+    steps_per_exit = max(total_steps // len(exits), 1)
+    return exits[min(step // steps_per_exit, len(exits) - 1)]
 
-    A pure function of its arguments, so a run resumed from a checkpoint continues the same exit
-    sequence without any saved sampler state.
-    """
-    if rule == "curriculum":
-        # Equal consecutive phases, lowest exit first; the last phase takes the remainder.
-        steps_per_exit = max(total_steps // len(exits), 1)
-        return exits[min(step // steps_per_exit, len(exits) - 1)]
-    if rule == "round_robin":
-        return exits[step % len(exits)]
-    if rule == "uniform":
-        return exits[random.Random(f"edge-llm/{seed}/{step}").randrange(len(exits))]
-    raise ValueError(f"Unknown exit_sampling rule {rule!r}; use 'curriculum', 'round_robin' or 'uniform'.")
+
+def _round_robin(exits: list[int], step: int, total_steps: int, seed: int) -> int:
+    return exits[step % len(exits)]
+
+
+def _uniform(exits: list[int], step: int, total_steps: int, seed: int) -> int:
+    return exits[random.Random(f"edge-llm/{seed}/{step}").randrange(len(exits))]
+
+
+# `EdgeLLMConfig.exit_sampling` names one of these: (exits, step, total_steps, seed) -> exit. Each
+# is a pure function, so a run resumed from a checkpoint continues the same exit sequence without
+# any saved sampler state.
+EXIT_SAMPLERS: dict[str, Callable[[list[int], int, int, int], int]] = {
+    "curriculum": _curriculum,
+    "round_robin": _round_robin,
+    "uniform": _uniform,
+}
+
+
+def exit_for_step(exits: list[int], rule: str, step: int, total_steps: int, seed: int) -> int:
+    """The active exit of optimizer step `step` (0-based) out of `total_steps` under `rule`."""
+    if rule not in EXIT_SAMPLERS:
+        raise ValueError(f"Unknown exit_sampling rule {rule!r}; use one of {', '.join(map(repr, EXIT_SAMPLERS))}.")
+    return EXIT_SAMPLERS[rule](exits, step, total_steps, seed)
 
 
 class ExitNorm(nn.Module):

@@ -300,3 +300,10 @@ def _check_exit_heads_loaded(tuner: EdgeLLMModel, incompatible: Any) -> None:
             + (f"in the file but not in adapter_config.json's exits: {unexpected[:4]}" if unexpected else "")
             + ". Was adapter_config.json's exit_layers edited, or the weights file cut? Save the adapter again."
         )
+
+
+def edge_config_of(model: nn.Module) -> EdgeLLMConfig | None:
+    """The active Edge-LLM adapter's config of `model` (a `PeftModel` or the `EdgeLLMModel` tuner
+    inside it); None for a model without an Edge-LLM adapter."""
+    tuner = model if isinstance(model, EdgeLLMModel) else getattr(model, "base_model", None)
+    return tuner.active_edge_config if isinstance(tuner, EdgeLLMModel) else None

@@ -9,48 +9,104 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 
-def vote(exit_logits: Sequence[torch.Tensor], rule: str, weights: Sequence[float] | None = None) -> torch.Tensor:
-    """Combine per-exit logits, lowest exit first, by `rule`.
+@dataclass(frozen=True)
+class VotingRule:
+    """One way to combine the exits' next-token distributions.
 
-    - `"last"`: the last exit's logits, unchanged.
-    - `"mean"`: `log(mean_i softmax(z_i))`.
-    - `"weighted"`: `log(sum_i w_i softmax(z_i))` with `weights` (summing to 1; `None`: uniform).
-    - `"confidence"` (Edge-LLM's rule): `q = max_i softmax(z_i)` element-wise over the vocabulary,
-      renormalised: `log(q / sum(q))`.
+    `combine(exit_logits, weights)`: the voted logits (or log-probabilities) from per-exit logits,
+    lowest exit first, and one weight per exit (summing to 1). `weighted`: the rule uses the
+    adapter's `exit_weights` (uniform until fitted), so exits of weight 0 can be left out of the
+    pass. `last_only`: only the last exit is needed, so a pass never runs the other exits."""
+
+    name: str
+    description: str
+    combine: Callable[[Sequence[torch.Tensor], Sequence[float]], torch.Tensor]
+    weighted: bool = False
+    last_only: bool = False
+
+
+VOTING_RULES: dict[str, VotingRule] = {}
+
+
+def register_voting_rule(rule: VotingRule) -> VotingRule:
+    if rule.name in VOTING_RULES:
+        raise ValueError(f"A voting rule named {rule.name!r} is already registered.")
+    VOTING_RULES[rule.name] = rule
+    return rule
+
+
+def voting_rule(name: str) -> VotingRule:
+    try:
+        return VOTING_RULES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"Unknown voting rule {name!r}; use one of {', '.join(map(repr, VOTING_RULES))}.") from None
+
+
+def vote(exit_logits: Sequence[torch.Tensor], rule: str, weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Combine per-exit logits, lowest exit first, by the registered rule `rule` (see
+    `VOTING_RULES`; `weights`: one per exit for weighted rules, `None` for uniform).
 
     For all rules but `"last"` the result is a float32 tensor of log-probabilities: its softmax is
     the voted distribution.
     """
+    chosen = voting_rule(rule)
     if not exit_logits:
         raise ValueError("vote() needs the logits of at least one exit.")
-    if rule == "last":
-        return exit_logits[-1]
-    if rule not in ("mean", "weighted", "confidence"):
-        raise ValueError(f"Unknown voting rule {rule!r}; use 'last', 'mean', 'weighted' or 'confidence'.")
-    if rule == "mean" or weights is None:
+    if not chosen.weighted or weights is None:
         weights = [1.0 / len(exit_logits)] * len(exit_logits)
     if len(weights) != len(exit_logits):
         raise ValueError(f"Got {len(weights)} exit weights for {len(exit_logits)} exits.")
+    return chosen.combine(exit_logits, weights)
+
+
+def _last(exit_logits: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    return exit_logits[-1]
+
+
+def _mixture(exit_logits: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """`log(sum_i w_i softmax(z_i))`, accumulated in log space exit by exit."""
     combined = None
     for logits, weight in zip(exit_logits, weights, strict=True):
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        if rule != "confidence":
-            if weight <= 0:
-                continue
-            log_probs = log_probs + math.log(weight)
-        if combined is None:
-            combined = log_probs
-        elif rule == "confidence":
-            combined = torch.maximum(combined, log_probs)
-        else:
-            combined = torch.logaddexp(combined, log_probs)
-    if rule == "confidence":
-        return combined - torch.logsumexp(combined, dim=-1, keepdim=True)
+        if weight <= 0:
+            continue
+        log_probs = torch.log_softmax(logits.float(), dim=-1) + math.log(weight)
+        combined = log_probs if combined is None else torch.logaddexp(combined, log_probs)
     return combined
+
+
+def _confidence(exit_logits: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """`q = max_i softmax(z_i)` element-wise over the vocabulary, renormalised."""
+    combined = None
+    for logits in exit_logits:
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        combined = log_probs if combined is None else torch.maximum(combined, log_probs)
+    return combined - torch.logsumexp(combined, dim=-1, keepdim=True)
+
+
+def _geometric(exit_logits: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """`prod_i p_i^{w_i}`, renormalised (log-linear pooling): a token wins only if every voting
+    exit gives it probability, where a mixture lets one confident exit carry it."""
+    combined = None
+    for logits, weight in zip(exit_logits, weights, strict=True):
+        if weight <= 0:
+            continue
+        log_probs = torch.log_softmax(logits.float(), dim=-1) * weight
+        combined = log_probs if combined is None else combined + log_probs
+    return combined - torch.logsumexp(combined, dim=-1, keepdim=True)
+
+
+register_voting_rule(VotingRule("last", "the last exit's logits, unchanged", _last, last_only=True))
+register_voting_rule(VotingRule("mean", "log(mean_i p_i): the exits' mixture, uniform", _mixture))
+register_voting_rule(VotingRule("weighted", "log(sum_i w_i p_i) with the fitted exit_weights", _mixture, weighted=True))
+register_voting_rule(VotingRule("confidence", "Edge-LLM's rule: max_i p_i element-wise, renormalised", _confidence))
+register_voting_rule(
+    VotingRule("geometric", "prod_i p_i^w_i renormalised, with the fitted exit_weights", _geometric, weighted=True)
+)
 
 
 def fit_exit_weights(

@@ -1,0 +1,174 @@
+"""`LUCConfig`: LUC as a transformers quantization config (what `from_pretrained` is given and
+what a checkpoint's `config.json` stores), with every field checked."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from edge_llm.luc.compress import CompressionMethod
+from edge_llm.luc.linear import UNQUANTIZED_BITS
+from edge_llm.luc.policy import Budget, LUCPolicy
+from edge_llm.luc.profile import DEFAULT_BITS, DEFAULT_SPARSITIES, METRICS
+from edge_llm.luc.prune import check_sparsity
+from edge_llm.luc.quantize import check_bits
+
+# The name shows up in transformers' "Unknown quantization type" warning when a process that has
+# not imported edge_llm loads a LUC checkpoint, so it says where the method comes from.
+QUANT_METHOD = "edge_llm_luc"
+# Not serialised into config.json: data, and objects that are not JSON.
+_RUNTIME_FIELDS = ("dataset", "tokenizer")
+
+
+class LUCConfig(QuantizationConfigMixin):
+    """Layer-wise unified compression (LUC) as a transformers quantization config.
+
+    Every decoder layer gets its own bit-width and pruning sparsity, chosen from a sensitivity
+    profile on calibration data so that total damage is minimal within the budget.
+
+    Args:
+        avg_bits: parameter-weighted mean bit-width of the compressed layers, at most.
+        avg_sparsity: parameter-weighted mean pruning sparsity, at least.
+        weight_budget_bytes: storage of the compressed layers' weights (codes, scales, masks), at most.
+            Any budget may be None; at least one must be set unless `policy` is given.
+        dataset: calibration data: a list of strings (with `tokenizer`), of token-id lists, or a
+            `datasets.Dataset` with a `text` or `input_ids` column.
+        tokenizer: a tokenizer, or the name/path to load one from.
+        policy: an `LUCPolicy` (or its JSON dict, or a path to its JSON file): skips profiling.
+        group_size: input columns sharing a quantization scale.
+        bits, sparsities: the candidate grid of the search (16 bits = unquantized).
+        quant_algorithm: `"rtn"` (round to nearest) or `"gptq"` (error-compensating, needs data).
+        prune_method: `"wanda"` or `"magnitude"`; prune_structure: `"unstructured"` or `"nm"`.
+        metric: sensitivity metric, `"kl"` or `"output_mse"`.
+        num_samples, seq_len: calibration windows drawn from `dataset`.
+        targets: names of the Linear modules to compress in each decoder layer (None: all).
+        profile_cache_dir: where sensitivity profiles are cached (default: the edge-llm cache).
+    """
+
+    def __init__(
+        self,
+        avg_bits: float | None = 4.0,
+        avg_sparsity: float | None = 0.5,
+        weight_budget_bytes: int | None = None,
+        dataset: Any = None,
+        tokenizer: Any = None,
+        policy: LUCPolicy | dict | str | Path | None = None,
+        group_size: int = 128,
+        bits: tuple[int, ...] = DEFAULT_BITS,
+        sparsities: tuple[float, ...] = DEFAULT_SPARSITIES,
+        quant_algorithm: str = "rtn",
+        prune_method: str = "wanda",
+        prune_structure: str = "unstructured",
+        metric: str = "kl",
+        num_samples: int = 16,
+        seq_len: int = 256,
+        targets: list[str] | None = None,
+        profile_cache_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.quant_method = QUANT_METHOD
+        self.avg_bits, self.avg_sparsity, self.weight_budget_bytes = avg_bits, avg_sparsity, weight_budget_bytes
+        self.dataset, self.tokenizer = dataset, tokenizer
+        if isinstance(policy, (str, Path)):
+            policy = LUCPolicy.load(policy).to_dict()
+        elif isinstance(policy, LUCPolicy):
+            policy = policy.to_dict()
+        self.policy = policy
+        self.group_size = group_size
+        self.bits, self.sparsities = _number_list("bits", bits), _number_list("sparsities", sparsities)
+        self.quant_algorithm, self.prune_method, self.prune_structure = quant_algorithm, prune_method, prune_structure
+        self.metric, self.num_samples, self.seq_len, self.targets = metric, num_samples, seq_len, targets
+        self.profile_cache_dir = profile_cache_dir
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Check every field; errors name the field and what would be valid."""
+        try:
+            _ = self.method  # validates group_size and the method names
+        except ValueError as error:  # CompressionMethod calls quant_algorithm quant_method
+            raise ValueError(f"LUCConfig.{error}".replace("quant_method", "quant_algorithm")) from None
+        for name in ("avg_bits", "avg_sparsity"):
+            value = getattr(self, name)
+            if value is not None and not _is_finite_number(value):
+                raise ValueError(f"LUCConfig.{name} must be a finite number or None, got {value!r}.")
+        if self.targets is not None and (
+            not isinstance(self.targets, (list, tuple)) or not all(isinstance(t, str) for t in self.targets)
+        ):
+            raise ValueError(f"LUCConfig.targets must be None or a list of module names, got {self.targets!r}.")
+        for b in self.bits:
+            if b != UNQUANTIZED_BITS:
+                check_bits(b)
+        for s in self.sparsities:
+            check_sparsity(s, self.prune_structure)
+        if self.metric not in METRICS:
+            raise ValueError(f"LUCConfig.metric must be one of {METRICS}, got {self.metric!r}.")
+        if self.policy is not None:
+            LUCPolicy.from_dict(self.policy)
+            return
+        if self.avg_bits is not None and not min(self.bits) <= self.avg_bits <= max(self.bits):
+            raise ValueError(
+                f"LUCConfig.avg_bits={self.avg_bits} is outside the candidate bit-widths {self.bits}: "
+                f"use a value between {min(self.bits)} and {max(self.bits)}."
+            )
+        if self.avg_sparsity is not None and not 0 <= self.avg_sparsity <= max(self.sparsities):
+            raise ValueError(
+                f"LUCConfig.avg_sparsity={self.avg_sparsity} is outside the candidate sparsities {self.sparsities}: "
+                f"use a value between 0 and {max(self.sparsities)}."
+            )
+        if self.weight_budget_bytes is not None and (
+            not isinstance(self.weight_budget_bytes, int) or self.weight_budget_bytes <= 0
+        ):
+            raise ValueError(
+                f"LUCConfig.weight_budget_bytes must be a positive integer, got {self.weight_budget_bytes!r}."
+            )
+        if self.avg_bits is None and self.avg_sparsity is None and self.weight_budget_bytes is None:
+            raise ValueError("LUCConfig needs a budget (avg_bits, avg_sparsity or weight_budget_bytes) or a policy.")
+        for name in ("num_samples", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"LUCConfig.{name} must be a positive integer, got {value!r}.")
+
+    @property
+    def method(self) -> CompressionMethod:
+        return CompressionMethod(self.group_size, self.quant_algorithm, self.prune_method, self.prune_structure)
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(self.avg_bits, self.avg_sparsity, self.weight_budget_bytes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in _RUNTIME_FIELDS}
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        """The config as a checkpoint's `config.json` stores it. Its policy must be inline: a path
+        there would let a downloaded checkpoint make `from_pretrained` read any file."""
+        policy = config_dict.get("policy")
+        if policy is not None and not isinstance(policy, dict):
+            raise ValueError(
+                "The checkpoint's quantization_config.policy must be the LUC policy itself (a JSON object), "
+                f"got {type(policy).__name__} {str(policy)[:80]!r}; re-save the model with edge-llm."
+            )
+        return super().from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number_list(name: str, values: object) -> list:
+    """`bits` or `sparsities` as a list, refusing anything but a non-empty sequence of numbers."""
+    kind = int if name == "bits" else (int, float)
+    if not isinstance(values, (list, tuple)) or not values or not all(_is_finite_number(v) for v in values):
+        raise ValueError(f"LUCConfig.{name} must be a non-empty list of finite numbers, got {values!r}.")
+    if not all(isinstance(v, kind) for v in values):
+        raise ValueError(f"LUCConfig.{name} must be a list of whole numbers, got {values!r}.")
+    return [v if name == "bits" else float(v) for v in values]
+
+
+def config_policy(config: LUCConfig) -> LUCPolicy:
+    return LUCPolicy.from_dict(config.policy)

@@ -1,0 +1,150 @@
+"""The module surgery of LUC in a transformers model: compress it (`apply_luc`), build empty
+compressed layers for a checkpoint to load into, read its policy back (`policy_of`), and save it
+as a whole folder.
+
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=LUCConfig(
+        avg_bits=3.0, avg_sparsity=0.25, dataset=texts, tokenizer=tokenizer))
+    model.save_pretrained("compressed/")                    # packed weights, policy in config.json
+    model = AutoModelForCausalLM.from_pretrained("compressed/")   # after `import edge_llm`
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer
+
+from edge_llm._io import atomic_directory
+from edge_llm.assets import cache_dir
+from edge_llm.luc.calibration import calibration_tokens, target_linears
+from edge_llm.luc.compress import compress_layers
+from edge_llm.luc.config import QUANT_METHOD, LUCConfig, config_policy
+from edge_llm.luc.linear import LUCLinear
+from edge_llm.luc.policy import LUCPolicy
+from edge_llm.luc.profile import profile_sensitivity
+from edge_llm.modeling import find_decoder_parts
+
+# A one-byte buffer saved with every LUC checkpoint. Without edge_llm, transformers' load report
+# lists it as an unexpected key right above its size-mismatch error: the name is the instruction.
+MARKER = "import_edge_llm_before_loading_this_checkpoint"
+
+
+def policy_of(model: nn.Module) -> LUCPolicy | None:
+    """The LUC policy `model` (or the base model of a `PeftModel`) was compressed with, from its
+    `config.quantization_config`; None for a model LUC did not compress."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    quantization = getattr(getattr(base, "config", None), "quantization_config", None)
+    if isinstance(quantization, dict):
+        method, policy = quantization.get("quant_method"), quantization.get("policy")
+    else:
+        method, policy = getattr(quantization, "quant_method", None), getattr(quantization, "policy", None)
+    return LUCPolicy.from_dict(policy) if method == QUANT_METHOD and policy is not None else None
+
+
+def add_marker(model: nn.Module) -> None:
+    if MARKER not in dict(model.named_buffers(recurse=False)):
+        device = next(model.parameters()).device
+        model.register_buffer(MARKER, torch.ones(1, dtype=torch.uint8, device=device))
+
+
+def replace_with_luc_shells(model: nn.Module, policy: LUCPolicy) -> None:
+    """Swap the targeted Linear layers for empty `LUCLinear`s shaped by `policy` (before loading)."""
+    add_marker(model)
+    layers = find_decoder_parts(model).layers(model)
+    if len(policy.layers) != len(layers):
+        raise ValueError(f"The LUC policy covers {len(policy.layers)} layers but the model has {len(layers)}.")
+    for layer, (bits, sparsity) in zip(layers, policy.layers, strict=True):
+        for name, linear in target_linears(layer, policy.targets).items():
+            shell = LUCLinear(
+                linear.in_features,
+                linear.out_features,
+                bits,
+                sparsity,
+                policy.method.group_size,
+                bias=linear.bias is not None,
+                dtype=linear.weight.dtype,
+                device=linear.weight.device,
+            )
+            owner_name, _, attribute = name.rpartition(".")
+            setattr(layer.get_submodule(owner_name) if owner_name else layer, attribute, shell)
+
+
+def saves_whole_folders(model: nn.Module) -> None:
+    """Make `model.save_pretrained(folder)` switch `folder` over as a whole (see `_save_whole`).
+
+    A `partial` holding the model, not a closure: `copy.deepcopy(model)` then gives a copy whose
+    `save_pretrained` saves the copy."""
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained = functools.partial(_save_whole, model)
+
+
+# What a model's `save_pretrained` writes; any other file in the folder is the user's and is kept.
+_MODEL_FILES = ("config.json", "generation_config.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+
+
+def _save_whole(model: nn.Module, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+    """`save_pretrained` that writes into a new folder beside `save_directory` and swaps it in
+    when complete: a save killed midway leaves the previous checkpoint loadable. Files there that
+    the model save does not write (a tokenizer, a README) are carried over as hard links."""
+    out = Path(save_directory)
+    if kwargs.get("push_to_hub") and "repo_id" not in kwargs:
+        kwargs["repo_id"] = out.name  # transformers names the repository after the folder it saves to
+    with atomic_directory(out) as staging:
+        if out.is_dir():
+            for item in out.iterdir():
+                if item.name not in _MODEL_FILES and not item.name.endswith(_WEIGHT_SUFFIXES):
+                    _link_or_copy(item, staging / item.name)
+        type(model).save_pretrained(model, staging, *args, **kwargs)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    if source.is_dir():
+        shutil.copytree(source, target, copy_function=link)
+    else:
+        link(str(source), str(target))
+
+
+def apply_luc(model: nn.Module, config: LUCConfig, progress: bool = True) -> LUCPolicy:
+    """Profile (unless `config.policy` is set), search the policy and compress `model` in place."""
+    # A given policy carries its own compression method.
+    method = config_policy(config).method if config.policy is not None else config.method
+    needs_data = config.policy is None or method.needs_calibration
+    tokens = None
+    if needs_data:
+        tokenizer = config.tokenizer
+        if isinstance(tokenizer, (str, Path)):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        tokens = calibration_tokens(config.dataset, tokenizer, config.num_samples, config.seq_len)
+    if config.policy is not None:
+        policy = config_policy(config)
+    else:
+        profile = profile_sensitivity(
+            model,
+            tokens,
+            bits=tuple(config.bits),
+            sparsities=tuple(config.sparsities),
+            method=method,
+            metric=config.metric,
+            targets=config.targets,
+            cache_dir=config.profile_cache_dir or cache_dir() / "luc-profiles",
+            progress=progress,
+        )
+        policy = profile.search(config.budget)
+    compress_layers(model, policy.layers, policy.method, tokens, policy.targets, progress)
+    from edge_llm.luc.quantizer import mark_compressed  # the quantizer calls this module
+
+    mark_compressed(model, policy, config)
+    return policy

@@ -1,0 +1,86 @@
+"""`LUCHfQuantizer`: the thin transformers quantizer of LUC, hooks only (the surgery is in
+`integration.py`), and its registration with transformers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+from transformers.quantizers.auto import register_quantization_config, register_quantizer
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from edge_llm.luc.checks import check_checkpoint_files, check_loaded_layers
+from edge_llm.luc.config import QUANT_METHOD, LUCConfig, config_policy
+from edge_llm.luc.integration import add_marker, apply_luc, replace_with_luc_shells, saves_whole_folders
+from edge_llm.luc.policy import LUCPolicy
+
+logger = logging.getLogger(__name__)
+
+
+class LUCHfQuantizer(HfQuantizer):
+    """Compresses after loading (profiling on the config's calibration data), or, for a saved LUC
+    checkpoint, builds the compressed layers before loading so the packed tensors load as they are."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: QuantizationConfigMixin, **kwargs: Any) -> None:
+        if not isinstance(quantization_config, LUCConfig):
+            quantization_config = LUCConfig(**quantization_config.to_dict())
+        super().__init__(quantization_config, **kwargs)
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        if self.pre_quantized and self.quantization_config.policy is None:
+            raise ValueError("This LUC checkpoint's config.json has no policy; it was not saved by edge-llm.")
+
+    def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
+        return False
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        if self.pre_quantized:
+            replace_with_luc_shells(model, config_policy(self.quantization_config))
+            if kwargs.get("checkpoint_files"):
+                check_checkpoint_files(model, kwargs["checkpoint_files"])
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        if self.pre_quantized:
+            check_loaded_layers(model)
+            saves_whole_folders(model)
+        else:
+            policy = apply_luc(model, self.quantization_config)
+            logger.info("LUC policy:\n%s", policy.summary())
+        return model
+
+    def is_serializable(self, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+def mark_compressed(model: nn.Module, policy: LUCPolicy, config: LUCConfig | None = None) -> None:
+    """Record that `model` holds LUC-compressed layers, as transformers' quantizers do."""
+    config = config or LUCConfig(policy=policy)
+    config.policy = policy.to_dict()
+    if hasattr(model, "config"):
+        model.config.quantization_config = config
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    # What from_pretrained attaches; Trainer asks it whether the quantized model can be trained.
+    model.hf_quantizer = LUCHfQuantizer(config, pre_quantized=True)
+    add_marker(model)
+    saves_whole_folders(model)
+
+
+def register() -> None:
+    """Register LUC with transformers (idempotent: importing edge_llm twice is harmless)."""
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not LUCConfig:
+        AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
+        register_quantization_config(QUANT_METHOD)(LUCConfig)
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not LUCHfQuantizer:
+        AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+        register_quantizer(QUANT_METHOD)(LUCHfQuantizer)
