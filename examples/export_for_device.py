@@ -25,8 +25,7 @@ if args.adapter:
 device = builtin_device(args.device)
 if args.memory_mib:
     device = device.with_memory(args.memory_mib * 2**20)
-edge_config = model.peft_config["default"] if args.adapter else None
-plan = schedule(model.eval(), device, Workload(prompt_tokens=256, decode_tokens=64), edge_config=edge_config)
+plan = schedule(model.eval(), device, Workload(prompt_tokens=256, decode_tokens=64))  # its policy and adapter
 print(plan.summary())
 edge_llm.export(model, plan, args.output, tokenizer=tokenizer, gguf=True)
 bundle = load_bundle(args.output)  # the reference executor runs it exactly as scheduled

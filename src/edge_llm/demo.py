@@ -98,7 +98,7 @@ def run_demo(steps: int = 40, seed: int = 0, out_dir: str | Path = "edge-llm-dem
     from edge_llm.runtime import load_bundle
     from edge_llm.scheduling import Workload, builtin_device, schedule
     from edge_llm.trainer import EdgeTrainer
-    from edge_llm.tuner import EdgeLLMConfig
+    from edge_llm.tuner import EdgeLLMConfig, edge_config_of
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / "manifest.json").exists():
@@ -188,7 +188,7 @@ def run_demo(steps: int = 40, seed: int = 0, out_dir: str | Path = "edge-llm-dem
         f"{steps} steps in {time.perf_counter() - tuning_start:.0f} s, exits "
         f"{model.exit_layers}, windows of {model.backprop_depth} layers, {trainable / 1e6:.2f}M trainable",
     )
-    weights = model.peft_config["default"].exit_weights
+    weights = edge_config_of(model).exit_weights
     report.add(
         "voting weights", ", ".join(f"exit {e}: {w:.2f}" for e, w in zip(model.exit_layers, weights, strict=True))
     )
@@ -210,7 +210,7 @@ def run_demo(steps: int = 40, seed: int = 0, out_dir: str | Path = "edge-llm-dem
 
     # Schedule for an edge device, export, and check the bundle reproduces the model.
     device = builtin_device("jetson-orin-nano-8gb")
-    plan = schedule(model, device, Workload(prompt_tokens=256, decode_tokens=64), edge_config=config)
+    plan = schedule(model, device, Workload(prompt_tokens=256, decode_tokens=64))
     report.add(
         "schedule",
         f"{device.name}: {plan.memory_bytes / 2**20:.0f} MiB, predicted "
