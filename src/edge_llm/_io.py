@@ -1,4 +1,4 @@
-"""Crash-safe file writes: a temporary file in the same folder, flushed to disk, then renamed.
+"""File input and output. Crash-safe writes: a temporary file in the same folder, flushed to disk, then renamed.
 
 A reader then sees either the old file or the whole new one, never a truncated one, even when the
 process is killed mid-write (`os.replace` is atomic on POSIX and Windows within one filesystem).
@@ -9,12 +9,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import json
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
+from importlib.resources import files
 from pathlib import Path
+from typing import Any
+
+import jsonschema
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -90,3 +95,28 @@ def _restore_interrupted(out: Path) -> None:
     for previous in sorted(out.parent.glob(f".{out.name}.previous-*")):
         os.replace(previous, out)
         return
+
+
+def load_schema(name: str) -> dict[str, Any]:
+    """A fresh copy of one of edge-llm's JSON schemas (`schemas/<name>.schema.json`)."""
+    return json.loads(files("edge_llm").joinpath("schemas", f"{name}.schema.json").read_text())
+
+
+def check_schema(data: Any, schema: dict[str, Any], what: str) -> None:
+    """Validate `data` against `schema`; the error names `what` and where in the document."""
+    try:
+        jsonschema.validate(data, schema)
+    except jsonschema.ValidationError as error:
+        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise ValueError(f"Invalid {what} at {where}: {error.message}") from None
+
+
+def save_json(path: str | Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def load_json(path: str | Path, what: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not a JSON {what}: {error}") from None

@@ -102,29 +102,15 @@ def compress_model(
     calibration: torch.Tensor | None = None,
     targets: list[str] | None = None,
     progress: bool = True,
+    record: bool = True,
 ) -> None:
     """Replace the Linear layers of every decoder layer `l` by `LUCLinear`s with `settings[l]`.
 
     With calibration tokens, layers are compressed in order and each is calibrated on the outputs
     of the already-compressed layers below it (as GPTQ does). The policy is recorded in
-    `model.config.quantization_config`, so `save_pretrained` writes a loadable LUC checkpoint.
+    `model.config.quantization_config`, so `save_pretrained` writes a loadable LUC checkpoint
+    (`record=False`: the caller records it, with its own config).
     """
-    compress_layers(model, settings, method, calibration, targets, progress)
-    from edge_llm.luc.policy import LUCPolicy
-    from edge_llm.luc.quantizer import mark_compressed  # the transformers glue imports this module
-
-    mark_compressed(model, LUCPolicy(list(settings), method, targets))
-
-
-def compress_layers(
-    model: nn.Module,
-    settings: list[tuple[int, float]],
-    method: CompressionMethod,
-    calibration: torch.Tensor | None = None,
-    targets: list[str] | None = None,
-    progress: bool = True,
-) -> None:
-    """`compress_model` without recording the policy in the model's config (its caller does)."""
     runner = None
     if method.needs_calibration:
         if calibration is None:
@@ -150,3 +136,8 @@ def compress_layers(
             _replace(layers[index], name, compressed)
         if runner is not None:
             runner.advance(index)
+    if record:
+        from edge_llm.luc.policy import LUCPolicy
+        from edge_llm.luc.quantizer import mark_compressed  # the transformers glue imports this module
+
+        mark_compressed(model, LUCPolicy(list(settings), method, targets))

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 from edge_llm._io import atomic_directory
 from edge_llm.assets import cache_dir
 from edge_llm.luc.calibration import calibration_tokens, target_linears
-from edge_llm.luc.compress import compress_layers
+from edge_llm.luc.compress import compress_model
 from edge_llm.luc.config import QUANT_METHOD, LUCConfig, config_policy
 from edge_llm.luc.linear import LUCLinear
 from edge_llm.luc.policy import LUCPolicy
@@ -143,7 +143,7 @@ def apply_luc(model: nn.Module, config: LUCConfig, progress: bool = True) -> LUC
             progress=progress,
         )
         policy = profile.search(config.budget)
-    compress_layers(model, policy.layers, policy.method, tokens, policy.targets, progress)
+    compress_model(model, policy.layers, policy.method, tokens, policy.targets, progress, record=False)
     from edge_llm.luc.quantizer import mark_compressed  # the quantizer calls this module
 
     mark_compressed(model, policy, config)

@@ -16,26 +16,19 @@ profiled damage under the budgets. It is solved as a 0/1 integer program with Hi
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import numpy as np
 
-from edge_llm._io import atomic_write_text
+from edge_llm._io import check_schema, load_json, load_schema, save_json
 from edge_llm.luc.compress import CompressionMethod
 from edge_llm.luc.linear import UNQUANTIZED_BITS, kept_per_row
 from edge_llm.luc.pack import packed_size
 
 POLICY_FORMAT = "edge-llm/luc-policy"
 POLICY_VERSION = 1
-
-
-def _schema(name: str) -> dict:
-    return json.loads(files("edge_llm").joinpath("schemas", name).read_text())
 
 
 @dataclass
@@ -58,11 +51,7 @@ class LUCPolicy:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LUCPolicy:
         """Build a policy from its JSON form, after checking it against the schema."""
-        try:
-            jsonschema.validate(data, _schema("luc-policy.schema.json"))
-        except jsonschema.ValidationError as error:
-            where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-            raise ValueError(f"Invalid LUC policy at {where}: {error.message}") from None
+        check_schema(data, load_schema("luc-policy"), "LUC policy")
         method = CompressionMethod(**data["method"])
         layers = [(int(layer["bits"]), float(layer["sparsity"])) for layer in data["layers"]]
         if method.prune_structure == "nm":
@@ -72,15 +61,11 @@ class LUCPolicy:
         return cls(layers=layers, method=method, targets=data.get("targets"))
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        save_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> LUCPolicy:
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not a JSON LUC policy: {error}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(load_json(path, "LUC policy"))
 
     def summary(self) -> str:
         rows = [f"layer {i:>3}: {b:>2} bits, sparsity {s:.2f}" for i, (b, s) in enumerate(self.layers)]

@@ -19,16 +19,12 @@ efficiency stated there; `profile_this_machine()` measures the machine it runs o
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-
-from edge_llm._io import atomic_write_text
+from edge_llm._io import check_schema, load_json, load_schema, save_json
 from edge_llm.scheduling.kernels import KERNEL_NAMES, with_kernel_names
 
 DEVICE_FORMAT = "edge-llm/device-profile"
@@ -91,27 +87,17 @@ class DeviceProfile:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DeviceProfile:
         """Build a profile from its JSON form, after checking it against the schema."""
-        schema = with_kernel_names(
-            json.loads(files("edge_llm").joinpath("schemas", "device-profile.schema.json").read_text())
-        )
-        try:
-            jsonschema.validate(data, schema)
-        except jsonschema.ValidationError as error:
-            where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-            raise ValueError(f"Invalid device profile at {where}: {error.message}") from None
+        check_schema(data, with_kernel_names(load_schema("device-profile")), "device profile")
         fields = {k: v for k, v in data.items() if k not in ("format", "version")}
         fields["kernels"] = {name: Kernel(**spec) for name, spec in data["kernels"].items()}
         return cls(**fields)
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        save_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> DeviceProfile:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not a JSON device profile: {error}") from None
+        return cls.from_dict(load_json(path, "device profile"))
 
     def with_memory(self, memory_bytes: int) -> DeviceProfile:
         """The same device with another memory budget (e.g. what is left for the model)."""

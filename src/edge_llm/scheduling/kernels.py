@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from edge_llm._registry import Registry
 from edge_llm.luc.kernels import Int4Weight, int4_fits, int4_matmul, planes_for, to_int4
 from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
 
@@ -120,21 +121,9 @@ class KernelType:
     streamable: Callable[[LayerSpec], bool] = lambda layer: False
 
 
-KERNELS: dict[str, KernelType] = {}
-
-
-def register(kernel: KernelType) -> KernelType:
-    if kernel.name in KERNELS:
-        raise ValueError(f"A kernel named {kernel.name!r} is already registered.")
-    KERNELS[kernel.name] = kernel
-    return kernel
-
-
-def kernel_type(name: str) -> KernelType:
-    try:
-        return KERNELS[name]
-    except KeyError:
-        raise ValueError(f"Unknown kernel {name!r}; known: {', '.join(KERNELS)}.") from None
+KERNELS: Registry[KernelType] = Registry("kernel")
+register = KERNELS.register
+kernel_type = KERNELS.lookup
 
 
 def with_kernel_names(schema: dict[str, Any]) -> dict[str, Any]:

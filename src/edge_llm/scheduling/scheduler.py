@@ -11,16 +11,13 @@ The best `S` wins.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 from torch import nn
 
-from edge_llm._io import atomic_write_text
+from edge_llm._io import check_schema, load_json, load_schema, save_json
 from edge_llm.luc.policy import LUCPolicy
 from edge_llm.scheduling.cost import LayerSpec, ModelSpec, Option, Workload, fixed_costs, layer_options
 from edge_llm.scheduling.devices import DeviceProfile
@@ -130,19 +127,14 @@ class Schedule:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Schedule:
         """Rebuild a schedule from JSON, after checking it against the schema and its own totals."""
-        text = files("edge_llm").joinpath("schemas", "schedule.schema.json").read_text()
-        schema = with_kernel_names(json.loads(text))
+        schema = with_kernel_names(load_schema("schedule"))
         schema["$defs"]["voting"]["enum"] = list(VOTING_RULES)
         if isinstance(data, dict) and data.get("format") == SCHEDULE_FORMAT and data.get("version") != SCHEDULE_VERSION:
             raise ValueError(
                 f"Schedule format version {data.get('version')!r} is not supported (this edge-llm reads version "
                 f"{SCHEDULE_VERSION}); re-export it with this version of edge-llm."
             )
-        try:
-            jsonschema.validate(data, schema)
-        except jsonschema.ValidationError as error:
-            where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-            raise ValueError(f"Invalid schedule at {where}: {error.message}") from None
+        check_schema(data, schema, "schedule")
         schedule = cls(
             device=DeviceProfile.from_dict(data["device"]),
             workload=Workload(**data["workload"]),
@@ -165,15 +157,11 @@ class Schedule:
         return schedule
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        save_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Schedule:
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not a JSON schedule: {error}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(load_json(path, "schedule"))
 
     def summary(self) -> str:
         gib = 1024**3

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from edge_llm._registry import Registry
+
 
 @dataclass(frozen=True)
 class VotingRule:
@@ -30,21 +32,9 @@ class VotingRule:
     last_only: bool = False
 
 
-VOTING_RULES: dict[str, VotingRule] = {}
-
-
-def register_voting_rule(rule: VotingRule) -> VotingRule:
-    if rule.name in VOTING_RULES:
-        raise ValueError(f"A voting rule named {rule.name!r} is already registered.")
-    VOTING_RULES[rule.name] = rule
-    return rule
-
-
-def voting_rule(name: str) -> VotingRule:
-    try:
-        return VOTING_RULES[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"Unknown voting rule {name!r}; use one of {', '.join(map(repr, VOTING_RULES))}.") from None
+VOTING_RULES: Registry[VotingRule] = Registry("voting rule")
+register_voting_rule = VOTING_RULES.register
+voting_rule = VOTING_RULES.lookup
 
 
 def vote(exit_logits: Sequence[torch.Tensor], rule: str, weights: Sequence[float] | None = None) -> torch.Tensor:
