@@ -34,7 +34,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_utils import slice_logits_to_keep
 
 from edge_llm.modeling import DecoderParts, first_tensor, postprocess_logits
-from edge_llm.tuner.exits import ExitHeadLoRA, ExitNorm, HeadWithExitLoRA, window
+from edge_llm.tuner.exits import window
+from edge_llm.tuner.heads import ExitHeadLoRA, ExitNorm, HeadWithExitLoRA
 from edge_llm.tuner.loss import LOSS_KWARGS, DeferredHead, replace_output_fields
 from edge_llm.tuner.voting import VOTING_RULES, vote
 

@@ -19,7 +19,8 @@ from torch import nn
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.tuner.config import MIN_EXIT_WEIGHT, EdgeLLMConfig
 from edge_llm.tuner.control import ExitController
-from edge_llm.tuner.exits import build_exit_heads, exit_for_step, resolve_exits, window
+from edge_llm.tuner.exits import exit_for_step, resolve_exits, window
+from edge_llm.tuner.heads import build_exit_heads
 from edge_llm.tuner.loss import auto_chunk_size, shift_for_causal_lm
 from edge_llm.tuner.voting import fit_exit_weights
 
