@@ -74,9 +74,7 @@ def run(args: argparse.Namespace) -> dict:
         originals = {name: m for name, m in layer.named_modules() if isinstance(m, LUCLinear)}
         for kernel in kernels:
             for name, module in originals.items():
-                replacement = kernel_type(kernel).module(module)  # what the reference executor runs
-                owner, _, attribute = name.rpartition(".")
-                setattr(layer.get_submodule(owner) if owner else layer, attribute, replacement)
+                layer.set_submodule(name, kernel_type(kernel).module(module))  # what the reference executor runs
             hidden = runner.layer_input(0, index)
             with torch.no_grad():
                 runner.run_layer(index, 0, hidden)  # warm-up
@@ -101,8 +99,7 @@ def run(args: argparse.Namespace) -> dict:
                 }
             )
         for name, module in originals.items():
-            owner, _, attribute = name.rpartition(".")
-            setattr(layer.get_submodule(owner) if owner else layer, attribute, module)
+            layer.set_submodule(name, module)
 
     lines = [
         f"machine: {machine()}",

@@ -106,7 +106,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         if args.worker.startswith("luc"):
             from edge_llm.data import sonnets
 
-            calibration = calibration_tokens(texts or sonnets()[:120], tokenizer, num_samples=8, seq_len=128)
+            calibration = calibration_tokens(texts or sonnets("train"), tokenizer, num_samples=8, seq_len=128)
         setup = Setup(
             rank=args.rank,
             targets=TARGETS,

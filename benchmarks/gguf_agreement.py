@@ -86,10 +86,9 @@ def main() -> None:
     path = smollm2_135m()
     tokenizer = AutoTokenizer.from_pretrained(path)
     original = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    texts = sonnets()
-    ids = tokenizer("\n\n".join(texts[130:]), return_tensors="pt").input_ids[0]
+    ids = tokenizer("\n\n".join(sonnets("test")), return_tensors="pt").input_ids[0]
     windows = ids[: (len(ids) // SEQ_LEN) * SEQ_LEN].view(-1, SEQ_LEN)[: args.windows]
-    calibration = calibration_tokens(texts[:120], tokenizer, 8, 128)
+    calibration = calibration_tokens(sonnets("train"), tokenizer, 8, 128)
     layers = original.config.num_hidden_layers
     # name -> (per-layer (bits, sparsity), method, target modules or None for all linears), k_quants
     settings: dict[str, tuple] = {"original (bf16 weights)": (None, False)}

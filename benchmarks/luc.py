@@ -72,10 +72,9 @@ def main() -> None:
     path = smollm2_135m()
     tokenizer = AutoTokenizer.from_pretrained(path)
     original = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    texts = sonnets()
-    held = tokenizer("\n\n".join(texts[130:]), return_tensors="pt").input_ids[0]
+    held = tokenizer("\n\n".join(sonnets("test")), return_tensors="pt").input_ids[0]
     held = held[: (len(held) // 256) * 256].view(-1, 256)
-    calibration = calibration_tokens(texts[:120], tokenizer, args.samples, args.seq_len)
+    calibration = calibration_tokens(sonnets("train"), tokenizer, args.samples, args.seq_len)
     items = task_items(args.task, limit=args.items)
     method = CompressionMethod(args.group_size, args.quant, "wanda", "unstructured")
 

@@ -39,18 +39,16 @@ def token_data(tokenizer, vocab_size: int, seq: int, train_rows: int, held_out_r
 
     generator = torch.Generator().manual_seed(seed)
     if tokenizer is not None:
-        texts = sonnets()
-
         def ids(part: list[str]) -> torch.Tensor:
             return tokenizer("\n\n".join(part), return_tensors="pt").input_ids[0]
 
         def windows(stream: torch.Tensor) -> torch.Tensor:
             return stream[: (len(stream) // seq) * seq].view(-1, seq)[:held_out_rows]
 
-        train_ids = ids(texts[:120])
+        train_ids = ids(sonnets("train"))
         starts = torch.randint(0, len(train_ids) - seq, (train_rows,), generator=generator)
         train = torch.stack([train_ids[s : s + seq] for s in starts.tolist()])
-        validation, test = windows(ids(texts[120:130])), windows(ids(texts[130:]))
+        validation, test = windows(ids(sonnets("validation"))), windows(ids(sonnets("test")))
     else:
         train = torch.randint(0, vocab_size, (train_rows, seq), generator=generator)
         validation = torch.randint(0, vocab_size, (held_out_rows, seq), generator=generator)

@@ -20,7 +20,7 @@ args = parser.parse_args()
 path = args.model or smollm2_135m()
 tokenizer = AutoTokenizer.from_pretrained(path)
 model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path), args.adapter).eval()
-held_out = tokenizer("\n\n".join(sonnets()[130:]), return_tensors="pt").input_ids[0]
+held_out = tokenizer("\n\n".join(sonnets("test")), return_tensors="pt").input_ids[0]
 held_out = held_out[: (len(held_out) // 128) * 128].view(-1, 128)[:8]
 for name, value in perplexity(model, held_out).items():  # every exit, and every voting rule
     print(f"{name:>18}: perplexity {value:8.2f}")

@@ -107,11 +107,10 @@ def run_demo(steps: int = 40, seed: int = 0, out_dir: str | Path = "edge-llm-dem
     torch.manual_seed(seed)
     report = DemoReport()
     model, tokenizer, reference_gguf = _load_model()
-    texts = sonnets()
     train_texts, validation, test = (
-        texts[:120],
-        _windows(tokenizer, texts[120:130], seq_len),
-        _windows(tokenizer, texts[130:], seq_len),
+        sonnets("train"),
+        _windows(tokenizer, sonnets("validation"), seq_len),
+        _windows(tokenizer, sonnets("test"), seq_len),
     )
     report.add(
         "model",

@@ -63,10 +63,8 @@ class DecoderParts:
 
     def swap(self, model: nn.Module, path: str, module: nn.Module) -> nn.Module:
         """Put `module` at `path` and return what was there before."""
-        parent_path, _, name = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        previous = getattr(parent, name)
-        setattr(parent, name, module)
+        previous = model.get_submodule(path)
+        model.set_submodule(path, module)
         return previous
 
 

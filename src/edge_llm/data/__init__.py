@@ -5,36 +5,20 @@ from __future__ import annotations
 import re
 from importlib.resources import files
 
-import torch
+# The splits every demo, benchmark and example uses: sonnets 1-120, 121-130 and 131-154.
+SONNET_SPLITS = {"train": slice(0, 120), "validation": slice(120, 130), "test": slice(130, None)}
 
 
-def sonnets() -> list[str]:
-    """Shakespeare's 154 sonnets (public domain), one string each, in order."""
+def sonnets(split: str | None = None) -> list[str]:
+    """Shakespeare's 154 sonnets (public domain), one string each, in order; `split`: only the
+    sonnets of "train", "validation" or "test" (`SONNET_SPLITS`)."""
+    if split is not None and split not in SONNET_SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SONNET_SPLITS)} or None, got {split!r}.")
     text = files(__package__).joinpath("sonnets.txt").read_text(encoding="utf-8")
     # Each sonnet is headed by its Roman numeral on a line of its own.
     parts = re.split(r"\n\s*[IVXLC]+\s*\n", text)
-    return [part.strip() for part in parts[1:] if part.strip()]
-
-
-def byte_tokens(texts: list[str], separator: int = 10) -> torch.Tensor:
-    """Encode texts as one stream of UTF-8 byte ids (vocabulary 256), joined by `separator`."""
-    stream: list[int] = []
-    for text in texts:
-        stream.extend(text.encode("utf-8"))
-        stream.append(separator)
-    return torch.tensor(stream, dtype=torch.long)
-
-
-def random_windows(stream: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
-    """`batch_size` random windows of `seq_len` tokens from a token stream."""
-    starts = torch.randint(0, len(stream) - seq_len, (batch_size,), generator=generator)
-    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
-
-
-def sequential_windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Non-overlapping windows covering the stream (the tail that does not fill one is dropped)."""
-    usable = (len(stream) // seq_len) * seq_len
-    return stream[:usable].view(-1, seq_len)
+    texts = [part.strip() for part in parts[1:] if part.strip()]
+    return texts if split is None else texts[SONNET_SPLITS[split]]
 
 
 def sonnet_instructions() -> list[dict[str, str]]:

@@ -88,12 +88,6 @@ def compressed_dense_weight(
     return restored.to(weight.dtype)
 
 
-def _replace(parent_layer: nn.Module, name: str, module: nn.Module) -> None:
-    owner_name, _, attribute = name.rpartition(".")
-    owner = parent_layer.get_submodule(owner_name) if owner_name else parent_layer
-    setattr(owner, attribute, module)
-
-
 @torch.no_grad()
 def compress_model(
     model: nn.Module,
@@ -133,7 +127,7 @@ def compress_model(
         for name, linear in linears.items():
             quantized, mask = compress_weight(linear.weight, bits, sparsity, method, hessians.get(name))
             compressed = LUCLinear.from_linear(linear, bits, sparsity, method.group_size, quantized, mask)
-            _replace(layers[index], name, compressed)
+            layers[index].set_submodule(name, compressed)
         if runner is not None:
             runner.advance(index)
     if record:

@@ -71,8 +71,7 @@ def replace_with_luc_shells(model: nn.Module, policy: LUCPolicy) -> None:
                 dtype=linear.weight.dtype,
                 device=linear.weight.device,
             )
-            owner_name, _, attribute = name.rpartition(".")
-            setattr(layer.get_submodule(owner_name) if owner_name else layer, attribute, shell)
+            layer.set_submodule(name, shell)
 
 
 def saves_whole_folders(model: nn.Module) -> None:
