@@ -23,7 +23,7 @@ from edge_llm.luc import (
     compress_model,
     profile_sensitivity,
 )
-from edge_llm.luc.integration import MARKER
+from edge_llm.luc.checks import MARKER
 from edge_llm.luc.quantize import quantize_rtn
 
 METHOD = CompressionMethod(group_size=16, quant_method="rtn", prune_method="wanda")
@@ -332,3 +332,26 @@ def test_a_folder_written_as_a_whole_replaces_the_old_one_only_when_complete(tmp
         (staging / "adapter_config.json").write_text("new")
     assert (out / "adapter_config.json").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_a_policy_edited_in_config_json_after_saving_is_refused(base_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    policy = LUCPolicy([(4, 0.0)] * 4, CompressionMethod(16, "rtn", "magnitude"))
+    AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=LUCConfig(policy=policy)).save_pretrained(
+        tmp_path / "luc"
+    )
+    config_file = tmp_path / "luc" / "config.json"
+    original = config_file.read_text()
+    config = json.loads(original)
+    # Groups of 17 give every layer the same number of groups as 16: no shape can tell.
+    config["quantization_config"]["policy"]["method"]["group_size"] = 17
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="not the one its tensors were compressed with"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "luc")
+    # A checkpoint from before the fingerprint (a one-byte marker) still loads, unchecked.
+    config_file.write_text(original)
+    tensors = load_file(tmp_path / "luc" / "model.safetensors")
+    tensors[MARKER] = torch.ones(1, dtype=torch.uint8)
+    save_file(tensors, tmp_path / "luc" / "model.safetensors", metadata={"format": "pt"})
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "luc") is not None

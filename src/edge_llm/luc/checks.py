@@ -9,6 +9,8 @@ These checks name the file, the tensor and what was expected instead.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,8 +19,30 @@ from safetensors import safe_open
 from torch import nn
 
 from edge_llm.luc.linear import LUCLinear, kept_per_row
+from edge_llm.luc.policy import LUCPolicy
 
 _DTYPES = {"U8": torch.uint8, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+# A buffer saved with every LUC checkpoint. Without edge_llm, transformers' load report lists it as
+# an unexpected key right above its size-mismatch error: the name is the instruction. It holds
+# the SHA-256 of the policy the tensors were made with, so that a config.json edited afterwards
+# (a group size changed with the same group count, say) is caught; checkpoints of earlier
+# edge-llm versions hold one byte instead, and load without that check.
+MARKER = "import_edge_llm_before_loading_this_checkpoint"
+_LEGACY_MARKER_SHAPE = (1,)
+
+
+def policy_fingerprint(policy: LUCPolicy) -> torch.Tensor:
+    """SHA-256 of the policy's canonical JSON, as 32 uint8 values."""
+    text = json.dumps(policy.to_dict(), sort_keys=True, separators=(",", ":"))
+    return torch.tensor(list(hashlib.sha256(text.encode()).digest()), dtype=torch.uint8)
+
+
+def add_marker(model: nn.Module, policy: LUCPolicy, shape: tuple[int, ...] | None = None) -> None:
+    """(Re)set `model`'s marker buffer to `policy`'s fingerprint (or, with a legacy `shape`, one byte)."""
+    device = next(model.parameters()).device
+    value = torch.ones(shape, dtype=torch.uint8) if shape == _LEGACY_MARKER_SHAPE else policy_fingerprint(policy)
+    model.register_buffer(MARKER, value.to(device))
 
 
 def _expected(model: nn.Module) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -31,10 +55,11 @@ def _expected(model: nn.Module) -> dict[str, tuple[torch.dtype, tuple[int, ...]]
     return expected
 
 
-def check_checkpoint_files(model: nn.Module, checkpoint_files: Iterable[str | Path]) -> None:
+def check_checkpoint_files(model: nn.Module, policy: LUCPolicy, checkpoint_files: Iterable[str | Path]) -> None:
     """Every LUC tensor the policy implies is in the files, with the dtype and shape it implies
     (read from the safetensors headers only)."""
     expected = _expected(model)
+    expected[MARKER] = (torch.uint8, (32,))
     found: dict[str, tuple[str, str, tuple[int, ...]]] = {}
     for file in checkpoint_files:
         if not str(file).endswith(".safetensors"):
@@ -44,6 +69,10 @@ def check_checkpoint_files(model: nn.Module, checkpoint_files: Iterable[str | Pa
                 if key in expected:
                     piece = handle.get_slice(key)
                     found[key] = (Path(file).name, piece.get_dtype(), tuple(piece.get_shape()))
+    if found.get(MARKER, ("", "", _LEGACY_MARKER_SHAPE))[2] == _LEGACY_MARKER_SHAPE:
+        add_marker(model, policy, _LEGACY_MARKER_SHAPE)  # saved before fingerprints: load it as it is
+        found.pop(MARKER, None)
+        del expected[MARKER]
     for key, (dtype, shape) in expected.items():
         if key not in found:
             raise ValueError(
@@ -58,9 +87,17 @@ def check_checkpoint_files(model: nn.Module, checkpoint_files: Iterable[str | Pa
             )
 
 
-def check_loaded_layers(model: nn.Module) -> None:
-    """Values the shapes cannot show: finite, positive scales; integer zero-points; a pruning mask
-    that keeps exactly the policy's count in every row."""
+def check_loaded_layers(model: nn.Module, policy: LUCPolicy) -> None:
+    """Values the shapes cannot show: the policy the tensors were made with; finite, positive
+    scales; integer zero-points; a pruning mask that keeps exactly the policy's count in every row."""
+    marker = dict(model.named_buffers(recurse=False)).get(MARKER)
+    fingerprinted = marker is not None and tuple(marker.shape) != _LEGACY_MARKER_SHAPE
+    if fingerprinted and not torch.equal(marker.cpu(), policy_fingerprint(policy)):
+        raise ValueError(
+            "LUC checkpoint: the policy in config.json is not the one its tensors were compressed with (it "
+            "was edited after saving: group size, bits, sparsity, method or targets). Restore config.json "
+            "or re-save the model with edge-llm."
+        )
     for name, module in model.named_modules():
         if not isinstance(module, LUCLinear):
             continue

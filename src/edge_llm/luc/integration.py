@@ -16,23 +16,19 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import AutoTokenizer
 
 from edge_llm._io import atomic_directory
 from edge_llm.assets import cache_dir
 from edge_llm.luc.calibration import calibration_tokens, target_linears
+from edge_llm.luc.checks import add_marker
 from edge_llm.luc.compress import compress_model
 from edge_llm.luc.config import QUANT_METHOD, LUCConfig, config_policy
 from edge_llm.luc.linear import LUCLinear
 from edge_llm.luc.policy import LUCPolicy
 from edge_llm.luc.profile import profile_sensitivity
 from edge_llm.modeling import find_decoder_parts
-
-# A one-byte buffer saved with every LUC checkpoint. Without edge_llm, transformers' load report
-# lists it as an unexpected key right above its size-mismatch error: the name is the instruction.
-MARKER = "import_edge_llm_before_loading_this_checkpoint"
 
 
 def policy_of(model: nn.Module) -> LUCPolicy | None:
@@ -47,15 +43,9 @@ def policy_of(model: nn.Module) -> LUCPolicy | None:
     return LUCPolicy.from_dict(policy) if method == QUANT_METHOD and policy is not None else None
 
 
-def add_marker(model: nn.Module) -> None:
-    if MARKER not in dict(model.named_buffers(recurse=False)):
-        device = next(model.parameters()).device
-        model.register_buffer(MARKER, torch.ones(1, dtype=torch.uint8, device=device))
-
-
 def replace_with_luc_shells(model: nn.Module, policy: LUCPolicy) -> None:
     """Swap the targeted Linear layers for empty `LUCLinear`s shaped by `policy` (before loading)."""
-    add_marker(model)
+    add_marker(model, policy)
     layers = find_decoder_parts(model).layers(model)
     if len(policy.layers) != len(layers):
         raise ValueError(f"The LUC policy covers {len(policy.layers)} layers but the model has {len(layers)}.")

@@ -11,9 +11,9 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from edge_llm.luc.checks import check_checkpoint_files, check_loaded_layers
+from edge_llm.luc.checks import add_marker, check_checkpoint_files, check_loaded_layers
 from edge_llm.luc.config import QUANT_METHOD, LUCConfig, config_policy
-from edge_llm.luc.integration import add_marker, apply_luc, replace_with_luc_shells, saves_whole_folders
+from edge_llm.luc.integration import apply_luc, replace_with_luc_shells, saves_whole_folders
 from edge_llm.luc.policy import LUCPolicy
 
 logger = logging.getLogger(__name__)
@@ -39,13 +39,14 @@ class LUCHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         if self.pre_quantized:
-            replace_with_luc_shells(model, config_policy(self.quantization_config))
+            policy = config_policy(self.quantization_config)
+            replace_with_luc_shells(model, policy)
             if kwargs.get("checkpoint_files"):
-                check_checkpoint_files(model, kwargs["checkpoint_files"])
+                check_checkpoint_files(model, policy, kwargs["checkpoint_files"])
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if self.pre_quantized:
-            check_loaded_layers(model)
+            check_loaded_layers(model, config_policy(self.quantization_config))
             saves_whole_folders(model)
         else:
             policy = apply_luc(model, self.quantization_config)
@@ -70,7 +71,7 @@ def mark_compressed(model: nn.Module, policy: LUCPolicy, config: LUCConfig | Non
     model.quantization_method = QUANT_METHOD
     # What from_pretrained attaches; Trainer asks it whether the quantized model can be trained.
     model.hf_quantizer = LUCHfQuantizer(config, pre_quantized=True)
-    add_marker(model)
+    add_marker(model, policy)
     saves_whole_folders(model)
 
 

@@ -45,8 +45,10 @@ if TYPE_CHECKING:
 
 @dataclass
 class _Pass:
-    """State of one forward pass of the base model."""
+    """State of one forward pass of the base model, and the adapter config it runs under (read
+    once when the pass begins)."""
 
+    config: Any
     exits: list[int]
     exit_layer: int | None  # the active exit, or None for a voting pass
     backbone: bool
@@ -110,6 +112,7 @@ class ExitController:
             return args, kwargs
         exit_layer = self.tuner.active_exit
         state = _Pass(
+            config=config,
             exits=list(config.exit_layers),
             exit_layer=exit_layer,
             backbone=config.window_input == "backbone",
@@ -120,18 +123,18 @@ class ExitController:
         # Outputs are edited by field name below; a tuple is rebuilt at the end if one was asked for.
         kwargs["return_dict"] = True
         if exit_layer is not None:
-            self._begin_exit_pass(model, state, config.backprop_depth)
+            self._begin_exit_pass(model, state)
             if config.loss_chunk_size and state.grad_was_enabled and kwargs.get("labels") is not None:
                 self._take_labels(state, kwargs)
                 deferred = DeferredHead(self.parts.head(model))
                 state.swapped.append((self.parts.head_path, self.parts.swap(model, self.parts.head_path, deferred)))
                 state.deferred_head = deferred
         else:
-            self._begin_voting_pass(state, config.voting, kwargs, return_exit_logits, return_exit_states)
+            self._begin_voting_pass(state, kwargs, return_exit_logits, return_exit_states)
         self._pass = state
         return args, kwargs
 
-    def _begin_exit_pass(self, model: nn.Module, state: _Pass, backprop_depth: int) -> None:
+    def _begin_exit_pass(self, model: nn.Module, state: _Pass) -> None:
         exit_layer = state.exit_layer
         if exit_layer < len(self.layers) - 1:
             truncated = nn.ModuleList(self.layers[: exit_layer + 1])
@@ -143,7 +146,7 @@ class ExitController:
             shared = self.parts.head(model)
             swapped_in = HeadWithExitLoRA(shared, head)
             state.swapped.append((self.parts.head_path, self.parts.swap(model, self.parts.head_path, swapped_in)))
-        bottom = window(exit_layer, backprop_depth).start
+        bottom = window(exit_layer, state.config.backprop_depth).start
         if state.grad_was_enabled:
             state.grad_from = bottom
         if state.backbone and state.adapters_on:
@@ -151,9 +154,9 @@ class ExitController:
                 self._set_adapters(index, enabled=False)
 
     def _begin_voting_pass(
-        self, state: _Pass, rule: str, kwargs: dict, return_exit_logits: bool, return_exit_states: bool
+        self, state: _Pass, kwargs: dict, return_exit_logits: bool, return_exit_states: bool
     ) -> None:
-        state.rule = rule
+        state.rule = rule = state.config.voting
         state.return_exit_logits = return_exit_logits
         state.return_exit_states = return_exit_states
         state.logits_to_keep = kwargs.get("logits_to_keep", 0)
@@ -165,8 +168,7 @@ class ExitController:
             # The caller computes what it needs from the exits' hidden states, chunk by chunk: the
             # model's own head runs on the last position only.
             kwargs["logits_to_keep"] = 1
-        config = self.tuner.active_edge_config
-        state.voters = _voters(state.exits, rule, config.exit_weights)
+        state.voters = _voters(state.exits, rule, state.config.exit_weights)
         # Exits that do not vote cost nothing (no head, no stream) unless their outputs are asked for.
         state.computed = list(state.exits) if return_exit_logits or return_exit_states else state.voters
         if state.backbone and state.adapters_on:
@@ -189,7 +191,7 @@ class ExitController:
         return output.to_tuple() if state.return_tuple else output
 
     def _exit_loss(self, model: nn.Module, output: Any, state: _Pass) -> Any:
-        chunk = self.tuner.active_edge_config.loss_chunk_size
+        chunk = state.config.loss_chunk_size
         loss = state.deferred_head.loss(
             model.config, state.labels, None if chunk == "auto" else chunk, state.loss_kwargs
         )
@@ -287,7 +289,7 @@ class ExitController:
 
     def _run_streams(self, index: int, layer: nn.Module, args: tuple, kwargs: dict, state: _Pass) -> None:
         """Run layer `index` again, with its adapters, for every exit whose window holds it."""
-        depth = self.tuner.active_edge_config.backprop_depth
+        depth = state.config.backprop_depth
         for exit_layer in state.computed:
             span = window(exit_layer, depth)
             if index not in span:
