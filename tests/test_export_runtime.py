@@ -1,6 +1,5 @@
 """Bundles: export, verification, the reference executor, and GGUF lowering."""
 
-import importlib
 import json
 from importlib.resources import files
 
@@ -194,7 +193,7 @@ def test_a_manifest_cannot_reach_outside_its_bundle_nor_leave_files_unverified(t
 
 
 def test_overwrite_replaces_a_bundle_whole_and_an_interrupted_export_keeps_the_old_one(tmp_path, monkeypatch):
-    bundle_module = importlib.import_module("edge_llm.export.bundle")  # `edge_llm.export` is also a function
+    bundle_module = edge_llm.export.bundle
 
     model = adapted_model()
     plan = schedule(model, cpu_device(10**9), Workload(prompt_tokens=8), edge_config=model.peft_config["default"])
@@ -412,3 +411,10 @@ def test_a_bundle_has_one_voting_rule_the_adapters(tmp_path):
     with pytest.raises(ValueError, match="a bundle has one voting rule"):
         export(model, replace(plan, voting="confidence"), tmp_path / "bundle")
     assert not (tmp_path / "bundle").exists()
+
+
+def test_edge_llm_export_is_callable_and_keeps_its_submodules():
+    import edge_llm.export.gguf
+
+    assert callable(edge_llm.export) and edge_llm.export.gguf.write_gguf is write_gguf
+    assert edge_llm.export.bundle.verify_bundle is verify_bundle

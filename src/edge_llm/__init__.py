@@ -6,9 +6,8 @@ Importing the package registers its Hugging Face integrations: the `EDGE_LLM` PE
 
 __version__ = "0.1.0"  # first: submodules read it while the package initialises
 
-# `edge_llm.export(model, schedule, out_dir)` is the function; its package stays importable as
-# `from edge_llm.export import write_gguf, verify_bundle`.
-from edge_llm.export import export
+# `edge_llm.export` is the export package, callable as `edge_llm.export(model, schedule, out_dir)`.
+from edge_llm import export
 from edge_llm.luc import LUCConfig, LUCPolicy, LUCQuantizer, policy_of
 from edge_llm.modeling import UnsupportedModelError, find_decoder_parts
 from edge_llm.trainer import EdgeTrainer

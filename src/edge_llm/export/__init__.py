@@ -1,7 +1,24 @@
 """Export: a self-describing bundle (schedule, packed weights, adapters, manifest) and its
-lowering to GGUF for llama.cpp."""
+lowering to GGUF for llama.cpp.
+
+`edge_llm.export` is this package and is also callable: `edge_llm.export(model, schedule, out)`
+is `edge_llm.export.bundle.export(...)`, while `edge_llm.export.gguf` and the other submodules
+stay reachable as attributes (a plain function bound to that name would hide them).
+"""
+
+import sys
+import types
+from typing import Any
 
 from edge_llm.export.bundle import export, verify_bundle
 from edge_llm.export.gguf import write_gguf
 
 __all__ = ["export", "verify_bundle", "write_gguf"]
+
+
+class _CallablePackage(types.ModuleType):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
