@@ -52,7 +52,10 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if 8 % bits == 0:
         # Whole values per byte: shift each slot down, in uint8 (no wider copy of the weights).
         # One op per slot: a broadcast shift over a uint8 tensor is several times slower.
-        slots = [(packed >> shift) & ((1 << bits) - 1) for shift in range(0, 8, bits)]
+        mask = (1 << bits) - 1
+        # The lowest slot needs no shift, the highest no mask.
+        slots = [packed & mask, *((packed >> shift) & mask for shift in range(bits, 8 - bits, bits))]
+        slots += [packed >> (8 - bits)] if bits < 8 else []
         return torch.stack(slots, dim=1).view(-1)[:count]
     # Other widths: 8 values fill exactly `bits` bytes. Read each group of `bits` bytes as one
     # little-endian integer (at most 56 bits) and shift the 8 values out of it: a few int64 ops per
