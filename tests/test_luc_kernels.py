@@ -163,6 +163,12 @@ def test_a_pruned_group_whose_zero_point_leaves_the_code_range_keeps_the_dequant
     for compressed in (layer, small_groups):
         assert compressed.int4_weight() is None
         assert _relative_error(compressed(x), x @ compressed.dequantize_weight().t()) < 6e-3
+    # A schedule that gave this layer the int4_packed kernel still runs: dequantized, with a warning.
+    from edge_llm.runtime import Int4Kernel
+
+    module = Int4Kernel(layer)
+    assert module.fallback is not None
+    torch.testing.assert_close(module(x), x @ layer.dequantize_weight().t())
 
 
 def test_int4_layout_is_built_once_and_rebuilt_when_the_stored_codes_change():

@@ -12,6 +12,7 @@ call, plus its rates in the device profiles that have it.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,12 @@ if TYPE_CHECKING:
     from edge_llm.scheduling.cost import LayerSpec
 
 FP16_BYTES = 2
+logger = logging.getLogger(__name__)
+
+
+def _dequantize_per_call(layer: LUCLinear) -> nn.Module:
+    layer.use_kernel = False  # the schedule's kernel, not the fused one LUCLinear would pick
+    return layer
 
 
 class DenseKernel(nn.Module):
@@ -44,23 +51,33 @@ class DenseKernel(nn.Module):
 
 class Int4Kernel(nn.Module):
     """A LUC layer in PyTorch's int4 matmul layout (`int4_packed`); it keeps only that layout, not
-    the LUC codes it was built from."""
+    the LUC codes it was built from.
+
+    A pruned layer with a group whose zero-point lies outside the code range (its kept weights
+    share one sign and sit far from zero) has no code for its pruned weights: that layer keeps its
+    LUC tensors and dequantizes at every call instead, with a warning."""
 
     def __init__(self, layer: LUCLinear) -> None:
         super().__init__()
         mask = layer.mask()
         weight = to_int4(layer.codes(mask), layer.weight_scales, layer.weight_zeros, layer.group_size, layer.bits, mask)
+        self.fallback = None
         if weight is None:
-            raise ValueError(
-                f"{layer}: a group of this pruned layer keeps weights of one sign only, so the int4_packed "
-                f"kernel cannot represent its pruned weights as zeros; schedule it with dequant_int{layer.bits}."
+            logger.warning(
+                "%s: a pruned group's zero-point lies outside the int4 code range; this layer dequantizes at "
+                "every call instead of running the int4_packed kernel.",
+                layer,
             )
+            self.fallback = _dequantize_per_call(layer)
+            return
         self.register_buffer("packed", weight.packed)
         self.register_buffer("scales_and_zeros", weight.scales_and_zeros)
         self.group_size, self.out_features, self.planes = weight.group_size, weight.out_features, weight.planes
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fallback is not None:
+            return self.fallback(x)
         weight = Int4Weight(self.packed, self.scales_and_zeros, self.group_size, self.out_features, self.planes)
         out = int4_matmul(x, weight)
         return out + self.bias.to(out.dtype) if self.bias is not None else out
@@ -99,11 +116,6 @@ class SemiStructuredKernel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x.half(), self.weight, self.bias).to(x.dtype)
-
-
-def _dequantize_per_call(layer: LUCLinear) -> nn.Module:
-    layer.use_kernel = False  # the schedule's kernel, not the fused one LUCLinear would pick
-    return layer
 
 
 @dataclass(frozen=True)
