@@ -39,7 +39,7 @@ from edge_llm.luc.quantize import GroupQuantized, check_bits, dequantize
 
 UNQUANTIZED_BITS = 16
 # Weights the dense path dequantizes at a time (see `LUCLinear.row_blocks`).
-DEQUANTIZE_BLOCK = 2**19
+DEQUANTIZE_BLOCK = 2**18
 
 
 def kept_per_row(in_features: int, sparsity: float) -> int:
