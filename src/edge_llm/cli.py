@@ -8,6 +8,7 @@ package, offline). Data is a JSON/JSONL/CSV/parquet/text file, a `datasets` name
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
@@ -16,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from edge_llm._io import atomic_directory, atomic_write_text
+from edge_llm.luc.compress import QUANT_METHODS
+from edge_llm.luc.config import LUCConfig
+from edge_llm.luc.profile import METRICS
+from edge_llm.luc.prune import PRUNE_METHODS, PRUNE_STRUCTURES
 from edge_llm.tuner.voting import VOTING_RULES
 
 logger = logging.getLogger("edge_llm.cli")
@@ -45,19 +50,28 @@ def _load(spec: str, adapter: str | None = None, trainable: bool = False) -> tup
 
 
 def _method_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--group-size", type=int, default=128, help="input columns per quantization scale")
-    parser.add_argument("--quant", choices=("rtn", "gptq"), default="rtn", help="quantization algorithm")
-    parser.add_argument("--prune", choices=("wanda", "magnitude"), default="wanda", help="pruning score")
+    # Choices and defaults are LUCConfig's (one owner): what the API does, the CLI does.
+    defaults = {name: p.default for name, p in inspect.signature(LUCConfig.__init__).parameters.items()}
     parser.add_argument(
-        "--structure", choices=("unstructured", "nm"), default="unstructured", help="pruning pattern (nm: N of every 4)"
+        "--group-size", type=int, default=defaults["group_size"], help="input columns per quantization scale"
     )
-    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8], help="candidate bit-widths")
     parser.add_argument(
-        "--sparsities", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75], help="candidate sparsities"
+        "--quant", choices=QUANT_METHODS, default=defaults["quant_algorithm"], help="quantization algorithm"
     )
-    parser.add_argument("--metric", choices=("kl", "output_mse"), default="kl", help="sensitivity metric")
-    parser.add_argument("--samples", type=int, default=16, help="calibration windows")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
+    parser.add_argument("--prune", choices=PRUNE_METHODS, default=defaults["prune_method"], help="pruning score")
+    parser.add_argument(
+        "--structure",
+        choices=PRUNE_STRUCTURES,
+        default=defaults["prune_structure"],
+        help="pruning pattern (nm: N of every 4)",
+    )
+    parser.add_argument("--bits", type=int, nargs="+", default=list(defaults["bits"]), help="candidate bit-widths")
+    parser.add_argument(
+        "--sparsities", type=float, nargs="+", default=list(defaults["sparsities"]), help="candidate sparsities"
+    )
+    parser.add_argument("--metric", choices=METRICS, default=defaults["metric"], help="sensitivity metric")
+    parser.add_argument("--samples", type=int, default=defaults["num_samples"], help="calibration windows")
+    parser.add_argument("--seq-len", type=int, default=defaults["seq_len"], help="tokens per calibration window")
 
 
 def _luc_config(args: argparse.Namespace, texts: list[str], tokenizer: Any, **budget: Any) -> Any:
