@@ -211,9 +211,10 @@ def test_the_dense_path_dequantizes_row_blocks_that_assemble_the_whole_weight(mo
         layer = linear.LUCLinear.from_linear(dense, 16, sparsity, 64, None, mask)
     whole = layer.dequantize_weight(torch.float32)
     monkeypatch.setattr(linear, "DEQUANTIZE_BLOCK", 2**10)  # 8 rows a block: 6 blocks
-    assert layer.row_blocks() == [(start, start + 8) for start in range(0, 48, 8)]
-    parts = [layer.dequantize_weight(torch.float32, start, stop) for start, stop in layer.row_blocks()]
+    parts = [layer.dequantize_weight(torch.float32, start, start + 8) for start in range(0, 48, 8)]
     assert torch.equal(torch.cat(parts), whole)
+    assert torch.equal(layer.dense_weight(torch.float32), whole)  # assembled from six blocks of 8 rows
+    assert torch.equal(layer.dense_weight(torch.bfloat16), whole.bfloat16())
     with pytest.raises(ValueError, match="multiple of 8"):
         layer.dequantize_weight(torch.float32, 4, 12)
     layer.use_kernel = False

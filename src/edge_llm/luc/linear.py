@@ -38,7 +38,7 @@ from edge_llm.luc.pack import pack_bits, packed_size, unpack_bits
 from edge_llm.luc.quantize import GroupQuantized, check_bits, dequantize
 
 UNQUANTIZED_BITS = 16
-# Weights the dense path dequantizes at a time (see `LUCLinear.row_blocks`).
+# Weights the dense path dequantizes at a time (see `LUCLinear.dense_weight`).
 DEQUANTIZE_BLOCK = 2**18
 
 
@@ -58,12 +58,7 @@ class _CompressedMatmul(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         layer = ctx.layer
         dtype = layer.dense_dtype(grad_output)
-        grad = grad_output.to(dtype)
-        grad_input = None
-        for start, stop in layer.row_blocks():
-            part = grad[..., start:stop] @ layer.dequantize_weight(dtype, start, stop)
-            grad_input = part if grad_input is None else grad_input.add_(part)
-        return grad_input.to(grad_output.dtype), None
+        return (grad_output.to(dtype) @ layer.dense_weight(dtype)).to(grad_output.dtype), None
 
 
 class LUCLinear(nn.Module):
@@ -236,16 +231,20 @@ class LUCLinear(nn.Module):
                 out = torch.cat([int4_matmul(part, packed) for part in flat.split(max_rows)])
                 return out.view(*x.shape[:-1], self.out_features)
         dtype = self.dense_dtype(x)
-        inputs = x.to(dtype)
-        blocks = [nn.functional.linear(inputs, self.dequantize_weight(dtype, *rows)) for rows in self.row_blocks()]
-        return (blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)).to(x.dtype)
+        return nn.functional.linear(x.to(dtype), self.dense_weight(dtype)).to(x.dtype)
 
-    def row_blocks(self) -> list[tuple[int, int]]:
-        """Row ranges the dense path dequantizes one at a time: a whole large weight expanded at
-        once leaves the caches (4x slower per weight at a ~1B model's shapes) and costs its full
-        float size in memory; blocks of about `DEQUANTIZE_BLOCK` weights do neither."""
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized weight in `dtype` for the dense path, expanded `DEQUANTIZE_BLOCK` weights
+        at a time: a whole large weight expanded at once leaves the caches (4x slower per weight at
+        a ~1B model's shapes), while one matmul over the whole weight keeps the matmul efficient."""
         rows = max(8, DEQUANTIZE_BLOCK // self.in_features // 8 * 8)
-        return [(start, min(start + rows, self.out_features)) for start in range(0, self.out_features, rows)]
+        if rows >= self.out_features:
+            return self.dequantize_weight(dtype)
+        weight = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.weight.device)
+        for start in range(0, self.out_features, rows):
+            stop = min(start + rows, self.out_features)
+            weight[start:stop] = self.dequantize_weight(torch.float32, start, stop)  # one rounding to dtype
+        return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Under autograd the weight is not saved for backward but dequantized again there.
