@@ -31,7 +31,15 @@ def test_perplexity_matches_the_mean_token_loss():
     model = edge_model()
     tokens = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(0))
     result = perplexity(model, tokens, batch_size=2)
-    assert set(result) == {"exit_1", "exit_3", "voted_last", "voted_mean", "voted_weighted", "voted_confidence"}
+    assert set(result) == {
+        "exit_1",
+        "exit_3",
+        "voted_last",
+        "voted_mean",
+        "voted_weighted",
+        "voted_confidence",
+        "voted_geometric",
+    }
     with torch.no_grad():
         loss = model(input_ids=tokens, labels=tokens).loss.item()  # the adapter's rule: mean
     assert result["voted_mean"] == pytest.approx(math.exp(loss), rel=1e-4)
