@@ -223,3 +223,16 @@ def test_the_dense_path_dequantizes_row_blocks_that_assemble_the_whole_weight(mo
     out.backward(torch.ones_like(out))
     torch.testing.assert_close(out, x @ whole.t() + layer.bias)
     torch.testing.assert_close(x.grad, torch.ones(100, 48) @ whole)
+
+
+def test_pruned_layers_keep_mask_free_codes_for_the_dense_path():
+    layer = _compressed(3, 0.5, 64, seed=3)
+    codes, zeros = layer.expanded_codes()
+    assert codes.dtype == torch.uint8 and codes.shape == (48, 256) and layer.expanded_codes()[0] is codes
+    mask = layer.mask()
+    zero_codes = zeros.repeat_interleave(64, dim=1)
+    assert torch.equal(codes[~mask].float(), zero_codes[~mask])  # a pruned weight reads as weight 0
+    assert torch.equal(layer.dense_weight(torch.float32), layer.dequantize_weight(torch.float32))
+    assert _compressed(3, 0.0, 64).expanded_codes() is None  # unpruned layers unpack their codes instead
+    layer.weight_scales.mul_(2)  # the stored tensors changed: rebuilt
+    assert layer.expanded_codes()[0] is not codes

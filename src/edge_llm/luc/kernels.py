@@ -111,7 +111,7 @@ def _center(levels: int) -> int:
     return 8 * (levels - 1) // 15
 
 
-def _shifted_codes(
+def shifted_codes(
     codes: torch.Tensor, zeros: torch.Tensor, mask: torch.Tensor | None, bits: int, group_size: int, levels: int
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Codes in [0, levels) with each group's zero-point moved near the middle, pruned weights at
@@ -153,10 +153,10 @@ def to_int4(
     zeros32 = zeros.float()
     scale = scales.float().to(torch.bfloat16).float()  # what the kernel multiplies with
     planes = planes_for(bits)
-    shifted = _shifted_codes(codes, zeros32, mask, bits, group_size, 16**planes)
+    shifted = shifted_codes(codes, zeros32, mask, bits, group_size, 16**planes)
     if shifted is None and planes == 1:
         planes = 2
-        shifted = _shifted_codes(codes, zeros32, mask, bits, group_size, 256)
+        shifted = shifted_codes(codes, zeros32, mask, bits, group_size, 256)
     if shifted is None:
         return None
     codes, shift = shifted

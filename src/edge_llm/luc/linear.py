@@ -32,6 +32,7 @@ from edge_llm.luc.kernels import (
     int4_matmul,
     kernel_max_rows,
     planes_for,
+    shifted_codes,
     to_int4,
 )
 from edge_llm.luc.pack import pack_bits, packed_size, unpack_bits
@@ -102,8 +103,9 @@ class LUCLinear(nn.Module):
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
-        # (key of the stored tensors it was built from, layout): see `int4_weight`.
-        self._int4: tuple[tuple, Int4Weight] | None = None
+        # (key of the stored tensors they were built from, value): see `int4_weight`, `expanded_codes`.
+        self._int4: tuple[tuple, Int4Weight | None] | None = None
+        self._expanded: tuple[tuple, tuple[torch.Tensor, torch.Tensor] | None] | None = None
 
     @classmethod
     def from_linear(
@@ -203,13 +205,40 @@ class LUCLinear(nn.Module):
             and int4_available(self.weight.device)
         ):
             return None
-        stored = [t for _, t in self.named_buffers(recurse=False)]
-        key = tuple((t.data_ptr(), t._version, t.device) for t in stored)
+        key = self._stored_key()
         if self._int4 is None or self._int4[0] != key:
             mask = self.mask()
             layout = to_int4(self.codes(mask), self.weight_scales, self.weight_zeros, self.group_size, self.bits, mask)
             self._int4 = (key, layout)
         return self._int4[1]
+
+    def expanded_codes(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A pruned layer's codes as a dense uint8 matrix in which every pruned weight holds its
+        group's zero-point (shifted by a whole number per group into [0, 255]), and those
+        zero-points (out x groups, float32): dequantizing them needs no mask.
+
+        Built on the first dense-path call and kept: one byte per weight, for pruned layers only,
+        because expanding kept weights through their mask is a serial scatter slower than the
+        matmul it feeds. None for other layers, and where a group's zero-point has no such code."""
+        if not (self.use_kernel and self.sparsity > 0 and self.bits != UNQUANTIZED_BITS):
+            return None
+        key = self._stored_key()
+        if self._expanded is None or self._expanded[0] != key:
+            expanded = None
+            if self.in_features % self.group_size == 0:
+                mask = self.mask()
+                zeros = self.weight_zeros.float()
+                shifted = shifted_codes(self.codes(mask), zeros, mask, self.bits, self.group_size, 256)
+                if shifted is not None:
+                    codes, shift = shifted
+                    expanded = (codes.to(torch.uint8), zeros + shift)
+            self._expanded = (key, expanded)
+        return self._expanded[1]
+
+    def _stored_key(self) -> tuple:
+        """Identifies the stored tensors' current contents (a cache built from them is stale when
+        a state dict is loaded or the layer moves to another device)."""
+        return tuple((t.data_ptr(), t._version, t.device) for _, t in self.named_buffers(recurse=False))
 
     def dense_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype the dequantize path multiplies `x` in (unquantized layers keep full precision)."""
@@ -218,11 +247,13 @@ class LUCLinear(nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """`x @ W^T` without the bias: the int4 kernel for few rows, else dequantize + matmul.
 
-        Pruned layers take the kernel for many rows too, a few rows at a time: expanding kept
-        weights through their mask is a serial scatter, slower than the matmul it feeds."""
+        A pruned layer without mask-free codes (`expanded_codes`) takes the kernel for many rows
+        too, a few rows at a time, rather than scatter its kept weights through the mask."""
         rows = x.numel() // self.in_features
         max_rows = kernel_max_rows(x.device) // planes_for(self.bits)
-        if self.bits != UNQUANTIZED_BITS and (rows <= max_rows or self.sparsity > 0):
+        quantized = self.bits != UNQUANTIZED_BITS
+        chunked = quantized and self.sparsity > 0 and self.use_kernel and self.expanded_codes() is None
+        if quantized and (rows <= max_rows or chunked):
             packed = self.int4_weight()
             if packed is not None and rows <= max_rows:
                 return int4_matmul(x, packed)
@@ -239,12 +270,20 @@ class LUCLinear(nn.Module):
         a ~1B model's shapes), while one matmul over the whole weight keeps the matmul efficient."""
         rows = max(8, DEQUANTIZE_BLOCK // self.in_features // 8 * 8)
         if rows >= self.out_features:
-            return self.dequantize_weight(dtype)
+            return self._dense_rows(0, self.out_features).to(dtype)
         weight = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.weight.device)
         for start in range(0, self.out_features, rows):
             stop = min(start + rows, self.out_features)
-            weight[start:stop] = self.dequantize_weight(torch.float32, start, stop)  # one rounding to dtype
+            weight[start:stop] = self._dense_rows(start, stop)  # one rounding to dtype
         return weight
+
+    def _dense_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of the weight in float32, from the mask-free codes where there are some."""
+        expanded = self.expanded_codes()
+        if expanded is None:
+            return self.dequantize_weight(torch.float32, start, stop)
+        codes, zeros = expanded
+        return dequantize(codes[start:stop], self.weight_scales[start:stop], zeros[start:stop], self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Under autograd the weight is not saved for backward but dequantized again there.
