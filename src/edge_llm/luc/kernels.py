@@ -37,9 +37,10 @@ INT4_BITS = 4
 MAX_KERNEL_BITS = 2 * INT4_BITS  # two 4-bit planes
 # Rows per call (times the layer's planes) up to which the int4 kernel beats dequantize + dense
 # matmul. On an H200 tinygemm is 1.5x faster than the dequantize path at 256 rows and takes 2.4x
-# its time at 2,048; on a 2-core AVX-512 BF16 CPU the crossover is near 64 rows for SmolLM2's
-# shapes (see docs/results.md and benchmarks/luc_kernels.py).
-KERNEL_MAX_ROWS = {"cuda": 256, "cpu": 64}
+# its time at 2,048; on a 2-core AVX-512 BF16 CPU a 256-token prefill is faster through it than
+# through dequantize + bfloat16 matmul for a whole model, while a 1,024-row training batch is not
+# (see docs/results.md and benchmarks/luc_kernels.py).
+KERNEL_MAX_ROWS = {"cuda": 256, "cpu": 256}
 
 
 @dataclass(frozen=True)
