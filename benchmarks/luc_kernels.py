@@ -147,6 +147,26 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+# How many Linears of each shape a Llama decoder layer has.
+PER_LAYER = {"q/o_proj": 2, "k/v_proj": 2, "gate/up_proj": 2, "down_proj": 1}
+
+
+def decoder_layer_table(result: dict) -> str:
+    """Markdown: per model and phase, the seven Linears of one decoder layer together (medians
+    summed), each variant's speed against dense fp32."""
+    totals: dict[tuple[str, str, str], float] = {}
+    for r in result["rows"]:
+        key = (r["model"], r["phase"], r["variant"])
+        totals[key] = totals.get(key, 0.0) + PER_LAYER[r["shape"]] * r["seconds"]
+    variants = list(dict.fromkeys(r["variant"] for r in result["rows"]))
+    lines = ["| model | phase | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
+    for model, phase in dict.fromkeys((m, p) for m, p, _ in totals):
+        base = totals[(model, phase, "dense fp32")]
+        cells = [f"{base / totals[(model, phase, v)]:.2f}x" for v in variants]
+        lines.append(f"| {model} | {phase} ({PHASES[phase]}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["smollm2-config", "llama-1b"], choices=sorted(CONFIGS))
@@ -161,6 +181,8 @@ def main() -> None:
     result = run(args)
     print(f"Machine: {result['machine']}\n")
     print(table(result))
+    print("\nOne decoder layer (its seven Linears), speed against dense fp32:\n")
+    print(decoder_layer_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 
