@@ -58,15 +58,18 @@ def _variants(args: argparse.Namespace) -> dict:
 
 
 def _weight_bytes(model) -> int:
-    """Bytes of every parameter and buffer, plus the int4 layouts `LUCLinear`s built and keep."""
+    """Bytes of every parameter and buffer, plus what `LUCLinear`s built from them and keep: int4
+    layouts, and pruned layers' expanded codes."""
     from edge_llm.luc import LUCLinear
 
-    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    tensors = [*model.parameters(), *model.buffers()]
     for module in model.modules():
-        if isinstance(module, LUCLinear) and module._int4 is not None and module._int4[1] is not None:
-            layout = module._int4[1]
-            total += sum(t.numel() * t.element_size() for t in (layout.packed, layout.scales_and_zeros))
-    return total
+        if isinstance(module, LUCLinear):
+            for cache in (module._int4, module._expanded):
+                value = cache[1] if cache is not None else None
+                if value is not None:
+                    tensors += [value.packed, value.scales_and_zeros] if hasattr(value, "packed") else list(value)
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
