@@ -103,3 +103,23 @@ def test_a_copied_luc_model_saves_itself_not_the_original(tmp_path):
     twin.save_pretrained(tmp_path / "twin")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "twin")
     assert (reloaded.model.norm.weight == 2.0).all() and not (model.model.norm.weight == 2.0).all()
+
+
+def test_an_adapter_config_is_never_half_written(tmp_path, monkeypatch):
+    import json
+    import os
+
+    from edge_llm import EdgeLLMConfig
+
+    config = EdgeLLMConfig(r=2, target_modules=["q_proj"], exit_layers=[1])
+    config.save_pretrained(tmp_path)
+    before = (tmp_path / "adapter_config.json").read_text()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies before the new config is switched in
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        EdgeLLMConfig(r=4, target_modules=["q_proj"], exit_layers=[1]).save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_config.json").read_text() == before and json.loads(before)["r"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json"]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from peft import LoraConfig
 
@@ -132,6 +135,17 @@ class EdgeLLMConfig(LoraConfig):
         # LoRA over LUC-compressed layers (QLoRA-style); plain Linear layers are unaffected.
         self._register_custom_module(CUSTOM_MODULES)
         self._validate()
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """peft's config writer, made crash-safe: `adapter_config.json` is written beside and
+        renamed into place, so a save killed midway never leaves a half-written config."""
+        os.makedirs(save_directory, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".adapter-config-", dir=save_directory) as staging:
+            super().save_pretrained(staging, **kwargs)
+            for written in Path(staging).iterdir():
+                with open(written, "rb") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(written, Path(save_directory) / written.name)
 
     def _validate(self) -> None:
         _check_positive_int("r", self.r)
