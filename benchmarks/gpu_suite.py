@@ -129,20 +129,12 @@ def _time(fn, repeats: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
-def _int4_tinygemm(layer, cuda: bool):
-    """LUC 4-bit codes, scales and zero-points in the int4 tinygemm layout, without re-rounding the
-    codes: LUC dequantizes `(q - z) * s`, tinygemm `(q - 8) * s + m`, so `m = (8 - z) * s`."""
-    codes = layer.codes().to(torch.int32)  # (out, in)
-    scales = layer.weight_scales.float()
-    zeros = layer.weight_zeros.float()
-    offsets = (8 - zeros) * scales
-    scale_and_zero = torch.stack([scales, offsets], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-    if cuda:
-        packed = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
-        weight = torch.ops.aten._convert_weight_to_int4pack(packed, 8)
-        return lambda x: torch.ops.aten._weight_int4pack_mm(x, weight, layer.group_size, scale_and_zero)
-    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8)
-    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, layer.group_size, scale_and_zero)
+def _int4_tinygemm(layer):
+    """LUC's own int4 kernel path (`edge_llm.luc.kernels`): the layer's codes in tinygemm's layout."""
+    from edge_llm.luc.kernels import int4_matmul
+
+    packed = layer.int4_weight()
+    return lambda x: int4_matmul(x, packed)
 
 
 def _semi_structured(weight: torch.Tensor):
@@ -180,7 +172,7 @@ def part_luc_kernels(args: argparse.Namespace) -> dict:
         reference = luc[4].dequantize_weight(torch.float32)
         kernels = {}
         try:
-            kernels["int4_tinygemm"] = _int4_tinygemm(luc[4], cuda)
+            kernels["int4_tinygemm"] = _int4_tinygemm(luc[4])
         except Exception as error:
             rows.append({"shape": shape_name, "kernel": "int4_tinygemm", "error": f"{type(error).__name__}: {error}"})
         pruned = None
