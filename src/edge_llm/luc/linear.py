@@ -10,13 +10,14 @@ Stored tensors (the state-dict keys of the module):
 - `weight_mask`: which weights were kept, one bit each, packed (absent when nothing was pruned).
 - `bias`: unchanged.
 
-How it computes (see `kernels.py`): calls of few rows (decoding) go through PyTorch's fused int4
-kernel on the stored codes, in bfloat16 with the result in the input's dtype; its layout is built
-from the stored codes on the first call on a device and kept. Calls of many rows (prefill,
-training) dequantize the weight and multiply densely, in bfloat16 where the device is faster at
-it. Under autograd the dense weight is not kept for the backward pass but dequantized again, so a
-compressed, frozen layer costs no weight-sized memory in training. `use_kernel = False` selects
-the reference path: dequantize into the input's dtype at every call.
+How it computes (see `kernels.py`): calls of up to `kernel_max_rows` rows (decoding, a short
+prefill) go through PyTorch's fused int4 kernel on the stored codes, in bfloat16 with the result
+in the input's dtype; its layout is built from the stored codes on the first call on a device and
+kept. Larger calls (training batches) dequantize the weight block by block and multiply densely,
+in bfloat16 where the device is faster at it; pruned layers keep mask-free expanded codes for
+that (`expanded_codes`). Under autograd the dense weight is not kept for the backward pass but
+dequantized again, so a compressed, frozen layer costs no weight-sized memory in training.
+`use_kernel = False` selects the reference path: dequantize into the input's dtype at every call.
 """
 
 from __future__ import annotations
