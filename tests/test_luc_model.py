@@ -355,3 +355,8 @@ def test_a_policy_edited_in_config_json_after_saving_is_refused(base_dir, tmp_pa
     tensors[MARKER] = torch.ones(1, dtype=torch.uint8)
     save_file(tensors, tmp_path / "luc" / "model.safetensors", metadata={"format": "pt"})
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "luc") is not None
+
+
+def test_a_bits_only_budget_requires_no_pruning():
+    # The default asks for no sparsity: LUCConfig(avg_bits=3.0) must not prune every layer by itself.
+    assert LUCConfig(avg_bits=3.0, dataset=["x"]).budget == Budget(avg_bits=3.0)

@@ -115,11 +115,11 @@ def _compress(args: argparse.Namespace) -> int:
 
     model, tokenizer = _load(args.model)
     texts = texts_of(load_rows(args.data)) if args.data else None
-    budget = {
-        "avg_bits": args.avg_bits,
-        "avg_sparsity": args.avg_sparsity,
-        "weight_budget_bytes": args.weight_budget_bytes,
-    }
+    # Only the budgets given on the command line apply; none given: LUCConfig's defaults.
+    budget = {"avg_bits": args.avg_bits, "avg_sparsity": args.avg_sparsity}
+    budget["weight_budget_bytes"] = args.weight_budget_bytes
+    if all(value is None for value in budget.values()):
+        budget = {}
     if args.policy:
         budget = {"policy": LUCPolicy.load(args.policy)}
     config = _luc_config(args, texts, tokenizer, **budget)
@@ -273,8 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("model")
     compress.add_argument("--data", default="sonnets", help="calibration data (default: bundled sonnets)")
     compress.add_argument("--out", required=True, help="folder for the compressed model")
-    compress.add_argument("--avg-bits", type=float, default=4.0)
-    compress.add_argument("--avg-sparsity", type=float, default=0.25)
+    defaults = inspect.signature(LUCConfig.__init__).parameters
+    compress.add_argument(
+        "--avg-bits",
+        type=float,
+        help=f"mean bits at most (when no budget is given: {defaults['avg_bits'].default}, LUCConfig's default)",
+    )
+    compress.add_argument("--avg-sparsity", type=float, help="mean pruning sparsity at least (default: none required)")
     compress.add_argument("--weight-budget-bytes", type=int)
     compress.add_argument("--policy", help="a LUC policy JSON file (skips profiling)")
     _method_flags(compress)

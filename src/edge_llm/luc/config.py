@@ -32,7 +32,8 @@ class LUCConfig(QuantizationConfigMixin):
 
     Args:
         avg_bits: parameter-weighted mean bit-width of the compressed layers, at most.
-        avg_sparsity: parameter-weighted mean pruning sparsity, at least.
+        avg_sparsity: parameter-weighted mean pruning sparsity, at least (default None: no pruning
+            is required, so a bits-only budget prunes nothing).
         weight_budget_bytes: storage of the compressed layers' weights (codes, scales, masks), at most.
             Any budget may be None; at least one must be set unless `policy` is given.
         dataset: calibration data: a list of strings (with `tokenizer`), of token-id lists, or a
@@ -52,7 +53,7 @@ class LUCConfig(QuantizationConfigMixin):
     def __init__(
         self,
         avg_bits: float | None = 4.0,
-        avg_sparsity: float | None = 0.5,
+        avg_sparsity: float | None = None,
         weight_budget_bytes: int | None = None,
         dataset: Any = None,
         tokenizer: Any = None,
