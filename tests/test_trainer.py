@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,9 @@ def test_rejects_models_without_an_edge_llm_adapter_and_ddp_without_unused_param
 def test_ddp_with_two_cpu_processes(tmp_path):
     worker = Path(__file__).with_name("ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    with socket.socket() as probe:  # a free port: a fixed one can still be held by an earlier run
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     result = subprocess.run(
         [
             sys.executable,
@@ -138,7 +142,7 @@ def test_ddp_with_two_cpu_processes(tmp_path):
             "--nproc_per_node",
             "2",
             "--master_port",
-            "29533",
+            str(port),
             str(worker),
             str(tmp_path),
         ],

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_llm._io import atomic_directory, atomic_write_text
-from edge_llm.luc.compress import QUANT_METHODS
 from edge_llm.luc.config import LUCConfig
+from edge_llm.luc.method import QUANT_METHODS
 from edge_llm.luc.profile import METRICS
 from edge_llm.luc.prune import PRUNE_METHODS, PRUNE_STRUCTURES
 from edge_llm.tuner.voting import VOTING_RULES

@@ -32,6 +32,7 @@ from torch import nn
 from edge_llm.luc.integration import policy_of
 from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
 from edge_llm.modeling import find_decoder_parts
+from edge_llm.tuner.exits import window
 from edge_llm.tuner.model import edge_config_of
 
 logger = logging.getLogger(__name__)
@@ -325,8 +326,6 @@ def write_gguf(
     layers = parts.layers(base)
     adapted = set(range(len(layers)))
     if edge_config is not None and edge_config.window_input == "backbone":
-        from edge_llm.tuner.exits import window
-
         adapted = set(window(edge_config.exit_layers[-1], edge_config.backprop_depth))
     fallbacks: Counter[tuple[str, str, int]] = Counter()  # (wanted type, used type, row length) -> tensors
     encodings: Counter[str] = Counter()  # "LUC codes" / "re-quantized" -> tensors

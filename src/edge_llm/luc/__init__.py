@@ -10,10 +10,10 @@ transformers' own seams: `config` (`LUCConfig`), `quantizer` (`LUCHfQuantizer`, 
 """
 
 from edge_llm.luc.calibration import calibration_tokens
-from edge_llm.luc.compress import CompressionMethod, compress_model
 from edge_llm.luc.config import LUCConfig
-from edge_llm.luc.integration import apply_luc, policy_of
+from edge_llm.luc.integration import apply_luc, compress_model, policy_of
 from edge_llm.luc.linear import LUCLinear
+from edge_llm.luc.method import CompressionMethod
 from edge_llm.luc.optimum import LUCQuantizer
 from edge_llm.luc.policy import Budget, LUCPolicy, search_policy
 from edge_llm.luc.profile import SensitivityProfile, profile_sensitivity

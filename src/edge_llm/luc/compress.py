@@ -3,53 +3,19 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from edge_llm.luc.calibration import LayerRunner, input_hessians, iterate, target_linears
 from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
-from edge_llm.luc.prune import PRUNE_METHODS, PRUNE_STRUCTURES, prune_mask
+from edge_llm.luc.method import CompressionMethod
+from edge_llm.luc.policy import LUCPolicy
+from edge_llm.luc.prune import prune_mask
 from edge_llm.luc.quantize import GroupQuantized, dequantize, quantize_gptq, quantize_rtn
 from edge_llm.modeling import find_decoder_parts
 
 logger = logging.getLogger(__name__)
-
-QUANT_METHODS = ("rtn", "gptq")
-
-
-@dataclass(frozen=True)
-class CompressionMethod:
-    """How weights are compressed, whatever the per-layer bits and sparsity.
-
-    - `group_size`: input columns that share a quantization scale and zero-point.
-    - `quant_method`: `"rtn"` (round to nearest) or `"gptq"` (error compensation with the
-      calibration Hessian; slower, better at 2-3 bits).
-    - `prune_method`: `"wanda"` (|W| x input-channel norm) or `"magnitude"`.
-    - `prune_structure`: `"unstructured"` or `"nm"` (N of every 4, e.g. 2:4 at sparsity 0.5).
-    """
-
-    group_size: int = 128
-    quant_method: str = "rtn"
-    prune_method: str = "wanda"
-    prune_structure: str = "unstructured"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.group_size, int) or self.group_size < 1:
-            raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}.")
-        for name, value, choices in (
-            ("quant_method", self.quant_method, QUANT_METHODS),
-            ("prune_method", self.prune_method, PRUNE_METHODS),
-            ("prune_structure", self.prune_structure, PRUNE_STRUCTURES),
-        ):
-            if value not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.quant_method == "gptq" or self.prune_method == "wanda"
-
 
 def compress_weight(
     weight: torch.Tensor,
@@ -89,21 +55,20 @@ def compressed_dense_weight(
 
 
 @torch.no_grad()
-def compress_model(
+def compress_layers(
     model: nn.Module,
     settings: list[tuple[int, float]],
     method: CompressionMethod,
     calibration: torch.Tensor | None = None,
     targets: list[str] | None = None,
     progress: bool = True,
-    record: bool = True,
-) -> None:
-    """Replace the Linear layers of every decoder layer `l` by `LUCLinear`s with `settings[l]`.
+) -> LUCPolicy:
+    """Replace the Linear layers of every decoder layer `l` by `LUCLinear`s with `settings[l]`;
+    returns the policy applied.
 
     With calibration tokens, layers are compressed in order and each is calibrated on the outputs
-    of the already-compressed layers below it (as GPTQ does). The policy is recorded in
-    `model.config.quantization_config`, so `save_pretrained` writes a loadable LUC checkpoint
-    (`record=False`: the caller records it, with its own config).
+    of the already-compressed layers below it (as GPTQ does). `edge_llm.luc.compress_model` also
+    records the policy in the model's config, so that `save_pretrained` writes a LUC checkpoint.
     """
     runner = None
     if method.needs_calibration:
@@ -130,8 +95,4 @@ def compress_model(
             layers[index].set_submodule(name, compressed)
         if runner is not None:
             runner.advance(index)
-    if record:
-        from edge_llm.luc.policy import LUCPolicy
-        from edge_llm.luc.quantizer import mark_compressed  # the transformers glue imports this module
-
-        mark_compressed(model, LUCPolicy(list(settings), method, targets))
+    return LUCPolicy(list(settings), method, targets)

@@ -10,8 +10,8 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from edge_llm.luc.compress import CompressionMethod
 from edge_llm.luc.linear import UNQUANTIZED_BITS
+from edge_llm.luc.method import CompressionMethod
 from edge_llm.luc.policy import Budget, LUCPolicy
 from edge_llm.luc.profile import DEFAULT_BITS, DEFAULT_SPARSITIES, METRICS
 from edge_llm.luc.prune import check_sparsity

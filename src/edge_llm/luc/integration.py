@@ -18,12 +18,13 @@ from typing import Any
 
 from torch import nn
 from transformers import AutoTokenizer
+from transformers.quantizers.auto import AutoHfQuantizer
 
 from edge_llm._io import atomic_directory
 from edge_llm.assets import cache_dir
 from edge_llm.luc.calibration import calibration_tokens, target_linears
 from edge_llm.luc.checks import add_marker
-from edge_llm.luc.compress import compress_model
+from edge_llm.luc.compress import compress_layers
 from edge_llm.luc.config import QUANT_METHOD, LUCConfig, config_policy
 from edge_llm.luc.linear import LUCLinear
 from edge_llm.luc.policy import LUCPolicy
@@ -106,6 +107,32 @@ def _link_or_copy(source: Path, target: Path) -> None:
         link(str(source), str(target))
 
 
+@functools.wraps(compress_layers, assigned=("__annotations__",))
+def compress_model(*args: Any, **kwargs: Any) -> LUCPolicy:
+    """`compress_layers` (same arguments: every decoder layer `l` gets `LUCLinear`s with
+    `settings[l]`), then the policy recorded in `model.config.quantization_config`, so that
+    `save_pretrained` writes a loadable LUC checkpoint. Returns the policy."""
+    model = args[0] if args else kwargs["model"]
+    policy = compress_layers(*args, **kwargs)
+    mark_compressed(model, policy)
+    return policy
+
+
+def mark_compressed(model: nn.Module, policy: LUCPolicy, config: LUCConfig | None = None) -> None:
+    """Record that `model` holds LUC-compressed layers, as transformers' quantizers do."""
+    config = config or LUCConfig(policy=policy)
+    config.policy = policy.to_dict()
+    if hasattr(model, "config"):
+        model.config.quantization_config = config
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    # What from_pretrained attaches; Trainer asks it whether the quantized model can be trained.
+    # Found through transformers' registry of quantizers (edge_llm registers LUC's on import).
+    model.hf_quantizer = AutoHfQuantizer.from_config(config, pre_quantized=True)
+    add_marker(model, policy)
+    saves_whole_folders(model)
+
+
 def apply_luc(model: nn.Module, config: LUCConfig, progress: bool = True) -> LUCPolicy:
     """Profile (unless `config.policy` is set), search the policy and compress `model` in place."""
     # A given policy carries its own compression method.
@@ -132,8 +159,6 @@ def apply_luc(model: nn.Module, config: LUCConfig, progress: bool = True) -> LUC
             progress=progress,
         )
         policy = profile.search(config.budget)
-    compress_model(model, policy.layers, policy.method, tokens, policy.targets, progress, record=False)
-    from edge_llm.luc.quantizer import mark_compressed  # the quantizer calls this module
-
+    compress_layers(model, policy.layers, policy.method, tokens, policy.targets, progress)
     mark_compressed(model, policy, config)
     return policy

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from edge_llm._io import check_schema, load_json, load_schema, save_json
-from edge_llm.luc.compress import CompressionMethod
 from edge_llm.luc.linear import UNQUANTIZED_BITS, kept_per_row
+from edge_llm.luc.method import CompressionMethod
 from edge_llm.luc.pack import packed_size
 
 POLICY_FORMAT = "edge-llm/luc-policy"

@@ -29,8 +29,9 @@ from torch import nn
 
 from edge_llm._io import atomic_write_text
 from edge_llm.luc.calibration import LayerRunner, input_hessians, iterate, target_linears
-from edge_llm.luc.compress import CompressionMethod, compressed_dense_weight
+from edge_llm.luc.compress import compressed_dense_weight
 from edge_llm.luc.linear import UNQUANTIZED_BITS
+from edge_llm.luc.method import CompressionMethod
 from edge_llm.luc.policy import Budget, LUCPolicy, linear_storage_bytes, search_policy
 from edge_llm.luc.prune import check_sparsity
 from edge_llm.luc.quantize import check_bits

@@ -11,10 +11,9 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from edge_llm.luc.checks import add_marker, check_checkpoint_files, check_loaded_layers
+from edge_llm.luc.checks import check_checkpoint_files, check_loaded_layers
 from edge_llm.luc.config import QUANT_METHOD, LUCConfig, config_policy
 from edge_llm.luc.integration import apply_luc, replace_with_luc_shells, saves_whole_folders
-from edge_llm.luc.policy import LUCPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -59,20 +58,6 @@ class LUCHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
-
-
-def mark_compressed(model: nn.Module, policy: LUCPolicy, config: LUCConfig | None = None) -> None:
-    """Record that `model` holds LUC-compressed layers, as transformers' quantizers do."""
-    config = config or LUCConfig(policy=policy)
-    config.policy = policy.to_dict()
-    if hasattr(model, "config"):
-        model.config.quantization_config = config
-    model.is_quantized = True
-    model.quantization_method = QUANT_METHOD
-    # What from_pretrained attaches; Trainer asks it whether the quantized model can be trained.
-    model.hf_quantizer = LUCHfQuantizer(config, pre_quantized=True)
-    add_marker(model, policy)
-    saves_whole_folders(model)
 
 
 def register() -> None:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from peft import LoraConfig
 
+from edge_llm.luc.lora import CUSTOM_MODULES
 from edge_llm.tuner.exits import EXIT_SAMPLERS
 from edge_llm.tuner.peft_type import EDGE_LLM_PEFT_TYPE
 from edge_llm.tuner.voting import VOTING_RULES
@@ -128,9 +129,6 @@ class EdgeLLMConfig(LoraConfig):
         if self.task_type is None:
             self.task_type = "CAUSAL_LM"
         super().__post_init__()
-        # Imported here: edge_llm.luc imports this module.
-        from edge_llm.luc.lora import CUSTOM_MODULES
-
         self.peft_type = EDGE_LLM_PEFT_TYPE
         # LoRA over LUC-compressed layers (QLoRA-style); plain Linear layers are unaffected.
         self._register_custom_module(CUSTOM_MODULES)

@@ -1,0 +1,41 @@
+"""`CompressionMethod`: how LUC compresses weights, whatever each layer's bits and sparsity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edge_llm.luc.prune import PRUNE_METHODS, PRUNE_STRUCTURES
+
+QUANT_METHODS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class CompressionMethod:
+    """How weights are compressed, whatever the per-layer bits and sparsity.
+
+    - `group_size`: input columns that share a quantization scale and zero-point.
+    - `quant_method`: `"rtn"` (round to nearest) or `"gptq"` (error compensation with the
+      calibration Hessian; slower, better at 2-3 bits).
+    - `prune_method`: `"wanda"` (|W| x input-channel norm) or `"magnitude"`.
+    - `prune_structure`: `"unstructured"` or `"nm"` (N of every 4, e.g. 2:4 at sparsity 0.5).
+    """
+
+    group_size: int = 128
+    quant_method: str = "rtn"
+    prune_method: str = "wanda"
+    prune_structure: str = "unstructured"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}.")
+        for name, value, choices in (
+            ("quant_method", self.quant_method, QUANT_METHODS),
+            ("prune_method", self.prune_method, PRUNE_METHODS),
+            ("prune_structure", self.prune_structure, PRUNE_STRUCTURES),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.quant_method == "gptq" or self.prune_method == "wanda"
