@@ -1,12 +1,13 @@
 """LUC, layer-wise unified compression: per-layer bit-width and pruning sparsity from a measured
 sensitivity profile, applied for real (packed low-bit weights, compact pruning masks).
 
-Pieces, in the order they run: `calibration` (tokens, layer-by-layer runner), `profile`
-(sensitivity), `policy` (exact search under a budget), `prune` + `quantize` + `compress`
-(applying a policy), `linear` (`LUCLinear`, the stored format), and the Hugging Face glue along
+Pieces, in the order they run: `method` (`CompressionMethod`), `calibration` (tokens,
+layer-by-layer runner), `profile` (sensitivity), `policy` (exact search under a budget), `prune` +
+`quantize` + `compress` (applying a policy), `linear` + `kernels` (`LUCLinear`, the stored format,
+and how it computes), `checks` (a checkpoint against its policy), and the Hugging Face glue along
 transformers' own seams: `config` (`LUCConfig`), `quantizer` (`LUCHfQuantizer`, hooks only),
-`integration` (the module surgery: `apply_luc`, `policy_of`), `optimum` (`LUCQuantizer`);
-`lora` (LoRA adapters over `LUCLinear`).
+`integration` (the module surgery: `compress_model`, `apply_luc`, `policy_of`), `optimum`
+(`LUCQuantizer`); `lora` (LoRA adapters over `LUCLinear`).
 """
 
 from edge_llm.luc.calibration import calibration_tokens
