@@ -255,6 +255,10 @@ def _demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+# Every subcommand's --help shows each option's default.
+_HELP = argparse.ArgumentDefaultsHelpFormatter
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-llm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -262,32 +266,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and full tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    profile = commands.add_parser("profile", help="LUC: measure each layer's sensitivity to bits and sparsity")
+    profile = commands.add_parser(
+        "profile", formatter_class=_HELP, help="LUC: measure each layer's sensitivity to bits and sparsity"
+    )
     profile.add_argument("model")
-    profile.add_argument("--data", default="sonnets", help="calibration data (default: bundled sonnets)")
+    profile.add_argument("--data", default="sonnets", help="calibration data (sonnets: the bundled ones)")
     profile.add_argument("--out", default="luc_profile.json")
     _method_flags(profile)
     profile.set_defaults(run=_profile)
 
-    compress = commands.add_parser("compress", help="LUC: compress a model under a budget (or with a policy)")
+    compress = commands.add_parser(
+        "compress", formatter_class=_HELP, help="LUC: compress a model under a budget (or with a policy)"
+    )
     compress.add_argument("model")
-    compress.add_argument("--data", default="sonnets", help="calibration data (default: bundled sonnets)")
+    compress.add_argument("--data", default="sonnets", help="calibration data (sonnets: the bundled ones)")
     compress.add_argument("--out", required=True, help="folder for the compressed model")
     defaults = inspect.signature(LUCConfig.__init__).parameters
     compress.add_argument(
         "--avg-bits",
         type=float,
-        help=f"mean bits at most (when no budget is given: {defaults['avg_bits'].default}, LUCConfig's default)",
+        help=f"mean bits at most (None, and no other budget: {defaults['avg_bits'].default}, LUCConfig's default)",
     )
-    compress.add_argument("--avg-sparsity", type=float, help="mean pruning sparsity at least (default: none required)")
+    compress.add_argument("--avg-sparsity", type=float, help="mean pruning sparsity at least (None: none required)")
     compress.add_argument("--weight-budget-bytes", type=int)
     compress.add_argument("--policy", help="a LUC policy JSON file (skips profiling)")
     _method_flags(compress)
     compress.set_defaults(run=_compress)
 
-    tune = commands.add_parser("tune", help="Edge-LLM adaptive layer tuning with EdgeTrainer")
+    tune = commands.add_parser("tune", formatter_class=_HELP, help="Edge-LLM adaptive layer tuning with EdgeTrainer")
     tune.add_argument("model")
-    tune.add_argument("--data", default="sonnet-instructions", help="training data (default: bundled)")
+    tune.add_argument("--data", default="sonnet-instructions", help="training data (sonnet-instructions: bundled)")
     tune.add_argument("--out", required=True, help="folder for the adapter")
     tune.add_argument("--steps", type=int, default=200)
     tune.add_argument("--batch", type=int, default=8)
@@ -298,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     tune.add_argument(
-        "--exits", type=int, nargs="+", help="exit layers (default: of the exits a quarter apart, those that predict)"
+        "--exits", type=int, nargs="+", help="exit layers (None: of the exits a quarter apart, those that predict)"
     )
     tune.add_argument("--backprop-depth", type=int)
     tune.add_argument("--exit-sampling", choices=("curriculum", "round_robin", "uniform"), default="curriculum")
@@ -308,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--seed", type=int, default=0)
     tune.set_defaults(run=_tune)
 
-    evaluate = commands.add_parser("evaluate", help="perplexity and task accuracy per exit and voting rule")
+    evaluate = commands.add_parser(
+        "evaluate", formatter_class=_HELP, help="perplexity and task accuracy per exit and voting rule"
+    )
     evaluate.add_argument("model")
     evaluate.add_argument("--adapter", help="an Edge-LLM adapter folder")
     evaluate.add_argument("--perplexity", metavar="DATA", help="text data to measure perplexity on")
@@ -320,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seq-len", type=int, default=256)
     evaluate.set_defaults(run=_evaluate)
 
-    export = commands.add_parser("export", help="schedule for a device and write a bundle (and GGUF)")
+    export = commands.add_parser(
+        "export", formatter_class=_HELP, help="schedule for a device and write a bundle (and GGUF)"
+    )
     export.add_argument("model")
     export.add_argument("--adapter", help="an Edge-LLM adapter folder")
     export.add_argument(
@@ -337,8 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--gguf", action="store_true", help="also write model.gguf for llama.cpp")
     export.set_defaults(run=_export)
 
-    demo = commands.add_parser("demo", help="the whole pipeline on SmolLM2-135M and bundled data")
-    demo.add_argument("--steps", type=int, default=40, help="tuning steps (default: 40)")
+    demo = commands.add_parser(
+        "demo", formatter_class=_HELP, help="the whole pipeline on SmolLM2-135M and bundled data"
+    )
+    demo.add_argument("--steps", type=int, default=40, help="tuning steps")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="edge-llm-demo", help="where the demo writes its bundle")
     demo.set_defaults(run=_demo)
