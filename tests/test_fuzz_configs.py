@@ -50,6 +50,7 @@ BUILDERS = {
             "exit_head",
             "exit_head_rank",
             "loss_chunk_size",
+            "base_compression",
         ],
     ),
     "LUCConfig": (

@@ -99,3 +99,31 @@ def test_an_adapter_whose_exit_heads_do_not_match_its_config_is_refused(tmp_path
         message = "in the file but not in adapter_config.json's exits"
     with pytest.raises(ValueError, match=message):
         PeftModel.from_pretrained(tiny_model("llama", 6), tmp_path)
+
+
+def test_an_adapter_records_its_base_compression_and_warns_on_another_base(tmp_path):
+    import warnings
+
+    from peft import PeftModel, get_peft_model
+    from tiny_models import tiny_model
+
+    from edge_llm import EdgeLLMConfig
+    from edge_llm.luc import CompressionMethod, compress_model
+
+    luc_base = tiny_model("llama", 4)
+    compress_model(luc_base, [(4, 0.0)] * 4, CompressionMethod(16, "rtn", "magnitude"), progress=False)
+    model = get_peft_model(luc_base, EdgeLLMConfig(r=2, target_modules=["q_proj"], exit_layers=[1]))
+    recorded = model.peft_config["default"].base_compression
+    assert recorded.startswith("luc:") and len(recorded) == 4 + 64
+    model.save_pretrained(tmp_path / "adapter")
+    same_base = tiny_model("llama", 4)
+    compress_model(same_base, [(4, 0.0)] * 4, CompressionMethod(16, "rtn", "magnitude"), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # onto a base compressed the same way: silent
+        PeftModel.from_pretrained(same_base, tmp_path / "adapter")
+    plain = tiny_model("llama", 4)  # the uncompressed original, as AutoPeftModel would load it
+    with pytest.warns(UserWarning, match="made on a base compressed as 'luc:"):
+        PeftModel.from_pretrained(plain, tmp_path / "adapter")
+    assert EdgeLLMConfig(r=2, target_modules=["q_proj"]).base_compression is None  # old adapters: unchecked
+    with pytest.raises(ValueError, match="base_compression must be"):
+        EdgeLLMConfig(r=2, target_modules=["q_proj"], base_compression="gptq")

@@ -32,10 +32,14 @@ MARKER = "import_edge_llm_before_loading_this_checkpoint"
 _LEGACY_MARKER_SHAPE = (1,)
 
 
+def policy_sha256(policy: LUCPolicy) -> bytes:
+    """SHA-256 of the policy's canonical JSON."""
+    return hashlib.sha256(json.dumps(policy.to_dict(), sort_keys=True, separators=(",", ":")).encode()).digest()
+
+
 def policy_fingerprint(policy: LUCPolicy) -> torch.Tensor:
-    """SHA-256 of the policy's canonical JSON, as 32 uint8 values."""
-    text = json.dumps(policy.to_dict(), sort_keys=True, separators=(",", ":"))
-    return torch.tensor(list(hashlib.sha256(text.encode()).digest()), dtype=torch.uint8)
+    """`policy_sha256` as 32 uint8 values (the marker buffer's contents)."""
+    return torch.tensor(list(policy_sha256(policy)), dtype=torch.uint8)
 
 
 def add_marker(model: nn.Module, policy: LUCPolicy, shape: tuple[int, ...] | None = None) -> None:

@@ -23,7 +23,7 @@ from transformers.quantizers.auto import AutoHfQuantizer
 from edge_llm._io import atomic_directory
 from edge_llm.assets import cache_dir
 from edge_llm.luc.calibration import calibration_tokens, target_linears
-from edge_llm.luc.checks import add_marker
+from edge_llm.luc.checks import add_marker, policy_sha256
 from edge_llm.luc.compress import compress_layers
 from edge_llm.luc.config import QUANT_METHOD, LUCConfig, config_policy
 from edge_llm.luc.linear import LUCLinear
@@ -42,6 +42,13 @@ def policy_of(model: nn.Module) -> LUCPolicy | None:
     else:
         method, policy = getattr(quantization, "quant_method", None), getattr(quantization, "policy", None)
     return LUCPolicy.from_dict(policy) if method == QUANT_METHOD and policy is not None else None
+
+
+def compression_of(model: nn.Module) -> str:
+    """What `model` was compressed with, as an adapter records it: "none", or "luc:" and the
+    SHA-256 of its LUC policy."""
+    policy = policy_of(model)
+    return "none" if policy is None else "luc:" + policy_sha256(policy).hex()
 
 
 def replace_with_luc_shells(model: nn.Module, policy: LUCPolicy) -> None:

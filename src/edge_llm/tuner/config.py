@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +119,13 @@ class EdgeLLMConfig(LoraConfig):
         default="shared", metadata={"help": "Per-exit trainable part: " + ", ".join(EXIT_HEADS)}
     )
     exit_head_rank: int = field(default=8, metadata={"help": "Rank of the per-exit head LoRA (exit_head='lora')."})
+    base_compression: str | None = field(
+        default=None,
+        metadata={
+            "help": "What the base model was compressed with when the adapter was made: 'none' or 'luc:' and "
+            "its LUC policy's SHA-256. Recorded by edge-llm, checked when the adapter is loaded."
+        },
+    )
     loss_chunk_size: int | Literal["auto"] | None = field(
         default="auto",
         metadata={
@@ -177,6 +185,12 @@ class EdgeLLMConfig(LoraConfig):
             self.exit_weights = _check_exit_weights(self.exit_weights)
         _check_choice("exit_head", self.exit_head, EXIT_HEADS)
         _check_positive_int("exit_head_rank", self.exit_head_rank)
+        if self.base_compression is not None and not (
+            self.base_compression == "none" or re.fullmatch(r"luc:[0-9a-f]{64}", str(self.base_compression))
+        ):
+            raise ValueError(
+                f"EdgeLLMConfig.base_compression must be None, 'none' or 'luc:<sha256>', got {self.base_compression!r}."
+            )
         if self.loss_chunk_size not in (None, "auto"):
             _check_positive_int("loss_chunk_size", self.loss_chunk_size, "'auto', None or ")
         if self.layer_replication:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from peft import LoraModel
 from torch import nn
 
+from edge_llm.luc.integration import compression_of
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.tuner.config import MIN_EXIT_WEIGHT, EdgeLLMConfig
 from edge_llm.tuner.control import ExitController
@@ -72,6 +74,7 @@ class EdgeLLMModel(LoraModel):
 
     def _setup_exits(self, model: nn.Module, adapter_name: str, parts: Any) -> None:
         config: EdgeLLMConfig = self.peft_config[adapter_name]
+        _record_or_check_base(config, model)
         num_layers = len(parts.layers(model))
         config.exit_layers, config.backprop_depth = resolve_exits(num_layers, config.exit_layers, config.backprop_depth)
         if config.exit_weights is not None and len(config.exit_weights) != len(config.exit_layers):
@@ -301,6 +304,24 @@ def _check_exit_heads_loaded(tuner: EdgeLLMModel, incompatible: Any) -> None:
             + (f"in the file but not in adapter_config.json's exits: {unexpected[:4]}" if unexpected else "")
             + ". Was adapter_config.json's exit_layers edited, or the weights file cut? Save the adapter again."
         )
+
+
+def _record_or_check_base(config: EdgeLLMConfig, model: nn.Module) -> None:
+    """A new adapter records what its base was compressed with; a loaded one is checked against
+    the base it is put on, since LoRA weights and fitted exit weights learned over one
+    compression silently mean something else over another (e.g. `AutoPeftModelForCausalLM`
+    loading the uncompressed base named in the adapter's config)."""
+    found = compression_of(model)
+    if config.base_compression is None:
+        config.base_compression = found
+    elif config.base_compression != found:
+        message = (
+            f"This Edge-LLM adapter was made on a base compressed as {config.base_compression!r}, but it is being "
+            f"put on a base compressed as {found!r}: its outputs will differ from the ones it was tuned for. Load "
+            "the base it was made on (the LUC checkpoint, not the original model) before the adapter."
+        )
+        logger.warning(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def edge_config_of(model: nn.Module) -> EdgeLLMConfig | None:
