@@ -93,3 +93,20 @@ def test_no_command_writes_over_earlier_output_without_overwrite(command, tmp_pa
     error = capsys.readouterr().err
     assert f"edge-llm {command}: error:" in error and "pass --overwrite" in error
     assert (out / "earlier.txt").read_text() == "mine"
+
+
+def test_only_known_harmless_upstream_warnings_are_silenced():
+    import warnings
+
+    from edge_llm._warnings import quiet_upstream_warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with quiet_upstream_warnings():
+            warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed", FutureWarning, stacklevel=1)
+            warnings.warn("something the user should see", FutureWarning, stacklevel=1)
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == [
+        "something the user should see",
+        "`is_gradient_checkpointing` is deprecated and will be removed",  # outside: not silenced
+    ]

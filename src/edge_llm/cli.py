@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_llm._io import atomic_directory, atomic_write_text
+from edge_llm._warnings import quiet_upstream_warnings
 from edge_llm.luc.config import LUCConfig
 from edge_llm.luc.method import QUANT_METHODS
 from edge_llm.luc.profile import METRICS
@@ -134,6 +135,7 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
+    import torch
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
@@ -167,6 +169,7 @@ def _tune(args: argparse.Namespace) -> int:
         save_strategy="no",
         report_to=[],
         seed=args.seed,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
     trainer = EdgeTrainer(
         model=model,
@@ -379,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         _check_output(args)
-        return args.run(args)
+        with quiet_upstream_warnings():
+            return args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError, OSError, KeyError, RuntimeError) as error:
         if args.verbose:
             raise

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from edge_llm._warnings import quiet_upstream_warnings
+
 logger = logging.getLogger(__name__)
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -86,7 +88,13 @@ def _weight_bytes(model: torch.nn.Module) -> int:
 
 
 def run_demo(steps: int = 40, seed: int = 0, out_dir: str | Path = "edge-llm-demo", seq_len: int = 128) -> DemoReport:
-    """Run the pipeline and return its report (the CLI prints it)."""
+    """Run the pipeline and return its report (the CLI prints it), without upstream warnings
+    that say nothing to its reader."""
+    with quiet_upstream_warnings():
+        return _run_demo(steps, seed, out_dir, seq_len)
+
+
+def _run_demo(steps: int, seed: int, out_dir: str | Path, seq_len: int) -> DemoReport:
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import TrainingArguments
@@ -177,6 +185,7 @@ def run_demo(steps: int = 40, seed: int = 0, out_dir: str | Path = "edge-llm-dem
             seed=seed,
             disable_tqdm=False,
             use_cpu=not torch.cuda.is_available(),
+            dataloader_pin_memory=torch.cuda.is_available(),
         )
         trainer = EdgeTrainer(model=model, args=args, train_dataset=train, eval_dataset=held)
         tuning_start = time.perf_counter()

@@ -1,0 +1,25 @@
+"""Upstream warnings that say nothing to an edge-llm user, silenced where edge-llm owns the output
+(the CLI and the demo), never globally in the library."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+
+# (category, message regex): each is raised by transformers/torch code that edge-llm calls as
+# documented, and has no action the user could take.
+KNOWN_HARMLESS = (
+    # transformers' Trainer asks every model this deprecated question itself.
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    # torch's DataLoader on a machine without an accelerator, with Trainer's default pin_memory.
+    (UserWarning, r".*'pin_memory' argument is set as true but no accelerator is found"),
+)
+
+
+@contextlib.contextmanager
+def quiet_upstream_warnings() -> Iterator[None]:
+    with warnings.catch_warnings():
+        for category, message in KNOWN_HARMLESS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        yield
