@@ -1,6 +1,7 @@
 """LUC on whole models: LUCLinear, profiling, transformers/Optimum integration, tuning on top."""
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -360,3 +361,15 @@ def test_a_policy_edited_in_config_json_after_saving_is_refused(base_dir, tmp_pa
 def test_a_bits_only_budget_requires_no_pruning():
     # The default asks for no sparsity: LUCConfig(avg_bits=3.0) must not prune every layer by itself.
     assert LUCConfig(avg_bits=3.0, dataset=["x"]).budget == Budget(avg_bits=3.0)
+
+
+def test_long_profiling_is_announced_with_an_estimate(monkeypatch, caplog):
+    from edge_llm.luc import profile as profile_module
+
+    monkeypatch.setattr(profile_module, "LONG_PROFILE_S", 0.0)  # every run is "long" here
+    with caplog.at_level(logging.WARNING, logger="edge_llm.luc.profile"):
+        profile_sensitivity(
+            tiny_model("llama", 4), calibration(), bits=(4, 8), sparsities=(0.0,), method=METHOD, progress=False
+        )
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("will take about" in m and "4 layers x 2 candidate settings" in m for m in messages)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,6 +42,8 @@ logger = logging.getLogger(__name__)
 METRICS = ("kl", "output_mse")
 DEFAULT_BITS = (2, 3, 4, 8)
 DEFAULT_SPARSITIES = (0.0, 0.25, 0.5, 0.75)
+# Profiling predicted to take longer than this (seconds) is announced with its estimate.
+LONG_PROFILE_S = 120.0
 _PROFILE_VERSION = 1
 
 
@@ -167,7 +170,10 @@ def _measure(model, tokens, candidates, method, metric, targets, fingerprint, pr
         reference = [runner.run_layer(num_layers - 1, b, runner.layer_input(b, num_layers - 1)) for b in batches]
     damage, layer_params, layer_bytes = [], [], []
     steps = iterate(range(num_layers), num_layers, f"LUC sensitivity ({metric})", progress)
+    start = time.perf_counter()
     for layer in steps:
+        if layer == 1:
+            _warn_if_long(time.perf_counter() - start, num_layers, len(candidates), metric)
         linears = target_linears(runner.layers[layer], targets)
         hessians = input_hessians(runner, layer, linears) if method.needs_calibration else {}
         originals = {name: m.weight.data.clone() for name, m in linears.items()}
@@ -187,6 +193,22 @@ def _measure(model, tokens, candidates, method, metric, targets, fingerprint, pr
                 module.weight.data = originals[name]
         damage.append(row)
     return SensitivityProfile(candidates, damage, layer_params, layer_bytes, metric, method, targets, fingerprint)
+
+
+def _warn_if_long(first_layer_s: float, num_layers: int, num_candidates: int, metric: str) -> None:
+    """Say early, with an estimate, when profiling will take long. With "kl" each measurement
+    runs the model from the layer to the end, so later layers cost less: the total is about
+    (layers + 1) / 2 first layers; with "output_mse", layers cost the same."""
+    total = first_layer_s * ((num_layers + 1) / 2 if metric == "kl" else num_layers)
+    if total > LONG_PROFILE_S:
+        logger.warning(
+            "LUC sensitivity profiling will take about %.0f min here (%d layers x %d candidate settings). The "
+            "result is cached for the next run; fewer candidate bits/sparsities, fewer calibration samples or "
+            "metric='output_mse' make it faster.",
+            total / 60,
+            num_layers,
+            num_candidates,
+        )
 
 
 def _damage(runner: LayerRunner, layer: int, metric: str, reference: list[torch.Tensor]) -> float:
