@@ -150,3 +150,13 @@ def test_an_exit_head_rank_above_the_hidden_size_is_refused_before_allocating():
     config = EdgeLLMConfig(target_modules=["q_proj"], exit_head="lora", exit_head_rank=10**9)
     with pytest.raises(ValueError, match="exit_head_rank=1000000000 exceeds the model's hidden size 32"):
         get_peft_model(tiny_model("llama", 4), config)
+
+
+def test_layers_no_window_covers_are_announced_loudly():
+    from peft import get_peft_model
+    from tiny_models import tiny_model
+
+    with pytest.warns(UserWarning, match=r"layers \[0, 1, 2, 3\] \(4 of 8\) are in no exit's window"):
+        get_peft_model(
+            tiny_model("llama", 8), EdgeLLMConfig(target_modules=["q_proj"], exit_layers=[5], backprop_depth=2)
+        )

@@ -103,13 +103,22 @@ class EdgeLLMModel(LoraModel):
             set(range(num_layers)) - {i for e in config.exit_layers for i in window(e, config.backprop_depth)}
         )
         logger.info(
-            "Edge-LLM adapter %r: exits %s, backprop depth %d, voting %r%s",
+            "Edge-LLM adapter %r: exits %s, backprop depth %d, voting %r",
             adapter_name,
             config.exit_layers,
             config.backprop_depth,
             config.voting,
-            f"; layers {uncovered} are in no window and are never trained" if uncovered else "",
         )
+        if uncovered and not config.inference_mode:
+            # Said loudly: a plain script never shows the info log, and these layers' adapters
+            # stay at their initial values for the whole run.
+            message = (
+                f"Edge-LLM adapter {adapter_name!r}: layers {uncovered} ({len(uncovered)} of {num_layers}) are in no "
+                f"exit's window (exits {config.exit_layers}, backprop_depth {config.backprop_depth}) and will never be "
+                "trained. A deeper backprop_depth or lower exits cover them."
+            )
+            logger.warning(message)
+            warnings.warn(message, UserWarning, stacklevel=2)
 
     def _check_merge_allowed(self) -> None:
         super()._check_merge_allowed()
