@@ -33,6 +33,11 @@ def test_profile_and_compress(tiny_dir, tmp_path, capsys):
     assert sum(layer["bits"] for layer in policy["layers"]) <= 12
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model.model.layers[0].mlp.up_proj).__name__ == "LUCLinear"
+    # The profile is reused, not measured again: the same budget gives the same policy.
+    reused = tmp_path / "from-profile"
+    args = ("--avg-bits", "3", "--avg-sparsity", "0.25", "--profile", tmp_path / "profile.json", "--out", reused)
+    assert run("compress", tiny_dir, *FAST_LUC, *args) == 0
+    assert json.loads((reused / "luc_policy.json").read_text()) == policy
 
 
 def test_tune_evaluate_export(tiny_dir, small_instructions, tmp_path, capsys):

@@ -112,7 +112,7 @@ def _profile(args: argparse.Namespace) -> int:
 
 def _compress(args: argparse.Namespace) -> int:
     from edge_llm.data.loading import load_rows, texts_of
-    from edge_llm.luc import LUCPolicy, LUCQuantizer
+    from edge_llm.luc import LUCPolicy, LUCQuantizer, SensitivityProfile
 
     model, tokenizer = _load(args.model)
     texts = texts_of(load_rows(args.data)) if args.data else None
@@ -123,6 +123,10 @@ def _compress(args: argparse.Namespace) -> int:
         budget = {}
     if args.policy:
         budget = {"policy": LUCPolicy.load(args.policy)}
+    elif args.profile:
+        # A profile written by `edge-llm profile`: searched under this budget, no profiling again.
+        profile = SensitivityProfile.from_json(Path(args.profile).read_text())
+        budget = {"policy": profile.search(_luc_config(args, None, None, **budget).budget)}
     config = _luc_config(args, texts, tokenizer, **budget)
     with atomic_directory(args.out) as staging:  # an interrupted run leaves --out as it was
         LUCQuantizer(model, tokenizer).quantize(save_dir=staging, config=config)
@@ -292,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compress.add_argument("--avg-sparsity", type=float, help="mean pruning sparsity at least (None: none required)")
     compress.add_argument("--weight-budget-bytes", type=int)
-    compress.add_argument("--policy", help="a LUC policy JSON file (skips profiling)")
+    source = compress.add_mutually_exclusive_group()
+    source.add_argument("--policy", help="a LUC policy JSON file (skips profiling)")
+    source.add_argument("--profile", help="a sensitivity profile from `edge-llm profile` (searched, not re-measured)")
     _method_flags(compress)
     compress.set_defaults(run=_compress)
 
