@@ -373,3 +373,15 @@ def test_long_profiling_is_announced_with_an_estimate(monkeypatch, caplog):
         )
     messages = [r.getMessage() for r in caplog.records]
     assert any("will take about" in m and "4 layers x 2 candidate settings" in m for m in messages)
+
+
+def test_the_profile_cache_is_found_whatever_the_dtype(tmp_path, monkeypatch):
+    import edge_llm.luc.profile as profile_module
+
+    # Values a bfloat16 checkpoint holds, loaded as float32 (an exact upcast), then as bfloat16.
+    model = tiny_model("llama", 4).to(torch.bfloat16).to(torch.float32)
+    settings = dict(bits=(2, 4), sparsities=(0.0,), method=METHOD, cache_dir=tmp_path, progress=False)
+    first = profile_sensitivity(model, calibration(), **settings)
+    monkeypatch.setattr(profile_module, "_measure", lambda *a, **k: pytest.fail("profile was recomputed"))
+    again = profile_sensitivity(model.to(torch.bfloat16), calibration(), **settings)
+    assert again.damage == first.damage

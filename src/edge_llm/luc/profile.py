@@ -93,12 +93,17 @@ class SensitivityProfile:
 
 
 def _fingerprint(model: nn.Module, tokens: torch.Tensor, settings: dict) -> str:
+    """The model's values, not its dtype: the same checkpoint loaded in bfloat16 or float32 (an
+    exact upcast) finds the same cached profile."""
     digest = hashlib.blake2b(digest_size=20)
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    digest.update(model.config.to_json_string().encode())
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("dtype", "torch_dtype")}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
+        values = tensor.detach().cpu()
+        values = values.float() if values.is_floating_point() else values
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(values.contiguous().view(torch.uint8).numpy().tobytes())
     digest.update(tokens.numpy().tobytes())
     return digest.hexdigest()
 
