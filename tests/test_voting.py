@@ -113,3 +113,9 @@ def test_a_registered_voting_rule_is_known_everywhere(monkeypatch):
         out = model(input_ids=x, return_exit_logits=True)
     torch.testing.assert_close(out.logits, out.exit_logits[1])
     assert "voted_first" in perplexity(model, x)
+
+
+def test_vote_takes_the_exit_logits_dict_a_voting_pass_returns():
+    logits = {3: torch.randn(2, 5), 1: torch.randn(2, 5)}
+    torch.testing.assert_close(vote(logits, "mean"), vote([logits[1], logits[3]], "mean"))
+    assert vote(logits, "last") is logits[3]

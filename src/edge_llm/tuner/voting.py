@@ -8,7 +8,7 @@ to zero nor turn into `-inf` log-likelihoods, and they accumulate exit by exit i
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,14 +37,19 @@ register_voting_rule = VOTING_RULES.register
 voting_rule = VOTING_RULES.lookup
 
 
-def vote(exit_logits: Sequence[torch.Tensor], rule: str, weights: Sequence[float] | None = None) -> torch.Tensor:
+def vote(
+    exit_logits: Sequence[torch.Tensor] | Mapping[int, torch.Tensor], rule: str, weights: Sequence[float] | None = None
+) -> torch.Tensor:
     """Combine per-exit logits, lowest exit first, by the registered rule `rule` (see
     `VOTING_RULES`; `weights`: one per exit for weighted rules, `None` for uniform).
+    `exit_logits` may be the `{layer: logits}` dict a voting pass returns (`return_exit_logits`).
 
     For all rules but `"last"` the result is a float32 tensor of log-probabilities: its softmax is
     the voted distribution.
     """
     chosen = voting_rule(rule)
+    if isinstance(exit_logits, Mapping):
+        exit_logits = [exit_logits[layer] for layer in sorted(exit_logits)]
     if not exit_logits:
         raise ValueError("vote() needs the logits of at least one exit.")
     if not chosen.weighted or weights is None:
