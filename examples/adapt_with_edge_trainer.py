@@ -30,7 +30,15 @@ def tokenize(row):  # the loss covers the response only
 data = rows.map(tokenize, remove_columns=rows.column_names).train_test_split(test_size=0.1, seed=0)
 config = edge_llm.EdgeLLMConfig(r=8, lora_alpha=16, target_modules="all-linear")
 model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path), config)
-training = TrainingArguments(args.output, max_steps=args.max_steps, per_device_train_batch_size=8, learning_rate=1e-3)
+# No Trainer checkpoints or reports: the adapter folder holds the adapter only.
+training = TrainingArguments(
+    args.output,
+    max_steps=args.max_steps,
+    per_device_train_batch_size=8,
+    learning_rate=1e-3,
+    save_strategy="no",
+    report_to=[],
+)
 collator = DataCollatorForSeq2Seq(tokenizer, padding=True)
 trainer = edge_llm.EdgeTrainer(model, training, collator, data["train"], data["test"])
 trainer.train()  # one exit per step; ends by fitting the exit weights of the vote on data["test"]
