@@ -51,7 +51,8 @@ class EdgeTrainer(Trainer):
     - training logs add `active_exit` and `exit_<layer>_loss` (mean loss of the steps each exit
       ran since the last log);
     - evaluation runs voting passes and reports `<prefix>_exit_<layer>_loss/_accuracy` and
-      `<prefix>_voted_loss/_accuracy` (next-token accuracy) besides `<prefix>_loss` (voted);
+      `<prefix>_voted_loss/_accuracy` (next-token accuracy); `<prefix>_loss` is the voted loss per
+      token too (Trainer's mean of per-batch means would weigh short batches' tokens more);
     - with `voting="weighted"` and no `exit_weights` yet, `train()` ends by fitting them on
       `eval_dataset` (`calibrate_exit_weights`);
     - with `exit_layers="auto"` it first keeps only the exits that predict (`select_exits`), and
@@ -195,6 +196,9 @@ class EdgeTrainer(Trainer):
             tokens = sums.pop("tokens").clamp_min(1)
             for name, value in sums.items():
                 output.metrics[f"{metric_key_prefix}_{name}"] = (value / tokens).item()
+            # Trainer's own loss is a mean of per-batch means, which weighs a short batch's tokens
+            # more: report the vote's loss per token, as `<prefix>_voted_loss` does.
+            output.metrics[f"{metric_key_prefix}_loss"] = output.metrics[f"{metric_key_prefix}_voted_loss"]
         return output
 
     def prediction_step(
