@@ -115,3 +115,15 @@ def test_only_known_harmless_upstream_warnings_are_silenced():
         "something the user should see",
         "`is_gradient_checkpointing` is deprecated and will be removed",  # outside: not silenced
     ]
+
+
+def test_compress_with_a_policy_needs_no_tokenizer(tmp_path, capsys):
+    from tiny_models import tiny_model
+
+    from edge_llm.luc import CompressionMethod, LUCPolicy
+
+    tiny_model("llama", 4).save_pretrained(tmp_path / "bare")  # no tokenizer files
+    LUCPolicy([(4, 0.0)] * 4, CompressionMethod(16, "rtn", "magnitude")).save(tmp_path / "policy.json")
+    out = tmp_path / "compressed"
+    assert run("compress", tmp_path / "bare", "--policy", tmp_path / "policy.json", "--out", out) == 0
+    assert AutoModelForCausalLM.from_pretrained(out).config.quantization_config.policy is not None

@@ -37,11 +37,20 @@ def _model_path(spec: str) -> str:
     return str(Path(spec).expanduser()) if spec.startswith("~") else spec
 
 
-def _load(spec: str, adapter: str | None = None, trainable: bool = False) -> tuple[Any, Any]:
+def _load(
+    spec: str, adapter: str | None = None, trainable: bool = False, tokenizer_needed: bool = True
+) -> tuple[Any, Any]:
+    """The model (with `adapter`) and its tokenizer; without `tokenizer_needed`, None when the
+    folder has none."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = _model_path(spec)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        if tokenizer_needed:
+            raise
+        tokenizer = None
     model = AutoModelForCausalLM.from_pretrained(path)
     if adapter is not None:
         from peft import PeftModel
@@ -114,15 +123,17 @@ def _compress(args: argparse.Namespace) -> int:
     from edge_llm.data.loading import load_rows, texts_of
     from edge_llm.luc import LUCPolicy, LUCQuantizer, SensitivityProfile
 
-    model, tokenizer = _load(args.model)
-    texts = texts_of(load_rows(args.data)) if args.data else None
+    given = LUCPolicy.load(args.policy) if args.policy else None
+    # A given policy that needs no calibration (RTN, magnitude pruning) needs no tokenizer either.
+    model, tokenizer = _load(args.model, tokenizer_needed=given is None or given.method.needs_calibration)
+    texts = texts_of(load_rows(args.data)) if args.data and tokenizer is not None else None
     # Only the budgets given on the command line apply; none given: LUCConfig's defaults.
     budget = {"avg_bits": args.avg_bits, "avg_sparsity": args.avg_sparsity}
     budget["weight_budget_bytes"] = args.weight_budget_bytes
     if all(value is None for value in budget.values()):
         budget = {}
-    if args.policy:
-        budget = {"policy": LUCPolicy.load(args.policy)}
+    if given is not None:
+        budget = {"policy": given}
     elif args.profile:
         # A profile written by `edge-llm profile`: searched under this budget, no profiling again.
         profile = SensitivityProfile.from_json(Path(args.profile).read_text())
