@@ -87,6 +87,14 @@ def _weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+_PHASES = 4
+
+
+def _phase(number: int, what: str) -> None:
+    """A line before each long phase: the progress bars alone do not say what they are for."""
+    logger.info("[%d/%d] %s", number, _PHASES, what)
+
+
 def run_demo(steps: int = 40, seed: int = 0, out_dir: str | Path = "edge-llm-demo", seq_len: int = 128) -> DemoReport:
     """Run the pipeline and return its report (the CLI prints it), without upstream warnings
     that say nothing to its reader."""
@@ -114,6 +122,7 @@ def _run_demo(steps: int, seed: int, out_dir: str | Path, seq_len: int) -> DemoR
     start = time.perf_counter()
     torch.manual_seed(seed)
     report = DemoReport()
+    _phase(1, "loading SmolLM2-135M-Instruct and its held-out perplexity")
     model, tokenizer, reference_gguf = _load_model()
     train_texts, validation, test = (
         sonnets("train"),
@@ -129,6 +138,7 @@ def _run_demo(steps: int, seed: int, out_dir: str | Path, seq_len: int) -> DemoR
     dense_bytes = _weight_bytes(model)
 
     # LUC: per-layer bits and sparsity under a budget.
+    _phase(2, "LUC: sensitivity profile (cached after the first run) and compression to 3.5 bits, 25% sparse")
     calibration = calibration_tokens(train_texts, tokenizer, num_samples=8, seq_len=seq_len, seed=seed)
     method = CompressionMethod(group_size=64, quant_method="rtn", prune_method="wanda")
     profile = profile_sensitivity(
@@ -157,6 +167,7 @@ def _run_demo(steps: int, seed: int, out_dir: str | Path, seq_len: int) -> DemoR
     report.perplexity["LUC-compressed"] = {"ppl": perplexity(model, test)["model"]}
 
     # Edge-LLM adaptive layer tuning on the compressed model.
+    _phase(3, f"Edge-LLM tuning of the compressed model: {steps} steps, then fitting the exit weights")
     # The setting docs/results.md finds on the quality-per-memory front for a model this size: the
     # exits that predict (here the last one) and a window of two thirds of the layers. (Checkpointing
     # the window would cut its memory further; a 135M model does not need it, and on a CPU every
@@ -217,6 +228,7 @@ def _run_demo(steps: int, seed: int, out_dir: str | Path, seq_len: int) -> DemoR
     )
 
     # Schedule for an edge device, export, and check the bundle reproduces the model.
+    _phase(4, "scheduling for a Jetson Orin Nano, exporting the bundle and GGUF, re-running the bundle")
     device = builtin_device("jetson-orin-nano-8gb")
     plan = schedule(model, device, Workload(prompt_tokens=256, decode_tokens=64))
     report.add(
