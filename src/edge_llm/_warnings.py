@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Iterator
 
@@ -23,3 +24,10 @@ def quiet_upstream_warnings() -> Iterator[None]:
         for category, message in KNOWN_HARMLESS:
             warnings.filterwarnings("ignore", message=message, category=category)
         yield
+
+
+def warn_loudly(logger: logging.Logger, message: str, stacklevel: int = 2) -> None:
+    """Log `message` and raise it as a UserWarning: a plain script shows the warning (it never
+    shows info logs), an application that configures logging keeps the log line."""
+    logger.warning(message)
+    warnings.warn(message, UserWarning, stacklevel=stacklevel + 1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from itertools import islice
 from typing import Any
 
@@ -13,6 +12,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import EvalLoopOutput
 
+from edge_llm._warnings import warn_loudly
 from edge_llm.tuner.loss import IGNORE_INDEX, shift_for_causal_lm
 from edge_llm.tuner.model import EdgeLLMModel
 from edge_llm.tuner.planning import WindowPlan, plan_backprop_depth
@@ -31,8 +31,7 @@ def _warn_uniform_vote(exits: list[int], why: str) -> None:
         "uniform, which can be far worse than the last exit alone. Pass an eval_dataset to EdgeTrainer, call "
         "trainer.calibrate_exit_weights(dataset), or use voting='last'."
     )
-    logger.warning(message)
-    warnings.warn(message, UserWarning, stacklevel=3)
+    warn_loudly(logger, message, stacklevel=3)
 
 
 class EdgeTrainer(Trainer):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from peft import LoraModel
 from torch import nn
 
+from edge_llm._warnings import warn_loudly
 from edge_llm.luc.integration import compression_of
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.tuner.config import MIN_EXIT_WEIGHT, EdgeLLMConfig
@@ -117,8 +117,7 @@ class EdgeLLMModel(LoraModel):
                 f"exit's window (exits {config.exit_layers}, backprop_depth {config.backprop_depth}) and will never be "
                 "trained. A deeper backprop_depth or lower exits cover them."
             )
-            logger.warning(message)
-            warnings.warn(message, UserWarning, stacklevel=2)
+            warn_loudly(logger, message)
 
     def _check_merge_allowed(self) -> None:
         super()._check_merge_allowed()
@@ -329,8 +328,7 @@ def _record_or_check_base(config: EdgeLLMConfig, model: nn.Module) -> None:
             f"put on a base compressed as {found!r}: its outputs will differ from the ones it was tuned for. Load "
             "the base it was made on (the LUC checkpoint, not the original model) before the adapter."
         )
-        logger.warning(message)
-        warnings.warn(message, UserWarning, stacklevel=3)
+        warn_loudly(logger, message, stacklevel=3)
 
 
 def edge_config_of(model: nn.Module) -> EdgeLLMConfig | None:
