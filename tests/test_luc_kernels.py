@@ -133,7 +133,7 @@ def test_int4_kernel_matches_the_dequantized_reference(bits, group_size, sparsit
 
 
 @pytest.mark.parametrize("bits", [3, 4, 8])
-@pytest.mark.parametrize("sparsity", [0.0, 0.25])  # dequantize + matmul; the kernel a few rows at a time
+@pytest.mark.parametrize("sparsity", [0.0, 0.25])  # unpacked codes; pruned: the expanded codes
 def test_many_rows_compute_within_the_same_tolerance(bits, sparsity):
     from edge_llm.luc.kernels import dense_compute_dtype, kernel_max_rows
 

@@ -220,7 +220,8 @@ class LUCLinear(nn.Module):
 
         Built on the first dense-path call and kept: one byte per weight, for pruned layers only,
         because expanding kept weights through their mask is a serial scatter slower than the
-        matmul it feeds. None for other layers, and where a group's zero-point has no such code."""
+        matmul it feeds. None for other layers, and where a group's zero-point has no such code
+        (such a layer has no int4 layout either, and scatters through its mask)."""
         if not (self.use_kernel and self.sparsity > 0 and self.bits != UNQUANTIZED_BITS):
             return None
         key = self._stored_key()
@@ -246,22 +247,16 @@ class LUCLinear(nn.Module):
         return dense_compute_dtype(x) if self.use_kernel and self.bits != UNQUANTIZED_BITS else x.dtype
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """`x @ W^T` without the bias: the int4 kernel for few rows, else dequantize + matmul.
-
-        A pruned layer without mask-free codes (`expanded_codes`) takes the kernel for many rows
-        too, a few rows at a time, rather than scatter its kept weights through the mask."""
+        """`x @ W^T` without the bias: the int4 kernel for up to `kernel_max_rows` rows per 4-bit
+        plane, else dequantize + matmul."""
         rows = x.numel() // self.in_features
-        max_rows = kernel_max_rows(x.device) // planes_for(self.bits)
-        quantized = self.bits != UNQUANTIZED_BITS
-        chunked = quantized and self.sparsity > 0 and self.use_kernel and self.expanded_codes() is None
-        if quantized and (rows <= max_rows or chunked):
+        limit = kernel_max_rows(x.device)
+        # `planes_for` is the fewest planes a layout of these bits has: a call too large for it
+        # never builds one (a layer used only for training keeps no layout).
+        if self.bits != UNQUANTIZED_BITS and rows * planes_for(self.bits) <= limit:
             packed = self.int4_weight()
-            if packed is not None and rows <= max_rows:
+            if packed is not None and rows * packed.planes <= limit:
                 return int4_matmul(x, packed)
-            if packed is not None:
-                flat = x.reshape(rows, self.in_features)
-                out = torch.cat([int4_matmul(part, packed) for part in flat.split(max_rows)])
-                return out.view(*x.shape[:-1], self.out_features)
         dtype = self.dense_dtype(x)
         return nn.functional.linear(x.to(dtype), self.dense_weight(dtype)).to(x.dtype)
 
@@ -269,22 +264,22 @@ class LUCLinear(nn.Module):
         """The dequantized weight in `dtype` for the dense path, expanded `DEQUANTIZE_BLOCK` weights
         at a time: a whole large weight expanded at once leaves the caches (4x slower per weight at
         a ~1B model's shapes), while one matmul over the whole weight keeps the matmul efficient."""
+        expanded = self.expanded_codes()
+
+        def rows_of(start: int, stop: int) -> torch.Tensor:  # float32, mask-free where possible
+            if expanded is None:
+                return self.dequantize_weight(torch.float32, start, stop)
+            codes, zeros = expanded
+            return dequantize(codes[start:stop], self.weight_scales[start:stop], zeros[start:stop], self.group_size)
+
         rows = max(8, DEQUANTIZE_BLOCK // self.in_features // 8 * 8)
         if rows >= self.out_features:
-            return self._dense_rows(0, self.out_features).to(dtype)
+            return rows_of(0, self.out_features).to(dtype)
         weight = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.weight.device)
         for start in range(0, self.out_features, rows):
             stop = min(start + rows, self.out_features)
-            weight[start:stop] = self._dense_rows(start, stop)  # one rounding to dtype
+            weight[start:stop] = rows_of(start, stop)  # one rounding to dtype
         return weight
-
-    def _dense_rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows `start:stop` of the weight in float32, from the mask-free codes where there are some."""
-        expanded = self.expanded_codes()
-        if expanded is None:
-            return self.dequantize_weight(torch.float32, start, stop)
-        codes, zeros = expanded
-        return dequantize(codes[start:stop], self.weight_scales[start:stop], zeros[start:stop], self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Under autograd the weight is not saved for backward but dequantized again there.
