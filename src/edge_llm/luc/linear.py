@@ -22,6 +22,9 @@ dequantized again, so a compressed, frozen layer costs no weight-sized memory in
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -206,12 +209,11 @@ class LUCLinear(nn.Module):
             and int4_available(self.weight.device)
         ):
             return None
-        key = self._stored_key()
-        if self._int4 is None or self._int4[0] != key:
-            mask = self.mask()
-            layout = to_int4(self.codes(mask), self.weight_scales, self.weight_zeros, self.group_size, self.bits, mask)
-            self._int4 = (key, layout)
-        return self._int4[1]
+        return self._cached("_int4", self._build_int4)
+
+    def _build_int4(self) -> Int4Weight | None:
+        mask = self.mask()
+        return to_int4(self.codes(mask), self.weight_scales, self.weight_zeros, self.group_size, self.bits, mask)
 
     def expanded_codes(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A pruned layer's codes as a dense uint8 matrix in which every pruned weight holds its
@@ -224,23 +226,28 @@ class LUCLinear(nn.Module):
         (such a layer has no int4 layout either, and scatters through its mask)."""
         if not (self.use_kernel and self.sparsity > 0 and self.bits != UNQUANTIZED_BITS):
             return None
-        key = self._stored_key()
-        if self._expanded is None or self._expanded[0] != key:
-            expanded = None
-            if self.in_features % self.group_size == 0:
-                mask = self.mask()
-                zeros = self.weight_zeros.float()
-                shifted = shifted_codes(self.codes(mask), zeros, mask, self.bits, self.group_size, 256)
-                if shifted is not None:
-                    codes, shift = shifted
-                    expanded = (codes.to(torch.uint8), zeros + shift)
-            self._expanded = (key, expanded)
-        return self._expanded[1]
+        return self._cached("_expanded", self._build_expanded)
 
-    def _stored_key(self) -> tuple:
-        """Identifies the stored tensors' current contents (a cache built from them is stale when
-        a state dict is loaded or the layer moves to another device)."""
-        return tuple((t.data_ptr(), t._version, t.device) for _, t in self.named_buffers(recurse=False))
+    def _build_expanded(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.in_features % self.group_size:
+            return None
+        mask = self.mask()
+        zeros = self.weight_zeros.float()
+        shifted = shifted_codes(self.codes(mask), zeros, mask, self.bits, self.group_size, 256)
+        if shifted is None:
+            return None
+        codes, shift = shifted
+        return codes.to(torch.uint8), zeros + shift
+
+    def _cached(self, attribute: str, build: Callable[[], Any]) -> Any:
+        """`build()`, kept in `attribute` until the stored tensors change (a state dict loaded, the
+        layer moved to another device): their identity and version are the cache key."""
+        key = tuple((t.data_ptr(), t._version, t.device) for _, t in self.named_buffers(recurse=False))
+        cached = getattr(self, attribute)
+        if cached is None or cached[0] != key:
+            cached = (key, build())
+            setattr(self, attribute, cached)
+        return cached[1]
 
     def dense_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype the dequantize path multiplies `x` in (unquantized layers keep full precision)."""
