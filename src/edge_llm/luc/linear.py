@@ -209,9 +209,11 @@ class LUCLinear(nn.Module):
             and int4_available(self.weight.device)
         ):
             return None
-        return self._cached("_int4", self._build_int4)
+        return self._cached("_int4", self.int4_layout)
 
-    def _build_int4(self) -> Int4Weight | None:
+    def int4_layout(self) -> Int4Weight | None:
+        """This layer's stored codes in the int4 kernel's layout, built now (`int4_weight` keeps
+        it); None where a pruned group's zero-point has no code."""
         mask = self.mask()
         return to_int4(self.codes(mask), self.weight_scales, self.weight_zeros, self.group_size, self.bits, mask)
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from edge_llm._registry import Registry
-from edge_llm.luc.kernels import Int4Weight, int4_fits, int4_matmul, planes_for, to_int4
+from edge_llm.luc.kernels import Int4Weight, int4_fits, int4_matmul, planes_for
 from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
 
 if TYPE_CHECKING:
@@ -59,8 +59,7 @@ class Int4Kernel(nn.Module):
 
     def __init__(self, layer: LUCLinear) -> None:
         super().__init__()
-        mask = layer.mask()
-        weight = to_int4(layer.codes(mask), layer.weight_scales, layer.weight_zeros, layer.group_size, layer.bits, mask)
+        weight = layer.int4_layout()
         self.fallback = None
         if weight is None:
             logger.warning(
