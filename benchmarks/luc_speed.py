@@ -63,12 +63,10 @@ def _weight_bytes(model) -> int:
     from edge_llm.luc import LUCLinear
 
     tensors = [*model.parameters(), *model.buffers()]
-    for module in model.modules():
-        if isinstance(module, LUCLinear):
-            for cache in (module._int4, module._expanded):
-                value = cache[1] if cache is not None else None
-                if value is not None:
-                    tensors += [value.packed, value.scales_and_zeros] if hasattr(value, "packed") else list(value)
+    for module in (m for m in model.modules() if isinstance(m, LUCLinear)):
+        layout, expanded = module.int4_weight(), module.expanded_codes()  # built by the runs already
+        tensors += [layout.packed, layout.scales_and_zeros] if layout is not None else []
+        tensors += list(expanded) if expanded is not None else []
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
