@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge_llm.export.weights import adapted_layers, base_layer, effective_weight, folded_adapters, layer_bits
 from edge_llm.luc.integration import policy_of
 from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
 from edge_llm.modeling import find_decoder_parts
-from edge_llm.tuner.exits import window
 from edge_llm.tuner.model import edge_config_of
 
 logger = logging.getLogger(__name__)
@@ -212,27 +212,6 @@ def _permute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-@torch.no_grad()
-def _effective_weight(module: nn.Module, with_adapter: bool = True) -> torch.Tensor:
-    """The dense float32 weight a (possibly LoRA-wrapped, possibly LUC-compressed) Linear computes with."""
-    from peft.tuners.lora import LoraLayer
-
-    base = module.get_base_layer() if isinstance(module, LoraLayer) else module
-    weight = base.dequantize_weight(torch.float32) if isinstance(base, LUCLinear) else base.weight.detach().float()
-    for adapter in _folded_adapters(module, with_adapter):
-        weight = weight + module.get_delta_weight(adapter).float()
-    return weight
-
-
-def _folded_adapters(module: nn.Module, with_adapter: bool) -> list[str]:
-    """The LoRA adapters of `module` whose update the GGUF weight must include (none if merged)."""
-    from peft.tuners.lora import LoraLayer
-
-    if not with_adapter or not isinstance(module, LoraLayer) or module.disable_adapters or module.merged:
-        return []
-    return [adapter for adapter in module.active_adapters if adapter in module.lora_A]
-
-
 def _tensor_bytes(
     module: nn.Module,
     bits: int,
@@ -245,30 +224,24 @@ def _tensor_bytes(
     """One decoder Linear as GGUF data: LUC's codes unchanged where the GGUF type can hold them and
     no LoRA update is folded in, else the float weight it computes with, re-quantized."""
     from gguf import GGMLQuantizationType as T
-    from peft.tuners.lora import LoraLayer
 
-    base = module.get_base_layer() if isinstance(module, LoraLayer) else module
+    base = base_layer(module)
     columns = base.in_features
     wanted, qtype = gguf_type_for_bits(bits, k_quants=k_quants), gguf_type_for_bits(bits, columns, k_quants)
     if qtype != wanted:
         fallbacks[(wanted.name, qtype.name, columns)] += 1
-    if isinstance(base, LUCLinear) and not _folded_adapters(module, with_adapter) and qtype in (T.Q4_1, T.Q5_1):
+    if isinstance(base, LUCLinear) and not folded_adapters(module, with_adapter) and qtype in (T.Q4_1, T.Q5_1):
         blocks = luc_blocks(base, 4 if qtype == T.Q4_1 else 5)
         if blocks is not None:
             if rotary_heads:
                 blocks = tuple(_permute_rotary(part, rotary_heads) for part in blocks)
             encodings["LUC codes"] += 1
             return (pack_q4_1 if qtype == T.Q4_1 else pack_q5_1)(*blocks), qtype
-    weight = _effective_weight(module, with_adapter).numpy()
+    weight = effective_weight(module, with_adapter).numpy()
     if rotary_heads:
         weight = _permute_rotary(weight, rotary_heads)
     encodings["re-quantized"] += 1
     return quantize_tensor(weight, qtype), qtype
-
-
-def _layer_bits(layer: nn.Module) -> int:
-    compressed = [m for m in layer.modules() if isinstance(m, LUCLinear)]
-    return compressed[0].bits if compressed else UNQUANTIZED_BITS
 
 
 def write_gguf(
@@ -324,15 +297,13 @@ def write_gguf(
 
     parts = find_decoder_parts(base)
     layers = parts.layers(base)
-    adapted = set(range(len(layers)))
-    if edge_config is not None and edge_config.window_input == "backbone":
-        adapted = set(window(edge_config.exit_layers[-1], edge_config.backprop_depth))
+    adapted = adapted_layers(edge_config, len(layers))
     fallbacks: Counter[tuple[str, str, int]] = Counter()  # (wanted type, used type, row length) -> tensors
     encodings: Counter[str] = Counter()  # "LUC codes" / "re-quantized" -> tensors
     embed = base.get_input_embeddings().weight.detach().float().numpy()
     writer.add_tensor("token_embd.weight", embed.astype(np.float16))
     for index, layer in enumerate(layers):
-        bits = _layer_bits(layer)
+        bits = layer_bits(layer)
         for suffix, gguf_name in _LLAMA_TENSORS.items():
             module = layer.get_submodule(suffix)
             if gguf_name.endswith("norm"):
@@ -343,7 +314,7 @@ def write_gguf(
             writer.add_tensor(f"blk.{index}.{gguf_name}.weight", data[0], raw_dtype=data[1])
     writer.add_tensor("output_norm.weight", parts.norm(base).weight.detach().float().numpy())
     if not config.tie_word_embeddings:
-        writer.add_tensor("output.weight", _effective_weight(parts.head(base)).numpy().astype(np.float16))
+        writer.add_tensor("output.weight", effective_weight(parts.head(base)).numpy().astype(np.float16))
     logger.info(
         "GGUF: %d tensors hold LUC's codes unchanged, %d were re-quantized from their float weights",
         encodings["LUC codes"],
