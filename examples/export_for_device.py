@@ -27,7 +27,7 @@ if args.memory_mib:
     device = device.with_memory(args.memory_mib * 2**20)
 plan = schedule(model.eval(), device, Workload(prompt_tokens=256, decode_tokens=64))  # its policy and adapter
 print(plan.summary())
-edge_llm.export(model, plan, args.output, tokenizer=tokenizer, gguf=True)
+edge_llm.export(model, plan, args.output, tokenizer=tokenizer, targets=["gguf"])
 bundle = load_bundle(args.output)  # the reference executor runs it exactly as scheduled
 ids = tokenizer("Shall I compare thee to a summer's day?", return_tensors="pt").input_ids
 with torch.no_grad():

@@ -64,7 +64,8 @@ def test_tune_evaluate_export(tiny_dir, small_instructions, tmp_path, capsys):
             "32",
             "--decode-tokens",
             "4",
-            "--gguf",
+            "--target",
+            "gguf",
             "--out",
             tmp_path / "bundle",
         )

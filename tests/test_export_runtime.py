@@ -418,3 +418,82 @@ def test_edge_llm_export_is_callable_and_keeps_its_submodules():
 
     assert callable(edge_llm.export) and edge_llm.export.gguf.write_gguf is write_gguf
     assert edge_llm.export.bundle.verify_bundle is verify_bundle
+
+
+@pytest.mark.parametrize(("bits", "sparsity"), [(2, 0.0), (3, 0.5), (4, 0.0), (4, 0.5)])
+def test_luc_codes_go_into_executorch_int4_blocks_unchanged(bits, sparsity):
+    pytest.importorskip("torchao")
+    from collections import Counter
+
+    from edge_llm.export.executorch import int4_block, int4_weight
+
+    model = gguf_llama()
+    compress_model(model, [(bits, sparsity)] * 4, CompressionMethod(64, "rtn", "magnitude"), progress=False)
+    luc = model.model.layers[0].mlp.down_proj  # 256 rows of 512: 8 groups each
+    counts = Counter()
+    block = int4_block(luc, 512)
+    int4 = int4_weight(luc, False, block, counts)
+    exact = counts["int4 blocks holding LUC's codes"]
+    assert block == 64 and exact + counts["int4 blocks re-quantized"] == 256 * 8
+    reference = luc.dequantize_weight(torch.float32)
+    same = (int4.dequantize() == reference).view(256, 8, 64).all(dim=-1)
+    # Every block that took LUC's codes computes LUC's weight bit for bit (pruned weights are zeros);
+    # 2- and 3-bit codes always fit int4, 4-bit codes when they stay within [-8, 7] of the zero-point.
+    assert int(same.sum()) >= exact and (exact == 2048 if bits < 4 else 0 < exact < 2048), exact
+    if sparsity:
+        assert (int4.dequantize()[~luc.mask()] == 0).all()
+    # Re-quantized blocks stay close to the float weight (symmetric int4: within half a step).
+    step = reference.abs().view(256, 8, 64).amax(dim=-1, keepdim=True) / 7.5
+    assert ((int4.dequantize() - reference).view(256, 8, 64).abs() <= step * 0.51 + 1e-6).all()
+
+
+def test_export_targets_are_checked_before_any_work(tmp_path):
+    from edge_llm.export.targets import EXPORT_TARGETS
+
+    model = adapted_model()
+    plan = schedule(model, cpu_device(10**9), Workload(prompt_tokens=16, decode_tokens=4))
+    assert set(EXPORT_TARGETS) == {"gguf", "executorch"}
+    with pytest.raises(ValueError, match="Unknown export target 'onnx'; known: 'gguf', 'executorch'"):
+        export(model, plan, tmp_path / "a", targets=["onnx"])
+    with pytest.raises(TypeError, match=r"a list of target names, e.g. \['gguf'\]"):
+        export(model, plan, tmp_path / "b", targets="gguf")
+    with pytest.raises(ValueError, match="target_options names 'executorch', which is not among the targets"):
+        export(model, plan, tmp_path / "c", targets=["gguf"], target_options={"executorch": {"max_seq_len": 8}})
+    assert not any(tmp_path.iterdir())
+
+
+def test_executorch_runs_the_exported_program_and_agrees_with_pytorch(tmp_path):
+    pytest.importorskip("executorch")
+    from executorch.runtime import Runtime
+
+    model = gguf_llama()
+    # 2-4-bit layers go to int4 blocks (LUC's codes where they fit), 8-bit to int8 per channel; the
+    # last exit's window carries the adapter (folded in: re-quantized); XNNPACK also quantizes
+    # activations to int8 per token.
+    compress_model(
+        model, [(2, 0.0), (3, 0.5), (4, 0.0), (8, 0.0)], CompressionMethod(32, "rtn", "magnitude"), progress=False
+    )
+    model = get_peft_model(
+        model,
+        edge_llm.EdgeLLMConfig(r=4, target_modules=["q_proj"], exit_layers=[1], voting="last", init_lora_weights=False),
+    ).eval()
+    plan = schedule(model, cpu_device(10**9), Workload(prompt_tokens=48, decode_tokens=8))
+    out = export(model, plan, tmp_path / "bundle", targets=["executorch"])
+    assert "model.pte" in verify_bundle(out)["files"]
+    program = Runtime.get().load_program(str(out / "model.pte"))
+    assert program.load_method("get_max_seq_len").execute([])[0] == 56  # the scheduled prompt + decode tokens
+    forward = program.load_method("forward")
+    tokens = torch.randint(1, VOCAB, (1, 48), generator=torch.Generator().manual_seed(1))
+    theirs = forward.execute([tokens, torch.arange(48)])[0][0]
+    with torch.no_grad():
+        ours = model(input_ids=tokens).logits[0]
+    agreement = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
+    kl = torch.nn.functional.kl_div(
+        theirs.log_softmax(-1), ours.log_softmax(-1), log_target=True, reduction="batchmean"
+    ).item()
+    assert agreement >= 0.8 and kl < 1e-3, (agreement, kl)
+    # The same program decodes: a prompt of 40, then token 41 through the KV cache, gives what one
+    # pass over 41 tokens gives.
+    forward.execute([tokens[:, :40], torch.arange(40)])
+    step = forward.execute([tokens[:, 40:41], torch.tensor([40])])[0][0, -1]
+    torch.testing.assert_close(step, theirs[40], rtol=1e-4, atol=1e-4)

@@ -17,11 +17,23 @@ KNOWN_HARMLESS = (
     (UserWarning, r".*'pin_memory' argument is set as true but no accelerator is found"),
 )
 
+# Raised inside ExecuTorch's lowering of the program edge-llm builds (`export/executorch.py`); none
+# concerns the user's model.
+EXECUTORCH_LOWERING = (
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    (DeprecationWarning, r"read_binary is deprecated"),
+    # transformers' output capturing, seen by torch.export: it does not enter the program.
+    (UserWarning, r"While compiling, we found certain side effects"),
+    # The static KV cache is a buffer the program updates in place, as ExecuTorch's own LLM exports
+    # do; the positions a call attends to are written by that call or an earlier one.
+    (UserWarning, r"Mutation on a buffer in the model is detected"),
+)
+
 
 @contextlib.contextmanager
-def quiet_upstream_warnings() -> Iterator[None]:
+def quiet_upstream_warnings(known: tuple[tuple[type[Warning], str], ...] = KNOWN_HARMLESS) -> Iterator[None]:
     with warnings.catch_warnings():
-        for category, message in KNOWN_HARMLESS:
+        for category, message in known:
             warnings.filterwarnings("ignore", message=message, category=category)
         yield
 

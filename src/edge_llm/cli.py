@@ -18,6 +18,7 @@ from typing import Any
 
 from edge_llm._io import atomic_directory, atomic_write_text
 from edge_llm._warnings import quiet_upstream_warnings
+from edge_llm.export.targets import EXPORT_TARGETS
 from edge_llm.luc.config import LUCConfig
 from edge_llm.luc.method import QUANT_METHODS
 from edge_llm.luc.profile import METRICS
@@ -242,19 +243,19 @@ def _export(args: argparse.Namespace) -> int:
         seq_len=args.prompt_tokens,
     )
     plan = schedule(model, device, workload)
-    reference = None
-    if args.gguf and args.model == "smollm2":
+    options = {}
+    if "gguf" in args.target and args.model == "smollm2":
         from edge_llm.assets import smollm2_135m_gguf
 
-        reference = smollm2_135m_gguf()
+        options["gguf"] = {"reference_gguf": smollm2_135m_gguf()}
     export(
         model,
         plan,
         args.out,
         merge_adapters=args.merge,
         tokenizer=tokenizer,
-        gguf=args.gguf,
-        gguf_reference=reference,
+        targets=args.target,
+        target_options=options,
         overwrite=args.overwrite,
     )
     print(plan.summary())
@@ -351,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_evaluate)
 
     export = commands.add_parser(
-        "export", formatter_class=_HELP, help="schedule for a device and write a bundle (and GGUF)"
+        "export", formatter_class=_HELP, help="schedule for a device and write a bundle (and GGUF / ExecuTorch files)"
     )
     export.add_argument("model")
     export.add_argument("--adapter", help="an Edge-LLM adapter folder")
@@ -366,7 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--prompt-tokens", type=int, default=512)
     export.add_argument("--decode-tokens", type=int, default=128)
     export.add_argument("--merge", action="store_true", help="merge the adapter into the weights")
-    export.add_argument("--gguf", action="store_true", help="also write model.gguf for llama.cpp")
+    export.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        choices=tuple(EXPORT_TARGETS),
+        help="also lower the model for a runtime (repeatable): "
+        + ", ".join(f"{t.name} ({t.filename}, {t.runtime})" for t in EXPORT_TARGETS.values()),
+    )
     export.set_defaults(run=_export)
 
     demo = commands.add_parser(

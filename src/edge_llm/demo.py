@@ -243,8 +243,8 @@ def _run_demo(steps: int, seed: int, out_dir: str | Path, seq_len: int) -> DemoR
         plan,
         out_dir,
         tokenizer=tokenizer,
-        gguf=True,
-        gguf_reference=reference_gguf,
+        targets=["gguf"],
+        target_options={"gguf": {"reference_gguf": reference_gguf}},
         overwrite=True,
         dtype=torch.bfloat16,
     )

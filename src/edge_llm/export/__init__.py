@@ -1,5 +1,5 @@
 """Export: a self-describing bundle (schedule, packed weights, adapters, manifest) and its
-lowering to GGUF for llama.cpp.
+lowering for edge runtimes: GGUF for llama.cpp, a `.pte` program for ExecuTorch (`EXPORT_TARGETS`).
 
 `edge_llm.export` is this package and is also callable: `edge_llm.export(model, schedule, out)`
 is `edge_llm.export.bundle.export(...)`, while `edge_llm.export.gguf` and the other submodules
@@ -11,9 +11,11 @@ import types
 from typing import Any
 
 from edge_llm.export.bundle import export, verify_bundle
+from edge_llm.export.executorch import write_pte
 from edge_llm.export.gguf import write_gguf
+from edge_llm.export.targets import EXPORT_TARGETS
 
-__all__ = ["export", "verify_bundle", "write_gguf"]
+__all__ = ["EXPORT_TARGETS", "export", "verify_bundle", "write_gguf", "write_pte"]
 
 
 class _CallablePackage(types.ModuleType):

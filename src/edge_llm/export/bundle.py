@@ -8,7 +8,8 @@ out_dir/
                       merged into them when `merge_adapters=True`
   adapter/            the Edge-LLM adapter (peft format); merged: only its exit heads
   tokenizer files     when a tokenizer is given
-  model.gguf          with `gguf=True`: the same model for llama.cpp (see `gguf.py`)
+  model.gguf          with `targets=["gguf"]`: the same model for llama.cpp (see `gguf.py`)
+  model.pte           with `targets=["executorch"]`: the same model for ExecuTorch (see `executorch.py`)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from torch import nn
 
 from edge_llm import __version__
 from edge_llm._io import atomic_directory
+from edge_llm.export.targets import EXPORT_TARGETS, ExportTarget
 from edge_llm.luc.integration import policy_of
 from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
 from edge_llm.modeling import find_decoder_parts
@@ -94,8 +97,8 @@ def export(
     out_dir: str | Path,
     merge_adapters: bool = False,
     tokenizer: Any = None,
-    gguf: bool = False,
-    gguf_reference: str | Path | None = None,
+    targets: Sequence[str] = (),
+    target_options: Mapping[str, Mapping[str, Any]] | None = None,
     overwrite: bool = False,
     dtype: torch.dtype | None = None,
 ) -> Path:
@@ -104,9 +107,11 @@ def export(
     Refuses to write into a non-empty `out_dir`; `overwrite=True` replaces an existing bundle there
     as a whole (a non-empty folder that is not a bundle is always refused). The bundle is written
     into a new folder beside `out_dir` and switched in only when complete, so an interrupted export
-    leaves the previous bundle as it was. With `gguf=True` also lowers the model to GGUF for
-    llama.cpp (tokenizer metadata from `gguf_reference`, a GGUF of the same base model, or from
-    `tokenizer`). With `dtype` (e.g. `torch.bfloat16` for a model tuned in float32 on a CPU) the
+    leaves the previous bundle as it was. `targets` also lowers the model for runtimes named in
+    `EXPORT_TARGETS`: "gguf" (`model.gguf`, llama.cpp) and "executorch" (`model.pte`, ExecuTorch with
+    XNNPACK); `target_options` passes each its own keyword arguments, e.g.
+    `{"gguf": {"reference_gguf": path}, "executorch": {"max_seq_len": 1024}}` (see `write_gguf` and
+    `write_pte`). With `dtype` (e.g. `torch.bfloat16` for a model tuned in float32 on a CPU) the
     float32 tensors LUC left uncompressed (embeddings, norms) are stored in it; the default keeps
     them as they are.
     """
@@ -122,17 +127,30 @@ def export(
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     edge_config = edge_config_of(model)
     _check_schedule_matches(base, schedule)
+    lowerings = _lowerings(targets, target_options)
     if edge_config is not None and schedule.voting != edge_config.voting:
         raise ValueError(
             f"The schedule votes with {schedule.voting!r} but the adapter with {edge_config.voting!r}; a bundle has "
             "one voting rule: schedule the adapted model as it is."
         )
     with atomic_directory(out) as staging:
-        _write_bundle(
-            staging, model, base, edge_config, schedule, merge_adapters, tokenizer, gguf, gguf_reference, dtype
-        )
+        _write_bundle(staging, model, base, edge_config, schedule, merge_adapters, tokenizer, lowerings, dtype)
     logger.info("Exported bundle to %s", out)
     return out
+
+
+def _lowerings(
+    targets: Sequence[str], target_options: Mapping[str, Mapping[str, Any]] | None
+) -> list[tuple[ExportTarget, dict[str, Any]]]:
+    """The export targets asked for, each with its options; unknown names refused before any work."""
+    if isinstance(targets, str):
+        raise TypeError(f"targets must be a list of target names, e.g. [{targets!r}], not a string.")
+    chosen = [EXPORT_TARGETS.lookup(name) for name in dict.fromkeys(targets)]
+    options = dict(target_options or {})
+    for name in options:
+        if name not in {target.name for target in chosen}:
+            raise ValueError(f"target_options names {name!r}, which is not among the targets {list(targets)}.")
+    return [(target, dict(options.get(target.name, {}))) for target in chosen]
 
 
 def _write_bundle(
@@ -143,8 +161,7 @@ def _write_bundle(
     schedule: Schedule,
     merge_adapters: bool,
     tokenizer: Any,
-    gguf: bool,
-    gguf_reference: str | Path | None,
+    lowerings: list[tuple[ExportTarget, dict[str, Any]]],
     dtype: torch.dtype | None,
 ) -> None:
     merged = False
@@ -153,10 +170,8 @@ def _write_bundle(
         merged = True
     try:
         save_file(base_state_dict(base, dtype), out / "model.safetensors", metadata={"format": "pt"})
-        if gguf:
-            from edge_llm.export.gguf import write_gguf
-
-            write_gguf(model, out / "model.gguf", tokenizer, gguf_reference, schedule)
+        for target, options in lowerings:
+            target.write(model, out / target.filename, tokenizer, schedule, **options)
     finally:
         if merged:
             model.unmerge_adapter()

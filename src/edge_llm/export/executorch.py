@@ -1,0 +1,227 @@
+"""Lower an (LUC-compressed, Edge-LLM-adapted) causal LM to an ExecuTorch program (`.pte`), the
+format PyTorch's on-device runtime runs on phones, with its linear layers delegated to XNNPACK.
+
+The program is transformers' static-cache decoder (`TorchExportableModuleWithStaticCache`): inputs
+`input_ids` (1 x n, 1 <= n < max_seq_len) and `cache_position` (n), output the logits of every
+position, so one program prefills a prompt and decodes token by token, and ExecuTorch's LLM runner
+can drive it (the `get_max_seq_len`-style constant methods it reads are written too).
+
+How LUC's per-layer bits map. XNNPACK's quantized linear kernels take symmetric weights only, 4-bit
+per group or 8-bit per output channel, and quantize activations to int8 per token at run time:
+- 2-4-bit layers -> int4 per group ("8da4w"), blocks of LUC's group size (or the largest divisor
+  of it that also divides the row, as long as it is a multiple of 32). LUC's codes go in unchanged as
+  `code - zero_point` with LUC's scale wherever they fit int4's [-8, 7]: every 2- and 3-bit group, and
+  4-bit groups whose codes stay within 8 below / 7 above their zero-point. Pruned weights sit at the
+  zero-point and stay exact zeros. The other groups, and layers with a LoRA update folded in, are
+  re-quantized from the float weight they compute with. XNNPACK stores the scales in bfloat16
+  (LUC's are float16), which rounds them by up to 2^-9.
+- 5-8-bit layers -> int8 per output channel ("8da8w"), re-quantized: XNNPACK has no grouped 8-bit
+  kernel.
+- Layers LUC left in float, embeddings, norms and the LM head -> float32.
+What ExecuTorch cannot use: sparsity (pruned weights are stored as zeros; XNNPACK has no sparse
+kernel for these layers), exits and voting (the program is the last exit: with
+`window_input="adapted"` every layer carries its adapter, with `"backbone"` only the last exit's
+window does, as for GGUF).
+
+Needs `executorch` (which brings `torchao`); `pip install executorch`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edge_llm._io import atomic_write_bytes
+from edge_llm._warnings import EXECUTORCH_LOWERING, quiet_upstream_warnings
+from edge_llm.export.weights import adapted_layers, base_layer, effective_weight, folded_adapters, layer_bits
+from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
+from edge_llm.modeling import find_decoder_parts
+from edge_llm.tuner.model import edge_config_of
+
+logger = logging.getLogger(__name__)
+
+XNNPACK_BLOCK = 32  # XNNPACK's 4-bit blockwise kernel takes blocks that are multiples of 32
+INT4_RANGE = (-8, 7)
+
+
+def _require_executorch() -> None:
+    try:
+        import executorch  # noqa: F401
+        import torchao  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            "The ExecuTorch export needs the `executorch` package (it brings `torchao`): pip install executorch"
+        ) from error
+
+
+def int4_block(layer: nn.Module, columns: int) -> int | None:
+    """The block length of the int4 weight: LUC's group size, or the largest divisor of it that
+    divides the row and is a multiple of 32 (blocks inside one LUC group share its scale, so they
+    hold its codes exactly); 32 for a float layer; None if no such length exists."""
+    group = layer.group_size if isinstance(layer, LUCLinear) else XNNPACK_BLOCK
+    block = math.gcd(group, columns)
+    return block if block % XNNPACK_BLOCK == 0 else None
+
+
+def _activation_quantization():
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8TensorActivationQuantization,
+    )
+
+    return IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN
+
+
+@torch.no_grad()
+def int4_weight(module: nn.Module, with_adapter: bool, block: int, counts: Counter) -> Any:
+    """`module`'s weight as a torchao int4 weight (symmetric, per block of `block` columns, int8
+    activations): LUC's codes where they fit int4 and no LoRA update is folded in, else the float
+    weight re-quantized. Counts blocks in `counts` ("LUC codes" / "re-quantized")."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
+
+    weight = effective_weight(module, with_adapter)
+    quantized = IntxUnpackedToInt8Tensor.from_hp(
+        weight, (1, block), torch.int4, activation_quantization=_activation_quantization()
+    )
+    layer = base_layer(module)
+    rows, blocks = quantized.scale.shape
+    exact = torch.zeros(rows, blocks, dtype=torch.bool)
+    if isinstance(layer, LUCLinear) and not folded_adapters(module, with_adapter) and layer.bits <= 4:
+        per_group = layer.group_size // block
+        zero = layer.weight_zeros.float().repeat_interleave(per_group, dim=1)[:, :blocks]
+        scale = layer.weight_scales.float().repeat_interleave(per_group, dim=1)[:, :blocks]
+        mask = layer.mask()
+        codes = layer.codes(mask).float().view(rows, blocks, block) - zero[..., None]
+        if mask is not None:
+            codes = codes.masked_fill(~mask.view(rows, blocks, block), 0.0)  # pruned: exactly zero
+        exact = ((codes >= INT4_RANGE[0]) & (codes <= INT4_RANGE[1])).all(dim=-1)
+        quantized.qdata.view(rows, blocks, block)[exact] = codes[exact].to(torch.int8)
+        quantized.scale[exact] = scale[exact]
+    counts["int4 blocks holding LUC's codes"] += int(exact.sum())
+    counts["int4 blocks re-quantized"] += int((~exact).sum())
+    return quantized
+
+
+@torch.no_grad()
+def int8_weight(module: nn.Module, with_adapter: bool) -> Any:
+    """`module`'s float weight re-quantized to int8 per output channel (symmetric, int8 activations)."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
+
+    weight = effective_weight(module, with_adapter)
+    return IntxUnpackedToInt8Tensor.from_hp(
+        weight, (1, weight.shape[1]), torch.int8, activation_quantization=_activation_quantization()
+    )
+
+
+def _float_copy(base: nn.Module, adapted: set[int]) -> nn.Module:
+    """A float32 model of `base`'s architecture with plain Linears holding the weights `base`
+    computes with (LUC dequantized, LoRA updates folded in where `adapted`)."""
+    config = copy.deepcopy(base.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(base)._from_config(config, dtype=torch.float32).eval()
+    parts = find_decoder_parts(plain)
+    decoder = parts.layers_path + "."
+    state = {}
+    for name, _ in plain.named_parameters():
+        owner, _, attribute = name.rpartition(".")
+        original = base.get_submodule(owner)
+        if isinstance(plain.get_submodule(owner), nn.Linear) and attribute == "weight":
+            index = int(owner[len(decoder) :].split(".", 1)[0]) if owner.startswith(decoder) else None
+            state[name] = effective_weight(original, index is None or index in adapted)
+        else:
+            state[name] = getattr(base_layer(original), attribute).detach().float()
+    plain.load_state_dict(state, strict=True)
+    return plain
+
+
+def quantize_for_xnnpack(model: nn.Module) -> tuple[nn.Module, Counter]:
+    """A float32 copy of `model` whose decoder Linears hold the torchao weights XNNPACK runs, per
+    each layer's LUC bits (see the module docstring); and counts of what was mapped how."""
+    _require_executorch()
+    edge_config = edge_config_of(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = find_decoder_parts(base).layers(base)
+    adapted = adapted_layers(edge_config, len(layers))
+    plain = _float_copy(base, adapted)
+    counts: Counter[str] = Counter()
+    for index, (layer, target) in enumerate(zip(layers, find_decoder_parts(plain).layers(plain), strict=True)):
+        bits = layer_bits(layer)
+        for name, linear in list(target.named_modules()):
+            if not isinstance(linear, nn.Linear) or bits == UNQUANTIZED_BITS:
+                counts["float32 Linears"] += isinstance(linear, nn.Linear)
+                continue
+            module = layer.get_submodule(name)
+            block = int4_block(base_layer(module), linear.in_features)
+            if bits <= 4 and block is not None:
+                weight = int4_weight(module, index in adapted, block, counts)
+                counts["int4 Linears"] += 1
+            else:
+                weight = int8_weight(module, index in adapted)
+                counts["int8 Linears"] += 1
+            linear.weight = nn.Parameter(weight, requires_grad=False)
+    return plain, counts
+
+
+def _constant_methods(config: Any, max_seq_len: int) -> dict[str, Any]:
+    """The metadata ExecuTorch's LLM runner reads from a program."""
+    eos = config.eos_token_id
+    methods = {
+        "get_max_seq_len": max_seq_len,
+        "get_max_context_len": max_seq_len,
+        "get_vocab_size": config.vocab_size,
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": False,
+        "enable_dynamic_shape": True,
+    }
+    if config.bos_token_id is not None:
+        methods["get_bos_id"] = config.bos_token_id
+    if eos is not None:
+        methods["get_eos_ids"] = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    return methods
+
+
+def write_pte(model: nn.Module, path: str | Path, max_seq_len: int = 512) -> Path:
+    """Write `model` as an ExecuTorch program that XNNPACK runs; returns `path`.
+
+    Args:
+        model: a decoder-only causal LM, LUC-compressed or not, optionally a PeftModel with an
+            Edge-LLM (or LoRA) adapter, whose update is folded into the weights (the last exit).
+        path: the .pte file to write (through a temporary file: an interrupted export leaves an
+            older file there as it was).
+        max_seq_len: the static KV cache's length: prompt plus generated tokens.
+    """
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or not 2 <= max_seq_len <= 2**20:
+        raise ValueError(f"max_seq_len must be an integer from 2 to 2**20, got {max_seq_len!r}.")
+    plain, counts = quantize_for_xnnpack(model)
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+    plain.generation_config.use_cache = True
+    plain.generation_config.cache_implementation = "static"
+    wrapper = TorchExportableModuleWithStaticCache(plain, batch_size=1, max_cache_len=max_seq_len)
+    tokens = torch.export.Dim("tokens", min=1, max=max_seq_len - 1)
+    example = {"input_ids": torch.zeros(1, 2, dtype=torch.long), "cache_position": torch.arange(2)}
+    with torch.no_grad(), quiet_upstream_warnings(EXECUTORCH_LOWERING):
+        program = torch.export.export(
+            wrapper, (), example, dynamic_shapes={"input_ids": {1: tokens}, "cache_position": {0: tokens}}, strict=True
+        )
+        lowered = to_edge_transform_and_lower(
+            program,
+            partitioner=[XnnpackPartitioner()],
+            compile_config=EdgeCompileConfig(_check_ir_validity=False),
+            constant_methods=_constant_methods(plain.config, max_seq_len),
+        ).to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True))
+    path = Path(path)
+    atomic_write_bytes(path, lowered.buffer)
+    for what, count in sorted(counts.items()):
+        logger.info("ExecuTorch: %d %s", count, what)
+    logger.info("Wrote %s (%.1f MiB)", path, path.stat().st_size / 2**20)
+    return path
