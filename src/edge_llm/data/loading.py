@@ -8,7 +8,7 @@ from typing import Any
 
 from edge_llm.data import sonnet_instructions, sonnets
 
-_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+DATA_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 PROMPT_FIELDS = (("instruction", "response"), ("prompt", "completion"), ("question", "answer"))
 
 
@@ -21,10 +21,10 @@ def load_rows(spec: str, split: str = "train") -> Any:  # -> datasets.Dataset
     if spec == "sonnet-instructions":
         return Dataset.from_list(sonnet_instructions())
     path = Path(spec)
-    if path.suffix in _FORMATS:
+    if path.suffix in DATA_FORMATS:
         if not path.exists():
             raise FileNotFoundError(f"Data file {spec} does not exist.")
-        return load_dataset(_FORMATS[path.suffix], data_files=str(path), split="train")
+        return load_dataset(DATA_FORMATS[path.suffix], data_files=str(path), split="train")
     if path.exists():
         raise ValueError(f"Cannot read {spec}: use a .json, .jsonl, .csv, .parquet or .txt file.")
     return load_dataset(spec, split=split)

@@ -129,7 +129,7 @@ def _float_copy(base: nn.Module, adapted: set[int]) -> nn.Module:
     parts = find_decoder_parts(plain)
     decoder = parts.layers_path + "."
     state = {}
-    for name, _ in plain.named_parameters():
+    for name, _ in plain.named_parameters(remove_duplicate=False):  # tied weights under each name
         owner, _, attribute = name.rpartition(".")
         original = base.get_submodule(owner)
         if isinstance(plain.get_submodule(owner), nn.Linear) and attribute == "weight":

