@@ -17,7 +17,9 @@ per group or 8-bit per output channel, and quantize activations to int8 per toke
   (LUC's are float16), which rounds them by up to 2^-9.
 - 5-8-bit layers -> int8 per output channel ("8da8w"), re-quantized: XNNPACK has no grouped 8-bit
   kernel.
-- Layers LUC left in float, embeddings, norms and the LM head -> float32.
+- Layers LUC left in float, and norms -> float32; the LM head -> int8 per output channel and the
+  embedding table -> float16 by default (`head_bits=None`, `half_embeddings=False`: float32), since
+  a program stores a tied table twice.
 What ExecuTorch cannot use: sparsity (pruned weights are stored as zeros; XNNPACK has no sparse
 kernel for these layers), exits and voting (the program is the last exit: with
 `window_input="adapted"` every layer carries its adapter, with `"backbone"` only the last exit's
@@ -141,10 +143,33 @@ def _float_copy(base: nn.Module, adapted: set[int]) -> nn.Module:
     return plain
 
 
-def quantize_for_xnnpack(model: nn.Module) -> tuple[nn.Module, Counter]:
+class HalfEmbedding(nn.Module):
+    """An embedding table stored in float16 whose rows are used in float32: half the bytes of the
+    float32 table, and exact for weights trained in bfloat16/float16 whose values fit float16."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        # A buffer, not a parameter: transformers takes a model's dtype (and so its KV cache's)
+        # from its first floating parameter, and the model computes in float32.
+        self.register_buffer("weight", weight.detach().to(torch.float16))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(input_ids, self.weight).float()
+
+
+def quantize_for_xnnpack(
+    model: nn.Module, head_bits: int | None = 8, half_embeddings: bool = True
+) -> tuple[nn.Module, Counter]:
     """A float32 copy of `model` whose decoder Linears hold the torchao weights XNNPACK runs, per
-    each layer's LUC bits (see the module docstring); and counts of what was mapped how."""
+    each layer's LUC bits (see the module docstring); and counts of what was mapped how.
+
+    LUC leaves the embeddings and the LM head in float, and in a program they are stored twice even
+    when tied (the table for the lookup, the head packed inside XNNPACK's blob): a quarter of a
+    135M-parameter model each in float32. `head_bits=8` stores the head in int8 per output channel
+    (int8 activations; None: float32), `half_embeddings` the table in float16."""
     _require_executorch()
+    if head_bits not in (None, 8):
+        raise ValueError(f"head_bits must be 8 (int8 per output channel) or None (float32), got {head_bits!r}.")
     edge_config = edge_config_of(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = find_decoder_parts(base).layers(base)
@@ -166,6 +191,13 @@ def quantize_for_xnnpack(model: nn.Module) -> tuple[nn.Module, Counter]:
                 weight = int8_weight(module, index in adapted)
                 counts["int8 Linears"] += 1
             linear.weight = nn.Parameter(weight, requires_grad=False)
+    head = plain.get_output_embeddings()
+    if head_bits == 8 and isinstance(head, nn.Linear):
+        head.weight = nn.Parameter(int8_weight(head, False), requires_grad=False)  # unties it from the table
+        counts["int8 LM head"] += 1
+    if half_embeddings:
+        plain.set_input_embeddings(HalfEmbedding(plain.get_input_embeddings().weight))
+        counts["float16 embedding tables"] += 1
     return plain, counts
 
 
@@ -187,7 +219,13 @@ def _constant_methods(config: Any, max_seq_len: int) -> dict[str, Any]:
     return methods
 
 
-def write_pte(model: nn.Module, path: str | Path, max_seq_len: int = 512) -> Path:
+def write_pte(
+    model: nn.Module,
+    path: str | Path,
+    max_seq_len: int = 512,
+    head_bits: int | None = 8,
+    half_embeddings: bool = True,
+) -> Path:
     """Write `model` as an ExecuTorch program that XNNPACK runs; returns `path`.
 
     Args:
@@ -196,10 +234,12 @@ def write_pte(model: nn.Module, path: str | Path, max_seq_len: int = 512) -> Pat
         path: the .pte file to write (through a temporary file: an interrupted export leaves an
             older file there as it was).
         max_seq_len: the static KV cache's length: prompt plus generated tokens.
+        head_bits: 8 stores the LM head in int8 per output channel, None in float32.
+        half_embeddings: store the embedding table in float16 (else float32).
     """
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or not 2 <= max_seq_len <= 2**20:
         raise ValueError(f"max_seq_len must be an integer from 2 to 2**20, got {max_seq_len!r}.")
-    plain, counts = quantize_for_xnnpack(model)
+    plain, counts = quantize_for_xnnpack(model, head_bits, half_embeddings)
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
