@@ -177,3 +177,25 @@ def test_help_and_argument_errors_come_before_the_heavy_imports(argv, message, t
     else:
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+
+
+def test_demo_phase_lines_say_what_runs_and_about_how_long(tmp_path, caplog, monkeypatch):
+    import logging
+
+    from edge_llm import demo
+
+    caplog.set_level(logging.INFO, logger="edge_llm.demo")
+    record = tmp_path / "phases.json"
+    record.write_text("not json")  # a damaged record is ignored, not fatal
+    clock = iter([0.0, 50.0, 100.0, 130.0] + [200.0] * 4)
+    monkeypatch.setattr(demo.time, "perf_counter", lambda: next(clock))
+    first = demo._Phases(record)
+    first.start(3, "tuning", scale=2.0)  # twice the reference run's steps
+    assert caplog.messages[-1] == f"[3/4] tuning (about {demo.REFERENCE_SECONDS[3] * 2 / 60:.0f} min on 2 CPU cores)"
+    first.start(1, "loading")
+    first.save()  # phase 3 took 50 s for twice the steps, phase 1 30 s
+    second = demo._Phases(record)
+    second.start(1, "loading", scale=0.5)
+    assert caplog.messages[-1] == "[1/4] loading (about 15 s, from the last run here)"
+    second.start(3, "tuning")
+    assert caplog.messages[-1] == "[3/4] tuning (about 25 s, from the last run here)"

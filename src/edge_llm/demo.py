@@ -14,6 +14,7 @@ Held-out perplexity is measured on sonnets 131-154, which no step trains or cali
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from edge_llm._io import atomic_write_text
 from edge_llm._warnings import quiet_upstream_warnings
 
 logger = logging.getLogger(__name__)
@@ -88,11 +90,47 @@ def _weight_bytes(model: torch.nn.Module) -> int:
 
 
 _PHASES = 4
+# Seconds each phase took on a 2-core AMD EPYC CPU (a cold cache for phase 2: profiling; 40 tuning
+# steps), the estimate of a first run; later runs scale what the previous run took on this machine.
+REFERENCE_SECONDS = {1: 25, 2: 150, 3: 110, 4: 40}
 
 
-def _phase(number: int, what: str) -> None:
-    """A line before each long phase: the progress bars alone do not say what they are for."""
-    logger.info("[%d/%d] %s", number, _PHASES, what)
+class _Phases:
+    """A line before each long phase, saying what it does and about how long it takes: the
+    progress bars alone do not say what they are for. Durations are kept for the next run."""
+
+    def __init__(self, record: Path) -> None:
+        self.record = record
+        try:
+            self.previous = {int(k): float(v) for k, v in json.loads(record.read_text()).items()}
+        except (OSError, ValueError, TypeError, AttributeError):
+            self.previous = {}
+        self.seconds: dict[int, float] = {}
+        self.current: tuple[int, float, float] | None = None
+
+    def start(self, number: int, what: str, scale: float = 1.0) -> None:
+        """Announce phase `number`; `scale`: its work relative to the reference run's (tuning steps)."""
+        self._finish()
+        if number in self.previous:
+            estimate = f"about {_duration(self.previous[number] * scale)}, from the last run here"
+        else:
+            estimate = f"about {_duration(REFERENCE_SECONDS[number] * scale)} on 2 CPU cores"
+        logger.info("[%d/%d] %s (%s)", number, _PHASES, what, estimate)
+        self.current = (number, time.perf_counter(), scale)
+
+    def _finish(self) -> None:
+        if self.current is not None:
+            number, began, scale = self.current
+            self.seconds[number] = (time.perf_counter() - began) / scale
+            self.current = None
+
+    def save(self) -> None:
+        self._finish()
+        atomic_write_text(self.record, json.dumps({**self.previous, **self.seconds}) + "\n")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def run_demo(steps: int = 40, seed: int = 0, out_dir: str | Path = "edge-llm-demo", seq_len: int = 128) -> DemoReport:
@@ -122,7 +160,8 @@ def _run_demo(steps: int, seed: int, out_dir: str | Path, seq_len: int) -> DemoR
     start = time.perf_counter()
     torch.manual_seed(seed)
     report = DemoReport()
-    _phase(1, "loading SmolLM2-135M-Instruct and its held-out perplexity")
+    phases = _Phases(_cache().parent / "demo-phases.json")
+    phases.start(1, "loading SmolLM2-135M-Instruct and its held-out perplexity")
     model, tokenizer, reference_gguf = _load_model()
     train_texts, validation, test = (
         sonnets("train"),
@@ -138,7 +177,7 @@ def _run_demo(steps: int, seed: int, out_dir: str | Path, seq_len: int) -> DemoR
     dense_bytes = _weight_bytes(model)
 
     # LUC: per-layer bits and sparsity under a budget.
-    _phase(2, "LUC: sensitivity profile (cached after the first run) and compression to 3.5 bits, 25% sparse")
+    phases.start(2, "LUC: sensitivity profile (cached after the first run) and compression to 3.5 bits, 25% sparse")
     calibration = calibration_tokens(train_texts, tokenizer, num_samples=8, seq_len=seq_len, seed=seed)
     method = CompressionMethod(group_size=64, quant_method="rtn", prune_method="wanda")
     profile = profile_sensitivity(
@@ -167,7 +206,9 @@ def _run_demo(steps: int, seed: int, out_dir: str | Path, seq_len: int) -> DemoR
     report.perplexity["LUC-compressed"] = {"ppl": perplexity(model, test)["model"]}
 
     # Edge-LLM adaptive layer tuning on the compressed model.
-    _phase(3, f"Edge-LLM tuning of the compressed model: {steps} steps, then fitting the exit weights")
+    phases.start(
+        3, f"Edge-LLM tuning of the compressed model: {steps} steps, then fitting the exit weights", scale=steps / 40
+    )
     # The setting docs/results.md finds on the quality-per-memory front for a model this size: the
     # exits that predict (here the last one) and a window of two thirds of the layers. (Checkpointing
     # the window would cut its memory further; a 135M model does not need it, and on a CPU every
@@ -228,7 +269,7 @@ def _run_demo(steps: int, seed: int, out_dir: str | Path, seq_len: int) -> DemoR
     )
 
     # Schedule for an edge device, export, and check the bundle reproduces the model.
-    _phase(4, "scheduling for a Jetson Orin Nano, exporting the bundle and GGUF, re-running the bundle")
+    phases.start(4, "scheduling for a Jetson Orin Nano, exporting the bundle and GGUF, re-running the bundle")
     device = builtin_device("jetson-orin-nano-8gb")
     plan = schedule(model, device, Workload(prompt_tokens=256, decode_tokens=64))
     report.add(
@@ -260,6 +301,7 @@ def _run_demo(steps: int, seed: int, out_dir: str | Path, seq_len: int) -> DemoR
         f" reference executor agrees with the tuned model on {agreement:.1%} of next tokens",
     )
     report.seconds = time.perf_counter() - start
+    phases.save()
     return report
 
 
