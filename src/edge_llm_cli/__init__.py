@@ -17,10 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
+
+# Loggers that warn while the stack imports, with nothing the user can act on: torchao (which
+# transformers imports when it is installed, as executorch installs it) about optional kernels for
+# other hardware, torch about an API torchao still calls.
+IMPORT_NOISE = ("torchao", "torch.utils._pytree")
 
 CHOICES: dict[str, Any] = json.loads(Path(__file__).with_name("choices.json").read_text())
 
@@ -291,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"edge-llm {args.command}: error: {error}", file=sys.stderr)
         return 2
+    for name in IMPORT_NOISE:
+        logging.getLogger(name).setLevel(logging.ERROR)
     from edge_llm.cli import run
 
     return run(args)
