@@ -447,7 +447,7 @@ def test_luc_codes_go_into_executorch_int4_blocks_unchanged(bits, sparsity):
     assert ((int4.dequantize() - reference).view(256, 8, 64).abs() <= step * 0.51 + 1e-6).all()
 
 
-def test_export_targets_are_checked_before_any_work(tmp_path):
+def test_export_targets_are_checked_before_any_work(tmp_path, monkeypatch):
     from edge_llm.export.targets import EXPORT_TARGETS
 
     model = adapted_model()
@@ -459,6 +459,9 @@ def test_export_targets_are_checked_before_any_work(tmp_path):
         export(model, plan, tmp_path / "b", targets="gguf")
     with pytest.raises(ValueError, match="target_options names 'executorch', which is not among the targets"):
         export(model, plan, tmp_path / "c", targets=["gguf"], target_options={"executorch": {"max_seq_len": 8}})
+    monkeypatch.setitem(__import__("sys").modules, "executorch", None)  # as if not installed
+    with pytest.raises(ImportError, match="pip install executorch"):
+        export(model, plan, tmp_path / "d", targets=["executorch"])
     assert not any(tmp_path.iterdir())
 
 

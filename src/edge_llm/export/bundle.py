@@ -146,6 +146,8 @@ def _lowerings(
     if isinstance(targets, str):
         raise TypeError(f"targets must be a list of target names, e.g. [{targets!r}], not a string.")
     chosen = [EXPORT_TARGETS.lookup(name) for name in dict.fromkeys(targets)]
+    for target in chosen:
+        target.available()
     options = dict(target_options or {})
     for name in options:
         if name not in {target.name for target in chosen}:

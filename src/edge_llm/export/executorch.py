@@ -53,7 +53,7 @@ XNNPACK_BLOCK = 32  # XNNPACK's 4-bit blockwise kernel takes blocks that are mul
 INT4_RANGE = (-8, 7)
 
 
-def _require_executorch() -> None:
+def require_executorch() -> None:
     try:
         import executorch  # noqa: F401
         import torchao  # noqa: F401
@@ -167,7 +167,7 @@ def quantize_for_xnnpack(
     when tied (the table for the lookup, the head packed inside XNNPACK's blob): a quarter of a
     135M-parameter model each in float32. `head_bits=8` stores the head in int8 per output channel
     (int8 activations; None: float32), `half_embeddings` the table in float16."""
-    _require_executorch()
+    require_executorch()
     if head_bits not in (None, 8):
         raise ValueError(f"head_bits must be 8 (int8 per output channel) or None (float32), got {head_bits!r}.")
     edge_config = edge_config_of(model)

@@ -11,19 +11,21 @@ from typing import Any
 from torch import nn
 
 from edge_llm._registry import Registry
-from edge_llm.export.executorch import write_pte
+from edge_llm.export.executorch import require_executorch, write_pte
 from edge_llm.export.gguf import write_gguf
 
 
 @dataclass(frozen=True)
 class ExportTarget:
     """A runtime format: the file it writes in the bundle and how (`write(model, path, tokenizer,
-    schedule, **options)`; options are the target's own keyword arguments, from `target_options`)."""
+    schedule, **options)`; options are the target's own keyword arguments, from `target_options`);
+    `available` raises, naming what to install, when the target cannot run here."""
 
     name: str
     filename: str
     runtime: str
     write: Callable[..., Path]
+    available: Callable[[], None] = lambda: None
 
 
 def _gguf(model: nn.Module, path: Path, tokenizer: Any, schedule: Any, **options: Any) -> Path:
@@ -38,4 +40,6 @@ def _executorch(model: nn.Module, path: Path, tokenizer: Any, schedule: Any, **o
 
 EXPORT_TARGETS: Registry[ExportTarget] = Registry("export target")
 EXPORT_TARGETS.register(ExportTarget("gguf", "model.gguf", "llama.cpp", _gguf))
-EXPORT_TARGETS.register(ExportTarget("executorch", "model.pte", "ExecuTorch (XNNPACK)", _executorch))
+EXPORT_TARGETS.register(
+    ExportTarget("executorch", "model.pte", "ExecuTorch (XNNPACK)", _executorch, require_executorch)
+)
