@@ -1,6 +1,7 @@
 """Bundles: export, verification, the reference executor, and GGUF lowering."""
 
 import json
+import sys
 from importlib.resources import files
 
 import numpy as np
@@ -459,7 +460,7 @@ def test_export_targets_are_checked_before_any_work(tmp_path, monkeypatch):
         export(model, plan, tmp_path / "b", targets="gguf")
     with pytest.raises(ValueError, match="target_options names 'executorch', which is not among the targets"):
         export(model, plan, tmp_path / "c", targets=["gguf"], target_options={"executorch": {"max_seq_len": 8}})
-    monkeypatch.setitem(__import__("sys").modules, "executorch", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "executorch", None)  # as if not installed
     with pytest.raises(ImportError, match="pip install executorch"):
         export(model, plan, tmp_path / "d", targets=["executorch"])
     assert not any(tmp_path.iterdir())
