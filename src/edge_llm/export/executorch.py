@@ -83,8 +83,10 @@ def _activation_quantization():
 @torch.no_grad()
 def int4_weight(module: nn.Module, with_adapter: bool, block: int, counts: Counter) -> Any:
     """`module`'s weight as a torchao int4 weight (symmetric, per block of `block` columns, int8
-    activations): LUC's codes where they fit int4 and no LoRA update is folded in, else the float
-    weight re-quantized. Counts blocks in `counts` ("LUC codes" / "re-quantized")."""
+    activations), block by block the closer of two encodings to the weight it computes with:
+    LUC's codes as `code - zero_point` with LUC's scale, values outside int4's [-8, 7] clipped to
+    it (exact when none is: every 2- and 3-bit block), or the float weight re-quantized. A layer
+    with a LoRA update folded in is re-quantized. Counts blocks in `counts`."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
 
     weight = effective_weight(module, with_adapter)
@@ -93,20 +95,29 @@ def int4_weight(module: nn.Module, with_adapter: bool, block: int, counts: Count
     )
     layer = base_layer(module)
     rows, blocks = quantized.scale.shape
-    exact = torch.zeros(rows, blocks, dtype=torch.bool)
-    if isinstance(layer, LUCLinear) and not folded_adapters(module, with_adapter) and layer.bits <= 4:
-        per_group = layer.group_size // block
-        zero = layer.weight_zeros.float().repeat_interleave(per_group, dim=1)[:, :blocks]
-        scale = layer.weight_scales.float().repeat_interleave(per_group, dim=1)[:, :blocks]
-        mask = layer.mask()
-        codes = layer.codes(mask).float().view(rows, blocks, block) - zero[..., None]
-        if mask is not None:
-            codes = codes.masked_fill(~mask.view(rows, blocks, block), 0.0)  # pruned: exactly zero
-        exact = ((codes >= INT4_RANGE[0]) & (codes <= INT4_RANGE[1])).all(dim=-1)
-        quantized.qdata.view(rows, blocks, block)[exact] = codes[exact].to(torch.int8)
-        quantized.scale[exact] = scale[exact]
+    if not isinstance(layer, LUCLinear) or folded_adapters(module, with_adapter) or layer.bits > 4:
+        counts["int4 blocks re-quantized"] += rows * blocks
+        return quantized
+    per_group = layer.group_size // block
+    zero = layer.weight_zeros.float().repeat_interleave(per_group, dim=1)[:, :blocks, None]
+    scale = layer.weight_scales.float().repeat_interleave(per_group, dim=1)[:, :blocks]
+    mask = layer.mask()
+    codes = layer.codes(mask).float().view(rows, blocks, block) - zero
+    if mask is not None:
+        codes = codes.masked_fill(~mask.view(rows, blocks, block), 0.0)  # pruned: exactly zero
+    clipped = codes.clamp(*INT4_RANGE)
+    # A 4-bit group's codes span 16 values around its zero-point, int4's 8 below and 7 above: a
+    # group whose zero-point is not 8 loses one step on its extreme weights, often less error than
+    # re-quantizing all of them.
+    clip_error = ((clipped - codes) * scale[..., None]).square().sum(-1)
+    requantized_error = quantized.dequantize().view(rows, blocks, block) - weight.view(rows, blocks, block)
+    use_luc = clip_error <= requantized_error.square().sum(-1)
+    quantized.qdata.view(rows, blocks, block)[use_luc] = clipped[use_luc].to(torch.int8)
+    quantized.scale[use_luc] = scale[use_luc]
+    exact = (clip_error == 0) & use_luc
     counts["int4 blocks holding LUC's codes"] += int(exact.sum())
-    counts["int4 blocks re-quantized"] += int((~exact).sum())
+    counts["int4 blocks holding LUC's codes, extremes clipped"] += int((use_luc & ~exact).sum())
+    counts["int4 blocks re-quantized"] += int((~use_luc).sum())
     return quantized
 
 
