@@ -10,11 +10,11 @@ How LUC's per-layer bits map. XNNPACK's quantized linear kernels take symmetric 
 per group or 8-bit per output channel, and quantize activations to int8 per token at run time:
 - 2-4-bit layers -> int4 per group ("8da4w"), blocks of LUC's group size (or the largest divisor
   of it that also divides the row, as long as it is a multiple of 32). LUC's codes go in unchanged as
-  `code - zero_point` with LUC's scale wherever they fit int4's [-8, 7]: every 2- and 3-bit group, and
-  4-bit groups whose codes stay within 8 below / 7 above their zero-point. Pruned weights sit at the
-  zero-point and stay exact zeros. The other groups, and layers with a LoRA update folded in, are
-  re-quantized from the float weight they compute with. XNNPACK stores the scales in bfloat16
-  (LUC's are float16), which rounds them by up to 2^-9.
+  `code - zero_point` with LUC's scale: exact for every 2- and 3-bit group. A 4-bit group spans 16
+  levels around its zero-point and symmetric int4 holds 8 below and 7 above, so a block takes the
+  closer of its codes with the extremes clipped and its float weight re-quantized. Pruned weights
+  sit at the zero-point and stay exact zeros. Layers with a LoRA update folded in are re-quantized.
+  XNNPACK stores the scales in bfloat16 (LUC's are float16), which rounds them by up to 2^-9.
 - 5-8-bit layers -> int8 per output channel ("8da8w"), re-quantized: XNNPACK has no grouped 8-bit
   kernel.
 - Layers LUC left in float, and norms -> float32; the LM head -> int8 per output channel and the
