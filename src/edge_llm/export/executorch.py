@@ -9,12 +9,14 @@ can drive it (the `get_max_seq_len`-style constant methods it reads are written 
 How LUC's per-layer bits map. XNNPACK's quantized linear kernels take symmetric weights only, 4-bit
 per group or 8-bit per output channel, and quantize activations to int8 per token at run time:
 - 2-4-bit layers -> int4 per group ("8da4w"), blocks of LUC's group size (or the largest divisor
-  of it that also divides the row, as long as it is a multiple of 32). LUC's codes go in unchanged as
-  `code - zero_point` with LUC's scale: exact for every 2- and 3-bit group. A 4-bit group spans 16
-  levels around its zero-point and symmetric int4 holds 8 below and 7 above, so a block takes the
-  closer of its codes with the extremes clipped and its float weight re-quantized. Pruned weights
-  sit at the zero-point and stay exact zeros. Layers with a LoRA update folded in are re-quantized.
-  XNNPACK stores the scales in bfloat16 (LUC's are float16), which rounds them by up to 2^-9.
+  of it that also divides the row, as long as it is a multiple of 32), holding LUC's codes and
+  scales: exactly LUC's weights. 2- and 3-bit codes fit as `code - zero_point`; a 4-bit group spans
+  16 levels around its zero-point, which symmetric int4 cannot hold, so its codes go in as
+  `code - 8` and the zero-points as a small float matrix of per-block offsets
+  (`ZeroPointLinear`: `y = x @ W.T + blocksum(x) @ offsets.T`, a block-th of the work). Pruned
+  weights sit at the zero-point and stay exact zeros (blocks whose zero-point lies outside the
+  codes are re-quantized, as are layers with a LoRA update folded in). XNNPACK stores the scales in
+  bfloat16 (LUC's are float16), which rounds them by up to 2^-9.
 - 5-8-bit layers -> int8 per output channel ("8da8w"), re-quantized: XNNPACK has no grouped 8-bit
   kernel.
 - Layers LUC left in float, and norms -> float32; the LM head -> int8 per output channel and the
@@ -80,45 +82,64 @@ def _activation_quantization():
     return IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN
 
 
+class ZeroPointLinear(nn.Module):
+    """A Linear whose symmetric int4 weight holds LUC's codes and whose zero-points ride in a small
+    float matrix: LUC computes `(q - z) * s` per group, which is `(q - 8) * s`, exactly an int4 code
+    with LUC's scale, plus `(8 - z) * s`, one constant per (row, block). So
+    `y = x @ W_int4.T + blocksum(x) @ offsets.T`: the second product has one column per block, a
+    block-th of the first's work, and the layer computes LUC's weight exactly."""
+
+    def __init__(self, linear: nn.Linear, offsets: torch.Tensor) -> None:
+        super().__init__()
+        self.linear = linear
+        self.block = linear.in_features // offsets.shape[1]
+        self.register_buffer("offsets", offsets)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sums = x.unflatten(-1, (self.offsets.shape[1], self.block)).sum(-1)
+        return self.linear(x) + sums @ self.offsets.T
+
+
 @torch.no_grad()
-def int4_weight(module: nn.Module, with_adapter: bool, block: int, counts: Counter) -> Any:
-    """`module`'s weight as a torchao int4 weight (symmetric, per block of `block` columns, int8
-    activations), block by block the closer of two encodings to the weight it computes with:
-    LUC's codes as `code - zero_point` with LUC's scale, values outside int4's [-8, 7] clipped to
-    it (exact when none is: every 2- and 3-bit block), or the float weight re-quantized. A layer
-    with a LoRA update folded in is re-quantized. Counts blocks in `counts`."""
+def int4_linear(linear: nn.Linear, module: nn.Module, with_adapter: bool, block: int, counts: Counter) -> nn.Module:
+    """`linear` (holding `module`'s float weight) with a torchao int4 weight (symmetric, per block
+    of `block` columns, int8 activations). A LUC layer keeps its codes: unchanged where
+    `code - zero_point` fits int4's [-8, 7] (every 2- and 3-bit layer), else as a `ZeroPointLinear`.
+    Blocks whose pruned weights sit on a zero-point outside the codes, and layers with a LoRA update
+    folded in, are re-quantized from the float weight. Counts blocks in `counts`."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
 
     weight = effective_weight(module, with_adapter)
     quantized = IntxUnpackedToInt8Tensor.from_hp(
         weight, (1, block), torch.int4, activation_quantization=_activation_quantization()
     )
+    linear.weight = nn.Parameter(quantized, requires_grad=False)
     layer = base_layer(module)
     rows, blocks = quantized.scale.shape
     if not isinstance(layer, LUCLinear) or folded_adapters(module, with_adapter) or layer.bits > 4:
         counts["int4 blocks re-quantized"] += rows * blocks
-        return quantized
+        return linear
     per_group = layer.group_size // block
-    zero = layer.weight_zeros.float().repeat_interleave(per_group, dim=1)[:, :blocks, None]
+    zero = layer.weight_zeros.float().repeat_interleave(per_group, dim=1)[:, :blocks]
     scale = layer.weight_scales.float().repeat_interleave(per_group, dim=1)[:, :blocks]
     mask = layer.mask()
-    codes = layer.codes(mask).float().view(rows, blocks, block) - zero
-    if mask is not None:
-        codes = codes.masked_fill(~mask.view(rows, blocks, block), 0.0)  # pruned: exactly zero
-    clipped = codes.clamp(*INT4_RANGE)
-    # A 4-bit group's codes span 16 values around its zero-point, int4's 8 below and 7 above: a
-    # group whose zero-point is not 8 loses one step on its extreme weights, often less error than
-    # re-quantizing all of them.
-    clip_error = ((clipped - codes) * scale[..., None]).square().sum(-1)
-    requantized_error = quantized.dequantize().view(rows, blocks, block) - weight.view(rows, blocks, block)
-    use_luc = clip_error <= requantized_error.square().sum(-1)
-    quantized.qdata.view(rows, blocks, block)[use_luc] = clipped[use_luc].to(torch.int8)
-    quantized.scale[use_luc] = scale[use_luc]
-    exact = (clip_error == 0) & use_luc
-    counts["int4 blocks holding LUC's codes"] += int(exact.sum())
-    counts["int4 blocks holding LUC's codes, extremes clipped"] += int((use_luc & ~exact).sum())
-    counts["int4 blocks re-quantized"] += int((~use_luc).sum())
-    return quantized
+    kept = torch.ones(rows, blocks, block, dtype=torch.bool) if mask is None else mask.view(rows, blocks, block)
+    # Pruned weights are 0: their code is the zero-point, which a group may put outside [0, 15].
+    codes = torch.where(kept, layer.codes(mask).float().view(rows, blocks, block), zero[..., None])
+    centered = codes - zero[..., None]
+    if ((centered >= INT4_RANGE[0]) & (centered <= INT4_RANGE[1])).all():
+        # int4 holds `code - zero_point` itself: LUC's weight with no offsets.
+        quantized.qdata.copy_(centered.view(rows, -1).to(torch.int8))
+        quantized.scale.copy_(scale)
+        counts["int4 blocks holding LUC's codes"] += rows * blocks
+        return linear
+    on_grid = ((zero >= 0) & (zero <= 15)) | kept.all(-1)
+    quantized.qdata.view(rows, blocks, block)[on_grid] = (codes[on_grid] - 8).to(torch.int8)
+    quantized.scale[on_grid] = scale[on_grid]
+    offsets = torch.where(on_grid, (8 - zero) * scale, torch.zeros_like(scale))
+    counts["int4 blocks holding LUC's codes"] += int(on_grid.sum())
+    counts["int4 blocks re-quantized"] += int((~on_grid).sum())
+    return ZeroPointLinear(linear, offsets)
 
 
 @torch.no_grad()
@@ -196,12 +217,11 @@ def quantize_for_xnnpack(
             module = layer.get_submodule(name)
             block = int4_block(base_layer(module), linear.in_features)
             if bits <= 4 and block is not None:
-                weight = int4_weight(module, index in adapted, block, counts)
+                target.set_submodule(name, int4_linear(linear, module, index in adapted, block, counts))
                 counts["int4 Linears"] += 1
             else:
-                weight = int8_weight(module, index in adapted)
+                linear.weight = nn.Parameter(int8_weight(module, index in adapted), requires_grad=False)
                 counts["int8 Linears"] += 1
-            linear.weight = nn.Parameter(weight, requires_grad=False)
     head = plain.get_output_embeddings()
     if head_bits == 8 and isinstance(head, nn.Linear):
         head.weight = nn.Parameter(int8_weight(head, False), requires_grad=False)  # unties it from the table

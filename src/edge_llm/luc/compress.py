@@ -17,6 +17,7 @@ from edge_llm.modeling import find_decoder_parts
 
 logger = logging.getLogger(__name__)
 
+
 def compress_weight(
     weight: torch.Tensor,
     bits: int,

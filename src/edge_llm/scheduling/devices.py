@@ -30,6 +30,7 @@ from edge_llm.scheduling.kernels import KERNEL_NAMES, with_kernel_names
 DEVICE_FORMAT = "edge-llm/device-profile"
 DEVICE_VERSION = 1
 
+
 @dataclass(frozen=True)
 class Kernel:
     """A matmul kernel: sustained FLOP/s, and weights/s for on-the-fly dequantization (0: none).
