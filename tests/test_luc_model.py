@@ -375,7 +375,7 @@ def test_long_profiling_is_announced_with_an_estimate(monkeypatch, caplog):
     assert any("will take about" in m and "4 layers x 2 candidate settings" in m for m in messages)
 
 
-def test_the_profile_cache_is_found_whatever_the_dtype(tmp_path, monkeypatch):
+def test_the_profile_cache_is_found_whatever_the_dtype_path_or_budget(tmp_path, monkeypatch):
     import edge_llm.luc.profile as profile_module
 
     # Values a bfloat16 checkpoint holds, loaded as float32 (an exact upcast), then as bfloat16.
@@ -385,3 +385,7 @@ def test_the_profile_cache_is_found_whatever_the_dtype(tmp_path, monkeypatch):
     monkeypatch.setattr(profile_module, "_measure", lambda *a, **k: pytest.fail("profile was recomputed"))
     again = profile_sensitivity(model.to(torch.bfloat16), calibration(), **settings)
     assert again.damage == first.damage
+    # The same checkpoint from another folder, while a LUC budget is being applied to it.
+    model.config._name_or_path = str(tmp_path / "a-copy")
+    model.config.quantization_config = {"quant_method": "edge_llm_luc", "avg_bits": 3.0}
+    assert profile_sensitivity(model, calibration(), **settings).damage == first.damage

@@ -92,12 +92,18 @@ class SensitivityProfile:
         return cls(**data)
 
 
+# Config entries that do not change what a profile measures: where the checkpoint was loaded from
+# and in which dtype (the values are hashed instead), the writing library's version, and the LUC
+# budget being asked for (the method and candidates are in the settings).
+_NOT_FINGERPRINTED = ("dtype", "torch_dtype", "_name_or_path", "transformers_version", "quantization_config")
+
+
 def _fingerprint(model: nn.Module, tokens: torch.Tensor, settings: dict) -> str:
-    """The model's values, not its dtype: the same checkpoint loaded in bfloat16 or float32 (an
-    exact upcast) finds the same cached profile."""
+    """The model's values, not its dtype or path: the same checkpoint loaded in bfloat16 or float32
+    (an exact upcast), from any folder, under any budget, finds the same cached profile."""
     digest = hashlib.blake2b(digest_size=20)
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    config = {k: v for k, v in model.config.to_dict().items() if k not in ("dtype", "torch_dtype")}
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _NOT_FINGERPRINTED}
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         values = tensor.detach().cpu()
