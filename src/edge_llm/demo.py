@@ -92,7 +92,7 @@ def _weight_bytes(model: torch.nn.Module) -> int:
 _PHASES = 4
 # Seconds each phase took on a 2-core AMD EPYC CPU (a cold cache for phase 2: profiling; 40 tuning
 # steps), the estimate of a first run; later runs scale what the previous run took on this machine.
-REFERENCE_SECONDS = {1: 25, 2: 150, 3: 110, 4: 40}
+REFERENCE_SECONDS = {1: 25, 2: 65, 3: 90, 4: 10}
 
 
 class _Phases:
