@@ -499,3 +499,13 @@ def test_executorch_runs_the_exported_program_and_agrees_with_pytorch(tmp_path):
     forward.execute([tokens[:, :40], torch.arange(40)])
     step = forward.execute([tokens[:, 40:41], torch.tensor([40])])[0][0, -1]
     torch.testing.assert_close(step, theirs[40], rtol=1e-4, atol=1e-4)
+
+
+def test_executorch_refuses_an_adapter_it_would_lose():
+    pytest.importorskip("torchao")
+    from edge_llm.export.executorch import quantize_for_xnnpack
+
+    model = tiny_model("gpt2", 2)  # Conv1D layers: LoRA wraps them, the float copy has no Linear there
+    model = get_peft_model(model, edge_llm.EdgeLLMConfig(r=4, target_modules=["c_attn"], exit_layers=[1]))
+    with pytest.raises(ValueError, match=r"class; transformer\.h\.0\.attn\.c_attn is a Conv1D there"):
+        quantize_for_xnnpack(model)

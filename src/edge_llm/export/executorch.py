@@ -169,8 +169,16 @@ def _float_copy(base: nn.Module, adapted: set[int]) -> nn.Module:
         if isinstance(plain.get_submodule(owner), nn.Linear) and attribute == "weight":
             index = int(owner[len(decoder) :].split(".", 1)[0]) if owner.startswith(decoder) else None
             state[name] = effective_weight(original, index is None or index in adapted)
+        elif base_layer(original) is not original:
+            # A LoRA-wrapped layer that the model's class does not make a Linear (GPT-2's Conv1D;
+            # LUC compresses Linears only): its update would be lost.
+            raise ValueError(
+                f"ExecuTorch export folds LoRA updates into layers that are nn.Linear in the model's class; "
+                f"{owner} is a {type(plain.get_submodule(owner)).__name__} there. Merge the adapter first "
+                "(merge_and_unload()), or export to GGUF."
+            )
         else:
-            state[name] = getattr(base_layer(original), attribute).detach().float()
+            state[name] = getattr(original, attribute).detach().float()
     plain.load_state_dict(state, strict=True)
     return plain
 
