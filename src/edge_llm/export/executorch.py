@@ -10,10 +10,11 @@ How LUC's per-layer bits map. XNNPACK's quantized linear kernels take symmetric 
 per group or 8-bit per output channel, and quantize activations to int8 per token at run time:
 - 2-4-bit layers -> int4 per group ("8da4w"), blocks of LUC's group size (or the largest divisor
   of it that also divides the row, as long as it is a multiple of 32), holding LUC's codes and
-  scales: exactly LUC's weights. 2- and 3-bit codes fit as `code - zero_point`; a 4-bit group spans
-  16 levels around its zero-point, which symmetric int4 cannot hold, so its codes go in as
-  `code - 8` and the zero-points as a small float matrix of per-block offsets
-  (`ZeroPointLinear`: `y = x @ W.T + blocksum(x) @ offsets.T`, a block-th of the work). Pruned
+  scales: exactly LUC's weights. A layer whose every `code - zero_point` fits int4's [-8, 7] (2-
+  and 3-bit layers whose zero-points lie among their codes) holds those; otherwise (every 4-bit
+  layer: 16 levels around a zero-point do not fit symmetric int4) its codes go in as `code - 8` and
+  the zero-points as a small float matrix of per-block offsets (`ZeroPointLinear`:
+  `y = x @ W.T + blocksum(x) @ offsets.T`, a block-th of the work). Pruned
   weights sit at the zero-point and stay exact zeros (blocks whose zero-point lies outside the
   codes are re-quantized, as are layers with a LoRA update folded in). XNNPACK stores the scales in
   bfloat16 (LUC's are float16), which rounds them by up to 2^-9.
