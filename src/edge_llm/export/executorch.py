@@ -101,6 +101,31 @@ class ZeroPointLinear(nn.Module):
         return self.linear(x) + sums @ self.offsets.T
 
 
+def _int_weight(qdata: torch.Tensor, scale: torch.Tensor, bits: int) -> Any:
+    """A torchao weight XNNPACK runs: symmetric `bits`-bit codes (int8 storage, rows x columns) with
+    one float32 scale per (row, block), int8 activations per token."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
+
+    block = qdata.shape[1] // scale.shape[1]
+    zero_point = torch.zeros_like(scale, dtype=torch.int8)
+    target = getattr(torch, f"int{bits}")
+    return IntxUnpackedToInt8Tensor(
+        qdata, scale, zero_point, target, (1, block), torch.float32, _activation_quantization()
+    )
+
+
+@torch.no_grad()
+def requantized(module: nn.Module, with_adapter: bool, block: int, bits: int) -> Any:
+    """`module`'s float weight re-quantized by torchao: symmetric `bits`-bit codes per block of
+    `block` columns (the whole row: per output channel), int8 activations."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
+
+    weight = effective_weight(module, with_adapter)
+    return IntxUnpackedToInt8Tensor.from_hp(
+        weight, (1, block), getattr(torch, f"int{bits}"), activation_quantization=_activation_quantization()
+    )
+
+
 @torch.no_grad()
 def int4_linear(linear: nn.Linear, module: nn.Module, with_adapter: bool, block: int, counts: Counter) -> nn.Module:
     """`linear` (holding `module`'s float weight) with a torchao int4 weight (symmetric, per block
@@ -108,18 +133,12 @@ def int4_linear(linear: nn.Linear, module: nn.Module, with_adapter: bool, block:
     `code - zero_point` fits int4's [-8, 7] (every 2- and 3-bit layer), else as a `ZeroPointLinear`.
     Blocks whose pruned weights sit on a zero-point outside the codes, and layers with a LoRA update
     folded in, are re-quantized from the float weight. Counts blocks in `counts`."""
-    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
-
-    weight = effective_weight(module, with_adapter)
-    quantized = IntxUnpackedToInt8Tensor.from_hp(
-        weight, (1, block), torch.int4, activation_quantization=_activation_quantization()
-    )
-    linear.weight = nn.Parameter(quantized, requires_grad=False)
     layer = base_layer(module)
-    rows, blocks = quantized.scale.shape
     if not isinstance(layer, LUCLinear) or folded_adapters(module, with_adapter) or layer.bits > 4:
-        counts["int4 blocks re-quantized"] += rows * blocks
+        linear.weight = nn.Parameter(requantized(module, with_adapter, block, 4), requires_grad=False)
+        counts["int4 blocks re-quantized"] += linear.weight.scale.numel()
         return linear
+    rows, blocks = layer.out_features, layer.in_features // block
     per_group = layer.group_size // block
     zero = layer.weight_zeros.float().repeat_interleave(per_group, dim=1)[:, :blocks]
     scale = layer.weight_scales.float().repeat_interleave(per_group, dim=1)[:, :blocks]
@@ -130,28 +149,20 @@ def int4_linear(linear: nn.Linear, module: nn.Module, with_adapter: bool, block:
     centered = codes - zero[..., None]
     if ((centered >= INT4_RANGE[0]) & (centered <= INT4_RANGE[1])).all():
         # int4 holds `code - zero_point` itself: LUC's weight with no offsets.
-        quantized.qdata.copy_(centered.view(rows, -1).to(torch.int8))
-        quantized.scale.copy_(scale)
+        linear.weight = nn.Parameter(_int_weight(centered.view(rows, -1).to(torch.int8), scale, 4), requires_grad=False)
         counts["int4 blocks holding LUC's codes"] += rows * blocks
         return linear
     on_grid = ((zero >= 0) & (zero <= 15)) | kept.all(-1)
-    quantized.qdata.view(rows, blocks, block)[on_grid] = (codes[on_grid] - 8).to(torch.int8)
-    quantized.scale[on_grid] = scale[on_grid]
+    codes = codes - 8
+    if not on_grid.all():  # re-quantize only the blocks LUC's codes cannot hold
+        fallback = requantized(module, False, block, 4)
+        codes[~on_grid] = fallback.qdata.view(rows, blocks, block)[~on_grid].float()
+        scale = torch.where(on_grid, scale, fallback.scale)
+    linear.weight = nn.Parameter(_int_weight(codes.view(rows, -1).to(torch.int8), scale, 4), requires_grad=False)
     offsets = torch.where(on_grid, (8 - zero) * scale, torch.zeros_like(scale))
     counts["int4 blocks holding LUC's codes"] += int(on_grid.sum())
     counts["int4 blocks re-quantized"] += int((~on_grid).sum())
     return ZeroPointLinear(linear, offsets)
-
-
-@torch.no_grad()
-def int8_weight(module: nn.Module, with_adapter: bool) -> Any:
-    """`module`'s float weight re-quantized to int8 per output channel (symmetric, int8 activations)."""
-    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
-
-    weight = effective_weight(module, with_adapter)
-    return IntxUnpackedToInt8Tensor.from_hp(
-        weight, (1, weight.shape[1]), torch.int8, activation_quantization=_activation_quantization()
-    )
 
 
 def _float_copy(base: nn.Module, adapted: set[int]) -> nn.Module:
@@ -229,11 +240,14 @@ def quantize_for_xnnpack(
                 target.set_submodule(name, int4_linear(linear, module, index in adapted, block, counts))
                 counts["int4 Linears"] += 1
             else:
-                linear.weight = nn.Parameter(int8_weight(module, index in adapted), requires_grad=False)
+                linear.weight = nn.Parameter(
+                    requantized(module, index in adapted, linear.in_features, 8), requires_grad=False
+                )
                 counts["int8 Linears"] += 1
     head = plain.get_output_embeddings()
     if head_bits == 8 and isinstance(head, nn.Linear):
-        head.weight = nn.Parameter(int8_weight(head, False), requires_grad=False)  # unties it from the table
+        # A new parameter: unties the head from the embedding table.
+        head.weight = nn.Parameter(requantized(head, False, head.in_features, 8), requires_grad=False)
         counts["int8 LM head"] += 1
     if half_embeddings:
         plain.set_input_embeddings(HalfEmbedding(plain.get_input_embeddings().weight))
