@@ -1,8 +1,7 @@
 import logging
 
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tiny_models import save_llama_with_smollm2_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -14,25 +13,7 @@ def _quiet_transformers():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A 4-layer Llama with SmolLM2's tokenizer, saved like any transformers model."""
-    from edge_llm.assets import smollm2_135m
-
-    path = tmp_path_factory.mktemp("tiny")
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_135m())
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_llama_with_smollm2_tokenizer(tmp_path_factory.mktemp("tiny"), num_layers=4)
 
 
 @pytest.fixture(scope="session")

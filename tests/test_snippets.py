@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import save_llama_with_smollm2_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
@@ -46,27 +47,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def deep_dir(tmp_path_factory):
     """SmolLM2's depth (30 layers) and tokenizer at hidden size 64, saved like any transformers model."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from edge_llm.assets import smollm2_135m
-
-    path = tmp_path_factory.mktemp("deep")
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_135m())
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=30,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_llama_with_smollm2_tokenizer(tmp_path_factory.mktemp("deep"), num_layers=30)
 
 
 def _given(deep_dir: Path, tmp_path: Path) -> dict:

