@@ -298,6 +298,17 @@ def gguf_llama():
     return LlamaForCausalLM(config)
 
 
+def adapted_gguf_llama(policy):
+    """`gguf_llama` LUC-compressed with `policy` (RTN, magnitude, groups of 32) and an Edge-LLM
+    adapter on q_proj at exit 1 (voting "last"), LoRA initialised non-zero."""
+    model = gguf_llama()
+    compress_model(model, policy, CompressionMethod(32, "rtn", "magnitude"), progress=False)
+    return get_peft_model(
+        model,
+        edge_llm.EdgeLLMConfig(r=4, target_modules=["q_proj"], exit_layers=[1], voting="last", init_lora_weights=False),
+    ).eval()
+
+
 def test_gguf_file_has_per_layer_types_and_edge_metadata(tmp_path):
     import gguf
 
@@ -333,17 +344,10 @@ def test_gguf_file_has_per_layer_types_and_edge_metadata(tmp_path):
 
 def test_llama_cpp_loads_the_gguf_and_agrees_with_pytorch(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
-    model = gguf_llama()
     # 2- to 5-bit codes go into Q4_1/Q5_1 blocks unchanged, 8-bit into Q8_0.
     # The last exit's window carries the adapter (folded in: re-quantized); llama.cpp also quantizes
     # activations to 8 bits.
-    compress_model(
-        model, [(2, 0.0), (3, 0.5), (5, 0.0), (8, 0.0)], CompressionMethod(32, "rtn", "magnitude"), progress=False
-    )
-    model = get_peft_model(
-        model,
-        edge_llm.EdgeLLMConfig(r=4, target_modules=["q_proj"], exit_layers=[1], voting="last", init_lora_weights=False),
-    ).eval()
+    model = adapted_gguf_llama([(2, 0.0), (3, 0.5), (5, 0.0), (8, 0.0)])
     path = write_gguf(model, tmp_path / "model.gguf", tokenizer=_ToyTokenizer())
     runtime = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     try:
@@ -468,17 +472,10 @@ def test_executorch_runs_the_exported_program_and_agrees_with_pytorch(tmp_path):
     pytest.importorskip("executorch")
     from executorch.runtime import Runtime
 
-    model = gguf_llama()
-    # 2-4-bit layers go to int4 blocks (LUC's codes where they fit), 8-bit to int8 per channel; the
-    # last exit's window carries the adapter (folded in: re-quantized); XNNPACK also quantizes
+    # 2-4-bit layers go to int4 blocks holding LUC's codes, 8-bit to int8 per channel; the last
+    # exit's window carries the adapter (folded in: re-quantized); XNNPACK also quantizes
     # activations to int8 per token.
-    compress_model(
-        model, [(2, 0.0), (3, 0.5), (4, 0.0), (8, 0.0)], CompressionMethod(32, "rtn", "magnitude"), progress=False
-    )
-    model = get_peft_model(
-        model,
-        edge_llm.EdgeLLMConfig(r=4, target_modules=["q_proj"], exit_layers=[1], voting="last", init_lora_weights=False),
-    ).eval()
+    model = adapted_gguf_llama([(2, 0.0), (3, 0.5), (4, 0.0), (8, 0.0)])
     plan = schedule(model, cpu_device(10**9), Workload(prompt_tokens=48, decode_tokens=8))
     out = export(model, plan, tmp_path / "bundle", targets=["executorch"])
     assert "model.pte" in verify_bundle(out)["files"]
