@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine
+from common import machine, spread
 
 COMMANDS = {
     "edge-llm --help": ["--help"],
@@ -60,7 +59,7 @@ def main() -> None:
         cells = []
         for label in variants:
             values = times[(name, label)]
-            cells.append(f"{statistics.median(values):.2f} [{min(values):.2f}–{max(values):.2f}]")
+            cells.append(spread(values))
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

@@ -85,6 +85,11 @@ def training_arguments(output_dir: str, args, **overrides) -> TrainingArguments:
     )
 
 
+def spread(values: list[float], digits: int = 2) -> str:
+    """Repeated measurements as `median [min–max]`."""
+    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}–{max(values):.{digits}f}]"
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"

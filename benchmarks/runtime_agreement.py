@@ -20,7 +20,6 @@ import copy
 import json
 import logging
 import math
-import statistics
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine
+from common import machine, spread
 
 SEQ_LEN = 256
 PROMPT, DECODE = 128, 32
@@ -202,9 +201,6 @@ def main() -> None:
     for name, row in rows.items():
         row.update({f"{kind}_tokens_per_s": values for kind, values in times[name].items()})
 
-    def spread(values: list[float]) -> str:
-        return f"{statistics.median(values):.0f} [{min(values):.0f}–{max(values):.0f}]"
-
     lines = [
         f"machine: {machine()}",
         f"SmolLM2-135M-Instruct exported with edge_llm.export ({args.runtime}), run in {runtime_name}; held-out: "
@@ -219,7 +215,7 @@ def main() -> None:
         lines.append(
             f"| {name} | {row['bytes'] / 2**20:.1f} | {row['pytorch_perplexity']:.2f} | "
             f"{row['runtime_perplexity']:.2f} | {row['top1_agreement']:.1%} | {row['mean_kl']:.4f} | "
-            f"{spread(row['prefill_tokens_per_s'])} | {spread(row['decode_tokens_per_s'])} |"
+            f"{spread(row['prefill_tokens_per_s'], 0)} | {spread(row['decode_tokens_per_s'], 0)} |"
         )
     print("\n".join(lines))
     if args.json:
