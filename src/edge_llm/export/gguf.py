@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from edge_llm.export.weights import adapted_layers, base_layer, effective_weight, folded_adapters, layer_bits
+from edge_llm.luc.ggml_linear import GGMLEmbedding, GGMLLinear
 from edge_llm.luc.integration import policy_of
 from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
 from edge_llm.modeling import find_decoder_parts
@@ -226,6 +227,10 @@ def _tensor_bytes(
     from gguf import GGMLQuantizationType as T
 
     base = base_layer(module)
+    if isinstance(base, GGMLLinear) and not folded_adapters(module, with_adapter):
+        encodings["LUC blocks"] += 1
+        blocks = base.weight.cpu().numpy()
+        return (_permute_rotary(blocks, rotary_heads) if rotary_heads else blocks), T[base.weight_type]
     columns = base.in_features
     wanted, qtype = gguf_type_for_bits(bits, k_quants=k_quants), gguf_type_for_bits(bits, columns, k_quants)
     if qtype != wanted:
@@ -300,8 +305,8 @@ def write_gguf(
     adapted = adapted_layers(edge_config, len(layers))
     fallbacks: Counter[tuple[str, str, int]] = Counter()  # (wanted type, used type, row length) -> tensors
     encodings: Counter[str] = Counter()  # "LUC codes" / "re-quantized" -> tensors
-    embed = base.get_input_embeddings().weight.detach().float().numpy()
-    writer.add_tensor("token_embd.weight", embed.astype(np.float16))
+    embedding, embedding_type = _embedding_bytes(base.get_input_embeddings())
+    writer.add_tensor("token_embd.weight", embedding, raw_dtype=embedding_type)
     for index, layer in enumerate(layers):
         bits = layer_bits(layer)
         for suffix, gguf_name in _LLAMA_TENSORS.items():
@@ -314,9 +319,17 @@ def write_gguf(
             writer.add_tensor(f"blk.{index}.{gguf_name}.weight", data[0], raw_dtype=data[1])
     writer.add_tensor("output_norm.weight", parts.norm(base).weight.detach().float().numpy())
     if not config.tie_word_embeddings:
-        writer.add_tensor("output.weight", effective_weight(parts.head(base)).numpy().astype(np.float16))
+        head = parts.head(base)
+        if isinstance(head, GGMLLinear):
+            writer.add_tensor(
+                "output.weight", head.weight.cpu().numpy(), raw_dtype=gguf.GGMLQuantizationType[head.weight_type]
+            )
+        else:
+            writer.add_tensor("output.weight", effective_weight(head).numpy().astype(np.float16))
     logger.info(
-        "GGUF: %d tensors hold LUC's codes unchanged, %d were re-quantized from their float weights",
+        "GGUF: %d tensors hold LUC's llama.cpp blocks unchanged, %d LUC's codes unchanged, %d were re-quantized "
+        "from their float weights",
+        encodings["LUC blocks"],
         encodings["LUC codes"],
         encodings["re-quantized"],
     )
@@ -330,6 +343,15 @@ def write_gguf(
     writer.close()
     logger.info("Wrote %s (%.1f MiB)", path, path.stat().st_size / 2**20)
     return path
+
+
+def _embedding_bytes(embedding: nn.Module) -> tuple[np.ndarray, Any]:
+    """The token embedding as GGUF data: its llama.cpp blocks unchanged, else float16."""
+    import gguf
+
+    if isinstance(embedding, GGMLEmbedding):
+        return embedding.weight_blocks.cpu().numpy(), gguf.GGMLQuantizationType[embedding.weight_type]
+    return embedding.weight.detach().float().numpy().astype(np.float16), None
 
 
 def _add_tokenizer(writer: Any, tokenizer: Any, reference_gguf: str | Path | None) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edge_llm.luc.ggml_linear import GGMLLinear
 from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
 from edge_llm.tuner.exits import window
 
@@ -33,7 +34,12 @@ def folded_adapters(module: nn.Module, with_adapter: bool) -> list[str]:
 def effective_weight(module: nn.Module, with_adapter: bool = True) -> torch.Tensor:
     """The dense float32 weight a (possibly LoRA-wrapped, possibly LUC-compressed) Linear computes with."""
     base = base_layer(module)
-    weight = base.dequantize_weight(torch.float32) if isinstance(base, LUCLinear) else base.weight.detach().float()
+    if isinstance(base, LUCLinear):
+        weight = base.dequantize_weight(torch.float32)
+    elif isinstance(base, GGMLLinear):
+        weight = base.dense_weight().clone()
+    else:
+        weight = base.weight.detach().float()
     for adapter in folded_adapters(module, with_adapter):
         weight = weight + module.get_delta_weight(adapter).float()
     return weight

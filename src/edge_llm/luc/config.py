@@ -10,6 +10,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from edge_llm._io import load_json
 from edge_llm.luc.linear import UNQUANTIZED_BITS
 from edge_llm.luc.method import CompressionMethod
 from edge_llm.luc.policy import Budget, LUCPolicy
@@ -20,6 +21,9 @@ from edge_llm.luc.quantize import check_bits
 # The name shows up in transformers' "Unknown quantization type" warning when a process that has
 # not imported edge_llm loads a LUC checkpoint, so it says where the method comes from.
 QUANT_METHOD = "edge_llm_luc"
+# What the compressed model is for: "pytorch" (LUC's own packed layers: per-layer bits and
+# sparsity) or "gguf" (llama.cpp: one llama.cpp weight type per tensor, see `luc/gguf_policy.py`).
+TARGETS = ("pytorch", "gguf")
 # Not serialised into config.json: data, and objects that are not JSON.
 _RUNTIME_FIELDS = ("dataset", "tokenizer")
 
@@ -48,6 +52,15 @@ class LUCConfig(QuantizationConfigMixin):
         num_samples, seq_len: calibration windows drawn from `dataset`.
         targets: names of the Linear modules to compress in each decoder layer (None: all).
         profile_cache_dir: where sensitivity profiles are cached (default: the edge-llm cache).
+        target: `"pytorch"` (default: LUC's packed layers, per-layer bits and sparsity) or `"gguf"`:
+            every weight tensor, the token embedding included, gets one of llama.cpp's types
+            (`gguf_types`), quantized by llama.cpp's quantizer with an importance matrix, chosen
+            by measured sensitivity under the budget: `weight_budget_bytes` (those tensors' bytes
+            in the GGUF file) or `avg_bits` (bits per weight over them). Needs llama-cpp-python;
+            no pruning (GGUF has no sparse types); export with `edge_llm.export.write_gguf`.
+        sensitivity: for `target="gguf"`, `"fisher"` (measured) or `"structural"` (a fixed rule).
+        gguf_types: for `target="gguf"`, the candidate llama.cpp types (None: all of
+            `edge_llm.luc.ggml.BLOCK_TYPES`).
     """
 
     def __init__(
@@ -69,14 +82,17 @@ class LUCConfig(QuantizationConfigMixin):
         seq_len: int = 256,
         targets: list[str] | None = None,
         profile_cache_dir: str | None = None,
+        target: str = "pytorch",
+        sensitivity: str = "fisher",
+        gguf_types: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD
         self.avg_bits, self.avg_sparsity, self.weight_budget_bytes = avg_bits, avg_sparsity, weight_budget_bytes
         self.dataset, self.tokenizer = dataset, tokenizer
         if isinstance(policy, (str, Path)):
-            policy = LUCPolicy.load(policy).to_dict()
-        elif isinstance(policy, LUCPolicy):
+            policy = load_json(policy, "LUC policy")
+        elif hasattr(policy, "to_dict"):  # an LUCPolicy or a GGUFPolicy
             policy = policy.to_dict()
         self.policy = policy
         self.group_size = group_size
@@ -84,6 +100,8 @@ class LUCConfig(QuantizationConfigMixin):
         self.quant_algorithm, self.prune_method, self.prune_structure = quant_algorithm, prune_method, prune_structure
         self.metric, self.num_samples, self.seq_len, self.targets = metric, num_samples, seq_len, targets
         self.profile_cache_dir = profile_cache_dir
+        self.target, self.sensitivity = target, sensitivity
+        self.gguf_types = list(gguf_types) if isinstance(gguf_types, (list, tuple)) else gguf_types
         self.post_init()
 
     def post_init(self) -> None:
@@ -107,6 +125,21 @@ class LUCConfig(QuantizationConfigMixin):
             check_sparsity(s, self.prune_structure)
         if self.metric not in METRICS:
             raise ValueError(f"LUCConfig.metric must be one of {METRICS}, got {self.metric!r}.")
+        if self.weight_budget_bytes is not None and (
+            not isinstance(self.weight_budget_bytes, int) or self.weight_budget_bytes <= 0
+        ):
+            raise ValueError(
+                f"LUCConfig.weight_budget_bytes must be a positive integer, got {self.weight_budget_bytes!r}."
+            )
+        for name in ("num_samples", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"LUCConfig.{name} must be a positive integer, got {value!r}.")
+        if self.target not in TARGETS:
+            raise ValueError(f"LUCConfig.target must be one of {TARGETS}, got {self.target!r}.")
+        if self.target == "gguf":
+            self._check_gguf()
+            return
         if self.policy is not None:
             LUCPolicy.from_dict(self.policy)
             return
@@ -120,18 +153,34 @@ class LUCConfig(QuantizationConfigMixin):
                 f"LUCConfig.avg_sparsity={self.avg_sparsity} is outside the candidate sparsities {self.sparsities}: "
                 f"use a value between 0 and {max(self.sparsities)}."
             )
-        if self.weight_budget_bytes is not None and (
-            not isinstance(self.weight_budget_bytes, int) or self.weight_budget_bytes <= 0
-        ):
-            raise ValueError(
-                f"LUCConfig.weight_budget_bytes must be a positive integer, got {self.weight_budget_bytes!r}."
-            )
         if self.avg_bits is None and self.avg_sparsity is None and self.weight_budget_bytes is None:
             raise ValueError("LUCConfig needs a budget (avg_bits, avg_sparsity or weight_budget_bytes) or a policy.")
-        for name in ("num_samples", "seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"LUCConfig.{name} must be a positive integer, got {value!r}.")
+
+    def _check_gguf(self) -> None:
+        from edge_llm.luc.ggml import block_type
+        from edge_llm.luc.gguf_policy import SENSITIVITIES
+
+        if self.sensitivity not in SENSITIVITIES:
+            raise ValueError(f"LUCConfig.sensitivity must be one of {SENSITIVITIES}, got {self.sensitivity!r}.")
+        if self.gguf_types is not None:
+            if not self.gguf_types or not all(isinstance(t, str) for t in self.gguf_types):
+                raise ValueError(f"LUCConfig.gguf_types must be None or a list of type names, got {self.gguf_types!r}.")
+            for name in self.gguf_types:
+                try:
+                    block_type(name)
+                except ValueError as error:
+                    raise ValueError(f"LUCConfig.gguf_types: {error}") from None
+        if self.avg_sparsity:
+            raise ValueError("LUCConfig(target='gguf') cannot prune: GGUF has no sparse types; set avg_sparsity=None.")
+        if self.policy is not None:
+            from edge_llm.luc.gguf_policy import GGUFPolicy
+
+            GGUFPolicy.from_dict(self.policy)
+            return
+        if self.avg_bits is None and self.weight_budget_bytes is None:
+            raise ValueError("LUCConfig(target='gguf') needs a budget: avg_bits or weight_budget_bytes, or a policy.")
+        if self.avg_bits is not None and not 1 <= self.avg_bits <= 16:
+            raise ValueError(f"LUCConfig.avg_bits={self.avg_bits} must be between 1 and 16 bits per weight.")
 
     @property
     def method(self) -> CompressionMethod:

@@ -26,6 +26,7 @@ from edge_llm.luc.calibration import calibration_tokens, target_linears
 from edge_llm.luc.checks import add_marker, policy_sha256
 from edge_llm.luc.compress import compress_layers
 from edge_llm.luc.config import QUANT_METHOD, LUCConfig, config_policy
+from edge_llm.luc.gguf_policy import GGUFPolicy, budget_bytes, compress_for_gguf
 from edge_llm.luc.linear import LUCLinear
 from edge_llm.luc.policy import LUCPolicy
 from edge_llm.luc.profile import profile_sensitivity
@@ -140,17 +141,35 @@ def mark_compressed(model: nn.Module, policy: LUCPolicy, config: LUCConfig | Non
     saves_whole_folders(model)
 
 
-def apply_luc(model: nn.Module, config: LUCConfig, progress: bool = True) -> LUCPolicy:
+def _config_tokens(config: LUCConfig):
+    tokenizer = config.tokenizer
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    return calibration_tokens(config.dataset, tokenizer, config.num_samples, config.seq_len)
+
+
+def apply_gguf_luc(model: nn.Module, config: LUCConfig, progress: bool = True) -> GGUFPolicy:
+    """`LUCConfig(target="gguf")`: one llama.cpp type per tensor (see `luc/gguf_policy.py`)."""
+    policy = GGUFPolicy.from_dict(config.policy) if config.policy is not None else None
+    tokens = _config_tokens(config) if config.dataset is not None else None
+    budget = None if policy is not None else budget_bytes(model, config.avg_bits, config.weight_budget_bytes)
+    types = tuple(config.gguf_types) if config.gguf_types else None
+    policy = compress_for_gguf(model, tokens, budget, config.sensitivity, types, policy, progress)
+    config.policy = policy.to_dict()
+    model.config.quantization_config = config
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    return policy
+
+
+def apply_luc(model: nn.Module, config: LUCConfig, progress: bool = True) -> LUCPolicy | GGUFPolicy:
     """Profile (unless `config.policy` is set), search the policy and compress `model` in place."""
+    if config.target == "gguf":
+        return apply_gguf_luc(model, config, progress)
     # A given policy carries its own compression method.
     method = config_policy(config).method if config.policy is not None else config.method
     needs_data = config.policy is None or method.needs_calibration
-    tokens = None
-    if needs_data:
-        tokenizer = config.tokenizer
-        if isinstance(tokenizer, (str, Path)):
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-        tokens = calibration_tokens(config.dataset, tokenizer, config.num_samples, config.seq_len)
+    tokens = _config_tokens(config) if needs_data else None
     if config.policy is not None:
         policy = config_policy(config)
     else:

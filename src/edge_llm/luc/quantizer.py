@@ -30,6 +30,11 @@ class LUCHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        if self.pre_quantized and self.quantization_config.target == "gguf":
+            raise ValueError(
+                "A model LUC compressed for llama.cpp (target='gguf') is saved as a GGUF file "
+                "(edge_llm.export.write_gguf), not as a transformers checkpoint."
+            )
         if self.pre_quantized and self.quantization_config.policy is None:
             raise ValueError("This LUC checkpoint's config.json has no policy; it was not saved by edge-llm.")
 
@@ -53,7 +58,8 @@ class LUCHfQuantizer(HfQuantizer):
         return model
 
     def is_serializable(self, **kwargs: Any) -> bool:
-        return True
+        # The llama.cpp target ships as GGUF: its blocks are written unchanged by write_gguf.
+        return self.quantization_config.target != "gguf"
 
     @property
     def is_trainable(self) -> bool:

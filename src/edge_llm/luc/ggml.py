@@ -1,0 +1,168 @@
+"""llama.cpp's weight formats: quantized by llama.cpp's own library, decoded by gguf-py.
+
+Why bindings and not a port: ggml's quantizers are the reference for every block type llama.cpp
+runs (the scale/min search per block, `make_qkx2_quants` for the K-quants, importance-weighted
+rounding when given an importance matrix, IQ4_NL's non-linear grid). A second implementation
+would drift from the runtime that ships the model; `ggml_quantize_chunk`, called through ctypes
+from the library llama-cpp-python ships, gives the very bytes `llama-quantize` writes for the same
+weights and importance matrix. What edge-llm adds is which type each tensor gets
+(`luc/gguf_policy.py`).
+
+Decoding (what PyTorch computes with) goes through gguf-py's numpy decoders, so a model that holds
+these blocks loads and runs without llama-cpp-python; the tests hold them bit-exact to ggml's own
+`to_float` for every type offered here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+INSTALL_HINT = "pip install llama-cpp-python (it compiles llama.cpp: several minutes)"
+
+
+@dataclass(frozen=True)
+class BlockType:
+    """One llama.cpp weight type: `block` weights per block of `block_bytes` bytes."""
+
+    name: str
+    block: int
+    block_bytes: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.block_bytes / self.block
+
+    def fits(self, row_length: int) -> bool:
+        return row_length % self.block == 0
+
+    def row_bytes(self, row_length: int) -> int:
+        return row_length // self.block * self.block_bytes
+
+    def tensor_bytes(self, rows: int, row_length: int) -> int:
+        return rows * self.row_bytes(row_length)
+
+    @property
+    def ggml_id(self) -> int:
+        from gguf import GGMLQuantizationType
+
+        return int(GGMLQuantizationType[self.name])
+
+
+# The types a LUC policy for llama.cpp chooses from: every type llama.cpp's CPU backend runs that
+# gguf-py decodes and that needs no importance matrix to be usable. K-quants hold 256 weights a
+# block (rows must be multiples of 256); the others 32.
+BLOCK_TYPES: dict[str, BlockType] = {
+    t.name: t
+    for t in (
+        BlockType("Q2_K", 256, 84),
+        BlockType("Q3_K", 256, 110),
+        BlockType("Q4_K", 256, 144),
+        BlockType("Q5_K", 256, 176),
+        BlockType("Q6_K", 256, 210),
+        BlockType("IQ4_XS", 256, 136),
+        BlockType("Q4_0", 32, 18),
+        BlockType("IQ4_NL", 32, 18),
+        BlockType("Q4_1", 32, 20),
+        BlockType("Q5_0", 32, 22),
+        BlockType("Q5_1", 32, 24),
+        BlockType("Q8_0", 32, 34),
+        BlockType("F16", 1, 2),
+    )
+}
+
+
+def block_type(name: str) -> BlockType:
+    try:
+        return BLOCK_TYPES[name]
+    except KeyError:
+        raise ValueError(f"Unknown llama.cpp weight type {name!r}; choose from {', '.join(BLOCK_TYPES)}.") from None
+
+
+def types_for_row(row_length: int, names: tuple[str, ...] | None = None) -> list[BlockType]:
+    """The types (of `names`, default all) whose blocks tile rows of `row_length` weights."""
+    chosen = BLOCK_TYPES.values() if names is None else [block_type(n) for n in names]
+    return [t for t in chosen if t.fits(row_length)]
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    """ggml's base library from the llama-cpp-python installation."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"Quantizing for llama.cpp uses llama.cpp's own quantizer: {INSTALL_HINT}.")
+    lib_dir = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    candidates = sorted(lib_dir.glob("*ggml-base*")) + sorted(lib_dir.glob("*ggml.*"))
+    for path in candidates:
+        try:
+            lib = ctypes.CDLL(str(path))
+            lib.ggml_quantize_chunk  # noqa: B018 - raises AttributeError when absent
+        except (OSError, AttributeError):
+            continue
+        lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+        lib.ggml_quantize_chunk.argtypes = [
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+        ]
+        lib.ggml_row_size.restype = ctypes.c_size_t
+        lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+        return lib
+    raise ModuleNotFoundError(f"llama-cpp-python is installed but its ggml library was not found in {lib_dir}.")
+
+
+def quantize(weight: np.ndarray, kind: BlockType, importance: np.ndarray | None = None) -> np.ndarray:
+    """`weight` (rows x columns, float) as `kind`'s blocks: uint8 (rows x row bytes).
+
+    `importance`: one non-negative weight per column (llama.cpp's importance matrix: the mean square
+    of the inputs each column multiplies), which the block search minimises the weighted error of.
+    """
+    rows, columns = weight.shape
+    if not kind.fits(columns):
+        raise ValueError(f"{kind.name} holds rows of a multiple of {kind.block} weights, got {columns}.")
+    source = np.ascontiguousarray(weight, dtype=np.float32)
+    if kind.name == "F16":
+        return source.astype(np.float16).view(np.uint8).reshape(rows, -1)
+    lib = _library()
+    if lib.ggml_row_size(kind.ggml_id, columns) != kind.row_bytes(columns):
+        raise RuntimeError(f"This llama.cpp build stores {kind.name} in another block size than edge-llm expects.")
+    out = np.empty((rows, kind.row_bytes(columns)), dtype=np.uint8)
+    imatrix = None
+    if importance is not None:
+        imatrix = np.ascontiguousarray(importance, dtype=np.float32)
+        if imatrix.shape != (columns,):
+            raise ValueError(f"The importance vector has shape {imatrix.shape}, expected ({columns},).")
+        imatrix = imatrix.ctypes.data_as(ctypes.c_void_p)
+    written = lib.ggml_quantize_chunk(
+        kind.ggml_id,
+        source.ctypes.data_as(ctypes.c_void_p),
+        out.ctypes.data_as(ctypes.c_void_p),
+        0,
+        rows,
+        columns,
+        imatrix,
+    )
+    if written != out.nbytes:
+        raise RuntimeError(f"ggml wrote {written} bytes of {kind.name}, expected {out.nbytes}.")
+    return out
+
+
+def dequantize(blocks: np.ndarray | torch.Tensor, kind: BlockType, columns: int) -> np.ndarray:
+    """The float32 weights (rows x `columns`) that llama.cpp computes with for `kind`'s blocks."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    data = blocks.numpy() if isinstance(blocks, torch.Tensor) else blocks
+    if kind.name == "F16":
+        return data.view(np.float16).astype(np.float32).reshape(-1, columns)
+    return gguf_dequantize(data, GGMLQuantizationType[kind.name]).reshape(-1, columns).astype(np.float32, copy=False)

@@ -1,0 +1,120 @@
+"""Layers that hold a weight as llama.cpp blocks (`ggml.BLOCK_TYPES`) and compute with exactly the
+weights llama.cpp computes with.
+
+`GGMLLinear` keeps the blocks as its state (`weight`: uint8, rows x row bytes; the type's name in
+`weight_type`); `GGMLEmbedding` keeps them beside a frozen float table that holds their decoded
+values, because the table may be tied to the LM head (transformers ties by sharing the Parameter).
+`write_gguf` writes the blocks unchanged.
+
+The dense weight is decoded once per layer (gguf-py, float32: the values are exact) and kept:
+llama.cpp's matmul quantizes activations to 8 bits on the fly, which PyTorch does not copy, so the
+agreement is in the weights, not in every rounding of the product.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge_llm.luc.ggml import BlockType, block_type, dequantize
+
+
+def _decoded(blocks: torch.Tensor, kind: BlockType, columns: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(dequantize(blocks.cpu(), kind, columns)).to(device=blocks.device, dtype=dtype)
+
+
+class GGMLLinear(nn.Module):
+    """A frozen Linear whose weight is stored in a llama.cpp block type."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        weight_type: str,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        kind = block_type(weight_type)
+        if not kind.fits(in_features):
+            raise ValueError(f"{weight_type} holds rows of a multiple of {kind.block} weights, not {in_features}.")
+        self.in_features, self.out_features, self.weight_type = in_features, out_features, weight_type
+        self.compute_dtype = dtype
+        row_bytes = kind.row_bytes(in_features)
+        self.register_buffer("weight", torch.empty(out_features, row_bytes, dtype=torch.uint8, device=device))
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        )
+        self._dense: tuple[tuple, torch.Tensor] | None = None
+
+    @classmethod
+    def from_blocks(cls, linear: nn.Linear, weight_type: str, blocks: np.ndarray) -> GGMLLinear:
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            weight_type,
+            bias=linear.bias is not None,
+            dtype=linear.weight.dtype,
+            device=linear.weight.device,
+        )
+        layer.weight.copy_(torch.from_numpy(blocks))
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    @property
+    def kind(self) -> BlockType:
+        return block_type(self.weight_type)
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The decoded weight (out x in), float32 unless `dtype`; rebuilt when the blocks change."""
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.device)
+        if self._dense is None or self._dense[0] != key:
+            self._dense = (key, _decoded(self.weight, self.kind, self.in_features, torch.float32))
+        dense = self._dense[1]
+        return dense if dtype is None else dense.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.dense_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight_type={self.weight_type}"
+
+
+class GGMLEmbedding(nn.Embedding):
+    """An embedding table stored in a llama.cpp block type (`weight_blocks`), computing with its
+    decoded values (`weight`, frozen; shared with a tied LM head)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, weight_type: str, **kwargs) -> None:
+        super().__init__(num_embeddings, embedding_dim, **kwargs)
+        kind = block_type(weight_type)
+        self.weight_type = weight_type
+        self.weight.requires_grad_(False)
+        self.register_buffer(
+            "weight_blocks",
+            torch.empty(num_embeddings, kind.row_bytes(embedding_dim), dtype=torch.uint8, device=self.weight.device),
+        )
+
+    @classmethod
+    def from_blocks(cls, embedding: nn.Embedding, weight_type: str, blocks: np.ndarray) -> GGMLEmbedding:
+        """Turn `embedding` into one holding `blocks`, in place: its `weight` Parameter (which a tied
+        head shares) is kept and set to the decoded values."""
+        kind = block_type(weight_type)
+        embedding.__class__ = cls
+        embedding.weight_type = weight_type
+        embedding.register_buffer("weight_blocks", torch.from_numpy(blocks).to(embedding.weight.device))
+        with torch.no_grad():
+            embedding.weight.copy_(
+                _decoded(embedding.weight_blocks, kind, embedding.embedding_dim, embedding.weight.dtype)
+            )
+        embedding.weight.requires_grad_(False)
+        return embedding
+
+    @property
+    def kind(self) -> BlockType:
+        return block_type(self.weight_type)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight_type={self.weight_type}"

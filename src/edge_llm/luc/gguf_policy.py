@@ -1,0 +1,335 @@
+"""LUC for llama.cpp: one llama.cpp weight type per tensor, chosen from measured sensitivity under a
+budget in bytes of the GGUF file.
+
+The search space is the runtime's own formats (`ggml.BLOCK_TYPES` whose blocks tile the tensor's
+rows), every candidate quantized by llama.cpp's quantizer with an importance matrix from the
+calibration data, so what is measured is what ships. Three steps:
+
+1. `calibrate`: one pass over the calibration windows collects, for every weight matrix, llama.cpp's
+   importance matrix (the mean square of each input column) and the diagonal of the empirical
+   Fisher information (the summed squares of the loss gradient per weight, one window at a time).
+2. `damage_table`: every (tensor, type) is quantized and its damage estimated as the
+   Fisher-weighted squared error `sum F * (W - Q)^2` — the second-order estimate of the loss
+   increase. It costs one quantization per candidate, no extra forward pass: a 135M model's
+   profile takes well under two minutes on two cores.
+3. `search_types`: the multiple-choice knapsack (exact, HiGHS through scipy) picks the type per
+   tensor that minimises the summed damage within the byte budget.
+
+`sensitivity="structural"` replaces step 1's measurement by a rule of the kind llama.cpp's mixes
+encode (embedding/head, attn_v, ffn_down and the first and last layers weigh more): the baseline
+the measured policy must beat at equal bytes.
+
+The embedding table is a tensor like the others; with tied embeddings it is also the LM head, and
+its gradient (hence its Fisher information) holds both uses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge_llm._io import check_schema, load_schema, save_json
+from edge_llm.luc.calibration import iterate
+from edge_llm.luc.ggml import BlockType, block_type, dequantize, quantize, types_for_row
+from edge_llm.luc.ggml_linear import GGMLEmbedding, GGMLLinear
+from edge_llm.modeling import find_decoder_parts
+
+logger = logging.getLogger(__name__)
+
+SENSITIVITIES = ("fisher", "structural")
+
+# GGUF pads every tensor's data to this many bytes (`general.alignment`'s default).
+GGUF_ALIGNMENT = 32
+EMBEDDING = "embedding"  # the key of the token embedding table in a policy
+
+
+def aligned(nbytes: int) -> int:
+    return -(-nbytes // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
+
+
+def weight_tensors(model: nn.Module) -> dict[str, nn.Module]:
+    """The tensors a GGUF policy covers: every Linear of every decoder layer (by module path), the
+    token embedding (`EMBEDDING`) and an untied LM head (by its path)."""
+    parts = find_decoder_parts(model)
+    tensors: dict[str, nn.Module] = {EMBEDDING: model.get_input_embeddings()}
+    layers_path = parts.layers_path
+    for index, layer in enumerate(parts.layers(model)):
+        for name, module in layer.named_modules():
+            if isinstance(module, (nn.Linear, GGMLLinear)):
+                tensors[f"{layers_path}.{index}.{name}"] = module
+    head = parts.head(model)
+    if head.weight is not tensors[EMBEDDING].weight:
+        tensors[parts.head_path] = head
+    return tensors
+
+
+def _matrix(module: nn.Module) -> torch.Tensor:
+    return module.weight.detach()
+
+
+def _shape(module: nn.Module) -> tuple[int, int]:
+    """(rows, row length) of a tensor's weight, float or already in llama.cpp blocks."""
+    if isinstance(module, GGMLLinear):
+        return module.out_features, module.in_features
+    return tuple(module.weight.shape)
+
+
+@dataclass
+class Statistics:
+    """What calibration measured per tensor: importance (one value per input column, llama.cpp's
+    imatrix; None for an untied embedding table) and the Fisher diagonal (same shape as the weight)."""
+
+    importance: dict[str, np.ndarray | None]
+    fisher: dict[str, torch.Tensor]
+
+
+def calibrate(model: nn.Module, tokens: torch.Tensor, progress: bool = True) -> Statistics:
+    """Importance matrices and Fisher diagonals of every tensor of `weight_tensors(model)`, from one
+    forward and backward pass per calibration window."""
+    tensors = weight_tensors(model)
+    parts = find_decoder_parts(model)
+    head = parts.head(model)
+    squares: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def accumulate(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            squares[name] = squares.get(name, 0) + x.square().sum(dim=0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return hook
+
+    # The embedding table as a matrix multiplies the head's input (when tied); as a lookup it
+    # multiplies nothing, and llama.cpp has no importance for it.
+    observed = {name: module for name, module in tensors.items() if name != EMBEDDING}
+    tied = parts.head_path not in tensors
+    if tied:
+        observed[EMBEDDING] = head
+    handles = [module.register_forward_hook(accumulate(name)) for name, module in observed.items()]
+    requires = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weights = {name: module.weight for name, module in tensors.items()}
+    for weight in weights.values():
+        weight.requires_grad_(True)
+    fisher = {name: torch.zeros_like(weight, dtype=torch.float32) for name, weight in weights.items()}
+    device = next(model.parameters()).device
+    try:
+        for window in iterate(tokens, len(tokens), "LUC calibration (importance and Fisher)", progress):
+            ids = window[None].to(device)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            grads = torch.autograd.grad(loss, list(weights.values()))
+            for name, grad in zip(weights, grads, strict=True):
+                fisher[name].add_(grad.float().square())
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in requires.items():
+            p.requires_grad_(flag)
+    importance: dict[str, np.ndarray | None] = {
+        name: (squares[name] / counts[name]).cpu().numpy() if name in squares else None for name in tensors
+    }
+    return Statistics(importance, fisher)
+
+
+@dataclass
+class Candidate:
+    kind: BlockType
+    nbytes: int  # in the GGUF file, with its alignment padding
+    damage: float
+
+
+def candidate_types(columns: int, names: tuple[str, ...] | None) -> list[BlockType]:
+    kinds = types_for_row(columns, names)
+    if not kinds:
+        raise ValueError(f"None of the weight types {names} tiles rows of {columns} weights; add F16 or Q8_0.")
+    return kinds
+
+
+def damage_table(
+    model: nn.Module,
+    statistics: Statistics,
+    types: tuple[str, ...] | None = None,
+    progress: bool = True,
+) -> dict[str, list[Candidate]]:
+    """Every tensor's candidates: bytes in the file and Fisher-weighted squared error."""
+    tensors = weight_tensors(model)
+    table: dict[str, list[Candidate]] = {}
+    for name in iterate(tensors, len(tensors), "LUC damage per tensor and type", progress):
+        weight = _matrix(tensors[name]).float().cpu()
+        fisher = statistics.fisher[name].cpu()
+        rows, columns = weight.shape
+        table[name] = []
+        for kind in candidate_types(columns, types):
+            restored = torch.from_numpy(
+                dequantize(quantize(weight.numpy(), kind, statistics.importance[name]), kind, columns)
+            )
+            error = float((fisher * (weight - restored).square()).sum())
+            table[name].append(Candidate(kind, aligned(kind.tensor_bytes(rows, columns)), error))
+    return table
+
+
+def structural_table(model: nn.Module, types: tuple[str, ...] | None = None) -> dict[str, list[Candidate]]:
+    """Damage by rule, not measurement: `role weight x weights x 2^(-2 bits per weight)` (the
+    squared rounding error of a uniform grid), with the roles llama.cpp's mixes favour weighing 4x
+    (token embedding / head, attn_v, ffn_down) and the first and last eighth of the layers 2x."""
+    tensors = weight_tensors(model)
+    num_layers = len(find_decoder_parts(model).layers(model))
+    edge = max(1, num_layers // 8)
+    table: dict[str, list[Candidate]] = {}
+    for name, module in tensors.items():
+        rows, columns = _shape(module)
+        weight = 4.0 if name == EMBEDDING or name.endswith(("v_proj", "down_proj", "lm_head")) else 1.0
+        index = _layer_index(name)
+        if index is not None and (index < edge or index >= num_layers - edge):
+            weight *= 2.0
+        table[name] = [
+            Candidate(
+                kind,
+                aligned(kind.tensor_bytes(rows, columns)),
+                weight * rows * columns * 2.0 ** (-2 * kind.bits_per_weight),
+            )
+            for kind in candidate_types(columns, types)
+        ]
+    return table
+
+
+def _layer_index(name: str) -> int | None:
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def search_types(table: dict[str, list[Candidate]], budget_bytes: int) -> dict[str, str]:
+    """The type per tensor that minimises the summed damage with the tensors' bytes (padded as in
+    the file) at most `budget_bytes` (exact: a 0/1 program solved by HiGHS with no gap)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    names = list(table)
+    costs = np.array([c.nbytes for name in names for c in table[name]], dtype=np.float64)
+    damage = np.array([c.damage for name in names for c in table[name]], dtype=np.float64)
+    smallest = sum(min(c.nbytes for c in table[name]) for name in names)
+    if budget_bytes < smallest:
+        raise ValueError(
+            f"The budget of {budget_bytes:,} bytes is below the smallest the candidate types allow: {smallest:,} bytes."
+        )
+    owner = np.repeat(np.arange(len(names)), [len(table[name]) for name in names])
+    one_each = np.zeros((len(names), len(costs)))
+    one_each[owner, np.arange(len(costs))] = 1
+    # Damage spans orders of magnitude; scaling it does not change the optimum but helps the solver.
+    scale = damage.max() if damage.max() > 0 else 1.0
+    result = milp(
+        c=damage / scale,
+        constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(costs[None], -np.inf, float(budget_bytes))],
+        integrality=np.ones(len(costs)),
+        bounds=Bounds(0, 1),
+        options={"mip_rel_gap": 0.0},
+    )
+    if result.status != 0 or result.x is None:
+        raise ValueError(f"No choice of types fits {budget_bytes:,} bytes ({result.message}).")
+    picked = np.flatnonzero(np.round(result.x) == 1)
+    first = np.searchsorted(owner, np.arange(len(names)))  # each tensor's first column
+    choice = {names[owner[i]]: table[names[owner[i]]][i - first[owner[i]]] for i in picked}
+    if len(choice) != len(names) or sum(c.nbytes for c in choice.values()) > budget_bytes:
+        raise ValueError("The type search broke the byte budget; this is a bug, please report it.")
+    return {name: choice[name].kind.name for name in names}
+
+
+def policy_bytes(model: nn.Module, choice: dict[str, str]) -> int:
+    """Bytes the chosen types take in the GGUF file (each tensor padded to the file's alignment)."""
+    tensors = weight_tensors(model)
+    return sum(aligned(block_type(choice[name]).tensor_bytes(*_shape(m))) for name, m in tensors.items())
+
+
+def apply_types(model: nn.Module, choice: dict[str, str], statistics: Statistics | None = None) -> None:
+    """Quantize every tensor of `model` to its type in `choice` (with the importance measured in
+    `statistics`, if given) and put the blocks in place: `GGMLLinear`s and a `GGMLEmbedding`."""
+    tensors = weight_tensors(model)
+    missing = sorted(set(tensors) - set(choice))
+    if missing:
+        raise ValueError(f"The GGUF policy names no type for {len(missing)} tensors, e.g. {missing[0]!r}.")
+    for name, module in tensors.items():
+        kind = block_type(choice[name])
+        weight = _matrix(module).float().cpu().numpy()
+        importance = statistics.importance[name] if statistics is not None else None
+        blocks = quantize(weight, kind, importance)
+        if name == EMBEDDING:
+            GGMLEmbedding.from_blocks(module, kind.name, blocks)
+        else:
+            model.set_submodule(name, GGMLLinear.from_blocks(module, kind.name, blocks))
+
+
+GGUF_POLICY_FORMAT = "edge-llm/gguf-policy"
+
+
+@dataclass
+class GGUFPolicy:
+    """The llama.cpp type of every weight tensor (by module path; `EMBEDDING` for the token table)."""
+
+    tensors: dict[str, str]
+    sensitivity: str = "given"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": GGUF_POLICY_FORMAT, "version": 1, "sensitivity": self.sensitivity, "tensors": self.tensors}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GGUFPolicy:
+        check_schema(data, load_schema("gguf-policy"), "LUC policy for llama.cpp")
+        return cls(dict(data["tensors"]), data["sensitivity"])
+
+    def save(self, path: str | Path) -> None:
+        save_json(path, self.to_dict())
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for kind in self.tensors.values():
+            counts[kind] = counts.get(kind, 0) + 1
+        return ", ".join(f"{count} tensors {kind}" for kind, count in sorted(counts.items()))
+
+
+def budget_bytes(model: nn.Module, avg_bits: float | None, weight_budget_bytes: int | None) -> int:
+    """The byte budget of the policy's tensors: the smaller of `weight_budget_bytes` and `avg_bits`
+    bits per weight over them."""
+    budgets = [] if weight_budget_bytes is None else [weight_budget_bytes]
+    if avg_bits is not None:
+        weights = sum(rows * columns for rows, columns in map(_shape, weight_tensors(model).values()))
+        budgets.append(int(avg_bits * weights // 8))
+    return min(budgets)
+
+
+def compress_for_gguf(
+    model: nn.Module,
+    tokens: torch.Tensor | None,
+    budget: int | None = None,
+    sensitivity: str = "fisher",
+    types: tuple[str, ...] | None = None,
+    policy: GGUFPolicy | None = None,
+    progress: bool = True,
+) -> GGUFPolicy:
+    """Choose (unless `policy` is given) and apply one llama.cpp type per tensor of `model` within
+    `budget` bytes of those tensors in the GGUF file. `tokens`: calibration windows (importance
+    matrices, and the Fisher information for `sensitivity="fisher"`); None quantizes without an
+    importance matrix."""
+    statistics = calibrate(model, tokens, progress) if tokens is not None else None
+    if policy is None:
+        if sensitivity == "fisher":
+            if statistics is None:
+                raise ValueError("The measured (Fisher) sensitivity needs calibration data.")
+            table = damage_table(model, statistics, types, progress)
+        else:
+            table = structural_table(model, types)
+        policy = GGUFPolicy(search_types(table, budget), sensitivity)
+    apply_types(model, policy.tensors, statistics)
+    logger.info(
+        "LUC for llama.cpp: %s; %.1f MiB of weights", policy.summary(), policy_bytes(model, policy.tensors) / 2**20
+    )
+    return policy

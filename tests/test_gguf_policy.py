@@ -1,0 +1,214 @@
+"""LUC for llama.cpp: per-tensor llama.cpp types, quantized by llama.cpp's own quantizer, written
+unchanged into GGUF and computing in PyTorch with exactly the weights llama.cpp computes with."""
+
+import ctypes
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from test_export_runtime import _ToyTokenizer, gguf_llama
+from tiny_models import VOCAB
+
+from edge_llm.export import write_gguf
+from edge_llm.luc import ggml
+from edge_llm.luc.ggml_linear import GGMLEmbedding, GGMLLinear
+from edge_llm.luc.gguf_policy import (
+    EMBEDDING,
+    Candidate,
+    apply_types,
+    calibrate,
+    damage_table,
+    policy_bytes,
+    search_types,
+    structural_table,
+    weight_tensors,
+)
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+
+class _TypeTraits(ctypes.Structure):
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
+
+
+def ggml_to_float(blocks: np.ndarray, kind: ggml.BlockType, columns: int) -> np.ndarray:
+    """llama.cpp's own decoder (`ggml_get_type_traits(type)->to_float`): the reference."""
+    lib = ggml._library()
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    traits = lib.ggml_get_type_traits(kind.ggml_id).contents
+    assert traits.type_name.decode() == kind.name.lower() or traits.type_name.decode().upper() == kind.name
+    assert traits.blck_size == kind.block and traits.type_size == kind.block_bytes
+    data = np.ascontiguousarray(blocks)
+    out = np.empty(data.shape[0] * columns, dtype=np.float32)
+    traits.to_float(data.ctypes.data, out.ctypes.data, out.size)
+    return out.reshape(-1, columns)
+
+
+@pytest.mark.parametrize("name", list(ggml.BLOCK_TYPES))
+@pytest.mark.parametrize("with_importance", [False, True])
+def test_every_type_decodes_in_pytorch_exactly_as_in_llama_cpp(name, with_importance):
+    kind = ggml.block_type(name)
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(16, 512, generator=generator) * torch.rand(512, generator=generator)).numpy()
+    importance = torch.rand(512, generator=generator).numpy() if with_importance else None
+    blocks = ggml.quantize(weight, kind, importance)
+    assert blocks.shape == (16, kind.row_bytes(512))
+    ours = ggml.dequantize(blocks, kind, 512)
+    assert np.array_equal(ours, ggml_to_float(blocks, kind, 512))  # bit-exact
+    # and it is a quantization of the weight: the error halves with every bit of the codes
+    code_bits = int(name.lstrip("IQ")[0]) if name != "F16" else 11  # F16: 11 significant bits
+    relative = np.linalg.norm(ours - weight) / np.linalg.norm(weight)
+    assert relative < 2.0 ** (2 - code_bits), relative
+
+
+def test_importance_steers_the_rounding_toward_important_columns():
+    kind = ggml.block_type("Q4_0")
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(64, 256, generator=generator).numpy()
+    importance = np.ones(256, dtype=np.float32)
+    importance[:32] = 100.0
+    plain = ggml.dequantize(ggml.quantize(weight, kind), kind, 256)
+    weighted = ggml.dequantize(ggml.quantize(weight, kind, importance), kind, 256)
+    error = lambda q: float((importance * (q - weight) ** 2).sum())  # noqa: E731
+    assert error(weighted) < error(plain)
+
+
+def test_types_that_do_not_tile_the_rows_are_refused():
+    with pytest.raises(ValueError, match="multiple of 256"):
+        ggml.quantize(np.zeros((2, 576), dtype=np.float32), ggml.block_type("Q4_K"))
+    assert [t.name for t in ggml.types_for_row(576, ("Q4_K", "Q4_0", "F16"))] == ["Q4_0", "F16"]
+    with pytest.raises(ValueError, match=r"Unknown llama\.cpp weight type 'Q9_K'"):
+        ggml.block_type("Q9_K")
+
+
+def test_the_search_is_the_exact_optimum_within_the_budget_to_the_byte():
+    rng = np.random.default_rng(0)
+    kinds = [ggml.block_type(n) for n in ("Q4_0", "Q5_0", "Q8_0")]
+    table = {
+        f"t{i}": [Candidate(k, int(rng.integers(50, 200)) * 32, float(rng.random())) for k in kinds] for i in range(6)
+    }
+    for budget in (6 * 200 * 32, 4000, 2900, 2500):
+        try:
+            choice = search_types(table, budget)
+        except ValueError as error:
+            assert "below the smallest" in str(error)
+            assert budget < sum(min(c.nbytes for c in cs) for cs in table.values())
+            continue
+        picked = {n: next(c for c in table[n] if c.kind.name == choice[n]) for n in table}
+        assert sum(c.nbytes for c in picked.values()) <= budget
+        best = min(
+            sum(c.damage for c in combo)
+            for combo in itertools.product(*table.values())
+            if sum(c.nbytes for c in combo) <= budget
+        )
+        assert sum(c.damage for c in picked.values()) == pytest.approx(best, rel=1e-9)
+
+
+def tied_gguf_llama():
+    """`gguf_llama` with the LM head tied to the embedding table, as SmolLM2's, and embeddings large
+    enough that its next-token distributions are peaked like a trained model's (a random model's
+    near-ties would flip under llama.cpp's 8-bit activations and say nothing of the weights)."""
+    model = gguf_llama().eval()
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    model = tied_gguf_llama()
+    tokens = torch.randint(1, VOCAB, (4, 32), generator=torch.Generator().manual_seed(2))
+    return model, calibrate(model, tokens, progress=False)
+
+
+def test_calibration_measures_every_tensor_and_leaves_the_model_frozen_as_it_was(calibrated):
+    model, statistics = calibrated
+    names = set(weight_tensors(model))
+    assert EMBEDDING in names and "model.layers.3.mlp.down_proj" in names and len(names) == 1 + 4 * 7
+    assert set(statistics.fisher) == names
+    assert all((statistics.fisher[n] >= 0).all() and statistics.fisher[n].sum() > 0 for n in names)
+    assert statistics.importance[EMBEDDING].shape == (256,)  # tied: the head's input
+    assert statistics.importance["model.layers.0.mlp.down_proj"].shape == (512,)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # as built
+
+
+def test_a_measured_policy_writes_its_blocks_unchanged_and_llama_cpp_agrees(calibrated, tmp_path):
+    import gguf
+
+    original, statistics = calibrated
+    table = damage_table(original, statistics, progress=False)
+    assert set(table) == set(weight_tensors(original))
+    # more bits, less damage, for every tensor
+    for candidates in table.values():
+        by_bits = sorted(candidates, key=lambda c: c.kind.bits_per_weight)
+        assert by_bits[0].damage > by_bits[-1].damage
+    f16 = policy_bytes(original, dict.fromkeys(table, "F16"))
+    budget = f16 * 5 // 16
+    choice = search_types(table, budget)
+    assert policy_bytes(original, choice) <= budget
+    assert len(set(choice.values())) > 1  # a mixed policy
+    model = tied_gguf_llama()
+    apply_types(model, choice, statistics)
+    assert isinstance(model.model.embed_tokens, GGMLEmbedding)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    assert isinstance(model.model.layers[0].mlp.down_proj, GGMLLinear)
+
+    path = write_gguf(model, tmp_path / "model.gguf", tokenizer=_ToyTokenizer())
+    dense = write_gguf(original, tmp_path / "dense.gguf", tokenizer=_ToyTokenizer())
+    # the file is the fixed part (header, vocabulary, norms) plus the policy's bytes, to the byte
+    assert path.stat().st_size - policy_bytes(model, choice) == dense.stat().st_size - f16
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    down = model.model.layers[2].mlp.down_proj
+    stored = tensors["blk.2.ffn_down.weight"]
+    assert stored.tensor_type.name == choice["model.layers.2.mlp.down_proj"]
+    assert np.array_equal(np.asarray(stored.data).reshape(down.weight.shape), down.weight.numpy())
+    embed = tensors["token_embd.weight"]
+    assert embed.tensor_type.name == choice[EMBEDDING]
+    assert np.array_equal(
+        np.asarray(embed.data).reshape(model.model.embed_tokens.weight_blocks.shape),
+        model.model.embed_tokens.weight_blocks.numpy(),
+    )
+    # PyTorch computes with the weights the file holds
+    assert torch.equal(down.dense_weight(), torch.from_numpy(ggml_to_float(down.weight.numpy(), down.kind, 512)))
+
+    runtime = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    try:
+        tokens = torch.randint(1, VOCAB, (48,), generator=torch.Generator().manual_seed(3)).tolist()
+        runtime.eval(tokens)
+        theirs = torch.tensor(np.array(runtime.scores[: len(tokens)]))
+    finally:
+        runtime.close()
+    with torch.no_grad():
+        ours = model(input_ids=torch.tensor([tokens])).logits[0]
+    agreement = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
+    assert agreement >= 0.99, agreement
+
+
+def test_an_untied_head_is_a_tensor_of_its_own():
+    model = gguf_llama().eval()
+    statistics = calibrate(model, torch.randint(1, VOCAB, (2, 16), generator=torch.Generator().manual_seed(4)), False)
+    assert "lm_head" in statistics.fisher and statistics.importance[EMBEDDING] is None
+    assert statistics.importance["lm_head"].shape == (256,)
+
+
+def test_the_structural_rule_favours_the_roles_llama_cpp_favours(calibrated):
+    model, _ = calibrated
+    table = structural_table(model)
+    budget = policy_bytes(model, dict.fromkeys(table, "F16")) * 5 // 16
+    choice = search_types(table, budget)
+    bits = {name: ggml.block_type(t).bits_per_weight for name, t in choice.items()}
+    assert bits["model.layers.1.self_attn.v_proj"] >= bits["model.layers.1.self_attn.q_proj"]
+    assert bits["model.layers.0.mlp.up_proj"] >= bits["model.layers.1.mlp.up_proj"]
