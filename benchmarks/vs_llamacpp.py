@@ -116,7 +116,7 @@ def gguf_importance(model, statistics) -> dict[str, np.ndarray]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mixes", nargs="+", default=list(MIXES))
-    parser.add_argument("--samples", type=int, default=32, help="calibration windows of 256 tokens")
+    parser.add_argument("--samples", type=int, default=16, help="calibration windows of 256 tokens")
     parser.add_argument("--windows", type=int, default=16, help="held-out windows of 256 tokens per text")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -184,7 +184,7 @@ def main() -> None:
             )
             (tmp / f"{mix}.gguf").unlink()
             (tmp / f"{mix}-imatrix.gguf").unlink()
-        targets = sorted({row["bytes"] for row in rows.values() if row["kind"] != "dense"})
+        targets = sorted({row["bytes"] for row in rows.values() if row["kind"] == "llama.cpp"})
         for size in targets:
             for sensitivity, table in tables.items():
                 choice = search_types(table, size - overhead)
