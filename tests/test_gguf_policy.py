@@ -212,3 +212,71 @@ def test_the_structural_rule_favours_the_roles_llama_cpp_favours(calibrated):
     bits = {name: ggml.block_type(t).bits_per_weight for name, t in choice.items()}
     assert bits["model.layers.1.self_attn.v_proj"] >= bits["model.layers.1.self_attn.q_proj"]
     assert bits["model.layers.0.mlp.up_proj"] >= bits["model.layers.1.mlp.up_proj"]
+
+
+def test_from_pretrained_with_the_gguf_target_meets_its_bits_budget_and_exports(tiny_dir, tmp_path):
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edge_llm import LUCConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    config = LUCConfig(
+        target="gguf",
+        avg_bits=6.0,
+        dataset=["a line of calibration text " * 20] * 4,
+        tokenizer=tokenizer,
+        num_samples=2,
+        seq_len=32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=config)
+    policy = model.config.quantization_config.policy
+    assert policy["format"] == "edge-llm/gguf-policy" and policy["sensitivity"] == "fisher"
+    tensors = weight_tensors(model)
+    weights = sum(
+        m.out_features * m.in_features if isinstance(m, GGMLLinear) else m.weight.numel() for m in tensors.values()
+    )
+    assert policy_bytes(model, policy["tensors"]) <= 6.0 * weights / 8
+    assert all(isinstance(m, (GGMLLinear, GGMLEmbedding)) for m in tensors.values())
+    path = write_gguf(model, tmp_path / "model.gguf", tokenizer=tokenizer)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert types["blk.0.ffn_down.weight"] == policy["tensors"]["model.layers.0.mlp.down_proj"]
+    with pytest.raises(ValueError, match="not serializable"):
+        model.save_pretrained(tmp_path / "checkpoint")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"avg_sparsity": 0.25}, "cannot prune"),
+        ({"gguf_types": ["Q4_0", "Q7_0"]}, r"gguf_types: Unknown llama\.cpp weight type 'Q7_0'"),
+        ({"sensitivity": "hessian"}, "sensitivity must be one of"),
+        ({"avg_bits": None}, "needs a budget"),
+        ({"avg_bits": 40.0}, "between 1 and 16"),
+        (
+            {
+                "policy": {
+                    "format": "edge-llm/gguf-policy",
+                    "version": 1,
+                    "sensitivity": "given",
+                    "tensors": {"x": "Q9"},
+                }
+            },
+            "Invalid LUC policy for llama.cpp at tensors/x",
+        ),
+    ],
+)
+def test_gguf_target_settings_are_checked_at_the_boundary(fields, message):
+    from edge_llm import LUCConfig
+
+    with pytest.raises(ValueError, match=message):
+        LUCConfig(target="gguf", **fields)
+
+
+def test_a_budget_below_the_smallest_types_says_the_smallest(calibrated):
+    model, _ = calibrated
+    table = structural_table(model, ("Q4_0", "Q8_0"))
+    smallest = policy_bytes(model, dict.fromkeys(table, "Q4_0"))
+    assert search_types(table, smallest) == dict.fromkeys(table, "Q4_0")
+    with pytest.raises(ValueError, match=f"smallest the candidate types allow: {smallest:,} bytes"):
+        search_types(table, smallest - 1)

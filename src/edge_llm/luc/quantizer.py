@@ -58,8 +58,13 @@ class LUCHfQuantizer(HfQuantizer):
         return model
 
     def is_serializable(self, **kwargs: Any) -> bool:
-        # The llama.cpp target ships as GGUF: its blocks are written unchanged by write_gguf.
-        return self.quantization_config.target != "gguf"
+        if self.quantization_config.target == "gguf":
+            logger.warning(
+                "A model LUC compressed for llama.cpp (target='gguf') is saved as a GGUF file: "
+                "edge_llm.export.write_gguf(model, path) writes its blocks unchanged."
+            )
+            return False
+        return True
 
     @property
     def is_trainable(self) -> bool:
