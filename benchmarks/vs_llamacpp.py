@@ -113,13 +113,35 @@ def gguf_importance(model, statistics) -> dict[str, np.ndarray]:
     return names
 
 
+def markdown(result: dict) -> str:
+    """The rows as a table, smallest file first; each LUC row next to the llama.cpp files it must beat."""
+    weights = 134_515_008  # SmolLM2-135M's parameters (all in the quantized tensors)
+    lines = [
+        f"machine: {result['machine']}; LUC profile {result['profile_s']:.0f} s "
+        f"(calibration {result['calibrate_s']:.0f} s)",
+        "",
+        "| model | GGUF MiB | bits/weight (file) | ppl sonnets | ppl LAMBADA |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in sorted(result["rows"].items(), key=lambda item: (item[1]["bytes"], item[0])):
+        lines.append(
+            f"| {name.split(' @ ')[0]} | {row['bytes'] / 2**20:.1f} | {8 * row['bytes'] / weights:.2f} | "
+            f"{row['ppl_sonnets']:.2f} | {row['ppl_lambada']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--render", type=Path, help="print the table of an earlier run's JSON and stop")
     parser.add_argument("--mixes", nargs="+", default=list(MIXES))
     parser.add_argument("--samples", type=int, default=16, help="calibration windows of 256 tokens")
     parser.add_argument("--windows", type=int, default=16, help="held-out windows of 256 tokens per text")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.render:
+        print(markdown(json.loads(args.render.read_text())))
+        return
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
 
@@ -169,6 +191,9 @@ def main() -> None:
                 row[f"ppl_{text}"] = llama_perplexity(file, windows)
             rows[name] = row
             print(f"{name}: {row}", file=sys.stderr)
+            if args.json:  # after every file: a run cut short keeps what it measured
+                partial = {"machine": machine(), "profile_s": profile_s, "calibrate_s": calibrate_s, "rows": rows}
+                args.json.write_text(json.dumps(partial, indent=2))
 
         measure("F16", dense, kind="dense")
         importance = gguf_importance(original, statistics)
@@ -202,7 +227,7 @@ def main() -> None:
     result = {"machine": machine(), "profile_s": profile_s, "calibrate_s": calibrate_s, "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    print(markdown(result))
 
 
 if __name__ == "__main__":
