@@ -118,7 +118,7 @@ def markdown(result: dict) -> str:
     weights = 134_515_008  # SmolLM2-135M's parameters (all in the quantized tensors)
     lines = [
         f"machine: {result['machine']}; LUC profile {result['profile_s']:.0f} s "
-        f"(calibration {result['calibrate_s']:.0f} s)",
+        f"(calibration {result.get('calibrate_s', 0):.0f} s)",
         "",
         "| model | GGUF MiB | bits/weight (file) | ppl sonnets | ppl LAMBADA |",
         "|---|---|---|---|---|",
