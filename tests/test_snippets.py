@@ -26,6 +26,7 @@ CALIBRATION = ("dataset=texts,", "dataset=texts, num_samples=2, seq_len=32,")
 GIVEN = {
     ("README.md", 0): ["train", "held_out"],
     ("docs/luc.md", 0): ["path", "texts"],
+    ("docs/luc.md", 1): ["path", "texts"],
     ("docs/scheduling.md", 0): ["model", "tokenizer"],
     ("docs/tuning.md", 0): ["peft_model", "args", "train"],
     ("docs/tuning.md", 1): ["model", "x"],
@@ -37,6 +38,7 @@ SHRINK = {
         CALIBRATION,
     ],
     ("docs/luc.md", 0): [CALIBRATION],
+    ("docs/luc.md", 1): [CALIBRATION],
 }
 
 pytestmark = pytest.mark.skipif(
