@@ -162,6 +162,36 @@ def task_accuracy(data: dict) -> None:
     plt.close(fig)
 
 
+def vs_llamacpp(data: dict) -> None:
+    """Perplexity in llama.cpp against GGUF size: llama.cpp's mixes (plain, with an importance
+    matrix) and LUC for llama.cpp (measured, structural) at the same file sizes."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {
+        "llama.cpp": ("o", "llama-quantize"),
+        "llama.cpp + imatrix": ("^", "llama-quantize + imatrix"),
+        "LUC fisher": ("s", "LUC (measured)"),
+        "LUC structural": ("D", "LUC (structural rule)"),
+    }
+    dense = next((row for row in data["rows"].values() if row["kind"] == "dense"), None)
+    for ax, text in zip(axes, ("sonnets", "lambada"), strict=True):
+        for kind, (marker, label) in styles.items():
+            points = sorted(
+                (row["bytes"] / 2**20, row[f"ppl_{text}"]) for row in data["rows"].values() if row["kind"] == kind
+            )
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
+        if dense:
+            ax.axhline(dense[f"ppl_{text}"], color="gray", linestyle="--", label="F16")
+        ax.set_xlabel("GGUF file (MiB)")
+        ax.set_ylabel(f"perplexity in llama.cpp, {text}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"SmolLM2-135M in llama.cpp; {data['machine']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(IMAGES / "vs_llamacpp.png", dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     IMAGES.mkdir(parents=True, exist_ok=True)
     luc = _load("luc_smollm2.json")
@@ -185,6 +215,9 @@ def main() -> None:
     task = _load("task_sciq.json")
     if task:
         task_accuracy(task)
+    gguf = _load("vs_llamacpp_smollm2.json")
+    if gguf:
+        vs_llamacpp(gguf)
     print(f"figures in {IMAGES}")
 
 

@@ -73,6 +73,31 @@ def llama_perplexity(path: Path, windows: torch.Tensor) -> float:
     return math.exp(nll / (windows.numel() - len(windows)))
 
 
+def llama_sciq(path: Path, tokenizer, items) -> float:
+    """SciQ accuracy from llama.cpp's logits, scored as `edge_llm.evaluation` scores it
+    (lm-evaluation-harness's acc_norm: summed log-probability of each choice per character)."""
+    import llama_cpp
+
+    runtime = llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
+    correct = 0
+    for item in items:
+        context = tokenizer(item.context, add_special_tokens=False).input_ids
+        scores = []
+        for choice in item.choices:
+            continuation = tokenizer(choice, add_special_tokens=False).input_ids
+            ids = (context + continuation)[-512:]
+            runtime.reset()
+            runtime.eval(ids)
+            logp = torch.from_numpy(np.array(runtime.scores[: len(ids)], dtype=np.float32)).log_softmax(-1)
+            span = len(continuation)
+            targets = torch.tensor(ids[len(ids) - span :])
+            total = logp[len(ids) - 1 - span : len(ids) - 1].gather(-1, targets[:, None]).sum().item()
+            scores.append(total / max(len(choice), 1))
+        correct += int(np.argmax(scores) == item.gold)
+    runtime.close()
+    return correct / len(items)
+
+
 def llama_quantize(source: Path, target: Path, mix: str, importance: dict[str, np.ndarray] | None) -> Path:
     """`llama-quantize source target mix [--imatrix]` through llama-cpp-python."""
     import llama_cpp
@@ -120,13 +145,13 @@ def markdown(result: dict) -> str:
         f"machine: {result['machine']}; LUC profile {result['profile_s']:.0f} s "
         f"(calibration {result.get('calibrate_s', 0):.0f} s)",
         "",
-        "| model | GGUF MiB | bits/weight (file) | ppl sonnets | ppl LAMBADA |",
-        "|---|---|---|---|---|",
+        "| model | GGUF MiB | bits/weight (file) | ppl sonnets | ppl LAMBADA | SciQ |",
+        "|---|---|---|---|---|---|",
     ]
     for name, row in sorted(result["rows"].items(), key=lambda item: (item[1]["bytes"], item[0])):
         lines.append(
             f"| {name.split(' @ ')[0]} | {row['bytes'] / 2**20:.1f} | {8 * row['bytes'] / weights:.2f} | "
-            f"{row['ppl_sonnets']:.2f} | {row['ppl_lambada']:.2f} |"
+            f"{row['ppl_sonnets']:.2f} | {row['ppl_lambada']:.2f} | {row.get('sciq', float('nan')):.3f} |"
         )
     return "\n".join(lines)
 
@@ -137,6 +162,7 @@ def main() -> None:
     parser.add_argument("--mixes", nargs="+", default=list(MIXES))
     parser.add_argument("--samples", type=int, default=16, help="calibration windows of 256 tokens")
     parser.add_argument("--windows", type=int, default=16, help="held-out windows of 256 tokens per text")
+    parser.add_argument("--sciq", type=int, default=200, help="SciQ validation items scored in llama.cpp (0: none)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.render:
@@ -149,6 +175,7 @@ def main() -> None:
 
     from edge_llm.assets import smollm2_135m, smollm2_135m_gguf
     from edge_llm.data import sonnets
+    from edge_llm.evaluation import task_items
     from edge_llm.export import write_gguf
     from edge_llm.luc import calibration_tokens
     from edge_llm.luc.gguf_policy import (
@@ -169,6 +196,7 @@ def main() -> None:
         "lambada": windows_of(tokenizer, lambada_texts(400), args.windows),
     }
     calibration = calibration_tokens(sonnets("train"), tokenizer, args.samples, SEQ_LEN)
+    sciq = task_items("sciq", limit=args.sciq) if args.sciq else []
 
     start = time.perf_counter()
     statistics = calibrate(original, calibration, progress=False)
@@ -189,6 +217,8 @@ def main() -> None:
             row = {"bytes": file.stat().st_size, **extra}
             for text, windows in texts.items():
                 row[f"ppl_{text}"] = llama_perplexity(file, windows)
+            if sciq:
+                row["sciq"] = llama_sciq(file, tokenizer, sciq)
             rows[name] = row
             print(f"{name}: {row}", file=sys.stderr)
             if args.json:  # after every file: a run cut short keeps what it measured
