@@ -170,6 +170,7 @@ def vs_llamacpp(data: dict) -> None:
         "llama.cpp": ("o", "llama-quantize"),
         "llama.cpp + imatrix": ("^", "llama-quantize + imatrix"),
         "LUC fisher": ("s", "LUC (measured)"),
+        "LUC fisher, no Q4_1": ("P", "LUC (measured, without Q4_1)"),
         "LUC structural": ("D", "LUC (structural rule)"),
     }
     dense = next((row for row in data["rows"].values() if row["kind"] == "dense"), None)
