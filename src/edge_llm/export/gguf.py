@@ -1,5 +1,9 @@
 """Lower an (LUC-compressed, Edge-LLM-adapted) Llama-family model to GGUF for llama.cpp.
 
+A model LUC compressed for llama.cpp (`LUCConfig(target="gguf")`) already holds llama.cpp blocks
+(`GGMLLinear`, `GGMLEmbedding`): they are written unchanged, each tensor with its own type, the
+token embedding included. What follows is for LUC's own packed layers (`target="pytorch"`).
+
 Each decoder layer's tensors get the GGUF type of its LUC bit-width: 2 to 4 bits -> Q4_1, 5 -> Q5_1,
 6-8 -> Q8_0, unquantized -> F16 (GGUF has no 6/7-bit type that gguf-py can write, so those round
 up to 8). Q4_1 and Q5_1 compute `d * q + m` per block of 32, which is LUC's `(q - zero) * scale`:
