@@ -245,6 +245,16 @@ def test_missing_calibration_data_is_a_clear_error(base_dir):
         AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=LUCConfig(dataset=["some text"]))
 
 
+def test_a_given_policy_asks_for_calibration_data_only_where_it_uses_it(base_dir):
+    # Round to nearest without pruning uses no data, whatever the (default: Wanda) prune method.
+    policy = LUCPolicy([(4, 0.0)] * 4, CompressionMethod(16, "rtn", "wanda"))
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=LUCConfig(policy=policy))
+    assert isinstance(model.model.layers[0].mlp.down_proj, LUCLinear)
+    pruned = LUCPolicy([(4, 0.25)] * 4, CompressionMethod(16, "rtn", "wanda"))
+    with pytest.raises(ValueError, match="LUC needs calibration data"):
+        AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=LUCConfig(policy=pruned))
+
+
 def test_a_checkpoint_whose_policy_is_a_path_is_refused_without_reading_it(base_dir, tmp_path):
     policy = LUCPolicy([(8, 0.0)] * 4, CompressionMethod(16, "rtn", "magnitude"))
     AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=LUCConfig(policy=policy)).save_pretrained(

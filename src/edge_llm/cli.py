@@ -104,8 +104,10 @@ def _compress(args: argparse.Namespace) -> int:
     from edge_llm.luc import LUCPolicy, LUCQuantizer, SensitivityProfile
 
     given = LUCPolicy.load(args.policy) if args.policy else None
-    # A given policy that needs no calibration (RTN, magnitude pruning) needs no tokenizer either.
-    model, tokenizer = _load(args.model, tokenizer_needed=given is None or given.method.needs_calibration)
+    # A given policy that needs no calibration (RTN without pruning, or with magnitude pruning)
+    # needs no tokenizer either.
+    needs_data = given is None or given.method.needs_calibration_for(s for _, s in given.layers)
+    model, tokenizer = _load(args.model, tokenizer_needed=needs_data)
     texts = texts_of(load_rows(args.data)) if args.data and tokenizer is not None else None
     # Only the budgets given on the command line apply; none given: LUCConfig's defaults.
     budget = {"avg_bits": args.avg_bits, "avg_sparsity": args.avg_sparsity}

@@ -72,7 +72,7 @@ def compress_layers(
     records the policy in the model's config, so that `save_pretrained` writes a LUC checkpoint.
     """
     runner = None
-    if method.needs_calibration:
+    if method.needs_calibration_for(sparsity for _, sparsity in settings):
         if calibration is None:
             raise ValueError(
                 f"{method.quant_method}/{method.prune_method} compression needs calibration data; "

@@ -183,19 +183,19 @@ def apply_luc(model: nn.Module, config: LUCConfig, progress: bool = True) -> LUC
     """Profile (unless `config.policy` is set), search the policy and compress `model` in place."""
     if config.target == "gguf":
         return apply_gguf_luc(model, config, progress)
-    # A given policy carries its own compression method.
-    method = config_policy(config).method if config.policy is not None else config.method
-    needs_data = config.policy is None or method.needs_calibration
+    # A given policy carries its own compression method, and needs data only where it uses it.
+    given = config_policy(config) if config.policy is not None else None
+    needs_data = given is None or given.method.needs_calibration_for(s for _, s in given.layers)
     tokens = _config_tokens(config) if needs_data else None
-    if config.policy is not None:
-        policy = config_policy(config)
+    if given is not None:
+        policy = given
     else:
         profile = profile_sensitivity(
             model,
             tokens,
             bits=tuple(config.bits),
             sparsities=tuple(config.sparsities),
-            method=method,
+            method=config.method,
             metric=config.metric,
             targets=config.targets,
             cache_dir=config.profile_cache_dir or cache_dir() / "luc-profiles",

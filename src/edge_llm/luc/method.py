@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from edge_llm.luc.prune import PRUNE_METHODS, PRUNE_STRUCTURES
@@ -38,4 +39,10 @@ class CompressionMethod:
 
     @property
     def needs_calibration(self) -> bool:
+        """Whether compressing with this method can need calibration data (at some sparsity)."""
         return self.quant_method == "gptq" or self.prune_method == "wanda"
+
+    def needs_calibration_for(self, sparsities: Iterable[float]) -> bool:
+        """Whether compressing layers at these sparsities does: Wanda only scores weights it prunes,
+        so round-to-nearest without pruning needs no data whatever the prune method."""
+        return self.quant_method == "gptq" or (self.prune_method == "wanda" and any(s > 0 for s in sparsities))
