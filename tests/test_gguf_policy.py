@@ -280,3 +280,25 @@ def test_a_budget_below_the_smallest_types_says_the_smallest(calibrated):
     assert search_types(table, smallest) == dict.fromkeys(table, "Q4_0")
     with pytest.raises(ValueError, match=f"smallest the candidate types allow: {smallest:,} bytes"):
         search_types(table, smallest - 1)
+
+
+def test_a_file_budget_is_the_size_of_the_gguf_file_to_the_byte(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edge_llm import LUCConfig
+    from edge_llm.export.gguf import gguf_fixed_bytes
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    fixed = gguf_fixed_bytes(dense, tokenizer)
+    f16 = policy_bytes(dense, dict.fromkeys(weight_tensors(dense), "F16"))
+    data = dict(dataset=["calibration text, " * 40] * 4, tokenizer=tokenizer, num_samples=2, seq_len=32)
+    budget = fixed + f16 * 6 // 16
+    config = LUCConfig(target="gguf", avg_bits=None, weight_budget_bytes=budget, **data)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=config)
+    path = write_gguf(model, tmp_path / "model.gguf", tokenizer)
+    assert path.stat().st_size == fixed + policy_bytes(model, model.config.quantization_config.policy["tensors"])
+    assert 0.97 * budget <= path.stat().st_size <= budget
+    with pytest.raises(ValueError, match="does not even hold the GGUF file's fixed part"):
+        config = LUCConfig(target="gguf", avg_bits=None, weight_budget_bytes=fixed, **data)
+        AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=config)

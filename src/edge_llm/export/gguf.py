@@ -349,6 +349,22 @@ def write_gguf(
     return path
 
 
+def gguf_fixed_bytes(model: nn.Module, tokenizer: Any = None, reference_gguf: str | Path | None = None) -> int:
+    """The bytes of `write_gguf(model, ..., tokenizer, reference_gguf)`'s file that no weight type
+    changes: header, metadata (the vocabulary), tensor index and norms. The file of a model LUC
+    compressed for llama.cpp is this plus its policy's bytes (`gguf_policy.policy_bytes`).
+
+    Measured, not estimated: `model` (dense, before compression) is written with every weight in
+    F16 to a temporary file, whose size less those weights' bytes is the answer."""
+    import tempfile
+
+    from edge_llm.luc.gguf_policy import policy_bytes, weight_tensors
+
+    with tempfile.TemporaryDirectory() as tmp:
+        size = write_gguf(model, Path(tmp) / "skeleton.gguf", tokenizer, reference_gguf).stat().st_size
+    return size - policy_bytes(model, dict.fromkeys(weight_tensors(model), "F16"))
+
+
 def _embedding_bytes(embedding: nn.Module) -> tuple[np.ndarray, Any]:
     """The token embedding as GGUF data: its llama.cpp blocks unchanged, else float16."""
     import gguf

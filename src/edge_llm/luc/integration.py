@@ -158,18 +158,43 @@ def mark_compressed(model: nn.Module, policy: LUCPolicy, config: LUCConfig | Non
     saves_whole_folders(model)
 
 
-def _config_tokens(config: LUCConfig):
+def _config_tokenizer(config: LUCConfig) -> Any:
     tokenizer = config.tokenizer
-    if isinstance(tokenizer, (str, Path)):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    return calibration_tokens(config.dataset, tokenizer, config.num_samples, config.seq_len)
+    return AutoTokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+
+
+def _config_tokens(config: LUCConfig):
+    return calibration_tokens(config.dataset, _config_tokenizer(config), config.num_samples, config.seq_len)
+
+
+def _gguf_budget(model: nn.Module, config: LUCConfig) -> int:
+    """Bytes for the policy's tensors: `weight_budget_bytes` is the whole GGUF file, so its fixed
+    part (header, vocabulary, norms: what `write_gguf` writes with `config.tokenizer`) comes off."""
+    file_budget = None
+    if config.weight_budget_bytes is not None:
+        from edge_llm.export.gguf import gguf_fixed_bytes
+
+        tokenizer = _config_tokenizer(config)
+        if tokenizer is None:
+            raise ValueError(
+                "LUCConfig(target='gguf', weight_budget_bytes=...) budgets the GGUF file, whose vocabulary comes "
+                "from the tokenizer: pass LUCConfig(tokenizer=...)."
+            )
+        fixed = gguf_fixed_bytes(model, tokenizer)
+        if config.weight_budget_bytes <= fixed:
+            raise ValueError(
+                f"LUCConfig.weight_budget_bytes={config.weight_budget_bytes:,} does not even hold the GGUF file's "
+                f"fixed part ({fixed:,} bytes: header, vocabulary, norms)."
+            )
+        file_budget = config.weight_budget_bytes - fixed
+    return budget_bytes(model, config.avg_bits, file_budget)
 
 
 def apply_gguf_luc(model: nn.Module, config: LUCConfig, progress: bool = True) -> GGUFPolicy:
     """`LUCConfig(target="gguf")`: one llama.cpp type per tensor (see `luc/gguf_policy.py`)."""
     policy = GGUFPolicy.from_dict(config.policy) if config.policy is not None else None
     tokens = _config_tokens(config) if config.dataset is not None else None
-    budget = None if policy is not None else budget_bytes(model, config.avg_bits, config.weight_budget_bytes)
+    budget = None if policy is not None else _gguf_budget(model, config)
     types = tuple(config.gguf_types) if config.gguf_types else None
     policy = compress_for_gguf(model, tokens, budget, config.sensitivity, types, policy, progress)
     config.policy = policy.to_dict()
