@@ -83,17 +83,18 @@ def llama_sciq(path: Path, tokenizer, items) -> float:
     runtime = llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
     correct = 0
     for item in items:
-        context = tokenizer(item.context, add_special_tokens=False).input_ids
+        context = tokenizer(item.context, add_special_tokens=False).input_ids[-400:]
+        runtime.reset()
+        runtime.eval(context)  # once per item; each choice continues from its cache
+        first = np.array(runtime.scores[len(context) - 1], dtype=np.float32)
         scores = []
         for choice in item.choices:
             continuation = tokenizer(choice, add_special_tokens=False).input_ids
-            ids = (context + continuation)[-512:]
-            runtime.reset()
-            runtime.eval(ids)
-            logp = torch.from_numpy(np.array(runtime.scores[: len(ids)], dtype=np.float32)).log_softmax(-1)
-            span = len(continuation)
-            targets = torch.tensor(ids[len(ids) - span :])
-            total = logp[len(ids) - 1 - span : len(ids) - 1].gather(-1, targets[:, None]).sum().item()
+            runtime.n_tokens = len(context)  # eval() drops the cache past this point
+            runtime.eval(continuation)
+            rows = np.concatenate([first[None], runtime.scores[len(context) : len(context) + len(continuation) - 1]])
+            logp = torch.from_numpy(rows.astype(np.float32)).log_softmax(-1)
+            total = logp.gather(-1, torch.tensor(continuation)[:, None]).sum().item()
             scores.append(total / max(len(choice), 1))
         correct += int(np.argmax(scores) == item.gold)
     runtime.close()
