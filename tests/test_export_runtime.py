@@ -342,22 +342,30 @@ def test_gguf_file_has_per_layer_types_and_edge_metadata(tmp_path):
     ]
 
 
-def test_llama_cpp_loads_the_gguf_and_agrees_with_pytorch(tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    # 2- to 5-bit codes go into Q4_1/Q5_1 blocks unchanged, 8-bit into Q8_0.
-    # The last exit's window carries the adapter (folded in: re-quantized); llama.cpp also quantizes
-    # activations to 8 bits.
-    model = adapted_gguf_llama([(2, 0.0), (3, 0.5), (5, 0.0), (8, 0.0)])
-    path = write_gguf(model, tmp_path / "model.gguf", tokenizer=_ToyTokenizer())
+def llama_cpp_and_pytorch_logits(model, path, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of llama.cpp running the GGUF at `path` and of `model`, on 48 seeded tokens."""
+    import llama_cpp
+
     runtime = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     try:
-        tokens = torch.randint(1, VOCAB, (48,), generator=torch.Generator().manual_seed(1)).tolist()
+        tokens = torch.randint(1, VOCAB, (48,), generator=torch.Generator().manual_seed(seed)).tolist()
         runtime.eval(tokens)
         theirs = torch.tensor(np.array(runtime.scores[: len(tokens)]))
     finally:
         runtime.close()
     with torch.no_grad():
         ours = model(input_ids=torch.tensor([tokens])).logits[0]
+    return theirs, ours
+
+
+def test_llama_cpp_loads_the_gguf_and_agrees_with_pytorch(tmp_path):
+    pytest.importorskip("llama_cpp")
+    # 2- to 5-bit codes go into Q4_1/Q5_1 blocks unchanged, 8-bit into Q8_0.
+    # The last exit's window carries the adapter (folded in: re-quantized); llama.cpp also quantizes
+    # activations to 8 bits.
+    model = adapted_gguf_llama([(2, 0.0), (3, 0.5), (5, 0.0), (8, 0.0)])
+    path = write_gguf(model, tmp_path / "model.gguf", tokenizer=_ToyTokenizer())
+    theirs, ours = llama_cpp_and_pytorch_logits(model, path, seed=1)
     # llama.cpp re-encodes weights in GGUF blocks and computes in its own precision: the
     # distributions agree closely, not bit for bit.
     agreement = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()

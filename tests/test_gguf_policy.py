@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from test_export_runtime import _ToyTokenizer, gguf_llama
+from test_export_runtime import _ToyTokenizer, gguf_llama, llama_cpp_and_pytorch_logits
 from tiny_models import VOCAB
 
 from edge_llm.export import write_gguf
@@ -25,7 +25,7 @@ from edge_llm.luc.gguf_policy import (
     weight_tensors,
 )
 
-llama_cpp = pytest.importorskip("llama_cpp")
+pytest.importorskip("llama_cpp")
 
 
 class _TypeTraits(ctypes.Structure):
@@ -184,15 +184,7 @@ def test_a_measured_policy_writes_its_blocks_unchanged_and_llama_cpp_agrees(cali
     # PyTorch computes with the weights the file holds
     assert torch.equal(down.dense_weight(), torch.from_numpy(ggml_to_float(down.weight.numpy(), down.kind, 512)))
 
-    runtime = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
-    try:
-        tokens = torch.randint(1, VOCAB, (48,), generator=torch.Generator().manual_seed(3)).tolist()
-        runtime.eval(tokens)
-        theirs = torch.tensor(np.array(runtime.scores[: len(tokens)]))
-    finally:
-        runtime.close()
-    with torch.no_grad():
-        ours = model(input_ids=torch.tensor([tokens])).logits[0]
+    theirs, ours = llama_cpp_and_pytorch_logits(model, path, seed=3)
     agreement = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
     assert agreement >= 0.99, agreement
 
