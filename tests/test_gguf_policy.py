@@ -291,6 +291,9 @@ def test_a_file_budget_is_the_size_of_the_gguf_file_to_the_byte(tiny_dir, tmp_pa
     path = write_gguf(model, tmp_path / "model.gguf", tokenizer)
     assert path.stat().st_size == fixed + policy_bytes(model, model.config.quantization_config.policy["tensors"])
     assert 0.97 * budget <= path.stat().st_size <= budget
+    config = LUCConfig(target="gguf", avg_bits=2.0, gguf_types=["Q4_0", "Q8_0"], **data)
+    with pytest.raises(ValueError, match=r"the smallest .* 4\.50 bits per weight; raise avg_bits to at least 4\.50"):
+        AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=config)
     with pytest.raises(ValueError, match="does not even hold the GGUF file's fixed part"):
         config = LUCConfig(target="gguf", avg_bits=None, weight_budget_bytes=fixed, **data)
         AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=config)

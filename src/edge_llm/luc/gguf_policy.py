@@ -225,6 +225,19 @@ def _layer_index(name: str) -> int | None:
     return None
 
 
+class BudgetTooSmall(ValueError):
+    """No choice of types fits the budget; `smallest` is the fewest bytes any choice takes."""
+
+    def __init__(self, smallest: int, message: str) -> None:
+        super().__init__(message)
+        self.smallest = smallest
+
+
+def weight_count(model: nn.Module) -> int:
+    """Weights in the tensors a GGUF policy covers."""
+    return sum(rows * columns for rows, columns in map(_shape, weight_tensors(model).values()))
+
+
 def search_types(table: dict[str, list[Candidate]], budget_bytes: int) -> dict[str, str]:
     """The type per tensor that minimises the summed damage with the tensors' bytes (padded as in
     the file) at most `budget_bytes` (exact: a 0/1 program solved by HiGHS with no gap)."""
@@ -235,8 +248,10 @@ def search_types(table: dict[str, list[Candidate]], budget_bytes: int) -> dict[s
     damage = np.array([c.damage for name in names for c in table[name]], dtype=np.float64)
     smallest = sum(min(c.nbytes for c in table[name]) for name in names)
     if budget_bytes < smallest:
-        raise ValueError(
-            f"The budget of {budget_bytes:,} bytes is below the smallest the candidate types allow: {smallest:,} bytes."
+        raise BudgetTooSmall(
+            smallest,
+            f"The budget of {budget_bytes:,} bytes is below the smallest the candidate types allow: "
+            f"{smallest:,} bytes.",
         )
     owner = np.repeat(np.arange(len(names)), [len(table[name]) for name in names])
     one_each = np.zeros((len(names), len(costs)))
@@ -321,8 +336,7 @@ def budget_bytes(model: nn.Module, avg_bits: float | None, weight_budget_bytes: 
     bits per weight over them."""
     budgets = [] if weight_budget_bytes is None else [weight_budget_bytes]
     if avg_bits is not None:
-        weights = sum(rows * columns for rows, columns in map(_shape, weight_tensors(model).values()))
-        budgets.append(int(avg_bits * weights // 8))
+        budgets.append(int(avg_bits * weight_count(model) // 8))
     return min(budgets)
 
 

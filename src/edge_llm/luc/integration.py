@@ -26,7 +26,7 @@ from edge_llm.luc.calibration import calibration_tokens, target_linears
 from edge_llm.luc.checks import add_marker, policy_sha256
 from edge_llm.luc.compress import compress_layers
 from edge_llm.luc.config import QUANT_METHOD, LUCConfig, config_policy
-from edge_llm.luc.gguf_policy import GGUFPolicy, budget_bytes, compress_for_gguf
+from edge_llm.luc.gguf_policy import BudgetTooSmall, GGUFPolicy, budget_bytes, compress_for_gguf, weight_count
 from edge_llm.luc.linear import LUCLinear
 from edge_llm.luc.policy import LUCPolicy
 from edge_llm.luc.profile import profile_sensitivity
@@ -196,7 +196,15 @@ def apply_gguf_luc(model: nn.Module, config: LUCConfig, progress: bool = True) -
     tokens = _config_tokens(config) if config.dataset is not None else None
     budget = None if policy is not None else _gguf_budget(model, config)
     types = tuple(config.gguf_types) if config.gguf_types else None
-    policy = compress_for_gguf(model, tokens, budget, config.sensitivity, types, policy, progress)
+    try:
+        policy = compress_for_gguf(model, tokens, budget, config.sensitivity, types, policy, progress)
+    except BudgetTooSmall as error:
+        smallest_bits = 8 * error.smallest / weight_count(model)
+        raise ValueError(
+            f"No choice of llama.cpp types fits the budget (avg_bits={config.avg_bits}, weight_budget_bytes="
+            f"{config.weight_budget_bytes}): the smallest this model's tensors allow is {error.smallest:,} bytes of "
+            f"weights, {smallest_bits:.2f} bits per weight; raise avg_bits to at least {smallest_bits:.2f}."
+        ) from None
     config.policy = policy.to_dict()
     model.config.quantization_config = config
     model.is_quantized = True
