@@ -11,6 +11,7 @@ second text, not used for calibration), 256-token windows, and SciQ accuracy fro
 Calibration: sonnets 1-120.
 
     python benchmarks/vs_llamacpp.py --json benchmarks/results/vs_llamacpp_smollm2.json
+    python benchmarks/vs_llamacpp.py --speed Q4_K_M --json benchmarks/results/vs_llamacpp_smollm2_speed.json
 
 Caveat: SmolLM2's released weights are dequantized Q4_1 (blocks of 32): re-quantized to Q4_1 they
 come back almost exactly, which flatters Q4_1 (and grids close to it) on this model only. The
@@ -35,8 +36,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine
-from runtime_agreement import LlamaCpp
+from common import machine, spread
+from runtime_agreement import LlamaCpp, speed
 
 SEQ_LEN = 256
 MIXES = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_1", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
@@ -162,6 +163,8 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--render", type=Path, help="print the table of an earlier run's JSON and stop")
+    parser.add_argument("--speed", metavar="MIX", help="instead: llama.cpp's prefill/decode speed of F16, MIX and LUC")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved speed rounds (with --speed)")
     parser.add_argument("--mixes", nargs="+", default=list(MIXES))
     parser.add_argument("--samples", type=int, default=16, help="calibration windows of 256 tokens")
     parser.add_argument("--windows", type=int, default=16, help="held-out windows of 256 tokens per text")
@@ -223,6 +226,37 @@ def main() -> None:
         f16_tensors = policy_bytes(original, dict.fromkeys(weight_tensors(original), "F16"))
         overhead = dense.stat().st_size - f16_tensors  # header, tokenizer, norms: the same in every file
 
+        def luc_file(table: dict, size: int, file: Path) -> tuple[Path, dict[str, int]]:
+            """The LUC model for `table`'s sensitivity in a GGUF file of at most `size` bytes."""
+            choice = search_types(table, size - overhead)
+            model = copy.deepcopy(original)
+            apply_types(model, choice, statistics)
+            write_gguf(model, file, reference_gguf=smollm2_135m_gguf())
+            if file.stat().st_size > size:
+                raise SystemExit(f"LUC file {file.stat().st_size} bytes exceeds the budget {size}")
+            counts: dict[str, int] = {}
+            for kind in choice.values():
+                counts[kind] = counts.get(kind, 0) + 1
+            return file, counts
+
+        if args.speed:
+            files = {"F16": dense, f"llama.cpp {args.speed}": llama_quantize(dense, tmp / "mix.gguf", args.speed, None)}
+            size = files[f"llama.cpp {args.speed}"].stat().st_size
+            for sensitivity in ("fisher", "fisher, no Q4_1"):
+                files[f"LUC {sensitivity}"] = luc_file(tables[sensitivity], size, tmp / f"{sensitivity}.gguf")[0]
+            runners = {name: LlamaCpp(file) for name, file in files.items()}
+            windows = texts["sonnets"]
+            times = speed(runners, windows, args.rounds)
+            for runner in runners.values():
+                runner.close()
+            result = {"machine": machine(), "mix": args.speed, "bytes": {n: f.stat().st_size for n, f in files.items()}}
+            result["tokens_per_s"] = times
+            if args.json:
+                args.json.write_text(json.dumps(result, indent=2))
+            for name, kinds in times.items():
+                print(f"| {name} | {spread(kinds['prefill'], 0)} | {spread(kinds['decode'], 0)} |")
+            return
+
         def measure(name: str, file: Path, **extra) -> None:
             row = {"bytes": file.stat().st_size, **extra}
             for text, windows in texts.items():
@@ -252,18 +286,9 @@ def main() -> None:
         targets = sorted({row["bytes"] for row in rows.values() if row["kind"] == "llama.cpp"})
         for size in targets:
             for sensitivity, table in tables.items():
-                choice = search_types(table, size - overhead)
-                model = copy.deepcopy(original)
-                apply_types(model, choice, statistics)
-                file = write_gguf(model, tmp / "luc.gguf", reference_gguf=smollm2_135m_gguf())
-                if file.stat().st_size > size:
-                    raise SystemExit(f"LUC file {file.stat().st_size} bytes exceeds the budget {size}")
-                counts: dict[str, int] = {}
-                for kind in choice.values():
-                    counts[kind] = counts.get(kind, 0) + 1
+                file, counts = luc_file(table, size, tmp / "luc.gguf")
                 measure(f"LUC {sensitivity} @ {size}", file, kind=f"LUC {sensitivity}", budget=size, types=counts)
                 file.unlink()
-                del model
     result = {"machine": machine(), "profile_s": profile_s, "calibrate_s": calibrate_s, "rows": rows}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
