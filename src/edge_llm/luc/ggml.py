@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-INSTALL_HINT = "pip install llama-cpp-python (it compiles llama.cpp: several minutes)"
+INSTALL_HINT = 'pip install "edge-llm[gguf]" (llama-cpp-python, which compiles llama.cpp: several minutes)'
 
 
 @dataclass(frozen=True)
