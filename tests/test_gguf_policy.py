@@ -297,3 +297,15 @@ def test_a_file_budget_is_the_size_of_the_gguf_file_to_the_byte(tiny_dir, tmp_pa
     with pytest.raises(ValueError, match="does not even hold the GGUF file's fixed part"):
         config = LUCConfig(target="gguf", avg_bits=None, weight_budget_bytes=fixed, **data)
         AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=config)
+
+
+def test_without_llama_cpp_python_the_error_says_what_to_install(monkeypatch):
+    ggml._library.cache_clear()
+    monkeypatch.setattr(ggml.importlib.util, "find_spec", lambda name: None)
+    try:
+        with pytest.raises(ModuleNotFoundError, match=r"edge-llm\[gguf\]"):
+            ggml.quantize(np.zeros((1, 32), dtype=np.float32), ggml.block_type("Q4_0"))
+    finally:
+        monkeypatch.undo()
+        ggml._library.cache_clear()
+    assert ggml.quantize(np.zeros((1, 32), dtype=np.float32), ggml.block_type("Q4_0")).shape == (1, 18)
