@@ -199,3 +199,23 @@ def test_demo_phase_lines_say_what_runs_and_about_how_long(tmp_path, caplog, mon
     assert caplog.messages[-1] == "[1/4] loading (about 15 s, from the last run here)"
     second.start(3, "tuning")
     assert caplog.messages[-1] == "[3/4] tuning (about 25 s, from the last run here)"
+
+
+def test_compress_for_llama_cpp_writes_the_gguf_and_its_policy(tiny_dir, tmp_path, capsys):
+    pytest.importorskip("llama_cpp")
+    import gguf
+
+    out = tmp_path / "for-llama-cpp"
+    fast = ["--samples", "2", "--seq-len", "32"]
+    assert run("compress", tiny_dir, "--target", "gguf", "--avg-bits", "6", *fast, "--out", out) == 0
+    assert "compressed for llama.cpp ->" in capsys.readouterr().out
+    policy = json.loads((out / "gguf_policy.json").read_text())
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
+    assert types["blk.1.attn_v.weight"] == policy["tensors"]["model.layers.1.self_attn.v_proj"]
+    # the policy file is a policy: given back, nothing is measured and the file is the same
+    again = tmp_path / "again"
+    given = ("--policy", out / "gguf_policy.json", *fast)  # the same calibration: the same importance
+    assert run("compress", tiny_dir, "--target", "gguf", *given, "--out", again) == 0
+    assert (again / "model.gguf").read_bytes() == (out / "model.gguf").read_bytes()
+    assert run("compress", tiny_dir, "--target", "gguf", "--avg-sparsity", "0.25", "--out", tmp_path / "x") == 2
+    assert "cannot prune" in capsys.readouterr().err

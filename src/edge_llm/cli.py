@@ -20,7 +20,9 @@ from edge_llm._warnings import quiet_upstream_warnings
 from edge_llm.data.loading import DATA_FORMATS
 from edge_llm.evaluation import TASKS
 from edge_llm.export.targets import EXPORT_TARGETS
+from edge_llm.luc.config import TARGETS as LUC_TARGETS
 from edge_llm.luc.config import LUCConfig
+from edge_llm.luc.gguf_policy import SENSITIVITIES
 from edge_llm.luc.method import QUANT_METHODS
 from edge_llm.luc.profile import METRICS
 from edge_llm.luc.prune import PRUNE_METHODS, PRUNE_STRUCTURES
@@ -99,10 +101,46 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compress_for_llama_cpp(args: argparse.Namespace) -> int:
+    """`compress --target gguf`: one llama.cpp type per tensor, written as `model.gguf`."""
+    from edge_llm.data.loading import load_rows, texts_of
+    from edge_llm.export import write_gguf
+    from edge_llm.luc import LUCConfig, apply_luc
+
+    if args.profile:
+        raise ValueError("--profile holds a per-layer profile for --target pytorch; --target gguf measures its own.")
+    model, tokenizer = _load(args.model)
+    budget = {"avg_bits": args.avg_bits, "weight_budget_bytes": args.weight_budget_bytes}
+    if args.policy:  # a GGUF policy (gguf_policy.json of an earlier run): no profiling
+        budget = {"policy": args.policy}
+    elif all(value is None for value in budget.values()):
+        budget = {}
+    config = LUCConfig(
+        target="gguf",
+        avg_sparsity=args.avg_sparsity,
+        dataset=texts_of(load_rows(args.data)) if args.data else None,
+        tokenizer=tokenizer,
+        sensitivity=args.sensitivity,
+        num_samples=args.samples,
+        seq_len=args.seq_len,
+        **budget,
+    )
+    with atomic_directory(args.out) as staging:  # an interrupted run leaves --out as it was
+        policy = apply_luc(model, config)
+        write_gguf(model, staging / "model.gguf", tokenizer)
+        policy.save(staging / "gguf_policy.json")
+    size = (Path(args.out) / "model.gguf").stat().st_size
+    print(policy.summary())
+    print(f"compressed for llama.cpp -> {args.out} (model.gguf: {size / 2**20:.1f} MiB; policy: gguf_policy.json)")
+    return 0
+
+
 def _compress(args: argparse.Namespace) -> int:
     from edge_llm.data.loading import load_rows, texts_of
     from edge_llm.luc import LUCPolicy, LUCQuantizer, SensitivityProfile
 
+    if args.target == "gguf":
+        return _compress_for_llama_cpp(args)
     given = LUCPolicy.load(args.policy) if args.policy else None
     # A given policy that needs no calibration (RTN without pruning, or with magnitude pruning)
     # needs no tokenizer either.
@@ -296,7 +334,11 @@ def cli_choices() -> dict[str, Any]:
             "num_samples": luc["num_samples"],
             "seq_len": luc["seq_len"],
             "avg_bits": luc["avg_bits"],
+            "target": luc["target"],
+            "sensitivity": luc["sensitivity"],
         },
+        "luc_targets": list(LUC_TARGETS),
+        "sensitivities": list(SENSITIVITIES),
         "quant_methods": list(QUANT_METHODS),
         "prune_methods": list(PRUNE_METHODS),
         "prune_structures": list(PRUNE_STRUCTURES),

@@ -126,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     source = compress.add_mutually_exclusive_group()
     source.add_argument("--policy", help="a LUC policy JSON file (skips profiling)")
     source.add_argument("--profile", help="a sensitivity profile from `edge-llm profile` (searched, not re-measured)")
+    compress.add_argument(
+        "--target",
+        choices=CHOICES["luc_targets"],
+        default=CHOICES["luc_defaults"]["target"],
+        help="pytorch: LUC's packed layers, a transformers checkpoint; gguf: one llama.cpp type per tensor, "
+        "written as model.gguf (needs llama-cpp-python; --weight-budget-bytes is then the file's size)",
+    )
+    compress.add_argument(
+        "--sensitivity",
+        choices=CHOICES["sensitivities"],
+        default=CHOICES["luc_defaults"]["sensitivity"],
+        help="with --target gguf: measured (fisher) or a fixed rule (structural)",
+    )
     _method_flags(compress)
 
     tuning = CHOICES["tuning_defaults"]
