@@ -189,6 +189,15 @@ def test_a_measured_policy_writes_its_blocks_unchanged_and_llama_cpp_agrees(cali
     assert agreement >= 0.99, agreement
 
 
+def test_calibration_without_fisher_measures_the_same_importance(calibrated):
+    model, statistics = calibrated
+    tokens = torch.randint(1, VOCAB, (4, 32), generator=torch.Generator().manual_seed(2))  # as `calibrated`
+    light = calibrate(model, tokens, progress=False, fisher=False)
+    assert light.fisher == {}
+    for name, values in statistics.importance.items():
+        assert np.array_equal(light.importance[name], values)
+
+
 def test_an_untied_head_is_a_tensor_of_its_own():
     model = gguf_llama().eval()
     statistics = calibrate(model, torch.randint(1, VOCAB, (2, 16), generator=torch.Generator().manual_seed(4)), False)

@@ -41,7 +41,6 @@ class GGMLLinear(nn.Module):
         if not kind.fits(in_features):
             raise ValueError(f"{weight_type} holds rows of a multiple of {kind.block} weights, not {in_features}.")
         self.in_features, self.out_features, self.weight_type = in_features, out_features, weight_type
-        self.compute_dtype = dtype
         row_bytes = kind.row_bytes(in_features)
         self.register_buffer("weight", torch.empty(out_features, row_bytes, dtype=torch.uint8, device=device))
         self.bias = (

@@ -84,15 +84,18 @@ def _shape(module: nn.Module) -> tuple[int, int]:
 @dataclass
 class Statistics:
     """What calibration measured per tensor: importance (one value per input column, llama.cpp's
-    imatrix; None for an untied embedding table) and the Fisher diagonal (same shape as the weight)."""
+    imatrix; None for an untied embedding table) and the Fisher diagonal (same shape as the weight;
+    empty when calibration did not measure it)."""
 
     importance: dict[str, np.ndarray | None]
     fisher: dict[str, torch.Tensor]
 
 
-def calibrate(model: nn.Module, tokens: torch.Tensor, progress: bool = True) -> Statistics:
-    """Importance matrices and Fisher diagonals of every tensor of `weight_tensors(model)`, from one
-    forward and backward pass per calibration window."""
+def calibrate(model: nn.Module, tokens: torch.Tensor, progress: bool = True, fisher: bool = True) -> Statistics:
+    """Importance matrices and (with `fisher`) Fisher diagonals of every tensor of
+    `weight_tensors(model)`, from one forward (and backward) pass per calibration window. Without
+    `fisher` (a given policy, the structural rule: only the quantizer's importance is needed) the
+    passes run without autograd and `Statistics.fisher` is empty."""
     tensors = weight_tensors(model)
     parts = find_decoder_parts(model)
     head = parts.head(model)
@@ -114,6 +117,27 @@ def calibrate(model: nn.Module, tokens: torch.Tensor, progress: bool = True) -> 
     if tied:
         observed[EMBEDDING] = head
     handles = [module.register_forward_hook(accumulate(name)) for name, module in observed.items()]
+    device = next(model.parameters()).device
+    try:
+        if fisher:  # the forward passes of the Fisher measurement feed the hooks too
+            fishers = _fisher(model, tensors, tokens, progress)
+        else:
+            fishers = {}
+            with torch.no_grad():
+                for window in iterate(tokens, len(tokens), "LUC calibration (importance)", progress):
+                    model(input_ids=window[None].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    importance: dict[str, np.ndarray | None] = {
+        name: (squares[name] / counts[name]).cpu().numpy() if name in squares else None for name in tensors
+    }
+    return Statistics(importance, fishers)
+
+
+def _fisher(model: nn.Module, tensors: dict[str, nn.Module], tokens: torch.Tensor, progress: bool) -> dict:
+    """Summed squared loss gradients of every tensor's weight, one calibration window at a time;
+    every parameter's `requires_grad` is as it was afterwards."""
     requires = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -121,7 +145,7 @@ def calibrate(model: nn.Module, tokens: torch.Tensor, progress: bool = True) -> 
     for weight in weights.values():
         weight.requires_grad_(True)
     fisher = {name: torch.zeros_like(weight, dtype=torch.float32) for name, weight in weights.items()}
-    device = next(model.parameters()).device
+    device = weights[EMBEDDING].device
     try:
         for window in iterate(tokens, len(tokens), "LUC calibration (importance and Fisher)", progress):
             ids = window[None].to(device)
@@ -130,14 +154,9 @@ def calibrate(model: nn.Module, tokens: torch.Tensor, progress: bool = True) -> 
             for name, grad in zip(weights, grads, strict=True):
                 fisher[name].add_(grad.float().square())
     finally:
-        for handle in handles:
-            handle.remove()
         for p, flag in requires.items():
             p.requires_grad_(flag)
-    importance: dict[str, np.ndarray | None] = {
-        name: (squares[name] / counts[name]).cpu().numpy() if name in squares else None for name in tensors
-    }
-    return Statistics(importance, fisher)
+    return fisher
 
 
 @dataclass
@@ -353,7 +372,8 @@ def compress_for_gguf(
     `budget` bytes of those tensors in the GGUF file. `tokens`: calibration windows (importance
     matrices, and the Fisher information for `sensitivity="fisher"`); None quantizes without an
     importance matrix."""
-    statistics = calibrate(model, tokens, progress) if tokens is not None else None
+    measured = policy is None and sensitivity == "fisher"
+    statistics = calibrate(model, tokens, progress, fisher=measured) if tokens is not None else None
     if policy is None:
         if sensitivity == "fisher":
             if statistics is None:
