@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, spread
+from common import load_model, machine, spread
 from runtime_agreement import LlamaCpp, speed
 
 SEQ_LEN = 256
@@ -177,9 +177,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from edge_llm.assets import smollm2_135m, smollm2_135m_gguf
+    from edge_llm.assets import smollm2_135m_gguf
     from edge_llm.data import sonnets
     from edge_llm.evaluation import task_items
     from edge_llm.export import write_gguf
@@ -194,9 +192,8 @@ def main() -> None:
         weight_tensors,
     )
 
-    path = smollm2_135m()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    original = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    original, tokenizer = load_model("smollm2", torch.float32, "cpu")
+    original.eval()
     texts = {
         "sonnets": windows_of(tokenizer, sonnets("test"), args.windows),
         "lambada": windows_of(tokenizer, lambada_texts(400), args.windows),

@@ -231,10 +231,11 @@ def _tensor_bytes(
     from gguf import GGMLQuantizationType as T
 
     base = base_layer(module)
-    if isinstance(base, GGMLLinear) and not folded_adapters(module, with_adapter):
+    stored = _llama_cpp_blocks(base)
+    if stored is not None and not folded_adapters(module, with_adapter):
         encodings["LUC blocks"] += 1
-        blocks = base.weight.cpu().numpy()
-        return (_permute_rotary(blocks, rotary_heads) if rotary_heads else blocks), T[base.weight_type]
+        blocks, qtype = stored
+        return (_permute_rotary(blocks, rotary_heads) if rotary_heads else blocks), qtype
     columns = base.in_features
     wanted, qtype = gguf_type_for_bits(bits, k_quants=k_quants), gguf_type_for_bits(bits, columns, k_quants)
     if qtype != wanted:
@@ -309,8 +310,9 @@ def write_gguf(
     adapted = adapted_layers(edge_config, len(layers))
     fallbacks: Counter[tuple[str, str, int]] = Counter()  # (wanted type, used type, row length) -> tensors
     encodings: Counter[str] = Counter()  # "LUC codes" / "re-quantized" -> tensors
-    embedding, embedding_type = _embedding_bytes(base.get_input_embeddings())
-    writer.add_tensor("token_embd.weight", embedding, raw_dtype=embedding_type)
+    embedding = base.get_input_embeddings()
+    data, qtype = _llama_cpp_blocks(embedding) or (embedding.weight.detach().float().numpy().astype(np.float16), None)
+    writer.add_tensor("token_embd.weight", data, raw_dtype=qtype)
     for index, layer in enumerate(layers):
         bits = layer_bits(layer)
         for suffix, gguf_name in _LLAMA_TENSORS.items():
@@ -324,12 +326,8 @@ def write_gguf(
     writer.add_tensor("output_norm.weight", parts.norm(base).weight.detach().float().numpy())
     if not config.tie_word_embeddings:
         head = parts.head(base)
-        if isinstance(head, GGMLLinear):
-            writer.add_tensor(
-                "output.weight", head.weight.cpu().numpy(), raw_dtype=gguf.GGMLQuantizationType[head.weight_type]
-            )
-        else:
-            writer.add_tensor("output.weight", effective_weight(head).numpy().astype(np.float16))
+        data, qtype = _llama_cpp_blocks(head) or (effective_weight(head).numpy().astype(np.float16), None)
+        writer.add_tensor("output.weight", data, raw_dtype=qtype)
     logger.info(
         "GGUF: %d tensors hold LUC's llama.cpp blocks unchanged, %d LUC's codes unchanged, %d were re-quantized "
         "from their float weights",
@@ -365,13 +363,16 @@ def gguf_fixed_bytes(model: nn.Module, tokenizer: Any = None, reference_gguf: st
     return size - policy_bytes(model, dict.fromkeys(weight_tensors(model), "F16"))
 
 
-def _embedding_bytes(embedding: nn.Module) -> tuple[np.ndarray, Any]:
-    """The token embedding as GGUF data: its llama.cpp blocks unchanged, else float16."""
+def _llama_cpp_blocks(module: nn.Module) -> tuple[np.ndarray, Any] | None:
+    """The llama.cpp blocks a module LUC compressed for llama.cpp holds, with their GGUF type, to
+    be written unchanged; None for any other module."""
     import gguf
 
-    if isinstance(embedding, GGMLEmbedding):
-        return embedding.weight_blocks.cpu().numpy(), gguf.GGMLQuantizationType[embedding.weight_type]
-    return embedding.weight.detach().float().numpy().astype(np.float16), None
+    if isinstance(module, GGMLLinear):
+        return module.weight.cpu().numpy(), gguf.GGMLQuantizationType[module.weight_type]
+    if isinstance(module, GGMLEmbedding):
+        return module.weight_blocks.cpu().numpy(), gguf.GGMLQuantizationType[module.weight_type]
+    return None
 
 
 def _add_tokenizer(writer: Any, tokenizer: Any, reference_gguf: str | Path | None) -> None:
