@@ -37,7 +37,7 @@ def effective_weight(module: nn.Module, with_adapter: bool = True) -> torch.Tens
     if isinstance(base, LUCLinear):
         weight = base.dequantize_weight(torch.float32)
     elif isinstance(base, GGMLLinear):
-        weight = base.dense_weight().clone()
+        weight = base.dense_weight()
     else:
         weight = base.weight.detach().float()
     for adapter in folded_adapters(module, with_adapter):

@@ -6,9 +6,12 @@ weights llama.cpp computes with.
 values, because the table may be tied to the LM head (transformers ties by sharing the Parameter).
 `write_gguf` writes the blocks unchanged.
 
-The dense weight is decoded once per layer (gguf-py, float32: the values are exact) and kept:
-llama.cpp's matmul quantizes activations to 8 bits on the fly, which PyTorch does not copy, so the
-agreement is in the weights, not in every rounding of the product.
+A layer keeps only its blocks, as QLoRA keeps only the 4-bit base: the float weight is decoded at
+each call (ggml's own decoder, float32: the values are exact; about a millisecond for a 576 x 1536
+Q4_K weight on one core) and, under autograd, decoded again in backward instead of being saved, so
+training over these layers holds the blocks plus one layer's decoded weight at a time. llama.cpp's
+matmul quantizes activations to 8 bits on the fly, which PyTorch does not copy, so the agreement
+is in the weights, not in every rounding of the product.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_llm.luc.ggml import BlockType, block_type, dequantize
+from edge_llm.luc.ggml import BlockType, block_type, dequantize, quantize
+from edge_llm.luc.linear import CompressedMatmul
 
 
 def _decoded(blocks: torch.Tensor, kind: BlockType, columns: int, dtype: torch.dtype) -> torch.Tensor:
@@ -46,7 +50,6 @@ class GGMLLinear(nn.Module):
         self.bias = (
             nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         )
-        self._dense: tuple[tuple, torch.Tensor] | None = None
 
     @classmethod
     def from_blocks(cls, linear: nn.Linear, weight_type: str, blocks: np.ndarray) -> GGMLLinear:
@@ -67,16 +70,28 @@ class GGMLLinear(nn.Module):
     def kind(self) -> BlockType:
         return block_type(self.weight_type)
 
-    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The decoded weight (out x in), float32 unless `dtype`; rebuilt when the blocks change."""
-        key = (self.weight.data_ptr(), self.weight._version, self.weight.device)
-        if self._dense is None or self._dense[0] != key:
-            self._dense = (key, _decoded(self.weight, self.kind, self.in_features, torch.float32))
-        dense = self._dense[1]
-        return dense if dtype is None else dense.to(dtype)
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The decoded weight (out x in) in `dtype`, decoded afresh from the blocks."""
+        return _decoded(self.weight, self.kind, self.in_features, dtype)
+
+    def dense_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the product is computed in: the input's (float32 keeps llama.cpp's weights exact)."""
+        return x.dtype
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """`x @ W^T` without the bias."""
+        return nn.functional.linear(x, self.dense_weight(x.dtype))
+
+    @torch.no_grad()
+    def requantize_(self, weight: torch.Tensor) -> None:
+        """Store a dense weight (out x in) in this layer's block type, in place (a merged LoRA
+        update): ggml's quantizer, without the importance matrix the policy's codes were rounded with."""
+        self.weight.copy_(torch.from_numpy(quantize(weight.detach().float().cpu().numpy(), self.kind)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.dense_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
+        out = CompressedMatmul.apply(x, self) if needs_grad else self.matmul(x)
+        return out + self.bias.to(out.dtype) if self.bias is not None else out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight_type={self.weight_type}"

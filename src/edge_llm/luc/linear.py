@@ -40,7 +40,7 @@ from edge_llm.luc.kernels import (
     to_int4,
 )
 from edge_llm.luc.pack import pack_bits, packed_size, unpack_bits
-from edge_llm.luc.quantize import GroupQuantized, check_bits, dequantize
+from edge_llm.luc.quantize import GroupQuantized, check_bits, dequantize, quantize_rtn
 
 UNQUANTIZED_BITS = 16
 # Weights the dense path dequantizes at a time (see `LUCLinear.dense_weight`).
@@ -51,11 +51,15 @@ def kept_per_row(in_features: int, sparsity: float) -> int:
     return in_features - round(sparsity * in_features)
 
 
-class _CompressedMatmul(torch.autograd.Function):
-    """x @ W^T for a frozen compressed W that is dequantized again in backward instead of saved."""
+class CompressedMatmul(torch.autograd.Function):
+    """x @ W^T for a frozen compressed W that is dequantized again in backward instead of saved.
+
+    `layer` is any compressed layer with `matmul(x)`, `dense_dtype(x)` and `dense_weight(dtype)`
+    (`LUCLinear`, `GGMLLinear`): autograd would otherwise keep every decoded weight of the step
+    alive until backward, which is the float model's memory again."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: LUCLinear) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         ctx.layer = layer
         return layer.matmul(x)
 
@@ -293,8 +297,22 @@ class LUCLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Under autograd the weight is not saved for backward but dequantized again there.
         needs_grad = torch.is_grad_enabled() and x.requires_grad
-        out = _CompressedMatmul.apply(x, self) if needs_grad else self.matmul(x)
+        out = CompressedMatmul.apply(x, self) if needs_grad else self.matmul(x)
         return out + self.bias.to(out.dtype) if self.bias is not None else out
+
+    @torch.no_grad()
+    def requantize_(self, weight: torch.Tensor) -> None:
+        """Store a dense weight (out x in) in this layer's format, in place (a merged LoRA update):
+        its bits, groups and pruning mask, rounded to nearest."""
+        mask = self.mask()
+        keep = mask if mask is not None else torch.ones_like(weight, dtype=torch.bool)
+        if self.bits == UNQUANTIZED_BITS:
+            self.weight.copy_(weight[keep].to(torch.float16))
+            return
+        quantized = quantize_rtn(weight, self.bits, self.group_size, mask)
+        self.weight.copy_(pack_bits(quantized.codes[keep], self.bits))
+        self.weight_scales.copy_(quantized.scales)
+        self.weight_zeros.copy_(quantized.zeros)
 
     def storage_bytes(self) -> int:
         """Bytes of the stored compressed weight (codes, scales, zero-points, mask), bias excluded."""

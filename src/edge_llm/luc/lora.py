@@ -1,12 +1,14 @@
-"""LoRA adapters over `LUCLinear`: higher-precision adapters on a frozen compressed base, as QLoRA
-does over 4-bit weights.
+"""LoRA adapters over compressed layers (`LUCLinear`, `GGMLLinear`): higher-precision adapters on a
+frozen compressed base, as QLoRA does over 4-bit weights. The base keeps only its stored bytes;
+each call decodes its weight (and decodes it again in backward rather than saving it).
 
 `EdgeLLMConfig` registers this layer with peft automatically; for a plain `peft.LoraConfig` call
 `config._register_custom_module(edge_llm.luc.lora.CUSTOM_MODULES)` before `get_peft_model`.
 
-Merging dequantizes the base weight, adds the LoRA update and quantizes it again with the layer's
-own bits, groups and pruning mask (round to nearest), so a merged layer stays compressed; the
-original codes are kept to unmerge exactly.
+Merging decodes the base weight, adds the LoRA update and stores it again in the layer's own format
+(`requantize_`: LUC's bits, groups and mask; or the llama.cpp block type), so a merged layer stays
+compressed; the original bytes are kept to unmerge exactly. To ship an adapter without re-rounding
+the base, export it on its own (`edge_llm.export.gguf_lora`).
 """
 
 from __future__ import annotations
@@ -17,13 +19,12 @@ import torch
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
-from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
-from edge_llm.luc.pack import pack_bits
-from edge_llm.luc.quantize import quantize_rtn
+from edge_llm.luc.ggml_linear import GGMLLinear
+from edge_llm.luc.linear import LUCLinear
 
 
-class LUCLoraLinear(nn.Module, LoraLayer):
-    """LoRA on a `LUCLinear` base layer."""
+class CompressedLoraLinear(nn.Module, LoraLayer):
+    """LoRA on a compressed base layer (any layer with `dense_weight(dtype)` and `requantize_`)."""
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, config: Any, r: int = 0, lora_alpha: int = 1, **kwargs: Any
@@ -31,7 +32,7 @@ class LUCLoraLinear(nn.Module, LoraLayer):
         super().__init__()
         LoraLayer.__init__(self, base_layer)
         if config.use_dora:
-            raise ValueError("DoRA is not supported on LUC-compressed layers; set use_dora=False.")
+            raise ValueError("DoRA is not supported on compressed layers; set use_dora=False.")
         self._active_adapter = adapter_name
         self._unmerged_state: dict[str, torch.Tensor] | None = None
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
@@ -55,19 +56,19 @@ class LUCLoraLinear(nn.Module, LoraLayer):
         return result
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        base: LUCLinear = self.get_base_layer()
+        base = self.get_base_layer()
         names = [a for a in (adapter_names or self.active_adapters) if a in self.lora_A]
         if not names:
             return
         if self._unmerged_state is None:
             self._unmerged_state = {k: v.clone() for k, v in base.named_buffers(recurse=False)}
-        weight = base.dequantize_weight(torch.float32)
+        weight = base.dense_weight(torch.float32)
         for adapter in names:
             weight = weight + self.get_delta_weight(adapter).float()
             self.merged_adapters.append(adapter)
         if safe_merge and not torch.isfinite(weight).all():
             raise ValueError(f"NaNs or infinities in the merged weights of adapters {names}; not merging.")
-        _store_dense(base, weight)
+        base.requantize_(weight)
 
     def unmerge(self) -> None:
         if self._unmerged_state is None:
@@ -85,17 +86,4 @@ class LUCLoraLinear(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
-def _store_dense(base: LUCLinear, weight: torch.Tensor) -> None:
-    """Write a dense weight back into `base`'s compressed format (its bits, groups and mask)."""
-    mask = base.mask()
-    keep = mask if mask is not None else torch.ones_like(weight, dtype=torch.bool)
-    if base.bits == UNQUANTIZED_BITS:
-        base.weight.copy_(weight[keep].to(torch.float16))
-        return
-    quantized = quantize_rtn(weight, base.bits, base.group_size, mask)
-    base.weight.copy_(pack_bits(quantized.codes[keep], base.bits))
-    base.weight_scales.copy_(quantized.scales)
-    base.weight_zeros.copy_(quantized.zeros)
-
-
-CUSTOM_MODULES = {LUCLinear: LUCLoraLinear}
+CUSTOM_MODULES = {LUCLinear: CompressedLoraLinear, GGMLLinear: CompressedLoraLinear}
