@@ -126,7 +126,7 @@ def llama_quantize(source: Path, target: Path, mix: str, importance: dict[str, n
 
 def gguf_importance(model, statistics) -> dict[str, np.ndarray]:
     """edge-llm's importance vectors under llama.cpp's tensor names (what `llama-imatrix` writes)."""
-    from edge_llm.export.gguf import _LLAMA_TENSORS
+    from edge_llm.export.gguf import LLAMA_TENSORS
     from edge_llm.luc.gguf_policy import EMBEDDING
 
     names = {}
@@ -137,7 +137,7 @@ def gguf_importance(model, statistics) -> dict[str, np.ndarray]:
             names["output.weight"] = values  # the tied head is a matmul over the final hidden state
             continue
         index, suffix = key.split(".layers.")[1].split(".", 1)
-        names[f"blk.{index}.{_LLAMA_TENSORS[suffix]}.weight"] = values
+        names[f"blk.{index}.{LLAMA_TENSORS[suffix]}.weight"] = values
     # llama.cpp permutes q/k rows, not columns: the importance (one per column) is unchanged.
     return names
 

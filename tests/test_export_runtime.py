@@ -342,11 +342,19 @@ def test_gguf_file_has_per_layer_types_and_edge_metadata(tmp_path):
     ]
 
 
-def llama_cpp_and_pytorch_logits(model, path, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logits of llama.cpp running the GGUF at `path` and of `model`, on 48 seeded tokens."""
+def llama_cpp_and_pytorch_logits(model, path, seed: int, lora_path=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of llama.cpp running the GGUF at `path` (with the adapter GGUF at `lora_path`) and
+    of `model`, on 48 seeded tokens."""
     import llama_cpp
 
-    runtime = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    runtime = llama_cpp.Llama(
+        model_path=str(path),
+        lora_path=None if lora_path is None else str(lora_path),
+        n_ctx=64,
+        logits_all=True,
+        verbose=False,
+        n_threads=2,
+    )
     try:
         tokens = torch.randint(1, VOCAB, (48,), generator=torch.Generator().manual_seed(seed)).tolist()
         runtime.eval(tokens)

@@ -1,7 +1,6 @@
 """LUC for llama.cpp: per-tensor llama.cpp types, quantized by llama.cpp's own quantizer, written
 unchanged into GGUF and computing in PyTorch with exactly the weights llama.cpp computes with."""
 
-import ctypes
 import itertools
 
 import numpy as np

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge_llm._io import atomic_file
 from edge_llm.export.weights import adapted_layers, base_layer, effective_weight, folded_adapters, layer_bits
 from edge_llm.luc.ggml_linear import GGMLEmbedding, GGMLLinear
 from edge_llm.luc.integration import policy_of
@@ -43,7 +44,7 @@ from edge_llm.tuner.model import edge_config_of
 logger = logging.getLogger(__name__)
 
 QK_K = 256
-_LLAMA_TENSORS = {
+LLAMA_TENSORS = {
     "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
@@ -210,7 +211,7 @@ def pack_q5_1(d: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- writer
 
 
-def _permute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
+def permute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
     """transformers' rotate-half rotary layout -> llama.cpp's interleaved one (as convert_hf_to_gguf)."""
     return (
         weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
@@ -235,7 +236,7 @@ def _tensor_bytes(
     if stored is not None and not folded_adapters(module, with_adapter):
         encodings["LUC blocks"] += 1
         blocks, qtype = stored
-        return (_permute_rotary(blocks, rotary_heads) if rotary_heads else blocks), qtype
+        return (permute_rotary(blocks, rotary_heads) if rotary_heads else blocks), qtype
     columns = base.in_features
     wanted, qtype = gguf_type_for_bits(bits, k_quants=k_quants), gguf_type_for_bits(bits, columns, k_quants)
     if qtype != wanted:
@@ -244,12 +245,12 @@ def _tensor_bytes(
         blocks = luc_blocks(base, 4 if qtype == T.Q4_1 else 5)
         if blocks is not None:
             if rotary_heads:
-                blocks = tuple(_permute_rotary(part, rotary_heads) for part in blocks)
+                blocks = tuple(permute_rotary(part, rotary_heads) for part in blocks)
             encodings["LUC codes"] += 1
             return (pack_q4_1 if qtype == T.Q4_1 else pack_q5_1)(*blocks), qtype
     weight = effective_weight(module, with_adapter).numpy()
     if rotary_heads:
-        weight = _permute_rotary(weight, rotary_heads)
+        weight = permute_rotary(weight, rotary_heads)
     encodings["re-quantized"] += 1
     return quantize_tensor(weight, qtype), qtype
 
@@ -261,12 +262,14 @@ def write_gguf(
     reference_gguf: str | Path | None = None,
     schedule: Any = None,
     k_quants: bool = False,
+    fold_adapters: bool = True,
 ) -> Path:
     """Write `model` as a GGUF file llama.cpp can load.
 
     Args:
         model: a Llama/Mistral/Qwen2-style causal LM, LUC-compressed or not, optionally a PeftModel
-            with an Edge-LLM (or LoRA) adapter, whose update is folded into the weights.
+            with an Edge-LLM (or LoRA) adapter, whose update is folded into the weights unless
+            `fold_adapters=False`.
         path: the .gguf file to write.
         tokenizer: used for the vocabulary when no `reference_gguf` is given.
         reference_gguf: a GGUF of the same base model whose tokenizer metadata is copied verbatim
@@ -274,6 +277,9 @@ def write_gguf(
         schedule: a `Schedule` to store in the metadata.
         k_quants: store 2/3-bit layers as Q2_K/Q3_K (smaller, but re-quantized: error the LUC
             policy did not budget for) instead of Q4_1 holding LUC's codes unchanged.
+        fold_adapters: False writes the base alone, its stored codes unchanged, for an adapter
+            written beside it by `gguf_lora.write_gguf_lora` (llama.cpp's `--lora`): what ships is
+            then exactly what was tuned, and one base serves several adapters.
     """
     import gguf
 
@@ -286,7 +292,7 @@ def write_gguf(
             f"got {config.model_type!r}."
         )
     path = Path(path)
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(None, "llama")
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     rope = getattr(config, "rope_parameters", None) or {}
@@ -315,13 +321,15 @@ def write_gguf(
     writer.add_tensor("token_embd.weight", data, raw_dtype=qtype)
     for index, layer in enumerate(layers):
         bits = layer_bits(layer)
-        for suffix, gguf_name in _LLAMA_TENSORS.items():
+        for suffix, gguf_name in LLAMA_TENSORS.items():
             module = layer.get_submodule(suffix)
             if gguf_name.endswith("norm"):
                 writer.add_tensor(f"blk.{index}.{gguf_name}.weight", module.weight.detach().float().numpy())
                 continue
             rotary_heads = {"attn_q": heads, "attn_k": kv_heads}.get(gguf_name)
-            data = _tensor_bytes(module, bits, index in adapted, rotary_heads, k_quants, fallbacks, encodings)
+            data = _tensor_bytes(
+                module, bits, fold_adapters and index in adapted, rotary_heads, k_quants, fallbacks, encodings
+            )
             writer.add_tensor(f"blk.{index}.{gguf_name}.weight", data[0], raw_dtype=data[1])
     writer.add_tensor("output_norm.weight", parts.norm(base).weight.detach().float().numpy())
     if not config.tie_word_embeddings:
@@ -339,12 +347,18 @@ def write_gguf(
         logger.info(
             "GGUF: %d tensors have rows of %d, not whole %s blocks; stored as %s", count, row_length, wanted, used
         )
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    logger.info("Wrote %s (%.1f MiB)", path, path.stat().st_size / 2**20)
+    write_file(writer, path)
     return path
+
+
+def write_file(writer: Any, path: Path) -> None:
+    """Write a filled `gguf.GGUFWriter` to `path` whole (a temporary file, then renamed)."""
+    with atomic_file(path) as temporary:
+        writer.write_header_to_file(temporary)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    logger.info("Wrote %s (%.1f MiB)", path, path.stat().st_size / 2**20)
 
 
 def gguf_fixed_bytes(model: nn.Module, tokenizer: Any = None, reference_gguf: str | Path | None = None) -> int:
