@@ -119,7 +119,7 @@ def test_llama_cpp_runs_the_unchanged_base_with_the_adapter_and_agrees_with_pyto
 
 def test_what_a_llama_cpp_adapter_cannot_hold_is_refused_with_the_way_out(tmp_path):
     model = lora(ggml_base(), LoraConfig(r=2, target_modules=["down_proj"], use_dora=False, lora_bias=True))
-    with pytest.raises(ValueError, match="LoRA biases.*folded in"):
+    with pytest.raises(ValueError, match=r"LoRA biases.*folded in"):
         write_gguf_lora(model, tmp_path / "a.gguf")
     model = get_peft_model(gguf_llama(), LoraConfig(r=2, target_modules=["down_proj", "lm_head"]))
     with pytest.raises(ValueError, match=r"lm_head.*outside the decoder"):
