@@ -71,7 +71,9 @@ def test_tune_evaluate_export(tiny_dir, small_instructions, tmp_path, capsys):
         )
         == 0
     )
-    for name in ("manifest.json", "schedule.json", "model.safetensors", "model.gguf", "adapter/adapter_config.json"):
+    # the GGUF base with the tuned adapter beside it, for llama.cpp --lora
+    files = ("manifest.json", "schedule.json", "model.safetensors", "model.gguf", "adapter-default.gguf")
+    for name in (*files, "adapter/adapter_config.json"):
         assert (tmp_path / "bundle" / name).exists(), name
 
 

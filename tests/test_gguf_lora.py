@@ -133,3 +133,32 @@ def test_what_a_llama_cpp_adapter_cannot_hold_is_refused_with_the_way_out(tmp_pa
     with pytest.raises(ValueError, match="cannot name a file"):
         write_gguf_lora(model, tmp_path / "a.gguf")
     assert not list(tmp_path.iterdir())  # nothing written, not even a temporary file
+
+
+def test_a_bundle_ships_the_base_and_every_adapter_apart_and_verifies_them(tmp_path):
+    from test_export_runtime import cpu_device
+
+    from edge_llm.export import export, verify_bundle
+    from edge_llm.scheduling import Workload, schedule
+
+    model = lora(gguf_llama())
+    model.add_adapter("poems", LoraConfig(r=2, target_modules=["down_proj"]))
+    plan = schedule(model, cpu_device(10**9), Workload(prompt_tokens=8))
+    vocabulary = {"reference_gguf": write_gguf(gguf_llama(), tmp_path / "vocabulary.gguf", tokenizer=_ToyTokenizer())}
+    out = export(model, plan, tmp_path / "bundle", targets=["gguf"], target_options={"gguf": vocabulary})
+    manifest = verify_bundle(out)
+    assert {"model.gguf", "adapter-default.gguf", "adapter-poems.gguf"} <= manifest["files"].keys()
+    import gguf
+
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out / "adapter-poems.gguf")).tensors}
+    assert set(kinds) == {f"blk.{i}.ffn_down.weight.lora_{ab}" for i in range(4) for ab in "ab"}
+    with pytest.raises(ValueError, match="none is left to write apart"):
+        export(
+            model,
+            plan,
+            tmp_path / "merged",
+            targets=["gguf"],
+            merge_adapters=True,
+            target_options={"gguf": {**vocabulary, "adapters": "separate"}},
+        )
+    assert not (tmp_path / "merged").exists()

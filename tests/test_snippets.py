@@ -27,6 +27,7 @@ GIVEN = {
     ("README.md", 0): ["train", "held_out"],
     ("docs/luc.md", 0): ["path", "texts"],
     ("docs/luc.md", 1): ["path", "texts"],
+    ("docs/luc.md", 2): ["model", "tokenizer"],
     ("docs/scheduling.md", 0): ["model", "tokenizer"],
     ("docs/tuning.md", 0): ["peft_model", "args", "train"],
     ("docs/tuning.md", 1): ["model", "x"],

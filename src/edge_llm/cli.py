@@ -19,7 +19,7 @@ from edge_llm._io import atomic_directory, atomic_write_text
 from edge_llm._warnings import quiet_upstream_warnings
 from edge_llm.data.loading import DATA_FORMATS
 from edge_llm.evaluation import TASKS
-from edge_llm.export.targets import EXPORT_TARGETS
+from edge_llm.export.targets import EXPORT_TARGETS, GGUF_ADAPTERS
 from edge_llm.luc.config import TARGETS as LUC_TARGETS
 from edge_llm.luc.config import LUCConfig
 from edge_llm.luc.gguf_policy import SENSITIVITIES
@@ -261,10 +261,12 @@ def _export(args: argparse.Namespace) -> int:
     )
     plan = schedule(model, device, workload)
     options = {}
-    if "gguf" in args.target and args.model == "smollm2":
-        from edge_llm.assets import smollm2_135m_gguf
+    if "gguf" in args.target:
+        options["gguf"] = {"adapters": "merged" if args.merge else args.gguf_adapters}
+        if args.model == "smollm2":
+            from edge_llm.assets import smollm2_135m_gguf
 
-        options["gguf"] = {"reference_gguf": smollm2_135m_gguf()}
+            options["gguf"]["reference_gguf"] = smollm2_135m_gguf()
     export(
         model,
         plan,
@@ -352,6 +354,7 @@ def cli_choices() -> dict[str, Any]:
         "exit_heads": list(EXIT_HEADS),
         "devices": list(BUILTIN_DEVICES),
         "export_targets": {t.name: f"{t.filename}, {t.runtime}" for t in EXPORT_TARGETS.values()},
+        "gguf_adapters": list(GGUF_ADAPTERS),
         "data_formats": list(DATA_FORMATS),
         "tasks": list(TASKS),
     }

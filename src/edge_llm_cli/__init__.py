@@ -210,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--decode-tokens", type=COUNT, default=128, help="tokens generated after the prompt")
     export.add_argument("--merge", action="store_true", help="merge the adapter into the weights")
     export.add_argument(
+        "--gguf-adapters",
+        choices=tuple(CHOICES["gguf_adapters"]),
+        default=CHOICES["gguf_adapters"][0],
+        help="with --target gguf: the adapter as adapter-<name>.gguf beside the unchanged base (llama.cpp --lora; "
+        "exactly what was tuned), or merged into model.gguf (re-rounded); --merge implies merged",
+    )
+    export.add_argument(
         "--target",
         action="append",
         default=[],

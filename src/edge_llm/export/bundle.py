@@ -8,7 +8,10 @@ out_dir/
                       merged into them when `merge_adapters=True`
   adapter/            the Edge-LLM adapter (peft format); merged: only its exit heads
   tokenizer files     when a tokenizer is given
-  model.gguf          with `targets=["gguf"]`: the same model for llama.cpp (see `gguf.py`)
+  model.gguf          with `targets=["gguf"]`: the same model for llama.cpp (see `gguf.py`): the
+                      base, its codes unchanged, with each adapter beside it as
+                      adapter-<name>.gguf (see `gguf_lora.py`; `{"gguf": {"adapters": "merged"}}`
+                      folds them in instead)
   model.pte           with `targets=["executorch"]`: the same model for ExecuTorch (see `executorch.py`)
 """
 
@@ -128,6 +131,11 @@ def export(
     edge_config = edge_config_of(model)
     _check_schedule_matches(base, schedule)
     lowerings = _lowerings(targets, target_options)
+    if merge_adapters and any(options.get("adapters") == "separate" for _, options in lowerings):
+        raise ValueError(
+            "merge_adapters=True merges the adapters into the weights, so none is left to write apart: drop "
+            "target_options' adapters='separate', or merge_adapters."
+        )
     if edge_config is not None and schedule.voting != edge_config.voting:
         raise ValueError(
             f"The schedule votes with {schedule.voting!r} but the adapter with {edge_config.voting!r}; a bundle has "

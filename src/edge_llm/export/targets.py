@@ -13,6 +13,7 @@ from torch import nn
 from edge_llm._registry import Registry
 from edge_llm.export.executorch import require_executorch, write_pte
 from edge_llm.export.gguf import write_gguf
+from edge_llm.export.gguf_lora import adapter_names, write_gguf_lora
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,29 @@ class ExportTarget:
     available: Callable[[], None] = lambda: None
 
 
-def _gguf(model: nn.Module, path: Path, tokenizer: Any, schedule: Any, **options: Any) -> Path:
-    return write_gguf(model, path, tokenizer=tokenizer, schedule=schedule, **options)
+GGUF_ADAPTERS = ("separate", "merged")
+
+
+def _gguf(
+    model: nn.Module, path: Path, tokenizer: Any, schedule: Any, adapters: str = "separate", **options: Any
+) -> Path:
+    """`model.gguf`; with `adapters="separate"` (the default) the base's stored codes unchanged and
+    each LoRA adapter beside it as `adapter-<name>.gguf` (llama.cpp's `--lora`): exactly the
+    weights that were tuned. `"merged"` folds the adapter into `model.gguf` (re-rounded), as does
+    a bundle whose adapters are merged (`merge_adapters=True`)."""
+    if adapters not in GGUF_ADAPTERS:
+        raise ValueError(f"target_options['gguf']['adapters'] is {adapters!r}; use one of {GGUF_ADAPTERS}.")
+    names = adapter_names(model) if adapters == "separate" and _unmerged_lora(model) else []
+    written = write_gguf(model, path, tokenizer=tokenizer, schedule=schedule, fold_adapters=not names, **options)
+    for name in names:
+        write_gguf_lora(model, path.with_name(f"adapter-{name}.gguf"), name)
+    return written
+
+
+def _unmerged_lora(model: nn.Module) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return any(isinstance(m, LoraLayer) and not m.merged for m in model.modules())
 
 
 def _executorch(model: nn.Module, path: Path, tokenizer: Any, schedule: Any, **options: Any) -> Path:
