@@ -36,6 +36,21 @@ def lora(model, config=None):
     return get_peft_model(model, config)
 
 
+def test_a_base_for_llama_cpp_holds_its_blocks_only_and_the_tied_head_reads_the_table_blocks():
+    dense = tied_gguf_llama()
+    model = ggml_base(tied_gguf_llama())
+    # no float copy of any weight: what is left in float are the norms (vectors)
+    floats = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()]
+    assert floats and all(model.get_parameter(n).dim() == 1 for n in floats if "norm" in n)
+    assert all("norm" in n or "rotary" in n for n in floats), floats
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert head.weight is embedding.weight  # one blocks tensor, tied
+    ids = torch.tensor([[3, 3, 90], [0, 7, VOCAB - 1]])
+    table = head.dense_weight()
+    assert torch.equal(embedding(ids), table[ids])
+    assert ((table - dense.lm_head.weight).norm() / dense.lm_head.weight.norm()).item() < 0.15  # 4-bit
+
+
 def test_lora_over_llama_cpp_blocks_trains_the_adapter_and_leaves_the_blocks_as_they_were():
     model = lora(ggml_base())
     layer = model.base_model.model.model.layers[1].mlp.down_proj

@@ -21,6 +21,7 @@ from edge_llm.luc.gguf_policy import (
     policy_bytes,
     search_types,
     structural_table,
+    weight_count,
     weight_tensors,
 )
 
@@ -165,8 +166,8 @@ def test_a_measured_policy_writes_its_blocks_unchanged_and_llama_cpp_agrees(cali
     embed = tensors["token_embd.weight"]
     assert embed.tensor_type.name == choice[EMBEDDING]
     assert np.array_equal(
-        np.asarray(embed.data).reshape(model.model.embed_tokens.weight_blocks.shape),
-        model.model.embed_tokens.weight_blocks.numpy(),
+        np.asarray(embed.data).reshape(model.model.embed_tokens.weight.shape),
+        model.model.embed_tokens.weight.numpy(),
     )
     # PyTorch computes with the weights the file holds
     assert torch.equal(down.dense_weight(), torch.from_numpy(ggml_to_float(down.weight.numpy(), down.kind, 512)))
@@ -222,8 +223,10 @@ def test_from_pretrained_with_the_gguf_target_meets_its_bits_budget_and_exports(
     assert policy["format"] == "edge-llm/gguf-policy" and policy["sensitivity"] == "fisher"
     tensors = weight_tensors(model)
     weights = sum(
-        m.out_features * m.in_features if isinstance(m, GGMLLinear) else m.weight.numel() for m in tensors.values()
+        m.out_features * m.in_features if isinstance(m, GGMLLinear) else m.weight.shape[0] * 64
+        for m in tensors.values()
     )
+    assert weights == weight_count(model)
     assert policy_bytes(model, policy["tensors"]) <= 6.0 * weights / 8
     assert all(isinstance(m, (GGMLLinear, GGMLEmbedding)) for m in tensors.values())
     path = write_gguf(model, tmp_path / "model.gguf", tokenizer=tokenizer)

@@ -382,10 +382,8 @@ def _llama_cpp_blocks(module: nn.Module) -> tuple[np.ndarray, Any] | None:
     be written unchanged; None for any other module."""
     import gguf
 
-    if isinstance(module, GGMLLinear):
+    if isinstance(module, (GGMLLinear, GGMLEmbedding)):
         return module.weight.cpu().numpy(), gguf.GGMLQuantizationType[module.weight_type]
-    if isinstance(module, GGMLEmbedding):
-        return module.weight_blocks.cpu().numpy(), gguf.GGMLQuantizationType[module.weight_type]
     return None
 
 

@@ -66,6 +66,15 @@ class GGMLLinear(nn.Module):
             layer.bias.data.copy_(linear.bias.detach())
         return layer
 
+    @classmethod
+    def tied_to(cls, embedding: GGMLEmbedding, bias: nn.Parameter | None = None) -> GGMLLinear:
+        """An LM head tied to `embedding`: the same blocks tensor, read as (vocab x hidden) weights."""
+        layer = cls(embedding.embedding_dim, 1, embedding.weight_type, device="meta")
+        layer.out_features = embedding.num_embeddings
+        layer.weight = embedding.weight  # the very tensor: tied, as transformers ties the Parameter
+        layer.bias = bias
+        return layer
+
     @property
     def kind(self) -> BlockType:
         return block_type(self.weight_type)
@@ -97,38 +106,50 @@ class GGMLLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weight_type={self.weight_type}"
 
 
-class GGMLEmbedding(nn.Embedding):
-    """An embedding table stored in a llama.cpp block type (`weight_blocks`), computing with its
-    decoded values (`weight`, frozen; shared with a tied LM head)."""
+class GGMLEmbedding(nn.Module):
+    """A token embedding table stored in a llama.cpp block type (`weight`: uint8, one row of blocks
+    per token); a lookup decodes only the rows it reads, into `output_dtype`.
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, weight_type: str, **kwargs) -> None:
-        super().__init__(num_embeddings, embedding_dim, **kwargs)
+    A head tied to the table (SmolLM2's) becomes a `GGMLLinear` over the same blocks tensor
+    (`GGMLLinear.tied_to`): the table is stored once, in its type, as llama.cpp stores it."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        weight_type: str,
+        output_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
         kind = block_type(weight_type)
-        self.weight_type = weight_type
-        self.weight.requires_grad_(False)
-        self.register_buffer(
-            "weight_blocks",
-            torch.empty(num_embeddings, kind.row_bytes(embedding_dim), dtype=torch.uint8, device=self.weight.device),
-        )
+        if not kind.fits(embedding_dim):
+            raise ValueError(f"{weight_type} holds rows of a multiple of {kind.block} weights, not {embedding_dim}.")
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight_type, self.output_dtype = weight_type, output_dtype
+        shape = (num_embeddings, kind.row_bytes(embedding_dim))
+        self.register_buffer("weight", torch.empty(shape, dtype=torch.uint8, device=device))
 
     @classmethod
     def from_blocks(cls, embedding: nn.Embedding, weight_type: str, blocks: np.ndarray) -> GGMLEmbedding:
-        """Turn `embedding` into one holding `blocks`, in place: its `weight` Parameter (which a tied
-        head shares) is kept and set to the decoded values."""
-        kind = block_type(weight_type)
-        embedding.__class__ = cls
-        embedding.weight_type = weight_type
-        embedding.register_buffer("weight_blocks", torch.from_numpy(blocks).to(embedding.weight.device))
-        with torch.no_grad():
-            embedding.weight.copy_(
-                _decoded(embedding.weight_blocks, kind, embedding.embedding_dim, embedding.weight.dtype)
-            )
-        embedding.weight.requires_grad_(False)
-        return embedding
+        layer = cls(
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            weight_type,
+            output_dtype=embedding.weight.dtype,
+            device=embedding.weight.device,
+        )
+        layer.weight.copy_(torch.from_numpy(blocks))
+        return layer
 
     @property
     def kind(self) -> BlockType:
         return block_type(self.weight_type)
 
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight.index_select(0, input_ids.reshape(-1))
+        values = _decoded(rows, self.kind, self.embedding_dim, self.output_dtype)
+        return values.view(*input_ids.shape, self.embedding_dim)
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, weight_type={self.weight_type}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, weight_type={self.weight_type}"

@@ -78,6 +78,8 @@ def _shape(module: nn.Module) -> tuple[int, int]:
     """(rows, row length) of a tensor's weight, float or already in llama.cpp blocks."""
     if isinstance(module, GGMLLinear):
         return module.out_features, module.in_features
+    if isinstance(module, GGMLEmbedding):
+        return module.num_embeddings, module.embedding_dim
     return tuple(module.weight.shape)
 
 
@@ -315,9 +317,14 @@ def apply_types(model: nn.Module, choice: dict[str, str], statistics: Statistics
 
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
         encoded = dict(zip(tensors, pool.map(encode, tensors), strict=True))
+    parts = find_decoder_parts(model)
+    tied = parts.head_path not in tensors
     for name, module in tensors.items():
         if name == EMBEDDING:
-            GGMLEmbedding.from_blocks(module, choice[name], encoded[name])
+            embedding = GGMLEmbedding.from_blocks(module, choice[name], encoded[name])
+            model.set_input_embeddings(embedding)
+            if tied:
+                model.set_submodule(parts.head_path, GGMLLinear.tied_to(embedding, parts.head(model).bias))
         else:
             model.set_submodule(name, GGMLLinear.from_blocks(module, choice[name], encoded[name]))
 
