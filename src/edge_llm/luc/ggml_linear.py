@@ -1,10 +1,9 @@
 """Layers that hold a weight as llama.cpp blocks (`ggml.BLOCK_TYPES`) and compute with exactly the
 weights llama.cpp computes with.
 
-`GGMLLinear` keeps the blocks as its state (`weight`: uint8, rows x row bytes; the type's name in
-`weight_type`); `GGMLEmbedding` keeps them beside a frozen float table that holds their decoded
-values, because the table may be tied to the LM head (transformers ties by sharing the Parameter).
-`write_gguf` writes the blocks unchanged.
+`GGMLLinear` and `GGMLEmbedding` keep the blocks as their state (`weight`: uint8, rows x row
+bytes; the type's name in `weight_type`); an LM head tied to the embedding is a `GGMLLinear` over
+the same blocks tensor. `write_gguf` writes the blocks unchanged.
 
 A layer keeps only its blocks, as QLoRA keeps only the 4-bit base: the float weight is decoded at
 each call (ggml's own decoder, float32: the values are exact; about a millisecond for a 576 x 1536
