@@ -20,7 +20,10 @@ would pick instead of edge-llm:
   layers), without and with gradient checkpointing inside it;
   `luc4_edge`: edge-llm with the paper's layout over a base compressed by LUC to 4 bits (RTN, groups of 64),
   the QLoRA-style pipeline; `luc_edge_deep`: `edge_deep` over a base compressed with
-  `Setup.luc_policy` (a LUC policy file; 4-bit RTN when none is given).
+  `Setup.luc_policy` (a LUC policy file; 4-bit RTN when none is given);
+  `luc_gguf_edge_deep_gc`: `edge_deep_gc` over a base LUC compressed for llama.cpp
+  (`target="gguf"`, measured policy at `Setup.gguf_bits` bits per weight): the base keeps its
+  llama.cpp blocks, as QLoRA keeps its 4-bit base, and ships unchanged with the adapter beside it.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class Setup:
     exit_sampling: str = "curriculum"
     deep_depth: int | None = None  # edge_deep's window; None: two thirds of the layers
     luc_policy: str | None = None
+    gguf_bits: float = 4.5  # luc_gguf methods: bits per weight of the llama.cpp base
     calibration: Any = None  # token ids (batch x seq) for LUC methods that calibrate
     edge_options: dict[str, Any] = field(default_factory=dict)  # extra EdgeLLMConfig fields for edge methods
 
@@ -110,6 +114,13 @@ def _luc_edge(model: nn.Module, setup: Setup, deep: bool = False) -> Prepared:
     return _edge(model, setup, deep=deep, paper=not deep)
 
 
+def _luc_gguf_edge(model: nn.Module, setup: Setup) -> Prepared:
+    from edge_llm.luc.gguf_policy import budget_bytes, compress_for_gguf
+
+    compress_for_gguf(model, setup.calibration, budget_bytes(model, setup.gguf_bits, None), progress=False)
+    return _edge(model, setup, deep=True, gc=True)
+
+
 METHODS: dict[str, Callable[[nn.Module, Setup], Prepared]] = {
     "lora": _lora,
     "lora_gc": lambda m, s: _lora(m, s, gc=True),
@@ -124,6 +135,7 @@ METHODS: dict[str, Callable[[nn.Module, Setup], Prepared]] = {
     "edge_deep_gc": lambda m, s: _edge(m, s, deep=True, gc=True),
     "luc4_edge": lambda m, s: _luc_edge(m, Setup(**{**vars(s), "luc_policy": None})),
     "luc_edge_deep": lambda m, s: _luc_edge(m, s, deep=True),
+    "luc_gguf_edge_deep_gc": _luc_gguf_edge,
 }
 
 LABELS = {
@@ -140,6 +152,7 @@ LABELS = {
     "edge_deep_gc": "edge-llm, one exit at the top, deep window + grad. checkpointing",
     "luc4_edge": "LUC 4-bit base + edge-llm, the paper's four exits",
     "luc_edge_deep": "LUC base + edge-llm, one exit at the top, deep window",
+    "luc_gguf_edge_deep_gc": "LUC llama.cpp base + edge-llm, one exit at the top, deep window + grad. checkpointing",
 }
 
 

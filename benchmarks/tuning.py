@@ -39,6 +39,7 @@ def token_data(tokenizer, vocab_size: int, seq: int, train_rows: int, held_out_r
 
     generator = torch.Generator().manual_seed(seed)
     if tokenizer is not None:
+
         def ids(part: list[str]) -> torch.Tensor:
             return tokenizer("\n\n".join(part), return_tensors="pt").input_ids[0]
 

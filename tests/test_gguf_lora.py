@@ -63,14 +63,22 @@ def test_lora_over_llama_cpp_blocks_trains_the_adapter_and_leaves_the_blocks_as_
     assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
     assert all(torch.equal(b, blocks[n]) for n, b in model.named_buffers() if n in blocks)
 
-    # The gradient is the one a dense copy of the decoded weights gives (decoded again in backward).
-    x = torch.randn(3, 512, requires_grad=True)
-    base = layer.base_layer
+
+
+@pytest.mark.parametrize("rows_per_block", [256, 7])
+def test_products_decode_the_weight_block_by_block_and_match_a_dense_copy(monkeypatch, rows_per_block):
+    from edge_llm.luc import ggml_linear
+
+    monkeypatch.setattr(ggml_linear, "DECODE_BLOCK", 512 * rows_per_block)  # 7: 37 blocks, the last ragged
+    base = ggml_base().model.layers[1].mlp.down_proj
     reference = torch.nn.Linear(512, 256, bias=False)
     reference.weight.data = base.dense_weight()
-    base(x).square().sum().backward()
-    expected = torch.autograd.grad(reference(x).square().sum(), x)[0]
-    assert torch.allclose(x.grad, expected, atol=1e-5)
+    x = torch.randn(2, 3, 512, requires_grad=True)
+    out = base(x)
+    out.square().sum().backward()  # the gradient: the weight decoded again in backward
+    expected = reference(x)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(x.grad, torch.autograd.grad(expected.square().sum(), x)[0], atol=1e-4)
 
 
 def test_merge_stores_the_update_in_the_layer_block_type_and_unmerge_restores_it_bit_exact():

@@ -22,6 +22,9 @@ from torch import nn
 from edge_llm.luc.ggml import BlockType, block_type, dequantize, quantize
 from edge_llm.luc.linear import CompressedMatmul
 
+# Weights decoded at a time by a product (8 MiB in float32); SmolLM2's decoder weights are one block.
+DECODE_BLOCK = 2**21
+
 
 def _decoded(blocks: torch.Tensor, kind: BlockType, columns: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(dequantize(blocks.cpu(), kind, columns)).to(device=blocks.device, dtype=dtype)
@@ -78,17 +81,35 @@ class GGMLLinear(nn.Module):
     def kind(self) -> BlockType:
         return block_type(self.weight_type)
 
-    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The decoded weight (out x in) in `dtype`, decoded afresh from the blocks."""
-        return _decoded(self.weight, self.kind, self.in_features, dtype)
+    def dense_weight(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The decoded weight (rows `start:stop` of out x in) in `dtype`, decoded afresh from the blocks."""
+        return _decoded(self.weight[start:stop], self.kind, self.in_features, dtype)
 
-    def dense_dtype(self, x: torch.Tensor) -> torch.dtype:
-        """The dtype the product is computed in: the input's (float32 keeps llama.cpp's weights exact)."""
-        return x.dtype
+    def _row_blocks(self) -> range:
+        """Row starts of the blocks of at most `DECODE_BLOCK` weights the products decode one at a
+        time: a large weight (a 49152 x 576 LM head) never exists decoded as a whole."""
+        return range(0, self.out_features, max(1, DECODE_BLOCK // self.in_features))
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """`x @ W^T` without the bias."""
-        return nn.functional.linear(x, self.dense_weight(x.dtype))
+        """`x @ W^T` without the bias (in the input's dtype: float32 keeps llama.cpp's weights exact)."""
+        starts = self._row_blocks()
+        if len(starts) == 1:
+            return nn.functional.linear(x, self.dense_weight(x.dtype))
+        out = x.new_empty(*x.shape[:-1], self.out_features)
+        for start in starts:
+            stop = start + starts.step
+            out[..., start:stop] = nn.functional.linear(x, self.dense_weight(x.dtype, start, stop))
+        return out
+
+    def input_grad(self, grad_output: torch.Tensor) -> torch.Tensor:
+        """`grad_output @ W`, the weight decoded again block by block."""
+        starts = self._row_blocks()
+        grad = None
+        for start in starts:
+            stop = start + starts.step
+            part = grad_output[..., start:stop] @ self.dense_weight(grad_output.dtype, start, stop)
+            grad = part if grad is None else grad.add_(part)
+        return grad
 
     @torch.no_grad()
     def requantize_(self, weight: torch.Tensor) -> None:

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from edge_llm._io import check_schema, load_schema, save_json
+from edge_llm._memory import release_freed_memory
 from edge_llm.luc.calibration import iterate
 from edge_llm.luc.ggml import BlockType, block_type, dequantize, quantize, types_for_row
 from edge_llm.luc.ggml_linear import GGMLEmbedding, GGMLLinear
@@ -390,6 +391,8 @@ def compress_for_gguf(
             table = structural_table(model, types)
         policy = GGUFPolicy(search_types(table, budget), sensitivity)
     apply_types(model, policy.tensors, statistics)
+    del statistics  # the Fisher diagonal: one float per weight
+    release_freed_memory()
     logger.info(
         "LUC for llama.cpp: %s; %.1f MiB of weights", policy.summary(), policy_bytes(model, policy.tensors) / 2**20
     )

@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 from transformers.quantizers.auto import AutoHfQuantizer
 
 from edge_llm._io import atomic_directory
+from edge_llm._memory import release_freed_memory
 from edge_llm.assets import cache_dir
 from edge_llm.luc.calibration import calibration_tokens, target_linears
 from edge_llm.luc.checks import add_marker, policy_sha256
@@ -140,6 +141,7 @@ def compress_model(*args: Any, **kwargs: Any) -> LUCPolicy:
     model = args[0] if args else kwargs["model"]
     policy = compress_layers(*args, **kwargs)
     mark_compressed(model, policy)
+    release_freed_memory()
     return policy
 
 

@@ -54,7 +54,7 @@ def kept_per_row(in_features: int, sparsity: float) -> int:
 class CompressedMatmul(torch.autograd.Function):
     """x @ W^T for a frozen compressed W that is dequantized again in backward instead of saved.
 
-    `layer` is any compressed layer with `matmul(x)`, `dense_dtype(x)` and `dense_weight(dtype)`
+    `layer` is any compressed layer with `matmul(x)` (x @ W^T) and `input_grad(g)` (g @ W)
     (`LUCLinear`, `GGMLLinear`): autograd would otherwise keep every decoded weight of the step
     alive until backward, which is the float model's memory again."""
 
@@ -65,9 +65,7 @@ class CompressedMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        layer = ctx.layer
-        dtype = layer.dense_dtype(grad_output)
-        return (grad_output.to(dtype) @ layer.dense_weight(dtype)).to(grad_output.dtype), None
+        return ctx.layer.input_grad(grad_output), None
 
 
 class LUCLinear(nn.Module):
@@ -272,6 +270,11 @@ class LUCLinear(nn.Module):
                 return int4_matmul(x, packed)
         dtype = self.dense_dtype(x)
         return nn.functional.linear(x.to(dtype), self.dense_weight(dtype)).to(x.dtype)
+
+    def input_grad(self, grad_output: torch.Tensor) -> torch.Tensor:
+        """`grad_output @ W`: the gradient of the input, the weight dequantized again."""
+        dtype = self.dense_dtype(grad_output)
+        return (grad_output.to(dtype) @ self.dense_weight(dtype)).to(grad_output.dtype)
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized weight in `dtype` for the dense path, expanded `DEQUANTIZE_BLOCK` weights
