@@ -95,12 +95,16 @@ def test_errors_are_one_clear_line(tiny_dir, tmp_path, capsys):
 def test_no_command_writes_over_earlier_output_without_overwrite(command, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "earlier.txt").write_text("mine")
+    earlier = out / "earlier.txt"
+    earlier.write_text("mine")
     model = [] if command == "demo" else [str(tmp_path / "no-model-needed")]
-    assert run(command, *model, "--out", out) == 2
+    assert run(command, *model, "--out", earlier if command == "profile" else out) == 2  # profile writes a file
     error = capsys.readouterr().err
     assert f"edge-llm {command}: error:" in error and "pass --overwrite" in error
-    assert (out / "earlier.txt").read_text() == "mine"
+    assert earlier.read_text() == "mine"
+    if command == "profile":  # and replaces only a profile
+        assert run(command, *model, "--out", earlier, "--overwrite") == 2
+        assert "not an edge-llm sensitivity profile" in capsys.readouterr().err
 
 
 def test_only_known_harmless_upstream_warnings_are_silenced():
@@ -221,3 +225,62 @@ def test_compress_for_llama_cpp_writes_the_gguf_and_its_policy(tiny_dir, tmp_pat
     assert (again / "model.gguf").read_bytes() == (out / "model.gguf").read_bytes()
     assert run("compress", tiny_dir, "--target", "gguf", "--avg-sparsity", "0.25", "--out", tmp_path / "x") == 2
     assert "cannot prune" in capsys.readouterr().err
+
+
+def _files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_touches_an_input_the_current_directory_or_a_folder_that_is_no_earlier_output(
+    tiny_dir, tmp_path, capsys, monkeypatch
+):
+    import shutil
+
+    holder = tmp_path / "holder"
+    shutil.copytree(tiny_dir, holder / "llama")
+    (holder / "sub").mkdir()
+    (holder / "sub" / "thesis.tex").write_text("mine")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    (tmp_path / "a-file").write_text("mine")
+    before = _files(tmp_path)
+    commands = (["tune", holder / "llama", "--data", "sonnets"], ["compress", holder / "llama"])
+    for command in commands:
+        for out in (holder / "llama", holder):  # the input, a folder holding it
+            assert run(*command, "--out", out, "--overwrite") == 2
+            assert "holds this command's input" in capsys.readouterr().err
+    assert run("compress", tiny_dir, "--out", other, "--overwrite") == 2
+    assert "not an earlier `edge-llm compress` output" in capsys.readouterr().err
+    assert run("compress", tiny_dir, "--out", tmp_path / "a-file", "--overwrite") == 2
+    assert "is a file" in capsys.readouterr().err
+    monkeypatch.chdir(other)
+    for out in (".", ".."):
+        assert run("compress", tiny_dir, "--out", out, "--overwrite") == 2
+        assert "current directory" in capsys.readouterr().err
+    assert _files(tmp_path) == before
+
+
+def test_overwrite_replaces_an_earlier_output_and_keeps_the_files_the_user_added(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "compressed"
+    assert run("compress", tiny_dir, *FAST_LUC, "--avg-bits", "4", "--out", out) == 0
+    (out / "NOTES.md").write_text("mine")
+    (out / "my_embeddings.safetensors").write_bytes(b"mine")
+    assert run("compress", tiny_dir, *FAST_LUC, "--avg-bits", "2", "--out", out, "--overwrite") == 0
+    assert {layer["bits"] for layer in json.loads((out / "luc_policy.json").read_text())["layers"]} == {2}
+    assert (out / "NOTES.md").read_text() == "mine" and (out / "my_embeddings.safetensors").read_bytes() == b"mine"
+    # a run killed between the two renames left the output aside: the next run says so and writes nothing
+    aside = tmp_path / ".compressed.previous-999999"
+    out.rename(aside)
+    assert run("compress", tiny_dir, *FAST_LUC, "--out", out) == 2
+    assert "was interrupted" in capsys.readouterr().err and aside.is_dir() and not out.exists()
+
+
+def test_tune_with_the_same_seed_gives_the_same_adapter(tiny_dir, small_instructions, tmp_path):
+    from safetensors.torch import load_file
+
+    tune = ["--data", small_instructions, "--steps", "2", "--batch", "2", "--seq-len", "64", "--exits", "1"]
+    for name in ("a", "b"):
+        assert run("tune", tiny_dir, *tune, "--seed", "7", "--out", tmp_path / name) == 0
+    a, b = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("a", "b"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)

@@ -123,3 +123,23 @@ def test_an_adapter_config_is_never_half_written(tmp_path, monkeypatch):
         EdgeLLMConfig(r=4, target_modules=["q_proj"], exit_layers=[1]).save_pretrained(tmp_path)
     assert (tmp_path / "adapter_config.json").read_text() == before and json.loads(before)["r"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json"]
+
+
+def test_a_luc_save_keeps_every_file_it_does_not_own_and_clears_what_killed_saves_left(tmp_path):
+    out = tmp_path / "luc"
+    out.mkdir()
+    mine = {
+        "adapter_model.safetensors": b"adapter",
+        "adapter_config.json": b"{}",
+        "training_args.bin": b"args",
+        "my_embeddings.safetensors": b"embeddings",
+    }
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    killed("luc", out, "exchange")  # leaves its staging folder behind
+    assert list(tmp_path.glob(".luc.partial-*"))
+    model, _ = new_bundle_parts(seed=0)
+    model.save_pretrained(out)
+    assert {name: (out / name).read_bytes() for name in mine} == mine
+    assert (out / "model.safetensors").is_file()
+    assert not list(tmp_path.glob(".luc.partial-*"))

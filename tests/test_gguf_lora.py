@@ -64,7 +64,6 @@ def test_lora_over_llama_cpp_blocks_trains_the_adapter_and_leaves_the_blocks_as_
     assert all(torch.equal(b, blocks[n]) for n, b in model.named_buffers() if n in blocks)
 
 
-
 @pytest.mark.parametrize("rows_per_block", [256, 7])
 def test_products_decode_the_weight_block_by_block_and_match_a_dense_copy(monkeypatch, rows_per_block):
     from edge_llm.luc import ggml_linear

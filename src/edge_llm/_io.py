@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -53,16 +53,24 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_directory(out: str | Path) -> Iterator[Path]:
+def atomic_directory(out: str | Path, carry_over: Callable[[str], bool] | None = None) -> Iterator[Path]:
     """Write a folder as a whole: yields a new folder beside `out` to write into; when the block ends
     without an error its files are flushed to disk and it replaces `out` (an old `out` is kept aside
-    until the new one is in place); on an error it is removed and `out` is left as it was."""
+    until the new one is in place); on an error it is removed and `out` is left as it was.
+
+    `carry_over(name)`: the entries of an old `out` the new folder keeps (hard links, or copies),
+    unless the block wrote one of that name: a writer keeps every file it does not own."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _restore_interrupted(out)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _remove_abandoned_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         yield staging
+        if carry_over is not None and out.is_dir():
+            for item in out.iterdir():
+                if carry_over(item.name) and not (staging / item.name).exists():
+                    _link_or_copy(item, staging / item.name)
         for file in staging.rglob("*"):
             if file.is_file():
                 with open(file, "rb") as handle:
@@ -100,6 +108,39 @@ def _exchange(first: Path, second: Path) -> bool:
     if error in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # kernel or filesystem without it
         return False
     raise OSError(error, os.strerror(error), str(second))
+
+
+def _remove_abandoned_staging(out: Path) -> None:
+    """Remove the staging folders that killed writers of `out` left (their process is gone)."""
+    for staging in out.parent.glob(f".{out.name}.partial-*"):
+        pid = staging.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """`source` at `target` as hard links (a copy where links cannot be made), folders included."""
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    if source.is_dir():
+        shutil.copytree(source, target, copy_function=link)
+    else:
+        link(str(source), str(target))
 
 
 def _restore_interrupted(out: Path) -> None:

@@ -87,6 +87,21 @@ def _luc_config(args: argparse.Namespace, texts: list[str], tokenizer: Any, **bu
 
 # --------------------------------------------------------------------------- commands
 
+# Files a command's output folder owns besides a model save's (`owned_by_model_save`): replacing an
+# earlier output drops them; any other file there is the user's and is carried over.
+_OWNED_FILES = {
+    "compress": ("luc_policy.json", "gguf_policy.json", "model.gguf"),
+    "tune": ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"),
+}
+
+
+def _output_folder(args: argparse.Namespace) -> Any:
+    """`atomic_directory(args.out)` keeping the files of an earlier output that this command does not own."""
+    from edge_llm.luc.integration import owned_by_model_save
+
+    owned = _OWNED_FILES[args.command]
+    return atomic_directory(args.out, carry_over=lambda name: not (owned_by_model_save(name) or name in owned))
+
 
 def _profile(args: argparse.Namespace) -> int:
     from edge_llm.data.loading import load_rows, texts_of
@@ -125,7 +140,7 @@ def _compress_for_llama_cpp(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         **budget,
     )
-    with atomic_directory(args.out) as staging:  # an interrupted run leaves --out as it was
+    with _output_folder(args) as staging:  # an interrupted run leaves --out as it was
         policy = apply_luc(model, config)
         write_gguf(model, staging / "model.gguf", tokenizer)
         policy.save(staging / "gguf_policy.json")
@@ -159,7 +174,7 @@ def _compress(args: argparse.Namespace) -> int:
         profile = SensitivityProfile.from_json(Path(args.profile).read_text())
         budget = {"policy": profile.search(_luc_config(args, None, None, **budget).budget)}
     config = _luc_config(args, texts, tokenizer, **budget)
-    with atomic_directory(args.out) as staging:  # an interrupted run leaves --out as it was
+    with _output_folder(args) as staging:  # an interrupted run leaves --out as it was
         LUCQuantizer(model, tokenizer).quantize(save_dir=staging, config=config)
         policy = LUCPolicy.from_dict(config.policy)
         policy.save(staging / "luc_policy.json")
@@ -172,7 +187,7 @@ def _compress(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     import torch
     from peft import get_peft_model
-    from transformers import DataCollatorForSeq2Seq, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
 
     from edge_llm import EdgeLLMConfig, EdgeTrainer
     from edge_llm.data.loading import load_rows, training_dataset
@@ -192,6 +207,7 @@ def _tune(args: argparse.Namespace) -> int:
         voting=args.voting,
         exit_head=args.exit_head,
     )
+    set_seed(args.seed)  # before the adapter is made: its initial weights are the seed's too
     model = get_peft_model(model, config)
     scratch = tempfile.TemporaryDirectory(prefix="edge-llm-tune-")  # the Trainer's own files stay out of --out
     training = TrainingArguments(
@@ -216,7 +232,7 @@ def _tune(args: argparse.Namespace) -> int:
     with scratch:
         trainer.train()
         metrics = trainer.evaluate()
-    with atomic_directory(args.out) as staging:  # an interrupted save leaves --out as it was
+    with _output_folder(args) as staging:  # an interrupted save leaves --out as it was
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     print(json.dumps({k: round(v, 4) for k, v in metrics.items() if "loss" in k or "accuracy" in k}, indent=1))

@@ -268,14 +268,69 @@ def _check_file(spec: str | None, flag: str) -> None:
         raise ValueError(f"{flag} {spec}: no such file.")
 
 
+# The files that mark an earlier output of each command that writes a folder: `--overwrite` replaces
+# only such an output (`profile` writes one JSON file).
+OUTPUT_MARKERS = {
+    "compress": ("luc_policy.json", "gguf_policy.json"),
+    "tune": ("adapter_config.json",),
+    "export": ("manifest.json",),
+    "demo": ("manifest.json",),
+}
+_INPUTS = ("model", "adapter", "data", "perplexity", "policy", "profile", "device")
+
+
+def _inputs(args: argparse.Namespace) -> list[Path]:
+    """The files and folders the command reads (those named by a path that exists)."""
+    specs = [getattr(args, name, None) for name in _INPUTS]
+    return [Path(s).expanduser().resolve() for s in specs if s and Path(s).expanduser().exists()]
+
+
 def _check_output(args: argparse.Namespace) -> None:
-    """Refuse to write over earlier output unless `--overwrite`: one rule for every command."""
+    """One rule for every command's --out, checked before any work: never the current directory, an
+    input or a folder holding one; an existing output is replaced only with `--overwrite`, and only
+    if it is an earlier output of the same command (whose files the command does not write are kept)."""
     out = getattr(args, "out", None)
-    if out is None or args.overwrite:
+    if out is None:
         return
-    path = Path(out)
-    if path.is_file() or (path.is_dir() and any(path.iterdir())):
+    path = Path(out).expanduser()
+    resolved = path.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise ValueError(f"--out {out} is the current directory or holds it; name a folder for the output.")
+    for source in _inputs(args):
+        if resolved == source or resolved in source.parents:
+            raise ValueError(f"--out {out} holds this command's input {source}; choose another --out.")
+    interrupted = sorted(path.parent.glob(f".{path.name}.previous-*"))
+    if interrupted and not path.exists():
+        raise ValueError(
+            f"An earlier run writing {out} was interrupted and left its previous output as {interrupted[0]}: "
+            f"move it back to {out} (or delete it), then run again."
+        )
+    if args.command == "profile":
+        if path.is_dir():
+            raise ValueError(f"--out {out} is a folder; `edge-llm profile` writes one JSON file.")
+    elif path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out} is a file; `edge-llm {args.command}` writes a folder. Choose another --out.")
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    if not args.overwrite:
         raise ValueError(f"{path} already exists and is not empty; choose another --out or pass --overwrite.")
+    markers = OUTPUT_MARKERS.get(args.command)
+    if markers is None:  # profile: only a profile file is replaced
+        if not _is_profile(path):
+            raise ValueError(f"{out} is not an edge-llm sensitivity profile; --overwrite only replaces one.")
+    elif not any((path / marker).is_file() for marker in markers):
+        raise ValueError(
+            f"{out} is not empty and is not an earlier `edge-llm {args.command}` output (it has no "
+            f"{' or '.join(markers)}); --overwrite only replaces such an output. Choose another --out."
+        )
+
+
+def _is_profile(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and {"damage", "candidates", "version"} <= data.keys()
 
 
 def check(args: argparse.Namespace) -> None:

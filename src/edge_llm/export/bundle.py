@@ -31,6 +31,7 @@ from torch import nn
 from edge_llm import __version__
 from edge_llm._io import atomic_directory
 from edge_llm.export.targets import EXPORT_TARGETS, ExportTarget
+from edge_llm.export.weights import adapter_names
 from edge_llm.luc.integration import policy_of
 from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
 from edge_llm.modeling import find_decoder_parts
@@ -129,6 +130,8 @@ def export(
             )
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     edge_config = edge_config_of(model)
+    if hasattr(model, "peft_config"):
+        adapter_names(model)  # each saved in a folder of its name, inside the bundle
     _check_schedule_matches(base, schedule)
     lowerings = _lowerings(targets, target_options)
     if merge_adapters and any(options.get("adapters") == "separate" for _, options in lowerings):

@@ -15,7 +15,6 @@ layer then carries its own scale exactly. The query and key rows are permuted as
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -24,28 +23,9 @@ import torch
 from torch import nn
 
 from edge_llm.export.gguf import LLAMA_TENSORS, SUPPORTED_MODEL_TYPES, permute_rotary, write_file
-from edge_llm.export.weights import adapted_layers
+from edge_llm.export.weights import adapted_layers, adapter_names
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.tuner.config import EdgeLLMConfig
-
-# A name that is safe as a file name: no separators, no "..", no leading dot.
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-
-
-def adapter_names(model: nn.Module) -> list[str]:
-    """The LoRA adapters of a PeftModel, each with a name usable as a file name."""
-    configs = getattr(model, "peft_config", None)
-    if not configs:
-        raise ValueError(
-            "The model has no adapter to export: pass a PeftModel (get_peft_model, PeftModel.from_pretrained)."
-        )
-    for name in configs:
-        if not ADAPTER_NAME.fullmatch(name) or ".." in name:
-            raise ValueError(
-                f"Adapter name {name!r} cannot name a file: use letters, digits, '_', '-' and '.' "
-                "(model.load_adapter(path, adapter_name=...))."
-            )
-    return list(configs)
 
 
 def write_gguf_lora(model: nn.Module, path: str | Path, adapter_name: str | None = None) -> Path:

@@ -13,7 +13,8 @@ from torch import nn
 from edge_llm._registry import Registry
 from edge_llm.export.executorch import require_executorch, write_pte
 from edge_llm.export.gguf import write_gguf
-from edge_llm.export.gguf_lora import adapter_names, write_gguf_lora
+from edge_llm.export.gguf_lora import write_gguf_lora
+from edge_llm.export.weights import adapter_names
 
 
 @dataclass(frozen=True)

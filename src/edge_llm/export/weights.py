@@ -4,6 +4,7 @@ layers carry their adapter in a single-stream runtime. GGUF and ExecuTorch lower
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -58,3 +59,23 @@ def adapted_layers(edge_config: Any, num_layers: int) -> set[int]:
     if edge_config is not None and edge_config.window_input == "backbone":
         return set(window(edge_config.exit_layers[-1], edge_config.backprop_depth))
     return set(range(num_layers))
+
+
+# A name that is safe as a file name: no separators, no "..", no leading dot.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The LoRA adapters of a PeftModel, each with a name usable as a file name."""
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        raise ValueError(
+            "The model has no adapter to export: pass a PeftModel (get_peft_model, PeftModel.from_pretrained)."
+        )
+    for name in configs:
+        if not ADAPTER_NAME.fullmatch(name) or ".." in name:
+            raise ValueError(
+                f"Adapter name {name!r} cannot name a file: use letters, digits, '_', '-' and '.' "
+                "(model.load_adapter(path, adapter_name=...))."
+            )
+    return list(configs)

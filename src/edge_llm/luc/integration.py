@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
+import re
 from pathlib import Path
 from typing import Any
 
@@ -100,37 +100,30 @@ def saves_whole_folders(model: nn.Module) -> None:
         model.save_pretrained = functools.partial(_save_whole, model)
 
 
-# What a model's `save_pretrained` writes; any other file in the folder is the user's and is kept.
-_MODEL_FILES = ("config.json", "generation_config.json")
-_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+# What a model's `save_pretrained` writes (config, generation config, weights and their shards, in
+# either format); any other file in the folder is the user's and is kept.
+_MODEL_FILES = re.compile(
+    r"(config|generation_config)\.json"
+    r"|(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)"
+    r"|(model\.safetensors|pytorch_model\.bin)\.index\.json"
+)
+
+
+def owned_by_model_save(name: str) -> bool:
+    """Whether `save_pretrained` of a transformers model writes a file of this name."""
+    return _MODEL_FILES.fullmatch(name) is not None
 
 
 def _save_whole(model: nn.Module, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
     """`save_pretrained` that writes into a new folder beside `save_directory` and swaps it in
-    when complete: a save killed midway leaves the previous checkpoint loadable. Files there that
-    the model save does not write (a tokenizer, a README) are carried over as hard links."""
+    when complete: a save killed midway leaves the previous checkpoint loadable. Every file there
+    the model save does not own (a tokenizer, an adapter, training arguments, other weights) is
+    carried over as a hard link."""
     out = Path(save_directory)
     if kwargs.get("push_to_hub") and "repo_id" not in kwargs:
         kwargs["repo_id"] = out.name  # transformers names the repository after the folder it saves to
-    with atomic_directory(out) as staging:
-        if out.is_dir():
-            for item in out.iterdir():
-                if item.name not in _MODEL_FILES and not item.name.endswith(_WEIGHT_SUFFIXES):
-                    _link_or_copy(item, staging / item.name)
+    with atomic_directory(out, carry_over=lambda name: not owned_by_model_save(name)) as staging:
         type(model).save_pretrained(model, staging, *args, **kwargs)
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    def link(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    if source.is_dir():
-        shutil.copytree(source, target, copy_function=link)
-    else:
-        link(str(source), str(target))
 
 
 @functools.wraps(compress_layers, assigned=("__annotations__",))
