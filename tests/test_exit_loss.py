@@ -176,3 +176,23 @@ def test_the_loss_records_no_vocabulary_wide_tensor_for_backward_under_autocast(
     loss.backward()
     assert packed and (4, 53) not in packed  # a chunk of logits (the bfloat16 head weight is saved, 16 x 53)
     assert hidden.grad is not None and hidden.grad.abs().sum() > 0
+
+
+def test_already_shifted_targets_are_taken_as_the_model_own_loss_takes_them():
+    from edge_llm import enable_chunked_loss
+
+    def loss(chunked):
+        model = tiny_model("llama", 2)
+        handle = enable_chunked_loss(model, chunk_size=5) if chunked else None
+        model.train()
+        x = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
+        shifted = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(2))
+        shifted[:, -1] = -100
+        out = model(input_ids=x, labels=x, shift_labels=shifted)  # shift_labels win, unshifted
+        out.loss.backward()
+        del handle
+        return out.loss.detach(), model.model.layers[0].mlp.down_proj.weight.grad
+
+    (chunked, chunked_grad), (own, own_grad) = loss(True), loss(False)
+    torch.testing.assert_close(chunked, own)
+    torch.testing.assert_close(chunked_grad, own_grad, rtol=1e-4, atol=1e-6)

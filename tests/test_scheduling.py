@@ -228,6 +228,7 @@ def test_a_layer_takes_the_larger_of_its_launch_costs_and_its_work():
         (lambda K: DeviceProfile("x", 2**30, float("nan"), 1e9, 1e10, {"dense_fp32": K(1e11)}), "memory_bandwidth"),
         (lambda K: DeviceProfile("x", 2**30, 1e10, -1.0, 1e10, {"dense_fp32": K(1e11)}), "storage_bandwidth"),
         (lambda K: DeviceProfile("x", 0, 1e10, 1e9, 1e10, {"dense_fp32": K(1e11)}), "memory_bytes"),
+        (lambda K: DeviceProfile(" ", 2**30, 1e10, 1e9, 1e10, {"dense_fp32": K(1e11)}), "name must be a non-empty"),
         (lambda K: DeviceProfile("x", 2**30, 1e10, 1e9, 1e10, {}), "kernels must be a non-empty dict"),
         (lambda K: DeviceProfile("x", 2**30, 1e10, 1e9, 1e10, {"warp_drive": K(1e11)}), "unknown kernels"),
         (lambda K: K(0.0), "Kernel.flops"),

@@ -66,6 +66,8 @@ class DeviceProfile:
     def __post_init__(self) -> None:
         # Profiles built in Python get the checks the schema gives loaded ones: the cost model
         # divides by these rates, so a zero, negative or NaN rate would give nonsense silently.
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"DeviceProfile.name must be a non-empty string (it names the device), got {self.name!r}.")
         if not isinstance(self.memory_bytes, int) or isinstance(self.memory_bytes, bool) or self.memory_bytes < 1:
             raise ValueError(f"DeviceProfile.memory_bytes must be a positive integer, got {self.memory_bytes!r}.")
         for name in ("memory_bandwidth", "storage_bandwidth", "elementwise_bandwidth"):

@@ -58,11 +58,19 @@ def auto_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -> int:
 
 
 def shift_for_causal_lm(
-    hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    shift_labels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions `t` predict `labels[t + 1]`; keep only positions with a real target."""
-    targets = labels[:, 1:].reshape(-1)
-    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    """Positions `t` predict `labels[t + 1]`, or `shift_labels[t]` where the caller shifted them
+    already (as transformers' loss takes them); keep only positions with a real target."""
+    if shift_labels is None:
+        targets = labels[:, 1:].reshape(-1)
+        states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    else:
+        targets = shift_labels.reshape(-1).to(hidden.device)
+        states = hidden.reshape(-1, hidden.shape[-1])
     keep = targets != ignore_index
     return states[keep], targets[keep]
 
@@ -127,6 +135,7 @@ def chunked_causal_lm_loss(
     chunk_size: int | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
+    shift_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy of `head_fn(hidden)` against `labels`, computed in chunks.
 
@@ -139,8 +148,10 @@ def chunked_causal_lm_loss(
             that for a half-precision head). `None`: `auto_chunk_size` of the batch.
         num_items_in_batch: divide the summed loss by this (as transformers does under gradient
             accumulation) instead of by the number of targets here.
+        shift_labels: targets already shifted (`(batch, seq)`, position `t`'s own target), which
+            then replace `labels`, as in transformers' `ForCausalLMLoss`.
     """
-    states, targets = shift_for_causal_lm(hidden, labels, ignore_index)
+    states, targets = shift_for_causal_lm(hidden, labels, ignore_index, shift_labels)
     if num_items_in_batch is None:
         denominator = max(int(targets.numel()), 1)
     else:
@@ -179,6 +190,7 @@ class DeferredHead(nn.Module):
             chunk_size=chunk_size,
             num_items_in_batch=loss_kwargs.get("num_items_in_batch"),
             ignore_index=loss_kwargs.get("ignore_index", IGNORE_INDEX),
+            shift_labels=loss_kwargs.get("shift_labels"),
         )
 
 
