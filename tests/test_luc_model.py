@@ -345,10 +345,10 @@ def test_a_folder_written_as_a_whole_replaces_the_old_one_only_when_complete(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
-def test_a_policy_edited_in_config_json_after_saving_is_refused(base_dir, tmp_path):
+def test_a_policy_edited_in_config_json_after_saving_is_refused(base_dir, tmp_path, caplog):
     from safetensors.torch import load_file, save_file
 
-    policy = LUCPolicy([(4, 0.0)] * 4, CompressionMethod(16, "rtn", "magnitude"))
+    policy = LUCPolicy([(4, 0.0)] * 3 + [(16, 0.0)], CompressionMethod(16, "rtn", "magnitude"))
     AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=LUCConfig(policy=policy)).save_pretrained(
         tmp_path / "luc"
     )
@@ -360,12 +360,27 @@ def test_a_policy_edited_in_config_json_after_saving_is_refused(base_dir, tmp_pa
     config_file.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="not the one its tensors were compressed with"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "luc")
-    # A checkpoint from before the fingerprint (a one-byte marker) still loads, unchecked.
-    config_file.write_text(original)
+    # Without the marker the edit could not be seen: refused.
     tensors = load_file(tmp_path / "luc" / "model.safetensors")
+    marker = tensors.pop(MARKER)
+    save_file(tensors, tmp_path / "luc" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"has no {MARKER} tensor"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "luc")
+    # A checkpoint from before the fingerprint (a one-byte marker) still loads, with a warning that
+    # says an edit cannot be detected.
+    config_file.write_text(original)
     tensors[MARKER] = torch.ones(1, dtype=torch.uint8)
     save_file(tensors, tmp_path / "luc" / "model.safetensors", metadata={"format": "pt"})
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "luc") is not None
+    with caplog.at_level(logging.WARNING, logger="edge_llm.luc.checks"):
+        assert AutoModelForCausalLM.from_pretrained(tmp_path / "luc") is not None
+    assert "predates policy fingerprints" in caplog.text
+    # NaN in a 16-bit layer's values is refused like a NaN scale
+    tensors[MARKER] = marker
+    values = next(k for k in tensors if k.endswith("down_proj.weight") and tensors[k].dtype == torch.float16)
+    tensors[values][0] = float("nan")
+    save_file(tensors, tmp_path / "luc" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="16-bit weight values hold NaN"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "luc")
 
 
 def test_a_bits_only_budget_requires_no_pruning():

@@ -82,12 +82,21 @@ def test_loading_without_importing_edge_llm_fails_loudly(tmp_path):
     assert "EDGE_LLM" in result.stderr
 
 
-@pytest.mark.parametrize("damage", ["drop-a-head-tensor", "edit-exit-layers"])
-def test_an_adapter_whose_exit_heads_do_not_match_its_config_is_refused(tmp_path, damage):
+@pytest.mark.parametrize("damage", ["drop-a-head-tensor", "edit-exit-layers", "drop-a-lora-b", "nan-in-lora-b"])
+def test_an_adapter_whose_weights_do_not_match_its_config_is_refused(tmp_path, damage):
     from safetensors.torch import save_file
 
     trained_adapter("llama", exit_head="norm").save_pretrained(tmp_path)
-    if damage == "drop-a-head-tensor":
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    lora_b = next(k for k in weights if "lora_B" in k)
+    if damage == "drop-a-lora-b":
+        save_file({k: v for k, v in weights.items() if k != lora_b}, tmp_path / "adapter_model.safetensors")
+        message = "LoRA tensors are missing from its weights file"
+    elif damage == "nan-in-lora-b":
+        weights[lora_b][0, 0] = float("nan")
+        save_file(weights, tmp_path / "adapter_model.safetensors")
+        message = "holds NaN or infinity in .*lora_B"
+    elif damage == "drop-a-head-tensor":
         weights = load_file(tmp_path / "adapter_model.safetensors")
         dropped = next(k for k in weights if "exit_heads" in k)
         save_file({k: v for k, v in weights.items() if k != dropped}, tmp_path / "adapter_model.safetensors")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,8 +19,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from edge_llm.luc.linear import LUCLinear, kept_per_row
+from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear, kept_per_row
 from edge_llm.luc.policy import LUCPolicy
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"U8": torch.uint8, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
@@ -73,9 +76,19 @@ def check_checkpoint_files(model: nn.Module, policy: LUCPolicy, checkpoint_files
                 if key in expected:
                     piece = handle.get_slice(key)
                     found[key] = (Path(file).name, piece.get_dtype(), tuple(piece.get_shape()))
-    if found.get(MARKER, ("", "", _LEGACY_MARKER_SHAPE))[2] == _LEGACY_MARKER_SHAPE:
+    if MARKER not in found:
+        raise ValueError(
+            f"LUC checkpoint has no {MARKER} tensor, which every edge-llm save writes: the weights file was "
+            "edited or is not this model's. Re-save the model with edge-llm."
+        )
+    if found[MARKER][2] == _LEGACY_MARKER_SHAPE:
+        logger.warning(
+            "LUC checkpoint %s predates policy fingerprints: an edit of its config.json (group size, bits) cannot "
+            "be detected. Re-save it with edge-llm to add one.",
+            found[MARKER][0],
+        )
         add_marker(model, policy, _LEGACY_MARKER_SHAPE)  # saved before fingerprints: load it as it is
-        found.pop(MARKER, None)
+        found.pop(MARKER)
         del expected[MARKER]
     for key, (dtype, shape) in expected.items():
         if key not in found:
@@ -111,6 +124,10 @@ def check_loaded_layers(model: nn.Module, policy: LUCPolicy) -> None:
                 raise ValueError(f"LUC layer {name}: weight_scales holds non-finite or non-positive values.")
             if not (torch.isfinite(zeros).all() and torch.equal(zeros, zeros.round())):
                 raise ValueError(f"LUC layer {name}: weight_zeros must hold finite whole numbers.")
+        if module.bits == UNQUANTIZED_BITS and not torch.isfinite(module.weight).all():
+            raise ValueError(f"LUC layer {name}: its 16-bit weight values hold NaN or infinity.")
+        if module.bias is not None and not torch.isfinite(module.bias).all():
+            raise ValueError(f"LUC layer {name}: its bias holds NaN or infinity.")
         mask = module.mask()
         if mask is not None:
             columns = module.in_features

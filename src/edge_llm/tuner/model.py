@@ -52,7 +52,7 @@ class EdgeLLMModel(LoraModel):
         self._controller: ExitController | None = None
         self._last_injected: str | None = None
         super().__init__(model, config, adapter_name, **kwargs)
-        self.register_load_state_dict_post_hook(_check_exit_heads_loaded)
+        self.register_load_state_dict_post_hook(_check_adapter_loaded)
 
     # ------------------------------------------------------------------ injection
 
@@ -294,12 +294,30 @@ class EdgeLLMModel(LoraModel):
         return weights
 
 
-def _check_exit_heads_loaded(tuner: EdgeLLMModel, incompatible: Any) -> None:
-    """After peft loads an adapter: its trained exit heads must all be in the file, and the file
-    must hold no heads for exits its config lacks (an edited `exit_layers`), or trained heads would
-    be silently replaced by fresh ones or dropped."""
+def _check_adapter_loaded(tuner: EdgeLLMModel, incompatible: Any) -> None:
+    """After peft loads an adapter: every LoRA tensor in the file and finite (peft only warns of
+    missing ones and computes with fresh ones); its trained exit heads all in the file, and no heads
+    for exits its config lacks (an edited `exit_layers`), or trained heads would be silently
+    replaced by fresh ones or dropped."""
     adapter = tuner._last_injected
-    if adapter is None or adapter not in tuner.exit_heads or not len(tuner.exit_heads[adapter]):
+    if adapter is None:
+        return
+    lora_missing = sorted(
+        k for k in incompatible.missing_keys if f".lora_A.{adapter}." in k or f".lora_B.{adapter}." in k
+    )
+    if lora_missing:
+        raise ValueError(
+            f"The Edge-LLM adapter {adapter!r} is incomplete: {len(lora_missing)} LoRA tensors are missing from its "
+            f"weights file, e.g. {lora_missing[0]}. Save the adapter again."
+        )
+    for name, parameter in tuner.named_parameters():
+        ours = f".{adapter}." in name and ("lora_" in name or "exit_heads" in name)
+        if ours and not torch.isfinite(parameter).all():
+            raise ValueError(
+                f"The Edge-LLM adapter {adapter!r} holds NaN or infinity in {name}; its weights file is damaged "
+                "(or training diverged). Save a healthy adapter again."
+            )
+    if adapter not in tuner.exit_heads or not len(tuner.exit_heads[adapter]):
         return
     marker = f"exit_heads.{adapter}."
     missing = sorted(k for k in incompatible.missing_keys if marker in k)
