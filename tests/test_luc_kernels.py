@@ -128,6 +128,8 @@ def test_int4_kernel_matches_the_dequantized_reference(bits, group_size, sparsit
     # The codes enter unchanged (pruned weights as exact zeros); scales, offsets and activations
     # are rounded to bfloat16. Measured: 0.0022-0.0040 relative error.
     assert _relative_error(got, reference) < 6e-3
+    transposed = x.transpose(0, 1)  # a non-contiguous view computes as its contiguous copy
+    torch.testing.assert_close(layer(transposed), layer(transposed.contiguous()))
     layer.use_kernel = False
     torch.testing.assert_close(layer(x), reference)
 

@@ -414,3 +414,23 @@ def test_the_profile_cache_is_found_whatever_the_dtype_path_or_budget(tmp_path, 
     model.config._name_or_path = str(tmp_path / "a-copy")
     model.config.quantization_config = {"quant_method": "edge_llm_luc", "avg_bits": 3.0}
     assert profile_sensitivity(model, calibration(), **settings).damage == first.damage
+
+
+def test_a_tampered_cache_entry_is_measured_again_and_a_bad_cache_folder_is_refused_before_profiling(
+    tmp_path, monkeypatch
+):
+    import edge_llm.luc.profile as profile_module
+
+    model = tiny_model("llama", 4)
+    settings = dict(bits=(2, 4), sparsities=(0.0,), method=METHOD, cache_dir=tmp_path, progress=False)
+    first = profile_sensitivity(model, calibration(), **settings)
+    (entry,) = tmp_path.glob("luc-profile-*.json")
+    data = json.loads(entry.read_text())
+    data["damage"] = [[0.0] * len(row) for row in data["damage"]]  # "free" compression: not a measurement
+    entry.write_text(json.dumps(data))
+    assert profile_sensitivity(model, calibration(), **settings).damage == first.damage
+    monkeypatch.setattr(profile_module, "_measure", lambda *a, **k: pytest.fail("profiled before the check"))
+    (tmp_path / "a-file").write_text("")
+    for folder, message in ((tmp_path / "a-file", "is a file"), (tmp_path / "a-file" / "sub", "cannot be made")):
+        with pytest.raises(ValueError, match=f"profile_cache_dir .*{message}"):
+            profile_sensitivity(model, calibration(), **{**settings, "cache_dir": folder})

@@ -178,7 +178,7 @@ def to_int4(
 
 def int4_matmul(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
     """`x @ W^T` for `W` in the int4 layout; bfloat16 inside, `x`'s dtype out."""
-    flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()  # the kernels take row-major A only
     if weight.planes == 2:
         flat = torch.cat([flat, flat], dim=1)
     if flat.is_cuda:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -147,10 +149,10 @@ def profile_sensitivity(
     candidates = [(int(b), float(s)) for b in bits for s in sparsities]
     settings = {"candidates": candidates, "method": asdict(method), "metric": metric, "targets": targets}
     fingerprint = _fingerprint(model, tokens, settings | {"version": _PROFILE_VERSION})
-    cache_file = Path(cache_dir) / f"luc-profile-{fingerprint[:24]}.json" if cache_dir is not None else None
+    cache_file = _cache_folder(cache_dir) / f"luc-profile-{fingerprint[:24]}.json" if cache_dir is not None else None
     if cache_file is not None and cache_file.exists():
         try:
-            cached = SensitivityProfile.from_json(cache_file.read_text())
+            cached = _plausible(SensitivityProfile.from_json(cache_file.read_text()))
         except (ValueError, KeyError, TypeError) as error:  # a damaged entry is measured again, not fatal
             logger.warning("Ignoring the unreadable cached profile %s (%s); profiling again.", cache_file, error)
         else:
@@ -165,6 +167,29 @@ def profile_sensitivity(
         model.train(model_was_training)
     if cache_file is not None:
         atomic_write_text(cache_file, profile.to_json())
+    return profile
+
+
+def _cache_folder(cache_dir: str | Path) -> Path:
+    """The profile cache folder, made and checked writable before any profiling (not after it)."""
+    folder = Path(cache_dir).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"profile_cache_dir {folder} is a file; name a folder (or None to cache nothing).")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"profile_cache_dir {folder} cannot be made: {error.strerror}.") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"profile_cache_dir {folder} is not writable; name another folder (or None).")
+    return folder
+
+
+def _plausible(profile: SensitivityProfile) -> SensitivityProfile:
+    """A cached profile as measured: finite, non-negative damage, and some compression that costs
+    something (a real model always loses something at its fewest bits)."""
+    values = [d for row in profile.damage for d in row]
+    if not all(math.isfinite(d) and d >= 0 for d in values) or not any(d > 0 for d in values):
+        raise ValueError("its damage values are not a measurement (negative, non-finite or all zero)")
     return profile
 
 
