@@ -39,10 +39,17 @@ PROMPT, DECODE = 128, 32
 class LlamaCpp:
     """A GGUF file in llama.cpp (llama-cpp-python), 2 threads."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, lora_path: Path | None = None) -> None:
         import llama_cpp
 
-        self.runtime = llama_cpp.Llama(model_path=str(path), n_ctx=SEQ_LEN, logits_all=True, verbose=False, n_threads=2)
+        self.runtime = llama_cpp.Llama(
+            model_path=str(path),
+            lora_path=None if lora_path is None else str(lora_path),
+            n_ctx=SEQ_LEN,
+            logits_all=True,
+            verbose=False,
+            n_threads=2,
+        )
 
     def logits(self, window: torch.Tensor) -> torch.Tensor:
         self.runtime.reset()
