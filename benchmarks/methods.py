@@ -23,13 +23,14 @@ would pick instead of edge-llm:
   `Setup.luc_policy` (a LUC policy file; 4-bit RTN when none is given);
   `luc_gguf_edge_deep_gc`: `edge_deep_gc` over a base LUC compressed for llama.cpp
   (`target="gguf"`, measured policy at `Setup.gguf_bits` bits per weight): the base keeps its
-  llama.cpp blocks, as QLoRA keeps its 4-bit base, and ships unchanged with the adapter beside it.
+  llama.cpp blocks, as QLoRA keeps its 4-bit base, and ships unchanged with the adapter beside it;
+  `luc_gguf6_edge_deep_gc`: the same at 6 bits per weight.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -136,6 +137,7 @@ METHODS: dict[str, Callable[[nn.Module, Setup], Prepared]] = {
     "luc4_edge": lambda m, s: _luc_edge(m, Setup(**{**vars(s), "luc_policy": None})),
     "luc_edge_deep": lambda m, s: _luc_edge(m, s, deep=True),
     "luc_gguf_edge_deep_gc": _luc_gguf_edge,
+    "luc_gguf6_edge_deep_gc": lambda m, s: _luc_gguf_edge(m, replace(s, gguf_bits=6.0)),
 }
 
 LABELS = {
@@ -153,6 +155,7 @@ LABELS = {
     "luc4_edge": "LUC 4-bit base + edge-llm, the paper's four exits",
     "luc_edge_deep": "LUC base + edge-llm, one exit at the top, deep window",
     "luc_gguf_edge_deep_gc": "LUC llama.cpp base + edge-llm, one exit at the top, deep window + grad. checkpointing",
+    "luc_gguf6_edge_deep_gc": "the same over a 6-bit llama.cpp base",
 }
 
 
