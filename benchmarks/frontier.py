@@ -178,7 +178,9 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> str:
         f"SmolLM2-135M-Instruct, task {args.task}: {args.steps} steps of batch {args.batch}"
         + (f" x {args.seq} tokens" if args.task == "sonnets" else "")
         + f", LoRA r={args.rank} on all linear layers, lr {args.lr}, seed {args.seed}; K={default_depth(30)}, "
-        f"deep window {args.deep_depth or 20}; LUC policy {args.luc_policy or '4-bit RTN'}",
+        f"deep window {args.deep_depth or 20}; LUC policy {args.luc_policy or '4-bit RTN'}; llama.cpp base "
+        f"{args.gguf_bits} bits per weight (measured policy)"
+        + ("; glibc returns freed memory at once (every method)" if args.return_freed_memory else ""),
         "",
         f"| method | {quality_name} | train() peak RSS, whole process (GiB) | train() peak above the model (GiB) | "
         "saved for backward (GiB) | train() time (s) | median step (s) | memory vs LoRA | time vs LoRA | front |",
