@@ -62,6 +62,12 @@ def test_without_an_atomic_exchange_a_kill_between_the_renames_is_repaired_by_th
     with pytest.raises(RuntimeError), atomic_directory(out):
         raise RuntimeError("the next write fails too")
     assert verify_bundle(out) == old_bundle[1]
+    # An export without overwrite after such a kill puts the old bundle back and keeps it.
+    killed("bundle", out, "switch", 1, "--no-exchange")
+    assert not out.exists()
+    with pytest.raises(FileExistsError, match="interrupted write"):
+        export(*new_bundle_parts(seed=1), out)
+    assert verify_bundle(out) == old_bundle[1]
 
 
 @pytest.mark.parametrize(("point", "swapped"), [("exchange", False), ("rmtree", True)])

@@ -53,16 +53,23 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_directory(out: str | Path, carry_over: Callable[[str], bool] | None = None) -> Iterator[Path]:
+def atomic_directory(
+    out: str | Path, carry_over: Callable[[str], bool] | None = None, overwrite: bool = True
+) -> Iterator[Path]:
     """Write a folder as a whole: yields a new folder beside `out` to write into; when the block ends
     without an error its files are flushed to disk and it replaces `out` (an old `out` is kept aside
     until the new one is in place); on an error it is removed and `out` is left as it was.
 
     `carry_over(name)`: the entries of an old `out` the new folder keeps (hard links, or copies),
-    unless the block wrote one of that name: a writer keeps every file it does not own."""
+    unless the block wrote one of that name: a writer keeps every file it does not own.
+    `overwrite=False`: an old `out` that an interrupted write had moved aside is put back and
+    kept, and the write refused (its caller checked that `out` did not exist)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _restore_interrupted(out)
+    if _restore_interrupted(out) and not overwrite:
+        raise FileExistsError(
+            f"{out} was moved aside by an interrupted write and is now back in place; pass overwrite to replace it."
+        )
     _remove_abandoned_staging(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
@@ -143,13 +150,14 @@ def _link_or_copy(source: Path, target: Path) -> None:
         link(str(source), str(target))
 
 
-def _restore_interrupted(out: Path) -> None:
-    """Put back a folder that a killed `atomic_directory` had moved aside (see there)."""
+def _restore_interrupted(out: Path) -> bool:
+    """Put back a folder that a killed `atomic_directory` had moved aside (see there); True if one was."""
     if out.exists():
-        return
+        return False
     for previous in sorted(out.parent.glob(f".{out.name}.previous-*")):
         os.replace(previous, out)
-        return
+        return True
+    return False
 
 
 def load_schema(name: str) -> dict[str, Any]:

@@ -144,7 +144,7 @@ def export(
             f"The schedule votes with {schedule.voting!r} but the adapter with {edge_config.voting!r}; a bundle has "
             "one voting rule: schedule the adapted model as it is."
         )
-    with atomic_directory(out) as staging:
+    with atomic_directory(out, overwrite=overwrite) as staging:
         _write_bundle(staging, model, base, edge_config, schedule, merge_adapters, tokenizer, lowerings, dtype)
     logger.info("Exported bundle to %s", out)
     return out

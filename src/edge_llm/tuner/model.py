@@ -305,7 +305,11 @@ def _check_adapter_loaded(tuner: EdgeLLMModel, incompatible: Any) -> None:
     lora_missing = sorted(
         k for k in incompatible.missing_keys if f".lora_A.{adapter}." in k or f".lora_B.{adapter}." in k
     )
-    if lora_missing:
+    lora_all = [n for n, _ in tuner.named_parameters() if f".lora_A.{adapter}." in n or f".lora_B.{adapter}." in n]
+    # A merged bundle's adapter holds its exit heads only (its LoRA updates are in the base weights)
+    # and says so with init_lora_weights=True: zero updates. Anything less than all is damage.
+    heads_only = len(lora_missing) == len(lora_all) and tuner.peft_config[adapter].init_lora_weights is True
+    if lora_missing and not heads_only:
         raise ValueError(
             f"The Edge-LLM adapter {adapter!r} is incomplete: {len(lora_missing)} LoRA tensors are missing from its "
             f"weights file, e.g. {lora_missing[0]}. Save the adapter again."
