@@ -110,3 +110,19 @@ def test_policy_json_round_trip_and_schema_errors(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="is not a JSON LUC policy"):
         LUCPolicy.load(path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("bits", (4, 4), "lists a value twice"),
+        ("sparsities", (0.0, 0.0, 0.5), "lists a value twice"),
+        ("num_samples", True, "num_samples must be a positive integer"),
+        ("targets", [], "non-empty list of module names"),
+    ],
+)
+def test_config_values_that_make_no_sense_are_refused_by_name(field, value, message):
+    from edge_llm import LUCConfig
+
+    with pytest.raises(ValueError, match=f"LUCConfig.{field}.*{message}|{message}"):
+        LUCConfig(avg_bits=4.0, dataset=["x"], **{field: value})

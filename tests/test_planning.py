@@ -46,3 +46,16 @@ def test_edge_trainer_sets_the_window_from_its_memory_budget(tmp_path):
     )
     trainer.train()
     assert model.peft_config["default"].backprop_depth == 6
+
+
+def test_a_memory_budget_is_any_whole_number_of_bytes_and_nothing_else(tmp_path):
+    import numpy as np
+
+    model = edge_model(exit_layers=[7], backprop_depth=2)
+    make = lambda budget: EdgeTrainer(  # noqa: E731
+        model=model, args=training_args(tmp_path), train_dataset=counting_dataset(), memory_budget_bytes=budget
+    )
+    assert make(np.int64(10**9)).memory_budget_bytes == 10**9 and make(1.5e9).memory_budget_bytes == 1_500_000_000
+    for bad in (1.5, True, "1GiB", 0):
+        with pytest.raises(ValueError, match=r"memory_budget_bytes=...\) must be a positive whole number"):
+            make(bad)

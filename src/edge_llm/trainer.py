@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 from itertools import islice
 from typing import Any
 
@@ -81,7 +82,7 @@ class EdgeTrainer(Trainer):
             )
         super().__init__(model, args, *more, **kwargs)
         self.tuner: EdgeLLMModel = tuner
-        self.memory_budget_bytes = memory_budget_bytes
+        self.memory_budget_bytes = None if memory_budget_bytes is None else _whole_bytes(memory_budget_bytes)
         self._exit_loss_sums: dict[int, torch.Tensor] = {}
         self._exit_step_counts: dict[int, float] = {}
         self._last_exit: int | None = None
@@ -243,3 +244,12 @@ class EdgeTrainer(Trainer):
     def _accumulate(self, name: str, value: torch.Tensor) -> None:
         value = value.detach().double()
         self._eval_sums[name] = self._eval_sums[name] + value if name in self._eval_sums else value
+
+
+def _whole_bytes(value: Any) -> int:
+    """`EdgeTrainer(memory_budget_bytes=...)` as an int: any integer type (numpy's too) or a whole
+    float (1.5e9), positive."""
+    whole = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+    if not whole or isinstance(value, bool) or value < 1:
+        raise ValueError(f"EdgeTrainer(memory_budget_bytes=...) must be a positive whole number of bytes: {value!r}.")
+    return int(value)

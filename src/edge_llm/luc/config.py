@@ -115,9 +115,14 @@ class LUCConfig(QuantizationConfigMixin):
             if value is not None and not _is_finite_number(value):
                 raise ValueError(f"LUCConfig.{name} must be a finite number or None, got {value!r}.")
         if self.targets is not None and (
-            not isinstance(self.targets, (list, tuple)) or not all(isinstance(t, str) for t in self.targets)
+            not isinstance(self.targets, (list, tuple))
+            or not self.targets
+            or not all(isinstance(t, str) for t in self.targets)
         ):
-            raise ValueError(f"LUCConfig.targets must be None or a list of module names, got {self.targets!r}.")
+            raise ValueError(
+                "LUCConfig.targets must be None (every Linear) or a non-empty list of module names, got "
+                f"{self.targets!r}."
+            )
         for b in self.bits:
             if b != UNQUANTIZED_BITS:
                 check_bits(b)
@@ -133,7 +138,7 @@ class LUCConfig(QuantizationConfigMixin):
             )
         for name in ("num_samples", "seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"LUCConfig.{name} must be a positive integer, got {value!r}.")
         if self.target not in TARGETS:
             raise ValueError(f"LUCConfig.target must be one of {TARGETS}, got {self.target!r}.")
@@ -217,6 +222,8 @@ def _number_list(name: str, values: object) -> list:
         raise ValueError(f"LUCConfig.{name} must be a non-empty list of finite numbers, got {values!r}.")
     if not all(isinstance(v, kind) for v in values):
         raise ValueError(f"LUCConfig.{name} must be a list of whole numbers, got {values!r}.")
+    if len(set(values)) != len(values):
+        raise ValueError(f"LUCConfig.{name} lists a value twice ({list(values)}); list each candidate once.")
     return [v if name == "bits" else float(v) for v in values]
 
 
