@@ -138,6 +138,13 @@ def test_llama_cpp_runs_the_unchanged_base_with_the_adapter_and_agrees_with_pyto
     moved = (theirs - plain).abs().max()
     assert error < 2 * base_error + 0.05 and moved > 10 * error, (error, base_error, moved)
 
+    # Merged instead: the update folded in and re-rounded into each layer's own llama.cpp type.
+    merged = write_gguf(model, tmp_path / "merged.gguf", tokenizer=_ToyTokenizer())
+    merged_types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(merged)).tensors}
+    assert merged_types == {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(base_path)).tensors}
+    folded, _ = llama_cpp_and_pytorch_logits(model, merged, seed=5)
+    assert (folded.log_softmax(-1) - ours).abs().max() > error  # re-rounding: further from what was tuned
+
 
 def test_what_a_llama_cpp_adapter_cannot_hold_is_refused_with_the_way_out(tmp_path):
     model = lora(ggml_base(), LoraConfig(r=2, target_modules=["down_proj"], use_dora=False, lora_bias=True))

@@ -35,6 +35,7 @@ from torch import nn
 
 from edge_llm._io import atomic_file
 from edge_llm.export.weights import adapted_layers, base_layer, effective_weight, folded_adapters, layer_bits
+from edge_llm.luc.ggml import quantize
 from edge_llm.luc.ggml_linear import GGMLEmbedding, GGMLLinear
 from edge_llm.luc.integration import policy_of
 from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
@@ -233,9 +234,13 @@ def _tensor_bytes(
 
     base = base_layer(module)
     stored = _llama_cpp_blocks(base)
-    if stored is not None and not folded_adapters(module, with_adapter):
-        encodings["LUC blocks"] += 1
+    if stored is not None:
         blocks, qtype = stored
+        if folded_adapters(module, with_adapter):  # the update folded in, re-rounded into the layer's type
+            encodings["re-quantized"] += 1
+            blocks = quantize(effective_weight(module, with_adapter).numpy(), base.kind)
+        else:
+            encodings["LUC blocks"] += 1
         return (permute_rotary(blocks, rotary_heads) if rotary_heads else blocks), qtype
     columns = base.in_features
     wanted, qtype = gguf_type_for_bits(bits, k_quants=k_quants), gguf_type_for_bits(bits, columns, k_quants)
