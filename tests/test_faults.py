@@ -149,3 +149,15 @@ def test_a_luc_save_keeps_every_file_it_does_not_own_and_clears_what_killed_save
     assert {name: (out / name).read_bytes() for name in mine} == mine
     assert (out / "model.safetensors").is_file()
     assert not list(tmp_path.glob(".luc.partial-*"))
+
+
+def test_a_save_through_a_symlinked_folder_writes_where_it_points_and_keeps_the_link(tmp_path):
+    disk = tmp_path / "bigger-disk" / "luc"
+    disk.mkdir(parents=True)
+    (disk / "notes.txt").write_text("mine")
+    link = tmp_path / "luc"
+    link.symlink_to(disk, target_is_directory=True)
+    model, _ = new_bundle_parts(seed=0)
+    model.save_pretrained(link)
+    assert link.is_symlink() and (disk / "model.safetensors").is_file() and (disk / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bigger-disk", "luc"]  # nothing left beside the link

@@ -65,6 +65,8 @@ def atomic_directory(
     `overwrite=False`: an old `out` that an interrupted write had moved aside is put back and
     kept, and the write refused (its caller checked that `out` did not exist)."""
     out = Path(out)
+    if out.is_symlink():  # write where the link points (a bigger disk, say), and keep the link
+        out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     if _restore_interrupted(out) and not overwrite:
         raise FileExistsError(
