@@ -161,3 +161,21 @@ def test_a_save_through_a_symlinked_folder_writes_where_it_points_and_keeps_the_
     model.save_pretrained(link)
     assert link.is_symlink() and (disk / "model.safetensors").is_file() and (disk / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bigger-disk", "luc"]  # nothing left beside the link
+
+
+def test_saved_files_and_folders_get_the_modes_a_plain_write_gives(tmp_path):
+    import os
+    import stat
+
+    from edge_llm._io import save_json
+
+    previous = os.umask(0o022)
+    try:
+        model, _ = new_bundle_parts(seed=0)
+        model.save_pretrained(tmp_path / "luc")
+        save_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "luc").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "luc" / "config.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644

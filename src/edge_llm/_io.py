@@ -46,6 +46,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         yield Path(temporary)
         with open(temporary, "rb") as file:
             os.fsync(file.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600, not what a plain write gives
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -74,6 +75,7 @@ def atomic_directory(
         )
     _remove_abandoned_staging(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700, not what a plain mkdir gives
     try:
         yield staging
         if carry_over is not None and out.is_dir():
@@ -99,6 +101,13 @@ def atomic_directory(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _exchange(first: Path, second: Path) -> bool:
