@@ -126,3 +126,22 @@ def test_config_values_that_make_no_sense_are_refused_by_name(field, value, mess
 
     with pytest.raises(ValueError, match=f"LUCConfig.{field}.*{message}|{message}"):
         LUCConfig(avg_bits=4.0, dataset=["x"], **{field: value})
+
+
+def test_a_policy_with_a_nan_sparsity_or_a_group_longer_than_any_row_is_refused_by_name():
+    from edge_llm._io import load_schema
+    from edge_llm.luc.method import MAX_GROUP_SIZE
+
+    good = LUCPolicy([(4, 0.0)] * 2, CompressionMethod(32, "rtn", "magnitude")).to_dict()
+    nan = json.loads(json.dumps(good))
+    nan["layers"][1]["sparsity"] = float("nan")
+    with pytest.raises(ValueError, match=r"layers \[1\] have a sparsity that is not a finite number"):
+        LUCPolicy.from_dict(nan)
+    huge = json.loads(json.dumps(good))
+    huge["method"]["group_size"] = 2**40
+    with pytest.raises(ValueError, match="group_size"):
+        LUCPolicy.from_dict(huge)
+    with pytest.raises(ValueError, match=f"group_size {2**40} is above {MAX_GROUP_SIZE}"):
+        CompressionMethod(2**40, "rtn", "magnitude")
+    schema = load_schema("luc-policy")
+    assert schema["properties"]["method"]["properties"]["group_size"]["maximum"] == MAX_GROUP_SIZE

@@ -10,6 +10,10 @@ from edge_llm.luc.prune import PRUNE_METHODS, PRUNE_STRUCTURES
 QUANT_METHODS = ("rtn", "gptq")
 
 
+# Longer than any Linear row of a model this runs on (a group spans at most one row).
+MAX_GROUP_SIZE = 2**20
+
+
 @dataclass(frozen=True)
 class CompressionMethod:
     """How weights are compressed, whatever the per-layer bits and sparsity.
@@ -27,8 +31,13 @@ class CompressionMethod:
     prune_structure: str = "unstructured"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.group_size, int) or self.group_size < 1:
+        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
             raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}.")
+        if self.group_size > MAX_GROUP_SIZE:
+            raise ValueError(
+                f"group_size {self.group_size} is above {MAX_GROUP_SIZE}: a group longer than any weight row is one "
+                "group per row; use at most the row length."
+            )
         for name, value, choices in (
             ("quant_method", self.quant_method, QUANT_METHODS),
             ("prune_method", self.prune_method, PRUNE_METHODS),

@@ -16,6 +16,7 @@ profiled damage under the budgets. It is solved as a 0/1 integer program with Hi
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,10 @@ class LUCPolicy:
         check_schema(data, load_schema("luc-policy"), "LUC policy")
         method = CompressionMethod(**data["method"])
         layers = [(int(layer["bits"]), float(layer["sparsity"])) for layer in data["layers"]]
+        # JSON schema bounds let NaN through (every comparison with it is false)
+        not_finite = [i for i, (_, s) in enumerate(layers) if not math.isfinite(s)]
+        if not_finite:
+            raise ValueError(f"Invalid LUC policy: layers {not_finite} have a sparsity that is not a finite number.")
         if method.prune_structure == "nm":
             bad = [i for i, (_, s) in enumerate(layers) if s not in (0.0, 0.25, 0.5, 0.75)]
             if bad:
