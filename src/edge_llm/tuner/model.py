@@ -302,21 +302,22 @@ def _check_adapter_loaded(tuner: EdgeLLMModel, incompatible: Any) -> None:
     adapter = tuner._last_injected
     if adapter is None:
         return
-    lora_missing = sorted(
-        k for k in incompatible.missing_keys if f".lora_A.{adapter}." in k or f".lora_B.{adapter}." in k
-    )
-    lora_all = [n for n, _ in tuner.named_parameters() if f".lora_A.{adapter}." in n or f".lora_B.{adapter}." in n]
+
+    def is_lora(key: str) -> bool:
+        return f".lora_A.{adapter}." in key or f".lora_B.{adapter}." in key
+
+    lora_missing = sorted(filter(is_lora, incompatible.missing_keys))
+    ours = {n: p for n, p in tuner.named_parameters() if f".{adapter}." in n and ("lora_" in n or "exit_heads" in n)}
     # A merged bundle's adapter holds its exit heads only (its LoRA updates are in the base weights)
     # and says so with init_lora_weights=True: zero updates. Anything less than all is damage.
-    heads_only = len(lora_missing) == len(lora_all) and tuner.peft_config[adapter].init_lora_weights is True
+    heads_only = len(lora_missing) == sum(map(is_lora, ours)) and tuner.peft_config[adapter].init_lora_weights is True
     if lora_missing and not heads_only:
         raise ValueError(
             f"The Edge-LLM adapter {adapter!r} is incomplete: {len(lora_missing)} LoRA tensors are missing from its "
             f"weights file, e.g. {lora_missing[0]}. Save the adapter again."
         )
-    for name, parameter in tuner.named_parameters():
-        ours = f".{adapter}." in name and ("lora_" in name or "exit_heads" in name)
-        if ours and not torch.isfinite(parameter).all():
+    for name, parameter in ours.items():
+        if not torch.isfinite(parameter).all():
             raise ValueError(
                 f"The Edge-LLM adapter {adapter!r} holds NaN or infinity in {name}; its weights file is damaged "
                 "(or training diverged). Save a healthy adapter again."
