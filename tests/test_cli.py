@@ -1,5 +1,6 @@
 """The edge-llm command line, end to end on a tiny model with a real tokenizer."""
 
+import argparse
 import importlib.util
 import json
 
@@ -85,6 +86,11 @@ def test_errors_are_one_clear_line(tiny_dir, tmp_path, capsys):
     assert "Data file" in capsys.readouterr().err
     assert run("export", tiny_dir, "--device", "toaster", "--out", tmp_path / "b") == 2
     assert "Unknown device 'toaster'" in capsys.readouterr().err
+    tune = ("--data", "sonnets", "--steps", "1", "--batch", "2", "--seq-len", "32", "--memory", "1MiB")
+    assert run("tune", tiny_dir, *tune, "--out", tmp_path / "a") == 2
+    error = capsys.readouterr().err
+    assert "cannot hold this run" in error and "smallest budget that fits" in error and "Traceback" not in error
+    assert not (tmp_path / "a").exists()
     (tmp_path / "b").mkdir(exist_ok=True)
     (tmp_path / "b" / "keep.txt").write_text("mine")
     assert run("export", tiny_dir, "--out", tmp_path / "b", "--prompt-tokens", "16") == 2
@@ -169,6 +175,7 @@ sys.exit(code)
         (["export", "smollm2", "--target", "onnx", "--out", "x"], "argument --target: invalid choice: 'onnx'"),
         (["tune", "smollm2", "--lr", "nan", "--out", "x"], "argument --lr: must be > 0.0, got nan"),
         (["tune", "smollm2", "--steps", "0", "--out", "x"], "argument --steps: must be >= 1, got 0"),
+        (["tune", "smollm2", "--memory", "lots", "--out", "x"], "argument --memory: expected a size such as 1GiB"),
         (["compress", "smollm2", "--policy", "./nope.json", "--out", "x"], "--policy ./nope.json: no such file"),
         (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
     ],
@@ -284,3 +291,13 @@ def test_tune_with_the_same_seed_gives_the_same_adapter(tiny_dir, small_instruct
         assert run("tune", tiny_dir, *tune, "--seed", "7", "--out", tmp_path / name) == 0
     a, b = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("a", "b"))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_memory_sizes_read_as_bytes():
+    from edge_llm_cli import memory_size
+
+    assert memory_size("1GiB") == 2**30 and memory_size("800MiB") == 800 * 2**20 and memory_size("1.5GB") == 15 * 10**8
+    assert memory_size("2000000000") == 2 * 10**9 and memory_size(" 1 gib ") == 2**30
+    for bad in ("lots", "-1GiB", "0", "1PB", "nan", "inf", "1e400"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            memory_size(bad)

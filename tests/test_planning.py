@@ -1,51 +1,114 @@
-"""Sizing the gradient window from a memory budget (`edge_llm.tuner.planning`)."""
+"""Planning a training run to a whole-process memory budget (`edge_llm.tuner.planning`)."""
+
+import re
 
 import pytest
 import torch
 from trainer_helpers import counting_dataset, edge_model, training_args
 
 from edge_llm import EdgeTrainer
-from edge_llm.tuner.planning import _saved_bytes, plan_backprop_depth
+from edge_llm._memory import TensorBytesTracker
+from edge_llm.tuner import planning
+from edge_llm.tuner.planning import micro_batch_sizes, plan_training, probe_step, step_bytes
+
+RESIDENT = 300 * 2**20  # what the process holds before training, fixed so that plans are exact
 
 
-def test_the_plan_is_the_deepest_window_within_the_budget_and_covers_what_a_step_saves():
+@pytest.fixture(autouse=True)
+def fixed_resident_memory(monkeypatch):
+    monkeypatch.setattr(planning, "resident_bytes", lambda: RESIDENT)
+
+
+def _real_step_peak(model, exit_layer: int, batch: torch.Tensor, micro: int) -> int:
+    """Peak tensor bytes of a real step (micro-batches, backward, AdamW's first update) at the
+    adapter's current settings, with the optimizer state made inside it."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    model.train()
+    with TensorBytesTracker() as tracker, model.base_model.exit_at(exit_layer):
+        for chunk in batch.split(micro):
+            model(input_ids=chunk, labels=chunk).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # The peak is what the process must hold; the moments stay for the next step.
+        moments = sum(m.numel() * m.element_size() for st in optimizer.state.values() for m in st.values() if m.ndim)
+    assert tracker.live_bytes >= moments > 0  # the optimizer state was counted
+    return tracker.peak_bytes
+
+
+def test_a_generous_budget_gets_the_whole_window_without_checkpointing_and_the_estimate_holds_a_real_step():
     model = edge_model(exit_layers=[7], backprop_depth=2)
-    generous = plan_backprop_depth(model, 10**10, batch_size=4, seq_len=32)
-    assert generous.backprop_depth == 8
-    budget = generous.bytes_for(5) + generous.per_layer_bytes // 2
-    plan = plan_backprop_depth(model, budget, batch_size=4, seq_len=32)
-    assert plan.backprop_depth == 5 and plan.estimated_bytes <= budget < plan.bytes_for(6)
+    plan = plan_training(model, 10**10, batch_size=4, seq_len=32)
+    assert (plan.backprop_depth, plan.gradient_checkpointing, plan.micro_batch_size) == (8, False, 4)
+    assert plan.estimated_peak_bytes == RESIDENT + plan.step_bytes
     assert model.peft_config["default"].backprop_depth == 2  # planning changes nothing by itself
-    # What a step at that depth and batch actually saves for backward fits in the estimate.
-    model.peft_config["default"].backprop_depth = 5
-    tokens = torch.randint(0, 96, (4, 32))
-    saved = _saved_bytes(model, 7, tokens)
-    assert saved <= plan.estimated_bytes and saved >= 0.5 * (plan.estimated_bytes - plan.fixed_bytes)
+    model.peft_config["default"].backprop_depth = 8
+    real = _real_step_peak(model, 7, torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(1)), 4)
+    assert 0.9 * plan.step_bytes <= real <= 1.1 * plan.step_bytes
 
 
-def test_checkpointing_buys_a_deeper_window_and_a_budget_too_small_is_refused():
+def test_the_estimate_is_linear_in_the_window_and_holds_with_checkpointing_and_micro_batches():
     model = edge_model(exit_layers=[7], backprop_depth=2)
-    plain = plan_backprop_depth(model, 10**10, batch_size=8, seq_len=64)
-    budget = plain.bytes_for(3)
-    assert plan_backprop_depth(model, budget, 8, 64).backprop_depth == 3
-    assert plan_backprop_depth(model, budget, 8, 64, checkpointing=True).backprop_depth > 3
-    with pytest.raises(ValueError, match=r"needs at least \d+ bytes above the model"):
-        plan_backprop_depth(model, 1000, 8, 64)
-    with pytest.raises(ValueError, match="memory budget must be a positive number of bytes"):
-        plan_backprop_depth(model, -5, 8, 64)
+    probe = probe_step(model, batch_size=8, seq_len=64, checkpointing=True)
+    planned = step_bytes(probe, 6, 2 / 8, [7])
+    model.peft_config["default"].backprop_depth = 6
+    model.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        real = _real_step_peak(model, 7, torch.randint(0, 96, (8, 64), generator=torch.Generator().manual_seed(2)), 2)
+    finally:
+        model.get_base_model().activation_checkpointing_disable()
+    assert 0.9 * planned <= real <= 1.1 * planned
 
 
-def test_edge_trainer_sets_the_window_from_its_memory_budget(tmp_path):
+def test_tight_budgets_buy_micro_batches_then_checkpointing_and_an_impossible_one_names_the_smallest_that_fits():
     model = edge_model(exit_layers=[7], backprop_depth=2)
-    budget = plan_backprop_depth(model, 10**10, batch_size=4, seq_len=16).bytes_for(6)
+    plain = probe_step(model, 8, 64, checkpointing=False)
+    checkpointed = probe_step(model, 8, 64, checkpointing=True)
+    # The whole window, checkpointed, at the whole batch: the same window fits unchecked in micro-batches.
+    budget = RESIDENT + step_bytes(checkpointed, 8, 1.0, [7])
+    assert budget < RESIDENT + step_bytes(plain, 8, 1.0, [7])
+    plan = plan_training(model, budget, 8, 64)
+    assert (plan.backprop_depth, plan.gradient_checkpointing) == (8, False) and plan.micro_batch_size < 8
+    assert plan.micro_batch_size * plan.accumulation_steps == 8 and plan.estimated_peak_bytes <= budget
+    # Room for the whole window only when checkpointed, one sequence at a time: checkpointing.
+    budget = RESIDENT + step_bytes(checkpointed, 8, 1 / 8, [7])
+    assert budget < RESIDENT + step_bytes(plain, 8, 1 / 8, [7])
+    plan = plan_training(model, budget, 8, 64)
+    assert (plan.backprop_depth, plan.gradient_checkpointing, plan.micro_batch_size) == (8, True, 1)
+    with pytest.raises(ValueError, match=r"smallest budget that fits is ([\d,]+) bytes") as refused:
+        plan_training(model, RESIDENT + 1000, 8, 64)
+    smallest = int(re.search(r"fits is ([\d,]+) bytes", str(refused.value)).group(1).replace(",", ""))
+    plan = plan_training(model, smallest, 8, 64)
+    assert (plan.backprop_depth, plan.micro_batch_size) == (1, 1) and plan.estimated_peak_bytes == smallest
+    for bad in (-5, 0, 1.5, True):
+        with pytest.raises(ValueError, match="memory budget must be a positive number of bytes"):
+            plan_training(model, bad, 8, 64)
+
+
+def test_micro_batches_split_the_batch_evenly():
+    assert micro_batch_sizes(8) == [8, 4, 2, 1]
+    assert micro_batch_sizes(12) == [12, 6, 3]
+    assert micro_batch_sizes(7) == [7]
+
+
+def test_edge_trainer_runs_the_plan_for_its_budget_and_reports_the_peak(tmp_path):
+    model = edge_model(exit_layers=[7], backprop_depth=2)
+    plain, checkpointed = (probe_step(model, 4, 16, checkpointing=gc) for gc in (False, True))
+    budget = RESIDENT + step_bytes(checkpointed, 8, 1 / 4, [7])
+    assert budget < RESIDENT + step_bytes(plain, 8, 1 / 4, [7])
     trainer = EdgeTrainer(
         model=model,
-        args=training_args(tmp_path, max_steps=1),
+        args=training_args(tmp_path, max_steps=2),
         train_dataset=counting_dataset(),
         memory_budget_bytes=budget,
     )
-    trainer.train()
-    assert model.peft_config["default"].backprop_depth == 6
+    output = trainer.train()
+    plan = trainer.memory_plan
+    assert (plan.backprop_depth, plan.gradient_checkpointing, plan.micro_batch_size) == (8, True, 1)
+    assert model.peft_config["default"].backprop_depth == 8
+    assert trainer.args.activation_checkpointing and model.get_base_model().is_gradient_checkpointing
+    assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (1, 4)
+    assert output.metrics["train_peak_resident_bytes"] > 0
 
 
 def test_a_memory_budget_is_any_whole_number_of_bytes_and_nothing_else(tmp_path):

@@ -228,6 +228,7 @@ def _tune(args: argparse.Namespace) -> int:
         train_dataset=data["train"],
         eval_dataset=data["test"],
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+        memory_budget_bytes=args.memory,
     )
     with scratch:
         trainer.train()

@@ -13,10 +13,11 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import EvalLoopOutput
 
+from edge_llm._memory import peak_resident_bytes, reset_peak_resident
 from edge_llm._warnings import warn_loudly
 from edge_llm.tuner.loss import IGNORE_INDEX, shift_for_causal_lm
 from edge_llm.tuner.model import EdgeLLMModel
-from edge_llm.tuner.planning import WindowPlan, plan_backprop_depth
+from edge_llm.tuner.planning import MIB, TrainingPlan, plan_training
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,11 @@ class EdgeTrainer(Trainer):
     - with `voting="weighted"` and no `exit_weights` yet, `train()` ends by fitting them on
       `eval_dataset` (`calibrate_exit_weights`);
     - with `exit_layers="auto"` it first keeps only the exits that predict (`select_exits`), and
-      with `memory_budget_bytes` it sets the deepest gradient window whose step fits that many
-      bytes above the loaded model (`plan_window`).
+      with `memory_budget_bytes` (the device's memory for the whole process: runtime, weights,
+      data and the step) it plans the run to fit (`plan_memory`): the deepest gradient window,
+      gradient checkpointing only where the window needs it, and micro-batches (gradient
+      accumulation keeps the batch) where the batch does not fit; the process's measured peak is
+      logged beside the plan's estimate and added to the metrics as `train_peak_resident_bytes`.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class EdgeTrainer(Trainer):
         super().__init__(model, args, *more, **kwargs)
         self.tuner: EdgeLLMModel = tuner
         self.memory_budget_bytes = None if memory_budget_bytes is None else _whole_bytes(memory_budget_bytes)
+        self.memory_plan: TrainingPlan | None = None
         self._exit_loss_sums: dict[int, torch.Tensor] = {}
         self._exit_step_counts: dict[int, float] = {}
         self._last_exit: int | None = None
@@ -123,8 +128,11 @@ class EdgeTrainer(Trainer):
         if self.tuner.active_edge_config.select_exits:
             self.select_exits()
         if self.memory_budget_bytes is not None:
-            self.plan_window()
+            self.plan_memory()
+        measured = self.memory_plan is not None and reset_peak_resident()
         output = super().train(*args, **kwargs)
+        if measured:
+            self._report_peak(output.metrics)
         config = self.tuner.active_edge_config
         if config.voting != "weighted" or config.exit_weights is not None:
             return output
@@ -152,20 +160,54 @@ class EdgeTrainer(Trainer):
         batches = (self._prepare_inputs(b) for b in islice(self.get_train_dataloader(), num_batches))
         return self._in_eval_mode(self.tuner.select_exits, batches)
 
-    def plan_window(self) -> WindowPlan:
-        """Set the adapter's `backprop_depth` to the deepest window whose step fits
-        `memory_budget_bytes` above the loaded model (see `edge_llm.tuner.planning`), for this
-        Trainer's batch size and the longest of the first training batches."""
-        batch = next(iter(self.get_train_dataloader()))
-        plan = plan_backprop_depth(
-            self.model,
-            self.memory_budget_bytes,
-            self.args.per_device_train_batch_size,
-            batch["input_ids"].shape[1],
-            checkpointing=self.args.gradient_checkpointing,
-        )
+    def plan_memory(self) -> TrainingPlan:
+        """Plan the run so that the whole process fits `memory_budget_bytes` (see
+        `edge_llm.tuner.planning`) at this Trainer's batch size and the longest training sequence,
+        and set it: the adapter's `backprop_depth`, gradient checkpointing, and the micro-batch
+        size with the gradient accumulation that keeps the batch. `train()` calls this first."""
+        batch_size = self.args.per_device_train_batch_size
+        plan = plan_training(self.model, self.memory_budget_bytes, batch_size, self._longest_sequence())
         self.tuner.active_edge_config.backprop_depth = plan.backprop_depth
+        base = self.model.get_base_model()
+        self.args.activation_checkpointing = plan.gradient_checkpointing
+        if plan.gradient_checkpointing and self.args.activation_checkpointing_kwargs is None:
+            self.args.activation_checkpointing_kwargs = {"use_reentrant": False}
+        elif not plan.gradient_checkpointing and base.is_gradient_checkpointing:
+            base.activation_checkpointing_disable()
+        self.args.per_device_train_batch_size = plan.micro_batch_size
+        self.args.gradient_accumulation_steps *= plan.accumulation_steps
+        self._train_batch_size = self.args.train_batch_size
+        self.memory_plan = plan
+        logger.info("Planned to %d MiB: %s", self.memory_budget_bytes // MIB, plan.describe())
         return plan
+
+    def _longest_sequence(self) -> int:
+        """The longest training sequence: from the dataset's `input_ids` where it has them (any
+        batch may be the longest), else the first batch's."""
+        dataset = self.train_dataset
+        column_names = getattr(dataset, "column_names", None) or []
+        if "input_ids" in column_names:
+            return max(len(ids) for ids in dataset["input_ids"])
+        return next(iter(self.get_train_dataloader()))["input_ids"].shape[1]
+
+    def _report_peak(self, metrics: dict[str, float]) -> None:
+        peak, plan = peak_resident_bytes(), self.memory_plan
+        metrics["train_peak_resident_bytes"] = peak
+        logger.info(
+            "Peak resident memory while training: %d MiB (planned %d MiB, budget %d MiB)",
+            peak // MIB,
+            plan.estimated_peak_bytes // MIB,
+            self.memory_budget_bytes // MIB,
+        )
+        if peak > self.memory_budget_bytes:
+            warn_loudly(
+                logger,
+                f"The training process peaked at {peak / MIB:.0f} MiB, above its memory budget of "
+                f"{self.memory_budget_bytes / MIB:.0f} MiB (planned: {plan.estimated_peak_bytes / MIB:.0f} MiB). "
+                "Something outside the planned step held memory (another model, a cache, a data loader worker); "
+                "give the run a smaller budget.",
+                stacklevel=3,
+            )
 
     def _in_eval_mode(self, fn: Any, batches: Any) -> Any:
         """`fn(batches, all_reduce_sum)` with the model in eval mode; every process gets the result

@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -69,6 +70,31 @@ POSITIVE_INT = _bounded(int, 1)
 COUNT = _bounded(int, 0)
 PROBABILITY = _bounded(float, 0.0)
 POSITIVE = _bounded(float, 0.0, strict=True)
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def memory_size(text: str) -> int:
+    """An argparse type: a number of bytes, with an optional unit (1GiB, 800MiB, 1.5GB, 2000000000)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if unit not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size such as 1GiB, 800MiB or 1500000000, got {text!r}")
+    size = float(match.group(1)) * _SIZE_UNITS[unit]
+    if not math.isfinite(size) or size < 1:
+        raise argparse.ArgumentTypeError(f"must be at least one byte, got {text!r}")
+    return int(size)
 
 
 def _method_flags(parser: argparse.ArgumentParser) -> None:
@@ -180,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--voting", choices=CHOICES["voting_rules"], default=tuning["voting"], help="how exits combine")
     tune.add_argument("--exit-head", choices=CHOICES["exit_heads"], default=tuning["exit_head"], help="per-exit part")
     tune.add_argument("--seed", type=COUNT, default=0, help="random seed")
+    tune.add_argument(
+        "--memory",
+        type=memory_size,
+        help="the device's memory for the whole process (1GiB, 800MiB): plans the window, gradient checkpointing "
+        "and micro-batches to fit, or says the smallest that fits",
+    )
 
     evaluate = commands.add_parser(
         "evaluate", formatter_class=_HELP, help="perplexity and task accuracy per exit and voting rule"
