@@ -9,10 +9,16 @@ the methods). Two tasks:
 - `sonnets`: domain adaptation to Shakespeare's sonnets (train on 1-120, held-out loss on
   131-154), as in `benchmarks/tuning.py`.
 
-`--return-freed-memory` runs every method (alike) with glibc set to hand freed memory back to the
-system at once (`GLIBC_RETURN_FREED`: big blocks mmapped, the heap trimmed above 16 MiB). By default
-glibc keeps what a step frees for reuse, and the process's resident memory stays at the first
-step's high-water mark (on SmolLM2 ~400 MiB above what the tensors hold).
+`--return-freed-memory` runs every method (alike) with glibc's allocator reserve bounded, as
+edge-llm's memory planner sets it (`edge_llm._memory.limit_allocator_reserve`: buffers from 128 KiB
+up mapped and unmapped on their own, the heap trimmed above 16 MiB). By default glibc keeps what a
+step frees for reuse, and the process's resident memory stays at the first step's high-water mark
+(on SmolLM2 ~400 MiB above what the tensors hold).
+
+`--memory-budget BYTES` gives edge-llm's methods that budget for the whole process
+(`EdgeTrainer(memory_budget_bytes=...)`): the plan replaces their window and checkpointing
+settings, and the result, stored as `<method>@<MiB>`, records the plan and its estimate beside the
+measured peak (which then includes planning's probe passes).
 
 Memory is measured the same way for every method (peak RSS: of the training, weights included;
 above the loaded model; of the whole `trainer.train()` call, which for edge-llm includes fitting
@@ -29,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import subprocess
 import sys
 import tempfile
@@ -56,7 +61,6 @@ DEFAULT_METHODS = [
     "luc_edge_deep",
 ]
 TASKS = {"sciq": {"batch": 8, "steps": 100}, "sonnets": {"batch": 4, "steps": 60}}
-GLIBC_RETURN_FREED = {"MALLOC_MMAP_THRESHOLD_": str(2**20), "MALLOC_TRIM_THRESHOLD_": str(2**24)}
 
 
 def _sciq_data(tokenizer, seed: int):
@@ -91,9 +95,12 @@ def run_worker(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, default_data_collator
     from tuning import token_data
 
+    from edge_llm._memory import limit_allocator_reserve
     from edge_llm.assets import smollm2_135m
     from edge_llm.luc import calibration_tokens
 
+    if args.return_freed_memory:
+        limit_allocator_reserve()
     torch.manual_seed(args.seed)
     path = smollm2_135m()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -129,6 +136,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         with tempfile.TemporaryDirectory() as output_dir:
             training_args = training_arguments(output_dir, args, use_cpu=True, **prepared.training_overrides)
             meter = StepMeter(model)
+            budget = {"memory_budget_bytes": args.memory_budget} if hasattr(model.base_model, "exit_layers") else {}
             trainer = measured(prepared.trainer_cls, meter)(
                 model=model,
                 args=training_args,
@@ -136,12 +144,18 @@ def run_worker(args: argparse.Namespace) -> dict:
                 eval_dataset=validation,
                 data_collator=collator,
                 callbacks=[meter],
+                **(budget if args.memory_budget else {}),
             )
             start = time.perf_counter()
-            trainer.train()  # edge-llm: then fits the exit weights on `validation`
+            output = trainer.train()  # edge-llm: then fits the exit weights on `validation`
             result["train_call_s"] = time.perf_counter() - start
-            # The VmHWM was reset when training began: this is the peak of the whole call.
-            result["train_call_peak_bytes"] = _rss_peak_bytes()
+            # The VmHWM was reset when training began: this is the peak of the whole call (with a
+            # memory budget, EdgeTrainer's own measure also covers planning, before training began).
+            result["train_call_peak_bytes"] = max(_rss_peak_bytes(), output.metrics.get("train_peak_resident_bytes", 0))
+            plan = getattr(trainer, "memory_plan", None)
+            if plan is not None:
+                result["memory_plan"] = {**vars(plan), "estimated_peak_bytes": plan.estimated_peak_bytes}
+                result["memory_budget_bytes"] = args.memory_budget
         result.update(meter.summary(args.warmup, 0))
         result["train_call_peak_above_model_bytes"] = (
             result["train_call_peak_bytes"] - result["memory_before_training_bytes"]
@@ -188,7 +202,8 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> str:
     ]
     gib = 1024**3
     for method, row in results.items():
-        label = LABELS.get(method, "original (no tuning)")
+        name, _, budget = method.partition("@")
+        label = LABELS.get(name, "original (no tuning)") + (f", planned to {budget}" if budget else "")
         if "train_call_s" not in row:
             lines.append(f"| {label} | {row['quality']:.4f} | | | | | | | | |")
             continue
@@ -207,7 +222,30 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> str:
         "\nfront: M = on the Pareto front of quality and the process's train() peak memory, "
         "T = of quality and train() time. Ratios: LoRA's figure / this method's (higher is leaner/faster)."
     )
-    return "\n".join(lines)
+    return "\n".join(lines + budget_table(results))
+
+
+def budget_table(results: dict[str, dict]) -> list[str]:
+    """For runs with a memory budget: the plan, its estimate and the measured peak (MiB)."""
+    planned = {method: row for method, row in results.items() if "memory_plan" in row}
+    if not planned:
+        return []
+    mib = 2**20
+    lines = [
+        "",
+        "| run | budget (MiB) | plan | estimated peak (MiB) | measured peak (MiB) | measured / estimate | fits |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, row in planned.items():
+        plan, peak, budget = row["memory_plan"], row["train_call_peak_bytes"], row["memory_budget_bytes"]
+        estimate = plan["estimated_peak_bytes"]
+        shape = f"{plan['backprop_depth']}-layer window" + (", checkpointing" if plan["gradient_checkpointing"] else "")
+        shape += f", micro-batch {plan['micro_batch_size']} x {plan['accumulation_steps']}"
+        lines.append(
+            f"| {method} | {budget / mib:.0f} | {shape} | {estimate / mib:.0f} | {peak / mib:.0f} | "
+            f"{peak / estimate:.3f} | {'yes' if peak <= budget else 'NO'} |"
+        )
+    return lines
 
 
 def plot(results: dict[str, dict], args: argparse.Namespace, folder: Path) -> None:
@@ -261,6 +299,9 @@ def main() -> None:
     parser.add_argument(
         "--return-freed-memory", action="store_true", help="glibc hands freed memory back at once (every method)"
     )
+    parser.add_argument(
+        "--memory-budget", type=int, help="bytes for the whole process: edge-llm methods plan their run to fit"
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plots", type=Path, help="folder for the two frontier plots")
     parser.add_argument("--from-json", type=Path, help="print the table (and plots) of an earlier run")
@@ -284,10 +325,10 @@ def main() -> None:
                 out = Path(scratch) / f"{method}.json"
                 started = time.perf_counter()
                 command = [sys.executable, __file__, *sys.argv[1:], "--worker", method, "--out", str(out)]
-                environment = {**os.environ, **(GLIBC_RETURN_FREED if args.return_freed_memory else {})}
-                subprocess.run(command, check=True, env=environment)
-                results[method] = json.loads(out.read_text())
-                print(f"{method}: {results[method]['quality']:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+                subprocess.run(command, check=True)
+                key = f"{method}@{args.memory_budget // 2**20}MiB" if args.memory_budget else method
+                results[key] = json.loads(out.read_text())
+                print(f"{key}: {results[key]['quality']:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
                 if args.json:  # keep what is done if a later method fails
                     record = {"machine": machine(), "args": vars(args), "results": results}
                     args.json.write_text(json.dumps(record, indent=2, default=str))

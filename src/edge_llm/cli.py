@@ -189,9 +189,11 @@ def _tune(args: argparse.Namespace) -> int:
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
 
-    from edge_llm import EdgeLLMConfig, EdgeTrainer
+    from edge_llm import EdgeLLMConfig, EdgeTrainer, limit_allocator_reserve
     from edge_llm.data.loading import load_rows, training_dataset
 
+    if args.memory is not None:
+        limit_allocator_reserve()  # before loading: what loading frees must not come back while training
     model, tokenizer = _load(args.model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import EvalLoopOutput
 
-from edge_llm._memory import peak_resident_bytes, reset_peak_resident
+from edge_llm._memory import allocator_reserve_limited, peak_resident_bytes, reset_peak_resident
 from edge_llm._warnings import warn_loudly
 from edge_llm.tuner.loss import IGNORE_INDEX, shift_for_causal_lm
 from edge_llm.tuner.model import EdgeLLMModel
@@ -87,6 +87,15 @@ class EdgeTrainer(Trainer):
         super().__init__(model, args, *more, **kwargs)
         self.tuner: EdgeLLMModel = tuner
         self.memory_budget_bytes = None if memory_budget_bytes is None else _whole_bytes(memory_budget_bytes)
+        if self.memory_budget_bytes is not None and not allocator_reserve_limited():
+            warn_loudly(
+                logger,
+                "EdgeTrainer(memory_budget_bytes=...): glibc's allocator reserve was not bounded before the model was "
+                "loaded, so memory freed while loading it can come back during training and the process can exceed "
+                "the plan. Call edge_llm.limit_allocator_reserve() before loading the model (edge-llm tune --memory "
+                "does), or start Python with MALLOC_MMAP_THRESHOLD_=131072.",
+                stacklevel=2,
+            )
         self.memory_plan: TrainingPlan | None = None
         self._exit_loss_sums: dict[int, torch.Tensor] = {}
         self._exit_step_counts: dict[int, float] = {}
@@ -127,9 +136,10 @@ class EdgeTrainer(Trainer):
     def train(self, *args: Any, **kwargs: Any) -> Any:
         if self.tuner.active_edge_config.select_exits:
             self.select_exits()
+        # The peak counts planning's probe passes too: they run in this process.
+        measured = self.memory_budget_bytes is not None and reset_peak_resident()
         if self.memory_budget_bytes is not None:
             self.plan_memory()
-        measured = self.memory_plan is not None and reset_peak_resident()
         output = super().train(*args, **kwargs)
         if measured:
             self._report_peak(output.metrics)

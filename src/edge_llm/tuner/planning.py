@@ -3,29 +3,40 @@
 On a device what has to fit is the process: the Python runtime and libraries, the base weights
 (dense or compressed), the data, and the training step on top. The planner takes what the process
 already holds as measured (its resident memory once the model and data are loaded) and measures
-the step: two probe passes per checkpointing setting, forward and backward at the planned batch
-shape with windows of one and two layers, count the bytes of every tensor they allocate
-(`edge_llm._memory.TensorBytesTracker`). A step then needs, above the resident memory,
+the step: probe passes, forward and backward at the adapter's top exit with windows of one and
+two layers, count the bytes of every tensor they allocate (`edge_llm._memory.TensorBytesTracker`),
+for each micro-batch size and with and without gradient checkpointing. A step then needs, above
+the resident memory,
 
-    activations(depth) x micro-batch / batch  +  gradients(depth)  +  AdamW's two moments
+    activations(depth) + gradients(depth) + AdamW's two moments
 
 where activations and gradients grow linearly with the window (each window layer adds the same
-tensors) and the moments cover every layer any exit's window trains.
+tensors) and the moments cover every layer any exit's window trains. Each micro-batch size is
+probed rather than scaled, because a step is not proportional to its rows (the loss chunk is not).
+The probes run from the smallest micro-batch up and stop where the last one, scaled up, would not
+fit: they run in this process, so their own peak counts against the budget too.
 
 Planning first fixes glibc's allocator reserve (`limit_allocator_reserve`): with its default
 thresholds the step's small freed buffers stay resident and the process grows far past what its
 tensors hold (SmolLM2-135M, batch 8: 282 MiB above the loaded model for tensors peaking at 61 MiB),
 which no estimate of the tensors can predict.
 
-Of the plans that fit, the planner takes the deepest window (deeper windows adapt more layers:
-docs/results.md), then the one without gradient checkpointing (a third less compute in the
-window), then the largest micro-batch (fewer, larger matmuls). An impossible budget is refused
-with the smallest budget that fits.
+The probes also measure what the process's resident memory rose above what their tensors held
+(code paged in by the first backward, the allocator's slack); that overhead is added to the
+estimate. Planning resets the process's peak-resident counter (`reset_peak_resident`) to measure it.
+
+Of the plans that fit, the planner keeps those whose window is at least two-thirds as deep as the
+deepest that fits (measured on SmolLM2: a window of 20 of 30 layers reached full-depth LoRA's
+accuracy, docs/results.md), and of those takes the fastest: the largest micro-batch (splitting a
+batch repeats every per-call cost, such as decoding a compressed base's weights), then the
+deepest window, then no gradient checkpointing (a third less compute in the window). An
+impossible budget is refused with the smallest budget that fits.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,7 +44,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from edge_llm._memory import TensorBytesTracker, limit_allocator_reserve, release_freed_memory, resident_bytes
+from edge_llm._memory import (
+    TensorBytesTracker,
+    limit_allocator_reserve,
+    peak_resident_bytes,
+    release_freed_memory,
+    reset_peak_resident,
+    resident_bytes,
+)
 from edge_llm.tuner.exits import window
 
 logger = logging.getLogger(__name__)
@@ -45,12 +63,13 @@ OPTIMIZER_STATES = 2
 
 @dataclass(frozen=True)
 class StepProbe:
-    """A step's tensor bytes measured at the planned batch, by window depth (bytes)."""
+    """A step's tensor bytes measured at one micro-batch size, by window depth (bytes)."""
 
-    activations_one_layer: int  # activations and transients of a one-layer window, at the full batch
+    activations_one_layer: int  # activations and transients of a one-layer window
     activations_per_layer: int  # what one more window layer adds to them
     gradients_fixed: int  # gradients outside the window layers (exit heads)
     gradients_per_layer: int  # one window layer's adapter gradients
+    peak_bytes: int  # what the probe passes themselves held at most
 
     def activations(self, depth: int) -> int:
         return self.activations_one_layer + (depth - 1) * self.activations_per_layer
@@ -69,17 +88,20 @@ class TrainingPlan:
     accumulation_steps: int  # micro-batches per batch
     resident_bytes: int  # the process before training: runtime, weights, data
     step_bytes: int  # what the training step adds on top
+    probe_bytes: int  # what planning's probe passes added at most
+    overhead_bytes: int  # resident memory the probes added beyond their tensors (allocator, code)
 
     @property
     def estimated_peak_bytes(self) -> int:
-        return self.resident_bytes + self.step_bytes
+        return self.resident_bytes + max(self.step_bytes, self.probe_bytes) + self.overhead_bytes
 
     def describe(self) -> str:
         checkpointing = ", gradient checkpointing" if self.gradient_checkpointing else ""
         return (
-            f"window of {self.backprop_depth} layers{checkpointing}, micro-batch {self.micro_batch_size} x "
+            f"{self.backprop_depth}-layer window{checkpointing}, micro-batch {self.micro_batch_size} x "
             f"{self.accumulation_steps}; estimated peak {self.estimated_peak_bytes / MIB:.0f} MiB "
-            f"({self.resident_bytes / MIB:.0f} MiB before training + {self.step_bytes / MIB:.0f} MiB for the step)"
+            f"({self.resident_bytes / MIB:.0f} MiB before training + "
+            f"{(self.estimated_peak_bytes - self.resident_bytes) / MIB:.0f} MiB for training)"
         )
 
 
@@ -140,6 +162,7 @@ def probe_step(peft_model: nn.Module, batch_size: int, seq_len: int, checkpointi
         config.backprop_depth = depth_before
         peft_model.train(was_training)
     (peak_1, gradients_1), (peak_2, gradients_2) = measured[1], measured[2]
+    peak = max(peak_1, peak_2)
     per_layer_gradients = max(gradients_2 - gradients_1, 0)
     activations_1 = max(peak_1 - gradients_1, 0)
     return StepProbe(
@@ -147,6 +170,7 @@ def probe_step(peft_model: nn.Module, batch_size: int, seq_len: int, checkpointi
         activations_per_layer=max(peak_2 - gradients_2 - activations_1, 0),
         gradients_fixed=max(gradients_1 - per_layer_gradients, 0),
         gradients_per_layer=per_layer_gradients,
+        peak_bytes=peak,
     )
 
 
@@ -155,13 +179,26 @@ def _trained_layers(exit_layers: list[int], depth: int) -> int:
     return len(set().union(*(window(layer, depth) for layer in exit_layers)))
 
 
-def step_bytes(probe: StepProbe, depth: int, micro_fraction: float, exit_layers: list[int]) -> int:
-    """What a step adds to the process at window `depth` with micro-batches of `micro_fraction` of
-    the probed batch."""
+def step_bytes(probe: StepProbe, depth: int, exit_layers: list[int]) -> int:
+    """What a step adds to the process at window `depth`, in micro-batches of the probe's size."""
     moments = OPTIMIZER_STATES * (
         probe.gradients_fixed * len(exit_layers) + probe.gradients_per_layer * _trained_layers(exit_layers, depth)
     )
-    return int(probe.activations(depth) * micro_fraction) + probe.gradients(depth) + moments
+    return probe.activations(depth) + probe.gradients(depth) + moments
+
+
+def _probes(peft_model: nn.Module, batch_size: int, seq_len: int, room: int) -> dict[tuple[bool, int], StepProbe]:
+    """Probes by (checkpointing, micro-batch size), from one sequence up; a larger micro-batch is
+    not probed where the last probe, scaled to it, would not fit in `room` bytes."""
+    probes: dict[tuple[bool, int], StepProbe] = {}
+    for checkpointing in (True, False):
+        last = None
+        for micro in sorted(micro_batch_sizes(batch_size)):
+            if last is not None and probes[checkpointing, last].peak_bytes * micro / last > room:
+                break
+            probes[checkpointing, micro] = probe_step(peft_model, micro, seq_len, checkpointing)
+            last = micro
+    return probes
 
 
 def plan_training(peft_model: nn.Module, budget_bytes: int, batch_size: int, seq_len: int) -> TrainingPlan:
@@ -177,27 +214,32 @@ def plan_training(peft_model: nn.Module, budget_bytes: int, batch_size: int, seq
     if not isinstance(budget_bytes, int) or isinstance(budget_bytes, bool) or budget_bytes < 1:
         raise ValueError(f"memory budget must be a positive number of bytes, got {budget_bytes!r}.")
     limit_allocator_reserve()
-    tuner = peft_model.base_model
-    ends = tuner.active_edge_config.exit_layers
-    probes = {gc: probe_step(peft_model, batch_size, seq_len, gc) for gc in (False, True)}
     release_freed_memory()
-    resident = resident_bytes()
+    ends = peft_model.base_model.active_edge_config.exit_layers
+    measured = reset_peak_resident()
+    probes = _probes(peft_model, batch_size, seq_len, budget_bytes - resident_bytes())
+    high_water = peak_resident_bytes()
+    release_freed_memory()
+    resident, probed = resident_bytes(), max(probe.peak_bytes for probe in probes.values())
+    overhead = max(high_water - resident - probed, 0) if measured else 0
     plans = [
-        TrainingPlan(d, gc, micro, batch_size // micro, resident, step_bytes(probe, d, micro / batch_size, ends))
-        for gc, probe in probes.items()
-        for micro in micro_batch_sizes(batch_size)
+        TrainingPlan(d, gc, m, batch_size // m, resident, step_bytes(probe, d, ends), probed, overhead)
+        for (gc, m), probe in probes.items()
         for d in range(1, ends[-1] + 2)
     ]
     fitting = [plan for plan in plans if plan.estimated_peak_bytes <= budget_bytes]
     if not fitting:
         smallest = min(plans, key=lambda plan: plan.estimated_peak_bytes)
+        more = smallest.estimated_peak_bytes - resident
         raise ValueError(
             f"A memory budget of {budget_bytes:,} bytes ({budget_bytes / MIB:.0f} MiB) cannot hold this run: the "
-            f"process holds {resident / MIB:.0f} MiB before training (runtime, weights, data) and the smallest step "
-            f"({smallest.describe()}) needs {smallest.step_bytes / MIB:.0f} MiB more. The smallest budget that fits "
-            f"is {smallest.estimated_peak_bytes:,} bytes ({smallest.estimated_peak_bytes / MIB:.0f} MiB); or compress "
+            f"process holds {resident / MIB:.0f} MiB before training (runtime, weights, data) and the smallest plan "
+            f"({smallest.describe()}) needs {more / MIB:.0f} MiB more. The smallest budget that fits is "
+            f"{smallest.estimated_peak_bytes:,} bytes ({smallest.estimated_peak_bytes / MIB:.0f} MiB); or compress "
             "the base (LUC) or shorten the sequences."
         )
-    plan = max(fitting, key=lambda p: (p.backprop_depth, not p.gradient_checkpointing, p.micro_batch_size))
+    deep_enough = math.ceil(2 * max(p.backprop_depth for p in fitting) / 3)
+    fitting = [p for p in fitting if p.backprop_depth >= deep_enough]
+    plan = max(fitting, key=lambda p: (p.micro_batch_size, p.backprop_depth, not p.gradient_checkpointing))
     logger.info("Memory plan for %d MiB, %d x %d tokens: %s", budget_bytes // MIB, batch_size, seq_len, plan.describe())
     return plan
