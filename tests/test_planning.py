@@ -124,11 +124,11 @@ def test_edge_trainer_runs_the_plan_for_its_budget_and_reports_the_peak(tmp_path
 
 
 def test_a_budget_given_after_the_allocator_kept_freed_memory_warns_how_to_bound_it(tmp_path, monkeypatch):
-    model = edge_model(exit_layers=[7], backprop_depth=2)
+    model, args = edge_model(exit_layers=[7], backprop_depth=2), training_args(tmp_path)
     monkeypatch.setattr(edge_memory, "_limited", False)
     monkeypatch.setattr(edge_memory, "_glibc", lambda: object())  # as on glibc, whatever this machine runs
     with pytest.warns(UserWarning, match=r"Call edge_llm.limit_allocator_reserve\(\) before loading the model"):
-        EdgeTrainer(model=model, args=training_args(tmp_path), train_dataset=counting_dataset(), memory_budget_bytes=1e9)
+        EdgeTrainer(model=model, args=args, train_dataset=counting_dataset(), memory_budget_bytes=9e8)
 
 
 def test_a_memory_budget_is_any_whole_number_of_bytes_and_nothing_else(tmp_path):
