@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import StepMeter, _rss_peak_bytes, machine, measured, training_arguments
-from methods import LABELS, METHODS, Setup, default_depth
+from methods import LABELS, LOAD_OPTIONS, METHODS, Setup, default_depth
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_METHODS = [
@@ -104,7 +104,8 @@ def run_worker(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     path = smollm2_135m()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    loading = LOAD_OPTIONS[args.worker]() if args.worker in LOAD_OPTIONS else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **loading)
     if args.task == "sciq":
         train, validation, test, texts = _sciq_data(tokenizer, args.seed)
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True)

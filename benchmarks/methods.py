@@ -24,7 +24,10 @@ would pick instead of edge-llm:
   `luc_gguf_edge_deep_gc`: `edge_deep_gc` over a base LUC compressed for llama.cpp
   (`target="gguf"`, measured policy at `Setup.gguf_bits` bits per weight): the base keeps its
   llama.cpp blocks, as QLoRA keeps its 4-bit base, and ships unchanged with the adapter beside it;
-  `luc_gguf6_edge_deep_gc`: the same at 6 bits per weight.
+  `luc_gguf6_edge_deep_gc`: the same at 6 bits per weight;
+- `qlora_gc_chunked`: the 4-bit-base recipe (QLoRA: bitsandbytes NF4 with double quantization,
+  float32 compute, `prepare_model_for_kbit_training`), LoRA on every layer, gradient checkpointing
+  and the chunked loss. Its base is quantized while loading (`LOAD_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class Setup:
     deep_depth: int | None = None  # edge_deep's window; None: two thirds of the layers
     luc_policy: str | None = None
     gguf_bits: float = 4.5  # luc_gguf methods: bits per weight of the llama.cpp base
+    gguf_sensitivity: str = "fisher"  # luc_gguf methods: measured policy, or "structural" (no data)
     calibration: Any = None  # token ids (batch x seq) for LUC methods that calibrate
     edge_options: dict[str, Any] = field(default_factory=dict)  # extra EdgeLLMConfig fields for edge methods
 
@@ -80,6 +84,31 @@ def _lora(model: nn.Module, setup: Setup, top_k: bool = False, chunked: bool = F
     if chunked:
         enable_chunked_loss(peft_model)
     return Prepared(peft_model, Trainer, dict(GC) if gc else {})
+
+
+def _qlora(model: nn.Module, setup: Setup) -> Prepared:
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, True, {"use_reentrant": False})
+    return replace(_lora(model, setup, chunked=True), training_overrides=dict(GC))
+
+
+def _qlora_loading() -> dict[str, Any]:
+    """`from_pretrained` options of the 4-bit base (QLoRA's NF4, double quantization)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    return {"quantization_config": config, "device_map": "cpu"}
+
+
+# Methods whose base is quantized while `from_pretrained` loads it: their loading options.
+LOAD_OPTIONS: dict[str, Callable[[], dict[str, Any]]] = {"qlora_gc_chunked": _qlora_loading}
 
 
 def _edge(
@@ -118,7 +147,8 @@ def _luc_edge(model: nn.Module, setup: Setup, deep: bool = False) -> Prepared:
 def _luc_gguf_edge(model: nn.Module, setup: Setup) -> Prepared:
     from edge_llm.luc.gguf_policy import budget_bytes, compress_for_gguf
 
-    compress_for_gguf(model, setup.calibration, budget_bytes(model, setup.gguf_bits, None), progress=False)
+    budget = budget_bytes(model, setup.gguf_bits, None)
+    compress_for_gguf(model, setup.calibration, budget, setup.gguf_sensitivity, progress=False)
     return _edge(model, setup, deep=True, gc=True)
 
 
@@ -138,6 +168,7 @@ METHODS: dict[str, Callable[[nn.Module, Setup], Prepared]] = {
     "luc_edge_deep": lambda m, s: _luc_edge(m, s, deep=True),
     "luc_gguf_edge_deep_gc": _luc_gguf_edge,
     "luc_gguf6_edge_deep_gc": lambda m, s: _luc_gguf_edge(m, replace(s, gguf_bits=6.0)),
+    "qlora_gc_chunked": _qlora,
 }
 
 LABELS = {
@@ -156,6 +187,7 @@ LABELS = {
     "luc_edge_deep": "LUC base + edge-llm, one exit at the top, deep window",
     "luc_gguf_edge_deep_gc": "LUC llama.cpp base + edge-llm, one exit at the top, deep window + grad. checkpointing",
     "luc_gguf6_edge_deep_gc": "the same over a 6-bit llama.cpp base",
+    "qlora_gc_chunked": "QLoRA (NF4 base) + grad. checkpointing + chunked loss",
 }
 
 

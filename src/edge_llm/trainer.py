@@ -182,7 +182,7 @@ class EdgeTrainer(Trainer):
         self.args.activation_checkpointing = plan.gradient_checkpointing
         if plan.gradient_checkpointing and self.args.activation_checkpointing_kwargs is None:
             self.args.activation_checkpointing_kwargs = {"use_reentrant": False}
-        elif not plan.gradient_checkpointing and base.is_gradient_checkpointing:
+        elif not plan.gradient_checkpointing and base.is_activation_checkpointing:
             base.activation_checkpointing_disable()
         self.args.per_device_train_batch_size = plan.micro_batch_size
         self.args.gradient_accumulation_steps *= plan.accumulation_steps

@@ -113,7 +113,7 @@ def micro_batch_sizes(batch_size: int) -> list[int]:
 @contextmanager
 def _checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
     base = model.get_base_model()
-    was = base.is_gradient_checkpointing
+    was = base.is_activation_checkpointing
     if enabled and not was:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     elif was and not enabled:

@@ -1,0 +1,178 @@
+"""Whole-process training memory where the weights dominate: a 1B-parameter Llama-shaped config.
+
+The config (`common.CONFIGS["llama-1b"]`: 22 layers, hidden 2048, vocabulary 32000, 1.1 B
+parameters) has random weights: these runs measure memory and time, never quality. Each method
+trains a few steps on random tokens in its own process, with glibc's allocator reserve bounded
+from the start (`edge_llm.limit_allocator_reserve`, every method alike), and reports the peak
+resident memory of the whole process during `trainer.train()`, the memory before it, and the
+median step.
+
+Methods (`benchmarks/methods.py`): `lora`, `lora_gc_chunked`, `qlora_gc_chunked` (the same over
+bitsandbytes' NF4 base, QLoRA), `edge_deep_gc` (edge-llm's
+recommended dense point: one exit at the top, a window of two-thirds of the layers, gradient
+checkpointing) and `luc_gguf_edge_deep_gc`, here over a base LUC compressed for llama.cpp at
+`--gguf-bits` with the structural policy (random weights have no sensitivity to measure) and the
+run planned to `--memory-budget` by `EdgeTrainer(memory_budget_bytes=...)`.
+
+    python benchmarks/scaling.py --json benchmarks/results/scaling_llama1b.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import load_model, machine, training_arguments
+from methods import LABELS, LOAD_OPTIONS, METHODS, Setup, default_depth
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_METHODS = ["lora", "lora_gc_chunked", "qlora_gc_chunked", "edge_deep_gc", "luc_gguf_edge_deep_gc"]
+GIB = 2**30
+
+
+def run_worker(args: argparse.Namespace) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from edge_llm._memory import limit_allocator_reserve, peak_resident_bytes, reset_peak_resident, resident_bytes
+
+    limit_allocator_reserve()
+    model, _ = load_model(args.model, torch.float32, "cpu")
+    if args.worker in LOAD_OPTIONS:  # a base quantized while loading: through a saved copy
+        from transformers import AutoModelForCausalLM
+
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            del model
+            model = AutoModelForCausalLM.from_pretrained(folder, **LOAD_OPTIONS[args.worker]())
+    layers, vocab = model.config.num_hidden_layers, model.config.vocab_size
+    setup = Setup(
+        rank=args.rank,
+        targets=TARGETS,
+        depth=default_depth(layers),
+        gguf_bits=args.gguf_bits,
+        gguf_sensitivity="structural",
+    )
+    prepared = METHODS[args.worker](model, setup)
+    ids = torch.randint(0, vocab, (args.steps * args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    steps: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *unused, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *unused, **kwargs):
+            steps.append(time.perf_counter() - self.start)
+
+    budget = {"memory_budget_bytes": args.memory_budget} if args.worker.startswith("luc") else {}
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = prepared.trainer_cls(
+            model=prepared.model,
+            args=training_arguments(output_dir, args, use_cpu=True, **prepared.training_overrides),
+            train_dataset=data,
+            callbacks=[Timer()],
+            **budget,
+        )
+        before = resident_bytes()
+        reset_peak_resident()
+        trainer.train()
+        peak = peak_resident_bytes()
+    result = {"peak_bytes": peak, "before_training_bytes": before, "median_step_s": statistics.median(steps[1:])}
+    plan = getattr(trainer, "memory_plan", None)
+    if plan is not None:
+        result["memory_plan"] = {**vars(plan), "estimated_peak_bytes": plan.estimated_peak_bytes}
+        result["memory_budget_bytes"] = args.memory_budget
+    if hasattr(prepared.model.base_model, "exit_layers"):
+        result["backprop_depth"] = prepared.model.peft_config["default"].backprop_depth
+    return result
+
+
+def table(results: dict[str, dict], args: argparse.Namespace) -> str:
+    lines = [
+        f"machine: {machine()}",
+        f"{args.model} (random weights), {args.steps} steps of batch {args.batch} x {args.seq} tokens, "
+        f"LoRA r={args.rank} on all linear layers; llama.cpp base {args.gguf_bits} bits per weight (structural "
+        "policy); every method with glibc's allocator reserve bounded",
+        "",
+        "| method | train() peak, whole process (GiB) | before training (GiB) | median step (s) | memory vs LoRA |",
+        "|---|---|---|---|---|",
+    ]
+    lora = results.get("lora", {}).get("peak_bytes")
+    for method, row in results.items():
+        label = LABELS[method] + (
+            f", planned to {row['memory_budget_bytes'] / GIB:.2f} GiB" if "memory_budget_bytes" in row else ""
+        )
+        ratio = f"{lora / row['peak_bytes']:.2f}x" if lora else ""
+        lines.append(
+            f"| {label} | {row['peak_bytes'] / GIB:.2f} | {row['before_training_bytes'] / GIB:.2f} | "
+            f"{row['median_step_s']:.1f} | {ratio} |"
+        )
+    for method, row in results.items():
+        if "memory_plan" in row:
+            plan = row["memory_plan"]
+            lines.append(
+                f"\n{method}: plan {plan['backprop_depth']}-layer window, checkpointing "
+                f"{plan['gradient_checkpointing']}, micro-batch {plan['micro_batch_size']}; estimated peak "
+                f"{plan['estimated_peak_bytes'] / GIB:.2f} GiB, measured {row['peak_bytes'] / GIB:.2f} GiB "
+                f"({row['peak_bytes'] / plan['estimated_peak_bytes']:.3f} of the estimate)"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama-1b")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gguf-bits", type=float, default=4.5)
+    parser.add_argument("--memory-budget", type=int, default=2 * GIB, help="bytes for the planned LUC-base run")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--from-json", type=Path)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.worker:
+        args.out.write_text(json.dumps(run_worker(args)))
+        return
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())["results"]
+    else:
+        results = {}
+        with tempfile.TemporaryDirectory() as scratch:
+            for method in args.methods:
+                out = Path(scratch) / f"{method}.json"
+                started = time.perf_counter()
+                command = [sys.executable, __file__, *sys.argv[1:], "--worker", method, "--out", str(out)]
+                subprocess.run(command, check=True)
+                results[method] = json.loads(out.read_text())
+                print(
+                    f"{method}: {results[method]['peak_bytes'] / GIB:.2f} GiB ({time.perf_counter() - started:.0f} s)"
+                )
+                if args.json:
+                    args.json.write_text(
+                        json.dumps(
+                            {"machine": machine(), "args": vars(args), "results": results}, indent=2, default=str
+                        )
+                    )
+    print(table(results, args))
+
+
+if __name__ == "__main__":
+    main()
