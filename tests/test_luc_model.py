@@ -231,6 +231,9 @@ def test_edge_llm_tuning_on_a_compressed_base(tmp_path):
         (dict(metric="ppl"), "metric must be one of"),
         (dict(group_size=0), "group_size must be a positive integer"),
         (dict(policy={"format": "edge-llm/luc-policy", "version": 1}), "Invalid LUC policy"),
+        (dict(dataset=123), "LUCConfig.dataset must be a list of strings .* got int"),
+        (dict(dataset={"text": ["a"]}), "LUCConfig.dataset must be .* got dict"),
+        (dict(dataset="sonnets"), "LUCConfig.dataset must be .* got str"),
     ],
 )
 def test_bad_luc_config_values(kwargs, message):

@@ -73,6 +73,9 @@ def test_config_json_round_trip(tmp_path):
         ("exit_weights", [0, 0], "exit_weights must be finite, non-negative numbers"),
         ("exit_weights", [0.5, float("inf")], "exit_weights must be finite, non-negative numbers"),
         ("exit_weights", [float("nan"), 1.0], "exit_weights must be finite, non-negative numbers"),
+        ("exit_weights", [1e308, 1e308], "exit_weights must be finite, non-negative numbers"),
+        ("target_modules", 5, "target_modules must be a module name, a list of module names"),
+        ("target_modules", ["q_proj", 3], "target_modules must be a module name, a list of module names"),
         ("select_exits", "yes", "select_exits must be True or False"),
         ("exit_head", "mlp", "exit_head must be one of"),
         ("exit_head_rank", 0, "exit_head_rank must be a positive integer"),
@@ -82,7 +85,7 @@ def test_config_json_round_trip(tmp_path):
 )
 def test_bad_config_values_raise_clear_errors(field, value, message):
     with pytest.raises(ValueError, match=f"EdgeLLMConfig.{field}|{message}") as info:
-        EdgeLLMConfig(target_modules=["q_proj"], **{field: value})
+        EdgeLLMConfig(**{"target_modules": ["q_proj"], field: value})
     assert field in str(info.value)
     assert info.match(message)
 

@@ -89,6 +89,14 @@ class LUCConfig(QuantizationConfigMixin):
     ) -> None:
         self.quant_method = QUANT_METHOD
         self.avg_bits, self.avg_sparsity, self.weight_budget_bytes = avg_bits, avg_sparsity, weight_budget_bytes
+        if dataset is not None and not (
+            isinstance(dataset, (list, tuple)) or hasattr(dataset, "column_names") or hasattr(dataset, "dim")
+        ):
+            raise ValueError(
+                "LUCConfig.dataset must be a list of strings (with a tokenizer), a list of token-id lists, a 2-D "
+                "tensor of token ids or a datasets.Dataset with a 'text' or 'input_ids' column; got "
+                f"{type(dataset).__name__}."
+            )
         self.dataset, self.tokenizer = dataset, tokenizer
         if isinstance(policy, (str, Path)):
             policy = load_json(policy, "LUC policy")

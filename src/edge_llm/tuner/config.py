@@ -155,6 +155,15 @@ class EdgeLLMConfig(LoraConfig):
 
     def _validate(self) -> None:
         _check_positive_int("r", self.r)
+        modules = self.target_modules
+        if modules is not None and not (
+            isinstance(modules, str)
+            or (isinstance(modules, (list, tuple, set)) and all(isinstance(m, str) for m in modules))
+        ):
+            raise ValueError(
+                "EdgeLLMConfig.target_modules must be a module name, a list of module names (e.g. ['q_proj', "
+                f"'v_proj']) or a regular expression; got {modules!r}."
+            )
         if (
             not isinstance(self.lora_alpha, (int, float))
             or isinstance(self.lora_alpha, bool)
@@ -232,7 +241,7 @@ def _check_exit_weights(weights: object) -> list[float]:
     if (
         not values
         or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf for w in values)
-        or sum(values) <= 0
+        or not 0 < sum(values) < math.inf  # 1e308 twice overflows: every weight would become 0
     ):
         raise ValueError(
             "EdgeLLMConfig.exit_weights must be finite, non-negative numbers, one per exit, not all zero; "
