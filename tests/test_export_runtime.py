@@ -171,6 +171,33 @@ def test_corrupt_or_foreign_bundles_are_rejected(tmp_path):
         verify_bundle(tmp_path)
 
 
+def _rewrite_listed(bundle, name: str, text: str) -> None:
+    """Replace a bundle file and its manifest entry, as a consistent but wrong bundle would have it."""
+    import hashlib
+
+    (bundle / name).write_text(text)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    entry = {"bytes": len(text.encode()), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    (bundle / "manifest.json").write_text(json.dumps({**manifest, "files": {**manifest["files"], name: entry}}))
+
+
+def test_a_schedule_with_nan_or_made_for_other_layers_is_refused_on_load(tmp_path):
+    model = adapted_model()
+    plan = schedule(model, cpu_device(10**9), Workload(prompt_tokens=8), edge_config=model.peft_config["default"])
+    out = export(model, plan, tmp_path / "bundle")
+    original = (out / "schedule.json").read_text()
+    data = json.loads(original)
+    _rewrite_listed(out, "schedule.json", json.dumps({**data, "fixed_seconds": float("nan")}))
+    with pytest.raises(ValueError, match=r"schedule\.json is not a valid JSON schedule: it holds NaN"):
+        load_bundle(out)
+    layers = [{**data["layers"][0], "bits": 8}, *data["layers"][1:]]
+    _rewrite_listed(out, "schedule.json", json.dumps({**data, "layers": layers}))
+    with pytest.raises(ValueError, match=r"layer 0 at 8 bits .*schedule\.json is not this bundle's schedule"):
+        load_bundle(out)
+    _rewrite_listed(out, "schedule.json", original)
+    load_bundle(out)
+
+
 def test_a_manifest_cannot_reach_outside_its_bundle_nor_leave_files_unverified(tmp_path):
     model = adapted_model()
     plan = schedule(model, cpu_device(10**9), Workload(prompt_tokens=8), edge_config=model.peft_config["default"])

@@ -189,8 +189,18 @@ def save_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"it holds {name}, which is not a number JSON allows")
+
+
 def load_json(path: str | Path, what: str) -> Any:
+    """A JSON file's content; NaN and Infinity (which Python's json would accept) and nesting too
+    deep to parse are refused with the file's name."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(), parse_constant=_no_constant)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not a JSON {what}: {error}") from None
+    except ValueError as error:
+        raise ValueError(f"{path} is not a valid JSON {what}: {error}.") from None
+    except RecursionError:
+        raise ValueError(f"{path} is not a valid JSON {what}: it is nested too deeply to read.") from None

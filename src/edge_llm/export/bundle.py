@@ -54,17 +54,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_schedule_matches(base: nn.Module, schedule: Schedule) -> None:
+def check_schedule_matches(base: nn.Module, schedule: Schedule, fix: str = "schedule the model you export") -> None:
+    """Refuse a schedule made for other layers than `base`'s (count, bits, sparsity)."""
     layers = list(find_decoder_parts(base).layers(base))
     if len(layers) != len(schedule.layers):
-        raise ValueError(f"The schedule plans {len(schedule.layers)} layers but the model has {len(layers)}.")
+        raise ValueError(f"The schedule plans {len(schedule.layers)} layers but the model has {len(layers)}: {fix}.")
     for plan, layer in zip(schedule.layers, layers, strict=True):
         compressed = [m for m in layer.modules() if isinstance(m, LUCLinear)]
         bits, sparsity = (compressed[0].bits, compressed[0].sparsity) if compressed else (UNQUANTIZED_BITS, 0.0)
         if (plan.bits, plan.sparsity) != (bits, sparsity):
             raise ValueError(
                 f"The schedule was made for layer {plan.layer} at {plan.bits} bits / sparsity {plan.sparsity}, but the "
-                f"model's layer has {bits} bits / sparsity {sparsity}: schedule the model you export."
+                f"model's layer has {bits} bits / sparsity {sparsity}: {fix}."
             )
 
 
@@ -132,7 +133,7 @@ def export(
     edge_config = edge_config_of(model)
     if hasattr(model, "peft_config"):
         adapter_names(model)  # each saved in a folder of its name, inside the bundle
-    _check_schedule_matches(base, schedule)
+    check_schedule_matches(base, schedule)
     lowerings = _lowerings(targets, target_options)
     if merge_adapters and any(options.get("adapters") == "separate" for _, options in lowerings):
         raise ValueError(

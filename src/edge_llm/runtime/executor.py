@@ -26,7 +26,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from edge_llm.export.bundle import verify_bundle
+from edge_llm.export.bundle import check_schedule_matches, verify_bundle
 from edge_llm.luc.linear import LUCLinear
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.scheduling.kernels import kernel_type
@@ -61,9 +61,10 @@ def load_bundle(path: str | Path, dtype: torch.dtype | None = None) -> BundleMod
     schedule = Schedule.load(root / "schedule.json")
     base = AutoModelForCausalLM.from_pretrained(root, dtype=dtype or "auto")
     base.eval()
+    check_schedule_matches(
+        base, schedule, fix=f"{root / 'schedule.json'} is not this bundle's schedule; export it again"
+    )
     layers = list(find_decoder_parts(base).layers(base))
-    if len(layers) != len(schedule.layers):
-        raise ValueError(f"The schedule plans {len(schedule.layers)} layers but the bundle's model has {len(layers)}.")
     names = {id(module): name for name, module in base.named_modules()}
     model = _attach_adapter(base, root, manifest)
     for plan, layer in zip(schedule.layers, layers, strict=True):
