@@ -179,3 +179,19 @@ def test_saved_files_and_folders_get_the_modes_a_plain_write_gives(tmp_path):
     assert stat.S_IMODE((tmp_path / "luc").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "luc" / "config.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+
+
+def test_json_files_with_non_numbers_or_deep_nesting_are_refused_by_name(tmp_path):
+    from edge_llm._io import load_json
+
+    cases = {
+        "nan.json": ('{"bits": NaN}', "it holds NaN"),
+        "inf.json": ('{"bits": -Infinity}', "it holds -Infinity"),
+        "deep.json": ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        "cut.json": ('{"bits": ', "is not a JSON LUC policy"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=message) as refused:
+            load_json(tmp_path / name, "LUC policy")
+        assert name in str(refused.value)
