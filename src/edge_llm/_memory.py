@@ -24,8 +24,9 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 # Buffers from 128 KiB up get their own mapping, unmapped when freed. glibc's default starts there
 # too but raises the threshold to the largest buffer freed so far (up to 32 MiB), after which a
-# training step's freed activations stay in the heap; measured on SmolLM2-135M (batch 8, gradient
-# checkpointing), a step then held 282 MiB more than at a fixed 128 KiB, where it held 71 MiB.
+# training step's freed activations stay in the heap. Even at a fixed 1 MiB the heap kept a step's
+# freed sub-megabyte buffers: SmolLM2-135M's edge-llm step (SciQ, batch 8) rose 282 MiB above the
+# loaded model, and 97 MiB at 128 KiB (docs/results.md, "The whole process").
 RESERVE_MMAP_THRESHOLD = 128 * 2**10
 RESERVE_TRIM_THRESHOLD = 16 * 2**20
 # Whether the reserve was bounded in this process, by `limit_allocator_reserve` or by glibc's
@@ -49,10 +50,9 @@ def limit_allocator_reserve() -> bool:
     process frees leaves its resident memory; returns whether the allocator is glibc's.
 
     Call it before loading the model: memory freed before it stays in the heap, and a later
-    training step that reuses it brings it back into resident memory (measured: a compressed
-    SmolLM2 base loaded first, its step then rose 346 MiB instead of 88). The cost is a page fault
-    per fresh buffer of 128 KiB and more: no difference on a dense step, a slower step over
-    llama.cpp-block layers (docs/tuning.md)."""
+    training step that reuses it brings it back into resident memory. The cost is a page fault
+    per fresh buffer of 128 KiB and more: slower steps, most over llama.cpp-block layers, which
+    decode their weights into fresh buffers at every call (docs/results.md)."""
     global _limited
     libc = _glibc()
     if libc is None:

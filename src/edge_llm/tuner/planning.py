@@ -17,9 +17,8 @@ The probes run from the smallest micro-batch up and stop where the last one, sca
 fit: they run in this process, so their own peak counts against the budget too.
 
 Planning first fixes glibc's allocator reserve (`limit_allocator_reserve`): with its default
-thresholds the step's small freed buffers stay resident and the process grows far past what its
-tensors hold (SmolLM2-135M, batch 8: 282 MiB above the loaded model for tensors peaking at 61 MiB),
-which no estimate of the tensors can predict.
+thresholds the step's freed buffers stay resident and the process grows far past what its tensors
+hold, which no estimate of the tensors can predict (docs/results.md, "The whole process").
 
 The probes also measure what the process's resident memory rose above what their tensors held
 (code paged in by the first backward, the allocator's slack); that overhead is added to the
