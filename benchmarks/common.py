@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
+import json
+import logging
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import weakref
 from pathlib import Path
@@ -229,3 +235,30 @@ def measured(trainer_cls: type, meter: StepMeter) -> type:
             return loss
 
     return Measured
+
+
+def add_worker_arguments(parser) -> None:
+    """The hidden arguments of a method's own process (see `in_own_processes`)."""
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+
+
+def ran_as_worker(args, run_worker) -> bool:
+    """In a method's own process: run it, write its result to `--out`, and say so."""
+    logging.basicConfig(level=logging.WARNING)
+    if not args.worker:
+        return False
+    args.out.write_text(json.dumps(run_worker(args), default=str))
+    return True
+
+
+def in_own_processes(script: str, methods: list[str]):
+    """Run `script` again with this command line plus `--worker METHOD --out FILE` for each method,
+    each in its own process (no method's memory carries into the next); yields (method, result,
+    seconds)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        for method in methods:
+            out = Path(scratch) / f"{method}.json"
+            started = time.perf_counter()
+            subprocess.run([sys.executable, script, *sys.argv[1:], "--worker", method, "--out", str(out)], check=True)
+            yield method, json.loads(out.read_text()), time.perf_counter() - started

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +42,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import StepMeter, _rss_peak_bytes, machine, measured, training_arguments
+from common import (
+    StepMeter,
+    _rss_peak_bytes,
+    add_worker_arguments,
+    in_own_processes,
+    machine,
+    measured,
+    ran_as_worker,
+    training_arguments,
+)
 from methods import LABELS, LOAD_OPTIONS, METHODS, Setup, default_depth
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -306,33 +313,25 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plots", type=Path, help="folder for the two frontier plots")
     parser.add_argument("--from-json", type=Path, help="print the table (and plots) of an earlier run")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     args = parser.parse_args()
     for name, value in TASKS[args.task].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    logging.basicConfig(level=logging.WARNING)
-    if args.worker:
-        args.out.write_text(json.dumps(run_worker(args), default=str))
+    if ran_as_worker(args, run_worker):
         return
     if args.from_json:
         results = json.loads(args.from_json.read_text())["results"]
     else:
         # Methods run again replace their earlier result in --json; the others are kept.
         results = json.loads(args.json.read_text())["results"] if args.json and args.json.exists() else {}
-        with tempfile.TemporaryDirectory() as scratch:
-            for method in args.methods:
-                out = Path(scratch) / f"{method}.json"
-                started = time.perf_counter()
-                command = [sys.executable, __file__, *sys.argv[1:], "--worker", method, "--out", str(out)]
-                subprocess.run(command, check=True)
-                key = f"{method}@{args.memory_budget // 2**20}MiB" if args.memory_budget else method
-                results[key] = json.loads(out.read_text())
-                print(f"{key}: {results[key]['quality']:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
-                if args.json:  # keep what is done if a later method fails
-                    record = {"machine": machine(), "args": vars(args), "results": results}
-                    args.json.write_text(json.dumps(record, indent=2, default=str))
+        for method, result, seconds in in_own_processes(__file__, args.methods):
+            key = f"{method}@{args.memory_budget // 2**20}MiB" if args.memory_budget else method
+            results[key] = result
+            print(f"{key}: {result['quality']:.4f} ({seconds:.0f} s)", flush=True)
+            if args.json:  # keep what is done if a later method fails
+                record = {"machine": machine(), "args": vars(args), "results": results}
+                args.json.write_text(json.dumps(record, indent=2, default=str))
     print(table(results, args))
     if args.plots:
         plot(results, args, args.plots)

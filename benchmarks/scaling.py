@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import load_model, machine, training_arguments
+from common import add_worker_arguments, in_own_processes, load_model, machine, ran_as_worker, training_arguments
 from methods import LABELS, LOAD_OPTIONS, METHODS, Setup, default_depth
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -144,33 +142,20 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--from-json", type=Path)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    if args.worker:
-        args.out.write_text(json.dumps(run_worker(args)))
+    if ran_as_worker(args, run_worker):
         return
     if args.from_json:
         results = json.loads(args.from_json.read_text())["results"]
     else:
         results = {}
-        with tempfile.TemporaryDirectory() as scratch:
-            for method in args.methods:
-                out = Path(scratch) / f"{method}.json"
-                started = time.perf_counter()
-                command = [sys.executable, __file__, *sys.argv[1:], "--worker", method, "--out", str(out)]
-                subprocess.run(command, check=True)
-                results[method] = json.loads(out.read_text())
-                print(
-                    f"{method}: {results[method]['peak_bytes'] / GIB:.2f} GiB ({time.perf_counter() - started:.0f} s)"
-                )
-                if args.json:
-                    args.json.write_text(
-                        json.dumps(
-                            {"machine": machine(), "args": vars(args), "results": results}, indent=2, default=str
-                        )
-                    )
+        for method, result, seconds in in_own_processes(__file__, args.methods):
+            results[method] = result
+            print(f"{method}: {result['peak_bytes'] / GIB:.2f} GiB ({seconds:.0f} s)", flush=True)
+            if args.json:
+                record = {"machine": machine(), "args": vars(args), "results": results}
+                args.json.write_text(json.dumps(record, indent=2, default=str))
     print(table(results, args))
 
 
