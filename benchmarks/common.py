@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -26,6 +25,8 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+
+from edge_llm._memory import peak_resident_bytes, release_freed_memory, reset_peak_resident, resident_bytes
 
 # Model specs by name. "smollm2" is the real pretrained model (offline, see edge_llm.assets); the
 # others are configs with random weights, fine for speed and memory, never for quality.
@@ -109,17 +110,6 @@ def machine() -> str:
     return f"{cpu}, {cores} cores, torch {torch.__version__} threads={torch.get_num_threads()}"
 
 
-def _rss_peak_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _rss_now_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 class _Saved:
     """What autograd keeps for one saved tensor; alive exactly as long as autograd holds it."""
 
@@ -170,12 +160,9 @@ class StepMeter(TrainerCallback):
         else:
             # Hand memory freed before training (e.g. float32 weights LUC replaced) back to the OS
             # first: glibc keeps it mapped, and training would reuse it without raising the RSS.
-            with contextlib.suppress(OSError, AttributeError):
-                ctypes.CDLL("libc.so.6").malloc_trim(0)
-            # Writing 5 to clear_refs resets the process's peak RSS (VmHWM) to the current RSS.
-            with contextlib.suppress(OSError):
-                Path("/proc/self/clear_refs").write_text("5")
-            self.baseline_bytes = _rss_now_bytes()
+            release_freed_memory()
+            reset_peak_resident()
+            self.baseline_bytes = resident_bytes()
 
     def on_step_begin(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
@@ -193,7 +180,7 @@ class StepMeter(TrainerCallback):
         self._stack.close()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.peak_bytes = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _rss_peak_bytes()
+        self.peak_bytes = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else peak_resident_bytes()
 
     def summary(self, warmup: int, tokens_per_step: int) -> dict:
         """Step times after `warmup` steps. With exits, steps cost differently per exit: the cost of

@@ -44,7 +44,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (
     StepMeter,
-    _rss_peak_bytes,
     add_worker_arguments,
     in_own_processes,
     machine,
@@ -102,7 +101,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, default_data_collator
     from tuning import token_data
 
-    from edge_llm._memory import limit_allocator_reserve
+    from edge_llm._memory import limit_allocator_reserve, peak_resident_bytes
     from edge_llm.assets import smollm2_135m
     from edge_llm.luc import calibration_tokens
 
@@ -159,7 +158,9 @@ def run_worker(args: argparse.Namespace) -> dict:
             result["train_call_s"] = time.perf_counter() - start
             # The VmHWM was reset when training began: this is the peak of the whole call (with a
             # memory budget, EdgeTrainer's own measure also covers planning, before training began).
-            result["train_call_peak_bytes"] = max(_rss_peak_bytes(), output.metrics.get("train_peak_resident_bytes", 0))
+            result["train_call_peak_bytes"] = max(
+                peak_resident_bytes(), output.metrics.get("train_peak_resident_bytes", 0)
+            )
             plan = getattr(trainer, "memory_plan", None)
             if plan is not None:
                 result["memory_plan"] = {**vars(plan), "estimated_peak_bytes": plan.estimated_peak_bytes}
