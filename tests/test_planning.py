@@ -120,6 +120,9 @@ def test_edge_trainer_runs_the_plan_for_its_budget_and_reports_the_peak(tmp_path
     assert model.peft_config["default"].backprop_depth == 8
     assert trainer.args.activation_checkpointing and model.get_base_model().is_activation_checkpointing
     assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (1, 4)
+    again = trainer.plan_memory()  # planned again: from the batch asked for, not the micro-batch set
+    assert again.micro_batch_size * again.accumulation_steps == 4
+    assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (1, 4)
     assert output.metrics["train_peak_resident_bytes"] > 0
 
 

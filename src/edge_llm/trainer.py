@@ -58,9 +58,9 @@ class EdgeTrainer(Trainer):
       `eval_dataset` (`calibrate_exit_weights`);
     - with `exit_layers="auto"` it first keeps only the exits that predict (`select_exits`), and
       with `memory_budget_bytes` (the device's memory for the whole process: runtime, weights,
-      data and the step) it plans the run to fit (`plan_memory`): the deepest gradient window,
-      gradient checkpointing only where the window needs it, and micro-batches (gradient
-      accumulation keeps the batch) where the batch does not fit; the process's measured peak is
+      data and the step) it plans the run to fit (`plan_memory`): the gradient window, gradient
+      checkpointing and micro-batches (gradient accumulation keeps the batch) chosen by
+      `edge_llm.tuner.planning`; the process's measured peak is
       logged beside the plan's estimate and added to the metrics as `train_peak_resident_bytes`.
     """
 
@@ -174,8 +174,11 @@ class EdgeTrainer(Trainer):
         """Plan the run so that the whole process fits `memory_budget_bytes` (see
         `edge_llm.tuner.planning`) at this Trainer's batch size and the longest training sequence,
         and set it: the adapter's `backprop_depth`, gradient checkpointing, and the micro-batch
-        size with the gradient accumulation that keeps the batch. `train()` calls this first."""
-        batch_size = self.args.per_device_train_batch_size
+        size with the gradient accumulation that keeps the batch. `train()` calls this first; a
+        later call plans the batch asked for again, not the micro-batch an earlier plan set."""
+        split = self.memory_plan.accumulation_steps if self.memory_plan is not None else 1
+        batch_size = self.args.per_device_train_batch_size * split
+        accumulation = self.args.gradient_accumulation_steps // split
         plan = plan_training(self.model, self.memory_budget_bytes, batch_size, self._longest_sequence())
         self.tuner.active_edge_config.backprop_depth = plan.backprop_depth
         base = self.model.get_base_model()
@@ -185,7 +188,7 @@ class EdgeTrainer(Trainer):
         elif not plan.gradient_checkpointing and base.is_activation_checkpointing:
             base.activation_checkpointing_disable()
         self.args.per_device_train_batch_size = plan.micro_batch_size
-        self.args.gradient_accumulation_steps *= plan.accumulation_steps
+        self.args.gradient_accumulation_steps = accumulation * plan.accumulation_steps
         self._train_batch_size = self.args.train_batch_size
         self.memory_plan = plan
         logger.info("Planned to %d MiB: %s", self.memory_budget_bytes // MIB, plan.describe())
