@@ -138,6 +138,8 @@ def _compress_for_llama_cpp(args: argparse.Namespace) -> int:
         sensitivity=args.sensitivity,
         num_samples=args.samples,
         seq_len=args.seq_len,
+        gguf_speed=args.gguf_speed,
+        gguf_max_slowdown=args.max_slowdown,
         **budget,
     )
     with _output_folder(args) as staging:  # an interrupted run leaves --out as it was
@@ -357,6 +359,7 @@ def cli_choices() -> dict[str, Any]:
             "avg_bits": luc["avg_bits"],
             "target": luc["target"],
             "sensitivity": luc["sensitivity"],
+            "gguf_max_slowdown": luc["gguf_max_slowdown"],
         },
         "luc_targets": list(LUC_TARGETS),
         "sensitivities": list(SENSITIVITIES),

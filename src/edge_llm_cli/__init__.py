@@ -68,7 +68,8 @@ def _bounded(kind: type, least: float, strict: bool = False):
 
 POSITIVE_INT = _bounded(int, 1)
 COUNT = _bounded(int, 0)
-PROBABILITY = _bounded(float, 0.0)
+NON_NEGATIVE = _bounded(float, 0.0)
+PROBABILITY = NON_NEGATIVE  # sparsities: the parser bounds them below; LUCConfig names the candidates above
 POSITIVE = _bounded(float, 0.0, strict=True)
 
 _SIZE_UNITS = {
@@ -164,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=CHOICES["sensitivities"],
         default=CHOICES["luc_defaults"]["sensitivity"],
         help="with --target gguf: measured (fisher) or a fixed rule (structural)",
+    )
+    compress.add_argument(
+        "--gguf-speed",
+        metavar="measure|FILE",
+        help="with --target gguf: also choose types for llama.cpp's speed on the device: 'measure' (on this "
+        "machine, a few minutes, cached) or a speed profile JSON measured on the device (None: bytes only)",
+    )
+    compress.add_argument(
+        "--max-slowdown",
+        type=NON_NEGATIVE,
+        default=CHOICES["luc_defaults"]["gguf_max_slowdown"],
+        help="with --gguf-speed: how much slower a request may be than with the fastest types the budget holds",
     )
     _method_flags(compress)
 
@@ -376,6 +389,12 @@ def check(args: argparse.Namespace) -> None:
     _check_data(getattr(args, "perplexity", None))
     _check_file(getattr(args, "policy", None), "--policy")
     _check_file(getattr(args, "profile", None), "--profile")
+    speed = getattr(args, "gguf_speed", None)
+    if speed is not None:
+        if args.target != "gguf":
+            raise ValueError("--gguf-speed is for --target gguf (llama.cpp's speed of its weight types).")
+        if speed != "measure":
+            _check_file(speed, "--gguf-speed")
     if args.command == "evaluate":
         if not args.perplexity and not args.task:
             raise ValueError("Nothing to evaluate: pass --perplexity DATA and/or --task TASK.")

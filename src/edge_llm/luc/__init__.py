@@ -7,11 +7,14 @@ layer-by-layer runner), `profile` (sensitivity), `policy` (exact search under a 
 and how it computes), `checks` (a checkpoint against its policy), and the Hugging Face glue along
 transformers' own seams: `config` (`LUCConfig`), `quantizer` (`LUCHfQuantizer`, hooks only),
 `integration` (the module surgery: `compress_model`, `apply_luc`, `policy_of`), `optimum`
-(`LUCQuantizer`); `lora` (LoRA adapters over `LUCLinear`).
+(`LUCQuantizer`); `lora` (LoRA adapters over `LUCLinear`). For llama.cpp (`target="gguf"`):
+`ggml` (its block types), `gguf_policy` (one type per tensor under a byte budget), `gguf_speed`
+(llama.cpp's measured speed per type).
 """
 
 from edge_llm.luc.calibration import calibration_tokens
 from edge_llm.luc.config import LUCConfig
+from edge_llm.luc.gguf_speed import GGUFSpeedProfile, measure_gguf_speed
 from edge_llm.luc.integration import apply_luc, compress_model, policy_of
 from edge_llm.luc.linear import LUCLinear
 from edge_llm.luc.method import CompressionMethod
@@ -25,6 +28,7 @@ register()
 __all__ = [
     "Budget",
     "CompressionMethod",
+    "GGUFSpeedProfile",
     "LUCConfig",
     "LUCHfQuantizer",
     "LUCLinear",
@@ -34,6 +38,7 @@ __all__ = [
     "apply_luc",
     "calibration_tokens",
     "compress_model",
+    "measure_gguf_speed",
     "policy_of",
     "profile_sensitivity",
     "search_policy",

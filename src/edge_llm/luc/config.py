@@ -61,6 +61,12 @@ class LUCConfig(QuantizationConfigMixin):
         sensitivity: for `target="gguf"`, `"fisher"` (measured) or `"structural"` (a fixed rule).
         gguf_types: for `target="gguf"`, the candidate llama.cpp types (None: all of
             `edge_llm.luc.ggml.BLOCK_TYPES`).
+        gguf_speed: for `target="gguf"`, what each type costs in time in llama.cpp on the device:
+            None (bytes only), `"measure"` (on this machine, a few minutes for a 135M model, cached),
+            a profile file saved by `edge_llm.luc.measure_gguf_speed(...).save(path)` on the device,
+            or its dict. With it, types are chosen for quality within the budget *and* speed.
+        gguf_max_slowdown: with `gguf_speed`, how much slower (0.5: 50%) a request (the profile's
+            prompt, then its generated tokens) may be than with the fastest types the budget holds.
     """
 
     def __init__(
@@ -85,6 +91,8 @@ class LUCConfig(QuantizationConfigMixin):
         target: str = "pytorch",
         sensitivity: str = "fisher",
         gguf_types: list[str] | None = None,
+        gguf_speed: str | Path | dict | None = None,
+        gguf_max_slowdown: float = 0.5,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD
@@ -110,6 +118,9 @@ class LUCConfig(QuantizationConfigMixin):
         self.profile_cache_dir = profile_cache_dir
         self.target, self.sensitivity = target, sensitivity
         self.gguf_types = list(gguf_types) if isinstance(gguf_types, (list, tuple)) else gguf_types
+        if isinstance(gguf_speed, (str, Path)) and str(gguf_speed) != "measure":
+            gguf_speed = load_json(gguf_speed, "llama.cpp speed profile")
+        self.gguf_speed, self.gguf_max_slowdown = gguf_speed, gguf_max_slowdown
         self.post_init()
 
     def post_init(self) -> None:
@@ -183,6 +194,20 @@ class LUCConfig(QuantizationConfigMixin):
                     block_type(name)
                 except ValueError as error:
                     raise ValueError(f"LUCConfig.gguf_types: {error}") from None
+        if self.gguf_speed is not None and self.gguf_speed != "measure" and not isinstance(self.gguf_speed, dict):
+            raise ValueError(
+                "LUCConfig.gguf_speed must be None, 'measure', a llama.cpp speed profile file or its dict, got "
+                f"{type(self.gguf_speed).__name__}."
+            )
+        if isinstance(self.gguf_speed, dict):
+            from edge_llm.luc.gguf_speed import GGUFSpeedProfile
+
+            GGUFSpeedProfile.from_dict(self.gguf_speed)
+        if not _is_finite_number(self.gguf_max_slowdown) or self.gguf_max_slowdown < 0:
+            raise ValueError(
+                f"LUCConfig.gguf_max_slowdown must be a finite number >= 0 (0.5: at most 50% slower than the "
+                f"fastest types), got {self.gguf_max_slowdown!r}."
+            )
         if self.avg_sparsity:
             raise ValueError("LUCConfig(target='gguf') cannot prune: GGUF has no sparse types; set avg_sparsity=None.")
         if self.policy is not None:

@@ -75,7 +75,7 @@ def _matrix(module: nn.Module) -> torch.Tensor:
     return module.weight.detach()
 
 
-def _shape(module: nn.Module) -> tuple[int, int]:
+def tensor_shape(module: nn.Module) -> tuple[int, int]:
     """(rows, row length) of a tensor's weight, float or already in llama.cpp blocks."""
     if isinstance(module, GGMLLinear):
         return module.out_features, module.in_features
@@ -167,6 +167,9 @@ class Candidate:
     kind: BlockType
     nbytes: int  # in the GGUF file, with its alignment padding
     damage: float
+    # Seconds this choice adds to a request (prompt, then generation) in llama.cpp, beyond Q8_0's
+    # (`gguf_speed.time_table`; 0 when not timed).
+    seconds: float = 0.0
 
 
 def candidate_types(columns: int, names: tuple[str, ...] | None) -> list[BlockType]:
@@ -224,7 +227,7 @@ def structural_table(model: nn.Module, types: tuple[str, ...] | None = None) -> 
     edge = max(1, num_layers // 8)
     table: dict[str, list[Candidate]] = {}
     for name, module in tensors.items():
-        rows, columns = _shape(module)
+        rows, columns = tensor_shape(module)
         weight = 4.0 if name == EMBEDDING or name.endswith(("v_proj", "down_proj", "lm_head")) else 1.0
         index = _layer_index(name)
         if index is not None and (index < edge or index >= num_layers - edge):
@@ -257,17 +260,39 @@ class BudgetTooSmall(ValueError):
 
 def weight_count(model: nn.Module) -> int:
     """Weights in the tensors a GGUF policy covers."""
-    return sum(rows * columns for rows, columns in map(_shape, weight_tensors(model).values()))
+    return sum(rows * columns for rows, columns in map(tensor_shape, weight_tensors(model).values()))
 
 
-def search_types(table: dict[str, list[Candidate]], budget_bytes: int) -> dict[str, str]:
+def search_types(
+    table: dict[str, list[Candidate]], budget_bytes: int, max_seconds: float | None = None
+) -> dict[str, str]:
     """The type per tensor that minimises the summed damage with the tensors' bytes (padded as in
-    the file) at most `budget_bytes` (exact: a 0/1 program solved by HiGHS with no gap)."""
+    the file) at most `budget_bytes` and, given `max_seconds`, the candidates' summed seconds at
+    most that (exact: a 0/1 program solved by HiGHS with no gap)."""
+    limits = [] if max_seconds is None else [(lambda c: c.seconds, max_seconds)]
+    choice = _choose(table, lambda c: c.damage, budget_bytes, limits)
+    return {name: c.kind.name for name, c in choice.items()}
+
+
+def fastest_seconds(table: dict[str, list[Candidate]], budget_bytes: int) -> float:
+    """The fewest seconds any choice of types within `budget_bytes` adds (exact)."""
+    choice = _choose(table, lambda c: c.seconds, budget_bytes, [])
+    return sum(c.seconds for c in choice.values())
+
+
+def _choose(
+    table: dict[str, list[Candidate]],
+    objective: Callable[[Candidate], float],
+    budget_bytes: int,
+    limits: list[tuple[Callable[[Candidate], float], float]],
+) -> dict[str, Candidate]:
+    """One candidate per tensor minimising the summed `objective` with the bytes at most
+    `budget_bytes` and each `(measure, limit)`'s sum at most its limit."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     names = list(table)
-    costs = np.array([c.nbytes for name in names for c in table[name]], dtype=np.float64)
-    damage = np.array([c.damage for name in names for c in table[name]], dtype=np.float64)
+    flat = [c for name in names for c in table[name]]
+    costs = np.array([c.nbytes for c in flat], dtype=np.float64)
     smallest = sum(min(c.nbytes for c in table[name]) for name in names)
     if budget_bytes < smallest:
         raise BudgetTooSmall(
@@ -276,31 +301,35 @@ def search_types(table: dict[str, list[Candidate]], budget_bytes: int) -> dict[s
             f"{smallest:,} bytes.",
         )
     owner = np.repeat(np.arange(len(names)), [len(table[name]) for name in names])
-    one_each = np.zeros((len(names), len(costs)))
-    one_each[owner, np.arange(len(costs))] = 1
-    # Damage spans orders of magnitude; scaling it does not change the optimum but helps the solver.
-    scale = damage.max() if damage.max() > 0 else 1.0
+    one_each = np.zeros((len(names), len(flat)))
+    one_each[owner, np.arange(len(flat))] = 1
+    constraints = [LinearConstraint(one_each, 1, 1), LinearConstraint(costs[None], -np.inf, float(budget_bytes))]
+    for measure, limit in limits:
+        values = np.array([measure(c) for c in flat], dtype=np.float64)
+        constraints.append(LinearConstraint(values[None], -np.inf, limit))
+    # The objective spans orders of magnitude; scaling it does not change the optimum but helps the solver.
+    objective_values = np.array([objective(c) for c in flat], dtype=np.float64)
+    scale = np.abs(objective_values).max() or 1.0
     result = milp(
-        c=damage / scale,
-        constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(costs[None], -np.inf, float(budget_bytes))],
-        integrality=np.ones(len(costs)),
+        c=objective_values / scale,
+        constraints=constraints,
+        integrality=np.ones(len(flat)),
         bounds=Bounds(0, 1),
         options={"mip_rel_gap": 0.0},
     )
     if result.status != 0 or result.x is None:
-        raise ValueError(f"No choice of types fits {budget_bytes:,} bytes ({result.message}).")
+        raise ValueError(f"No choice of types fits {budget_bytes:,} bytes and the time limits ({result.message}).")
     picked = np.flatnonzero(np.round(result.x) == 1)
-    first = np.searchsorted(owner, np.arange(len(names)))  # each tensor's first column
-    choice = {names[owner[i]]: table[names[owner[i]]][i - first[owner[i]]] for i in picked}
+    choice = {names[owner[i]]: flat[i] for i in picked}
     if len(choice) != len(names) or sum(c.nbytes for c in choice.values()) > budget_bytes:
         raise ValueError("The type search broke the byte budget; this is a bug, please report it.")
-    return {name: choice[name].kind.name for name in names}
+    return {name: choice[name] for name in names}
 
 
 def policy_bytes(model: nn.Module, choice: dict[str, str]) -> int:
     """Bytes the chosen types take in the GGUF file (each tensor padded to the file's alignment)."""
     tensors = weight_tensors(model)
-    return sum(aligned(block_type(choice[name]).tensor_bytes(*_shape(m))) for name, m in tensors.items())
+    return sum(aligned(block_type(choice[name]).tensor_bytes(*tensor_shape(m))) for name, m in tensors.items())
 
 
 def apply_types(model: nn.Module, choice: dict[str, str], statistics: Statistics | None = None) -> None:
@@ -375,11 +404,15 @@ def compress_for_gguf(
     types: tuple[str, ...] | None = None,
     policy: GGUFPolicy | None = None,
     progress: bool = True,
+    speed: Any = None,
+    max_slowdown: float = 0.1,
 ) -> GGUFPolicy:
     """Choose (unless `policy` is given) and apply one llama.cpp type per tensor of `model` within
     `budget` bytes of those tensors in the GGUF file. `tokens`: calibration windows (importance
     matrices, and the Fisher information for `sensitivity="fisher"`); None quantizes without an
-    importance matrix."""
+    importance matrix. `speed`: a `gguf_speed.GGUFSpeedProfile` of `model` on the device; with it,
+    a request (the profile's prompt, then its generated tokens) is also at most `max_slowdown`
+    slower in llama.cpp than with the fastest types within the budget."""
     measured = policy is None and sensitivity == "fisher"
     statistics = calibrate(model, tokens, progress, fisher=measured) if tokens is not None else None
     if policy is None:
@@ -389,7 +422,21 @@ def compress_for_gguf(
             table = damage_table(model, statistics, types, progress)
         else:
             table = structural_table(model, types)
-        policy = GGUFPolicy(search_types(table, budget), sensitivity)
+        max_seconds = None
+        if speed is not None:
+            from edge_llm.luc.gguf_speed import speed_limit, time_table
+
+            time_table(table, model, speed)
+            max_seconds = speed_limit(table, budget, speed, max_slowdown)
+        policy = GGUFPolicy(search_types(table, budget, max_seconds), sensitivity)
+        if speed is not None:
+            predicted = speed.predict(model, policy.tensors)
+            logger.info(
+                "LUC for llama.cpp: predicted %.0f prefill and %.1f decode tokens/s on %s",
+                speed.prompt_tokens / predicted["prefill"],
+                speed.decode_tokens / predicted["decode"],
+                speed.machine,
+            )
     apply_types(model, policy.tensors, statistics)
     del statistics  # the Fisher diagonal: one float per weight
     release_freed_memory()

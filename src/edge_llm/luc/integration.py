@@ -28,6 +28,7 @@ from edge_llm.luc.checks import add_marker, policy_sha256
 from edge_llm.luc.compress import compress_layers
 from edge_llm.luc.config import QUANT_METHOD, LUCConfig, config_policy
 from edge_llm.luc.gguf_policy import BudgetTooSmall, GGUFPolicy, budget_bytes, compress_for_gguf, weight_count
+from edge_llm.luc.gguf_speed import GGUFSpeedProfile, gguf_speed_cache_path, measure_gguf_speed
 from edge_llm.luc.linear import LUCLinear
 from edge_llm.luc.policy import LUCPolicy
 from edge_llm.luc.profile import profile_sensitivity
@@ -185,14 +186,35 @@ def _gguf_budget(model: nn.Module, config: LUCConfig) -> int:
     return budget_bytes(model, config.avg_bits, file_budget)
 
 
+def _gguf_speed(model: nn.Module, config: LUCConfig, progress: bool) -> GGUFSpeedProfile | None:
+    """`config.gguf_speed` as a profile of `model`: given, or measured on this machine (once: kept
+    in the edge-llm cache under the machine, llama.cpp build, threads and the model's shapes)."""
+    if config.gguf_speed is None:
+        return None
+    if config.gguf_speed != "measure":
+        return GGUFSpeedProfile.from_dict(config.gguf_speed)
+    tokenizer = _config_tokenizer(config)
+    if tokenizer is None:
+        raise ValueError("LUCConfig(gguf_speed='measure') writes GGUF files to time: pass LUCConfig(tokenizer=...).")
+    path = gguf_speed_cache_path(model, Path(config.profile_cache_dir or cache_dir() / "luc-profiles"))
+    if path.exists():
+        return GGUFSpeedProfile.load(path)
+    profile = measure_gguf_speed(model, tokenizer, progress=progress)
+    profile.save(path)
+    return profile
+
+
 def apply_gguf_luc(model: nn.Module, config: LUCConfig, progress: bool = True) -> GGUFPolicy:
     """`LUCConfig(target="gguf")`: one llama.cpp type per tensor (see `luc/gguf_policy.py`)."""
     policy = GGUFPolicy.from_dict(config.policy) if config.policy is not None else None
     tokens = _config_tokens(config) if config.dataset is not None else None
     budget = None if policy is not None else _gguf_budget(model, config)
     types = tuple(config.gguf_types) if config.gguf_types else None
+    speed = _gguf_speed(model, config, progress) if policy is None else None
     try:
-        policy = compress_for_gguf(model, tokens, budget, config.sensitivity, types, policy, progress)
+        policy = compress_for_gguf(
+            model, tokens, budget, config.sensitivity, types, policy, progress, speed, config.gguf_max_slowdown
+        )
     except BudgetTooSmall as error:
         smallest_bits = 8 * error.smallest / weight_count(model)
         raise ValueError(

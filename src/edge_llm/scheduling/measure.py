@@ -65,7 +65,7 @@ def _storage_bandwidth(directory: str | None, size: int) -> float:
         os.unlink(path)
 
 
-def _machine_name(device: torch.device) -> str:
+def machine_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"this machine: {torch.cuda.get_device_name(device)}"
     cpu = platform.processor() or platform.machine()
@@ -238,7 +238,7 @@ def profile_this_machine(
     storage_bandwidth = _storage_bandwidth(storage_dir, 128 * 1024 * 1024)
     profile = DeviceProfile(
         layer_overhead_s=_layer_overhead(repeats, device, compute_dtype),
-        name=_machine_name(device),
+        name=machine_name(device),
         memory_bytes=int(memory_bytes if memory_bytes is not None else _available_memory(device)),
         memory_bandwidth=memory_bandwidth,
         storage_bandwidth=storage_bandwidth,
