@@ -11,7 +11,14 @@ second text, not used for calibration), 256-token windows, and SciQ accuracy fro
 Calibration: sonnets 1-120.
 
     python benchmarks/vs_llamacpp.py --json benchmarks/results/vs_llamacpp_smollm2.json
-    python benchmarks/vs_llamacpp.py --speed Q4_K_M --json benchmarks/results/vs_llamacpp_smollm2_speed.json
+    python benchmarks/vs_llamacpp.py --speed --json benchmarks/results/vs_llamacpp_smollm2_speed.json
+
+`--speed` adds llama.cpp's speed on this machine, for each mix's size group: the mix (plain and
+with the importance matrix), LUC by bytes only, and LUC choosing types for speed as well
+(`LUCConfig.gguf_speed`, each `--slowdowns` value), with a speed profile measured first
+(`edge_llm.luc.measure_gguf_speed`). Each group's files are timed in interleaved rounds: a request
+of a 256-token prompt (logits of its last token) and 32 tokens generated one at a time; the
+profile's prediction of each file's request is printed beside the measurement.
 
 Caveat: SmolLM2's released weights are dequantized Q4_1 (blocks of 32): re-quantized to Q4_1 they
 come back almost exactly, which flatters Q4_1 (and grids close to it) on this model only. The
@@ -37,10 +44,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import load_model, machine, spread
-from runtime_agreement import LlamaCpp, speed
+from runtime_agreement import LlamaCpp
 
 SEQ_LEN = 256
 MIXES = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_1", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
+SPEED_MIXES = ("Q2_K", "Q4_0", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K")
+PROMPT, GENERATED = 256, 32  # the timed request
 
 
 def lambada_texts(count: int) -> list[str]:
@@ -160,20 +169,81 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def file_types(path: Path, model) -> dict[str, str]:
+    """The llama.cpp type of every weight tensor of a GGUF file, by the model's module paths (as a
+    GGUF policy names them), to predict the file's speed from a speed profile."""
+    import gguf
+
+    from edge_llm.export.gguf import LLAMA_TENSORS
+    from edge_llm.luc.gguf_policy import EMBEDDING
+    from edge_llm.modeling import find_decoder_parts
+
+    suffixes = {gguf_name: suffix for suffix, gguf_name in LLAMA_TENSORS.items()}
+    layers = find_decoder_parts(model).layers_path
+    types = {}
+    for tensor in gguf.GGUFReader(str(path)).tensors:
+        parts = tensor.name.split(".")
+        if tensor.name == "token_embd.weight":
+            types[EMBEDDING] = tensor.tensor_type.name
+        elif parts[0] == "blk" and parts[2] in suffixes and not parts[2].endswith("norm"):
+            types[f"{layers}.{parts[1]}.{suffixes[parts[2]]}"] = tensor.tensor_type.name
+    return types
+
+
+def time_requests(files: dict[str, Path], prompt: list[int], generated: list[int], rounds: int) -> dict:
+    """Seconds of each phase of a request, per file, in interleaved rounds (llama.cpp, 2 threads)."""
+    from edge_llm.luc.gguf_speed import RequestTimer
+
+    times: dict[str, dict[str, list[float]]] = {name: {"prefill": [], "decode": []} for name in files}
+    for _ in range(rounds):
+        for name, file in files.items():
+            timer = RequestTimer(file, 2, len(prompt), len(generated))
+            timer.time(prompt[:8], generated[:1])  # warm-up: page the weights in, repack
+            for phase, seconds in timer.time(prompt, generated).items():
+                times[name][phase].append(seconds)
+            timer.close()
+    return times
+
+
+def speed_markdown(result: dict) -> str:
+    """One table per size group: quality, measured speed (median [min-max]) and predicted request."""
+    lines = [f"machine: {result['machine']}; request: {PROMPT}-token prompt, {GENERATED} tokens generated", ""]
+    lines += [
+        "| size group | model | GGUF MiB | ppl sonnets | ppl LAMBADA | prefill tok/s | decode tok/s "
+        "| request s (predicted) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mix, group in result["groups"].items():
+        for name, row in group.items():
+            prefill = [PROMPT / t for t in row["measured_s"]["prefill"]]
+            decode = [GENERATED / t for t in row["measured_s"]["decode"]]
+            request = [a + b for a, b in zip(row["measured_s"]["prefill"], row["measured_s"]["decode"], strict=True)]
+            predicted = sum(row["predicted_s"].values())
+            lines.append(
+                f"| {mix} | {name} | {row['bytes'] / 2**20:.1f} | {row['ppl_sonnets']:.2f} | {row['ppl_lambada']:.2f} "
+                f"| {spread(prefill, 0)} | {spread(decode, 0)} | {sorted(request)[len(request) // 2]:.3f} "
+                f"({predicted:.3f}) |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--render", type=Path, help="print the table of an earlier run's JSON and stop")
-    parser.add_argument("--speed", metavar="MIX", help="instead: llama.cpp's prefill/decode speed of F16, MIX and LUC")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved speed rounds (with --speed)")
-    parser.add_argument("--mixes", nargs="+", default=list(MIXES))
+    parser.add_argument("--speed", action="store_true", help="instead: quality and speed per size group (above)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds (with --speed)")
+    parser.add_argument("--slowdowns", type=float, nargs="+", default=[0.25, 0.5], help="with --speed")
+    parser.add_argument("--mixes", nargs="+", help=f"default: {' '.join(MIXES)}; with --speed: {' '.join(SPEED_MIXES)}")
     parser.add_argument("--samples", type=int, default=16, help="calibration windows of 256 tokens")
     parser.add_argument("--windows", type=int, default=16, help="held-out windows of 256 tokens per text")
     parser.add_argument("--sciq", type=int, default=200, help="SciQ validation items scored in llama.cpp (0: none)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.render:
-        print(markdown(json.loads(args.render.read_text())))
+        result = json.loads(args.render.read_text())
+        print(speed_markdown(result) if "groups" in result else markdown(result))
         return
+    args.mixes = args.mixes or list(SPEED_MIXES if args.speed else MIXES)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
 
@@ -191,6 +261,7 @@ def main() -> None:
         structural_table,
         weight_tensors,
     )
+    from edge_llm.luc.gguf_speed import measure_gguf_speed, speed_limit, time_table
 
     original, tokenizer = load_model("smollm2", torch.float32, "cpu")
     original.eval()
@@ -223,9 +294,11 @@ def main() -> None:
         f16_tensors = policy_bytes(original, dict.fromkeys(weight_tensors(original), "F16"))
         overhead = dense.stat().st_size - f16_tensors  # header, tokenizer, norms: the same in every file
 
-        def luc_file(table: dict, size: int, file: Path) -> tuple[Path, dict[str, int]]:
-            """The LUC model for `table`'s sensitivity in a GGUF file of at most `size` bytes."""
-            choice = search_types(table, size - overhead)
+        def luc_file(table: dict, size: int, file: Path, slowdown: float | None = None) -> tuple[Path, dict[str, int]]:
+            """The LUC model for `table`'s sensitivity in a GGUF file of at most `size` bytes (with
+            `slowdown`: a request at most that much slower than with the fastest types)."""
+            limit = None if slowdown is None else speed_limit(table, size - overhead, speed_profile, slowdown)
+            choice = search_types(table, size - overhead, limit)
             model = copy.deepcopy(original)
             apply_types(model, choice, statistics)
             write_gguf(model, file, reference_gguf=smollm2_135m_gguf())
@@ -235,24 +308,6 @@ def main() -> None:
             for kind in choice.values():
                 counts[kind] = counts.get(kind, 0) + 1
             return file, counts
-
-        if args.speed:
-            files = {"F16": dense, f"llama.cpp {args.speed}": llama_quantize(dense, tmp / "mix.gguf", args.speed, None)}
-            size = files[f"llama.cpp {args.speed}"].stat().st_size
-            for sensitivity in ("fisher", "fisher, no Q4_1"):
-                files[f"LUC {sensitivity}"] = luc_file(tables[sensitivity], size, tmp / f"{sensitivity}.gguf")[0]
-            runners = {name: LlamaCpp(file) for name, file in files.items()}
-            windows = texts["sonnets"]
-            times = speed(runners, windows, args.rounds)
-            for runner in runners.values():
-                runner.close()
-            result = {"machine": machine(), "mix": args.speed, "bytes": {n: f.stat().st_size for n, f in files.items()}}
-            result["tokens_per_s"] = times
-            if args.json:
-                args.json.write_text(json.dumps(result, indent=2))
-            for name, kinds in times.items():
-                print(f"| {name} | {spread(kinds['prefill'], 0)} | {spread(kinds['decode'], 0)} |")
-            return
 
         def measure(name: str, file: Path, **extra) -> None:
             row = {"bytes": file.stat().st_size, **extra}
@@ -266,8 +321,55 @@ def main() -> None:
                 partial = {"machine": machine(), "profile_s": profile_s, "calibrate_s": calibrate_s, "rows": rows}
                 args.json.write_text(json.dumps(partial, indent=2))
 
-        measure("F16", dense, kind="dense")
         importance = gguf_importance(original, statistics)
+        if args.speed:
+            start = time.perf_counter()
+            speed_profile = measure_gguf_speed(original, reference_gguf=smollm2_135m_gguf(), progress=False)
+            speed_profile_s = time.perf_counter() - start
+            print(f"speed profile: {speed_profile_s:.0f} s", file=sys.stderr)
+            for table in tables.values():
+                time_table(table, original, speed_profile)
+            prompt, generated = texts["sonnets"][0].tolist(), texts["sonnets"][1, :GENERATED].tolist()
+            groups: dict[str, dict] = {}
+            for mix in args.mixes:
+                files = {
+                    f"llama.cpp {mix}": llama_quantize(dense, tmp / "mix.gguf", mix, None),
+                    f"llama.cpp {mix} + imatrix": llama_quantize(dense, tmp / "mix-imatrix.gguf", mix, importance),
+                }
+                size = files[f"llama.cpp {mix}"].stat().st_size
+                files["LUC fisher"] = luc_file(tables["fisher"], size, tmp / "luc.gguf")[0]
+                for slowdown in args.slowdowns:
+                    files[f"LUC fisher, speed {slowdown}"] = luc_file(
+                        tables["fisher"], size, tmp / f"luc-{slowdown}.gguf", slowdown
+                    )[0]
+                slowest = max(args.slowdowns)
+                files[f"LUC fisher, no Q4_1, speed {slowest}"] = luc_file(
+                    tables["fisher, no Q4_1"], size, tmp / "luc-no-q41.gguf", slowest
+                )[0]
+                group = {}
+                for name, file in files.items():
+                    group[name] = {"bytes": file.stat().st_size, "types": file_types(file, original)}
+                    group[name]["predicted_s"] = speed_profile.predict(original, group[name]["types"])
+                    for text, windows in texts.items():
+                        group[name][f"ppl_{text}"] = llama_perplexity(file, windows)
+                for name, seconds in time_requests(files, prompt, generated, args.rounds).items():
+                    group[name]["measured_s"] = seconds
+                for file in files.values():
+                    file.unlink()
+                groups[mix] = group
+                print(speed_markdown({"machine": machine(), "groups": {mix: group}}), file=sys.stderr)
+                result = {
+                    "machine": machine(),
+                    "profile_s": profile_s,
+                    "speed_profile_s": speed_profile_s,
+                    "speed_profile": speed_profile.to_dict(),
+                    "groups": groups,
+                }
+                if args.json:  # after every group: a run cut short keeps what it measured
+                    args.json.write_text(json.dumps(result, indent=2))
+            print(speed_markdown(result))
+            return
+        measure("F16", dense, kind="dense")
         for mix in args.mixes:
             measure(
                 f"llama.cpp {mix}", llama_quantize(dense, tmp / f"{mix}.gguf", mix, None), kind="llama.cpp", mix=mix

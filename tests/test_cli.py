@@ -178,6 +178,13 @@ sys.exit(code)
         (["tune", "smollm2", "--memory", "lots", "--out", "x"], "argument --memory: expected a size such as 1GiB"),
         (["compress", "smollm2", "--policy", "./nope.json", "--out", "x"], "--policy ./nope.json: no such file"),
         (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
+        (["compress", "smollm2", "--out", "x" * 300], "--out 'xxxxx"),
+        (["compress", "smollm2", "--gguf-speed", "measure", "--out", "x"], "--gguf-speed is for --target gguf"),
+        (
+            ["compress", "smollm2", "--target", "gguf", "--gguf-speed", "./none.json", "--out", "x"],
+            "--gguf-speed ./none.json: no such file",
+        ),
+        (["compress", "smollm2", "--target", "gguf", "--max-slowdown", "-1", "--out", "x"], "must be >= 0.0"),
     ],
 )
 def test_help_and_argument_errors_come_before_the_heavy_imports(argv, message, tmp_path):

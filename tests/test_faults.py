@@ -195,3 +195,15 @@ def test_json_files_with_non_numbers_or_deep_nesting_are_refused_by_name(tmp_pat
         with pytest.raises(ValueError, match=message) as refused:
             load_json(tmp_path / name, "LUC policy")
         assert name in str(refused.value)
+
+
+def test_a_name_too_long_for_its_temporary_copy_is_refused_by_name_before_writing(tmp_path):
+    from edge_llm._io import atomic_write_text
+
+    long_name = "b" * 240  # the file system takes it, but not ".<name>.partial-<pid>-<random>" beside it
+    refused = pytest.raises(ValueError, match=r"is 240 bytes; this file system allows 255 per name.* at most 229 bytes")
+    with refused, atomic_directory(tmp_path / long_name):
+        pass
+    with pytest.raises(ValueError, match="at most 241 bytes"):
+        atomic_write_text(tmp_path / ("c" * 250), "x")
+    assert list(tmp_path.iterdir()) == []

@@ -53,15 +53,15 @@ def test_the_profile_times_every_type_in_every_group_it_fits_against_q8_0(measur
     for phase in PHASES:
         assert profile.reference_seconds[phase] > 0
         # Rows of 256 and 512: both types tile the layers' matrices and the tied embedding (the head).
-        assert set(profile.per_weight[phase]["linear"]) == {"Q4_0", "Q4_K"}
-        assert set(profile.per_weight[phase]["output"]) == {"Q4_0", "Q4_K"}
+        assert set(profile.per_weight[phase]["linear"]) == {"Q4_K", "Q8_0"}  # Q4_0 is the reference
+        assert set(profile.per_weight[phase]["output"]) == {"Q4_K", "Q8_0"}
         assert all(np.isfinite(v) for g in profile.per_weight[phase].values() for v in g.values())
-    # Every tensor in Q8_0 is the reference itself; time adds per weight and type.
+    # Every tensor in Q4_0 is the reference itself; time adds per weight and type.
     tensors = weight_tensors(model)
     assert profile.predict(model, dict.fromkeys(tensors, REFERENCE)) == profile.reference_seconds
-    one = dict.fromkeys(tensors, REFERENCE) | {"model.layers.0.mlp.down_proj": "Q4_0"}
+    one = dict.fromkeys(tensors, REFERENCE) | {"model.layers.0.mlp.down_proj": "Q8_0"}
     added = profile.predict(model, one)["decode"] - profile.reference_seconds["decode"]
-    assert added == pytest.approx(256 * 512 * profile.per_weight["decode"]["linear"]["Q4_0"])
+    assert added == pytest.approx(256 * 512 * profile.per_weight["decode"]["linear"]["Q8_0"])
     profile.save(tmp_path / "speed.json")
     assert GGUFSpeedProfile.load(tmp_path / "speed.json") == profile
 
@@ -119,9 +119,9 @@ def test_the_search_under_bytes_and_time_is_the_exact_optimum(seed):
         assert sum(c.damage for c in picked) == pytest.approx(min(sum(c.damage for c in x) for x in allowed))
 
 
-def _profile_for(model, slow: str, fast: str) -> GGUFSpeedProfile:
-    """A profile by hand: `slow` costs 10 ns a weight more than Q8_0 in every group, `fast` 1 ns less."""
-    per_type = {slow: 1e-8, fast: -1e-9}
+def _profile_for(model, slow: str) -> GGUFSpeedProfile:
+    """A profile by hand: `slow` costs 10 ns a weight more than Q4_0 in every group, Q8_0 1 ns more."""
+    per_type = {slow: 1e-8, "Q8_0": 1e-9}
     return GGUFSpeedProfile(
         machine="test",
         llama_cpp="0",
@@ -137,7 +137,7 @@ def _profile_for(model, slow: str, fast: str) -> GGUFSpeedProfile:
 def test_the_slowdown_bounds_the_predicted_request_time():
     model = tied_gguf_llama()
     types = ("Q4_0", "Q4_1", "Q8_0")
-    profile = _profile_for(model, slow="Q4_1", fast="Q4_0")
+    profile = _profile_for(model, slow="Q4_1")
     table = structural_table(model, types)
     time_table(table, model, profile)
     budget = sum(c.nbytes for c in (next(c for c in cs if c.kind.name == "Q4_1") for cs in table.values()))
@@ -173,9 +173,9 @@ def test_a_speed_profile_file_is_read_and_checked_when_the_config_is_made(tmp_pa
     from edge_llm import LUCConfig
 
     model = tied_gguf_llama()
-    _profile_for(model, "Q4_1", "Q4_0").save(tmp_path / "speed.json")
+    _profile_for(model, "Q4_1").save(tmp_path / "speed.json")
     config = LUCConfig(target="gguf", avg_bits=6.0, gguf_speed=tmp_path / "speed.json")
-    assert GGUFSpeedProfile.from_dict(config.gguf_speed) == _profile_for(model, "Q4_1", "Q4_0")
+    assert GGUFSpeedProfile.from_dict(config.gguf_speed) == _profile_for(model, "Q4_1")
     (tmp_path / "bad.json").write_text(json.dumps({"reference_seconds": float("nan")}))
     with pytest.raises(ValueError, match=r"bad\.json"):
         LUCConfig(target="gguf", avg_bits=6.0, gguf_speed=tmp_path / "bad.json")
@@ -194,7 +194,7 @@ def test_from_pretrained_measures_the_speed_once_and_keeps_it(tiny_dir, tmp_path
     def measure(model, tokenizer, progress=True):
         measured.append(1)
         return real(
-            model, tokenizer, types=("Q4_0", "Q5_0"), prompt_tokens=8, decode_tokens=2, rounds=1, progress=False
+            model, tokenizer, types=("Q5_0", "Q8_0"), prompt_tokens=8, decode_tokens=2, rounds=1, progress=False
         )
 
     monkeypatch.setattr(integration, "measure_gguf_speed", measure)

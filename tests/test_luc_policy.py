@@ -145,3 +145,18 @@ def test_a_policy_with_a_nan_sparsity_or_a_group_longer_than_any_row_is_refused_
         CompressionMethod(2**40, "rtn", "magnitude")
     schema = load_schema("luc-policy")
     assert schema["properties"]["method"]["properties"]["group_size"]["maximum"] == MAX_GROUP_SIZE
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"layers": ["4,0.0", "3,0.25"]}, r"LUCPolicy\.layers must be a non-empty list of \(bits, sparsity\) pairs"),
+        ({"layers": []}, r"LUCPolicy\.layers must be a non-empty list"),
+        ({"layers": [(4, float("inf"))]}, r"layers \[0\] have a sparsity that is not a finite number"),
+        ({"layers": [(4, 0.0)], "method": "rtn"}, "LUCPolicy.method must be a CompressionMethod"),
+        ({"layers": [(4, 0.0)], "targets": "q_proj"}, "LUCPolicy.targets must be None or a list of module names"),
+    ],
+)
+def test_a_policy_built_in_code_is_checked_like_one_read_from_a_file(fields, message):
+    with pytest.raises(ValueError, match=message):
+        LUCPolicy(**fields)

@@ -141,12 +141,30 @@ def test_encoder_models_are_rejected_with_what_was_looked_for():
         get_peft_model(bert, EdgeLLMConfig(target_modules=["query"]))
 
 
+def test_a_masked_lm_is_named_as_one_not_as_a_decoder_missing_its_norm():
+    from transformers import BertConfig, BertForMaskedLM
+
+    from edge_llm import enable_chunked_loss
+
+    bert = BertForMaskedLM(
+        BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    )
+    with pytest.raises(UnsupportedModelError, match="BertForMaskedLM is a masked-LM encoder"):
+        enable_chunked_loss(bert)
+
+
 def test_set_active_exit_rejects_non_exits():
     model = get_peft_model(tiny_model(num_layers=8), EdgeLLMConfig(target_modules=["q_proj"], exit_layers=[3]))
     assert model.exit_layers == [3, 7]
     with pytest.raises(ValueError, match=r"Layer 4 is not an exit of this adapter; its exits are \[3, 7\]"):
         model.set_active_exit(4)
     assert isinstance(model.base_model, EdgeLLMModel)
+
+
+def test_a_lora_rank_above_the_hidden_size_is_refused_before_allocating():
+    config = EdgeLLMConfig(target_modules=["q_proj"], r=20000)
+    with pytest.raises(ValueError, match=r"EdgeLLMConfig\.r=20000 exceeds the model's hidden size 32; use at most 32"):
+        get_peft_model(tiny_model("llama", 4), config)
 
 
 def test_an_exit_head_rank_above_the_hidden_size_is_refused_before_allocating():

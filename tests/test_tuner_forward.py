@@ -249,6 +249,55 @@ def test_merge_and_unload_keeps_the_last_exit_and_removes_the_hooks():
         torch.testing.assert_close(merged(input_ids=x).logits, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_merging_a_voting_adapter_says_the_vote_is_dropped(caplog):
+    model = make("llama", num_layers=6, exit_layers=[1, 3], voting="mean", window_input="adapted")
+    with caplog.at_level("WARNING"):
+        model.merge_and_unload()
+    assert "'mean' vote over exits [1, 3, 5] is not kept" in caplog.text
+    last_only = make("llama", num_layers=6, exit_layers=[1, 3], voting="last", window_input="adapted")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        last_only.merge_and_unload()
+    assert "is not kept" not in caplog.text
+
+
+def test_two_edge_adapters_are_not_active_at_once():
+    model = make("llama", num_layers=6, exit_layers=[1, 3], voting="mean")
+    model.add_adapter("other", EdgeLLMConfig(r=2, target_modules=["q_proj"], exit_layers=[2]))
+    with pytest.raises(ValueError, match=r"\['default', 'other'\] cannot be active together"):
+        model.base_model.set_adapter(["default", "other"])
+    assert model.active_adapters == ["default"]
+    model.base_model.set_adapter(["other"])  # one, as a list: fine
+    assert model.base_model.active_edge_config.exit_layers == [2, 5]
+
+
+def test_an_unfitted_weighted_adapter_used_for_inference_says_it_votes_uniformly(caplog, tmp_path):
+    from peft import PeftModel
+
+    model = make("llama", num_layers=6, exit_layers=[1, 3], voting="weighted")
+    model.save_pretrained(tmp_path / "adapter")
+    with caplog.at_level("WARNING"):
+        PeftModel.from_pretrained(tiny_model("llama", 6), tmp_path / "adapter")
+    assert "exit weights were never fitted: it votes uniformly" in caplog.text
+
+
+def test_the_only_adapter_is_not_deleted_into_a_model_that_cannot_run():
+    model = make("llama", num_layers=4, exit_layers=[1])
+    with pytest.raises(ValueError, match=r"'default' is the only adapter; .* unload\(\) gives the base model"):
+        model.delete_adapter("default")
+    model(input_ids=batch())  # still whole
+    model.add_adapter("other", EdgeLLMConfig(r=2, target_modules=["q_proj"], exit_layers=[1]))
+    model.delete_adapter("default")
+    assert list(model.peft_config) == ["other"]
+
+
+@pytest.mark.parametrize("shape", [(1, 0), (0, 5)])
+def test_an_empty_batch_is_refused_by_name(shape):
+    model = make("llama", num_layers=4, exit_layers=[1])
+    with pytest.raises(ValueError, match=rf"input_ids has shape \({shape[0]}, {shape[1]}\): .* at least one row"):
+        model(input_ids=torch.zeros(shape, dtype=torch.long))
+
+
 def test_disabled_adapters_give_the_base_model_last_exit():
     model = make("llama", num_layers=6, exit_layers=[1, 3], voting="last")
     base_logits = tiny_model("llama", 6)(input_ids=batch()).logits

@@ -40,6 +40,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     renamed to `path`; on an error it is removed and `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _check_name_length(path, len(".") + len(".XXXXXXXX.tmp"))
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
@@ -69,6 +70,8 @@ def atomic_directory(
     if out.is_symlink():  # write where the link points (a bigger disk, say), and keep the link
         out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
+    # ".<name>.partial-<pid>-<8 random>" beside it, the pid up to 7 digits
+    _check_name_length(out, len(".") + len(".partial-") + 7 + len("-XXXXXXXX"))
     if _restore_interrupted(out) and not overwrite:
         raise FileExistsError(
             f"{out} was moved aside by an interrupted write and is now back in place; pass overwrite to replace it."
@@ -101,6 +104,22 @@ def atomic_directory(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _check_name_length(path: Path, extra: int) -> None:
+    """A name the file system would refuse for the temporary copy written beside `path` is refused
+    here, by name, before any work (the OS says only "File name too long")."""
+    try:
+        name_max = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    length = len(os.fsencode(path.name))
+    if length + extra > name_max:
+        raise ValueError(
+            f"The name {path.name[:40]!r}... is {length} bytes; this file system allows {name_max} per name, and "
+            f"writing it safely needs {extra} more for a temporary copy beside it: use a name of at most "
+            f"{name_max - extra} bytes."
+        )
 
 
 def _umask() -> int:

@@ -263,9 +263,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from edge_llm.export import export
+    from edge_llm.export import EXPORT_TARGETS, export
     from edge_llm.scheduling import DeviceProfile, Workload, builtin_device, profile_this_machine, schedule
 
+    for target in args.target:  # a missing runtime package is said before minutes of loading and scheduling
+        EXPORT_TARGETS[target].available()
     model, tokenizer = _load(args.model, args.adapter)
     if args.device == "this":
         device = profile_this_machine()
@@ -332,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with quiet_upstream_warnings():
             return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, OSError, KeyError, RuntimeError) as error:
+    except (ValueError, ImportError, OSError, KeyError, RuntimeError) as error:
         if args.verbose:
             raise
         message = str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -97,10 +97,21 @@ def find_decoder_parts(model: nn.Module) -> DecoderParts:
             f"edge-llm supports decoder-only causal LMs; this is an encoder-decoder model ({model_type}). "
             "Use a *ForCausalLM model such as Llama, Qwen2, Mistral, Gemma or GPT-2."
         )
+    if _is_masked_lm(model):
+        raise UnsupportedModelError(
+            f"edge-llm supports decoder-only causal LMs; {type(model).__name__} is a masked-LM encoder ({model_type}). "
+            "Use a *ForCausalLM model such as Llama, Qwen2, Mistral, Gemma or GPT-2."
+        )
     layout = _KNOWN_LAYOUTS.get(model_type)
     if layout is not None and all(_has_path(model, p) for p in layout):
         return DecoderParts(*layout)
     return _search_decoder_parts(model, model_type)
+
+
+def _is_masked_lm(model: nn.Module) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return type(model).__name__ in set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values())
 
 
 def _search_decoder_parts(model: nn.Module, model_type: str | None) -> DecoderParts:

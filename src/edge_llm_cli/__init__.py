@@ -380,7 +380,10 @@ def _is_profile(path: Path) -> bool:
 
 def check(args: argparse.Namespace) -> None:
     """Every check the arguments allow without loading anything; raises ValueError naming the fix."""
-    _check_output(args)
+    try:
+        _check_output(args)
+    except OSError as error:  # e.g. a name longer than the file system allows
+        raise ValueError(f"--out {str(args.out)[:60]!r}...: {error.strerror or error}.") from None
     if getattr(args, "model", None) is not None:
         _check_model(args.model)
     if getattr(args, "adapter", None) is not None:

@@ -40,6 +40,32 @@ class LUCPolicy:
     method: CompressionMethod = field(default_factory=CompressionMethod)
     targets: list[str] | None = None
 
+    def __post_init__(self) -> None:
+        def pair(layer: object) -> bool:
+            return (
+                isinstance(layer, (list, tuple))
+                and len(layer) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in layer)
+            )
+
+        if not isinstance(self.layers, (list, tuple)) or not self.layers or not all(map(pair, self.layers)):
+            raise ValueError(
+                "LUCPolicy.layers must be a non-empty list of (bits, sparsity) pairs, one per decoder layer, e.g. "
+                f"[(4, 0.0), (3, 0.25)]; got {self.layers!r:.80}."
+            )
+        self.layers = [(int(bits), float(sparsity)) for bits, sparsity in self.layers]
+        # JSON schema bounds let NaN through (every comparison with it is false)
+        not_finite = [i for i, (_, s) in enumerate(self.layers) if not math.isfinite(s)]
+        if not_finite:
+            raise ValueError(f"Invalid LUC policy: layers {not_finite} have a sparsity that is not a finite number.")
+        if not isinstance(self.method, CompressionMethod):
+            raise ValueError(f"LUCPolicy.method must be a CompressionMethod, got {type(self.method).__name__}.")
+        if self.targets is not None and (
+            not isinstance(self.targets, (list, tuple)) or not all(isinstance(t, str) for t in self.targets)
+        ):
+            raise ValueError(f"LUCPolicy.targets must be None or a list of module names, got {self.targets!r:.80}.")
+        self.targets = None if self.targets is None else list(self.targets)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": POLICY_FORMAT,
@@ -55,10 +81,6 @@ class LUCPolicy:
         check_schema(data, load_schema("luc-policy"), "LUC policy")
         method = CompressionMethod(**data["method"])
         layers = [(int(layer["bits"]), float(layer["sparsity"])) for layer in data["layers"]]
-        # JSON schema bounds let NaN through (every comparison with it is false)
-        not_finite = [i for i, (_, s) in enumerate(layers) if not math.isfinite(s)]
-        if not_finite:
-            raise ValueError(f"Invalid LUC policy: layers {not_finite} have a sparsity that is not a finite number.")
         if method.prune_structure == "nm":
             bad = [i for i, (_, s) in enumerate(layers) if s not in (0.0, 0.25, 0.5, 0.75)]
             if bad:

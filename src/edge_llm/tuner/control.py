@@ -104,6 +104,7 @@ class ExitController:
     def _begin(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if self._pass is not None:  # a nested call of the same model: leave it alone
             return args, kwargs
+        _check_not_empty(args, kwargs)
         config = self.tuner.active_edge_config
         return_exit_logits = bool(kwargs.pop("return_exit_logits", False))
         return_exit_states = bool(kwargs.pop("return_exit_states", False))
@@ -168,7 +169,7 @@ class ExitController:
             # The caller computes what it needs from the exits' hidden states, chunk by chunk: the
             # model's own head runs on the last position only.
             kwargs["logits_to_keep"] = 1
-        state.voters = _voters(state.exits, rule, state.config.exit_weights)
+        state.voters = voting_exits(state.exits, rule, state.config.exit_weights)
         # Exits that do not vote cost nothing (no head, no stream) unless their outputs are asked for.
         state.computed = list(state.exits) if return_exit_logits or return_exit_states else state.voters
         if state.backbone and state.adapters_on:
@@ -226,7 +227,7 @@ class ExitController:
     def voted(self, logits_by_exit: dict[int, torch.Tensor]) -> torch.Tensor:
         """The adapter's vote over `logits_by_exit` (which holds at least every voting exit)."""
         config = self.tuner.active_edge_config
-        voters = _voters(config.exit_layers, config.voting, config.exit_weights)
+        voters = voting_exits(config.exit_layers, config.voting, config.exit_weights)
         weights = config.exit_weights
         if VOTING_RULES[config.voting].weighted and weights is not None:
             weights = [weights[config.exit_layers.index(layer)] for layer in voters]
@@ -327,7 +328,19 @@ class ExitController:
         return not any(m.disable_adapters for modules in self.lora_modules for m in modules)
 
 
-def _voters(exits: list[int], rule: str, weights: list[float] | None) -> list[int]:
+def _check_not_empty(args: tuple, kwargs: dict) -> None:
+    """A batch of no rows or no tokens fails deep inside attention with a reshape error; say what it is."""
+    for name, value in (
+        ("input_ids", args[0] if args else kwargs.get("input_ids")),
+        ("inputs_embeds", kwargs.get("inputs_embeds")),
+    ):
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and 0 in value.shape[:2]:
+            raise ValueError(
+                f"{name} has shape {tuple(value.shape)}: a forward pass needs at least one row of at least one token."
+            )
+
+
+def voting_exits(exits: list[int], rule: str, weights: list[float] | None) -> list[int]:
     """The exits whose logits enter the vote: the last for a last-only rule, those with weight > 0
     for a weighted rule, all otherwise."""
     if VOTING_RULES[rule].last_only:

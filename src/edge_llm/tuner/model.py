@@ -20,7 +20,7 @@ from edge_llm._warnings import warn_loudly
 from edge_llm.luc.integration import compression_of
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.tuner.config import MIN_EXIT_WEIGHT, EdgeLLMConfig
-from edge_llm.tuner.control import ExitController
+from edge_llm.tuner.control import ExitController, voting_exits
 from edge_llm.tuner.exits import exit_for_step, resolve_exits, window
 from edge_llm.tuner.heads import build_exit_heads
 from edge_llm.tuner.loss import auto_chunk_size, shift_for_causal_lm
@@ -84,6 +84,12 @@ class EdgeLLMModel(LoraModel):
             )
         final_norm, lm_head = parts.norm(model), parts.head(model)
         hidden_size = getattr(lm_head, "in_features", None) or lm_head.weight.shape[1]
+        if config.r > hidden_size:
+            # A LoRA rank above the hidden size adds parameters but no expressiveness (the update's
+            # rank is bounded by it), and a tampered file could allocate any amount of memory.
+            raise ValueError(
+                f"EdgeLLMConfig.r={config.r} exceeds the model's hidden size {hidden_size}; use at most {hidden_size}."
+            )
         if config.exit_head == "lora" and config.exit_head_rank > hidden_size:
             # A rank above the hidden size adds nothing and, read from a tampered file, could
             # allocate any amount of memory.
@@ -109,6 +115,18 @@ class EdgeLLMModel(LoraModel):
             config.backprop_depth,
             config.voting,
         )
+        if (
+            config.inference_mode
+            and config.voting == "weighted"
+            and config.exit_weights is None
+            and len(config.exit_layers) > 1
+        ):
+            warn_loudly(
+                logger,
+                f"Edge-LLM adapter {adapter_name!r} votes with voting='weighted' but its exit weights were never "
+                "fitted: it votes uniformly until they are (EdgeTrainer.train() fits them; or call "
+                "calibrate_exit_weights on held-out batches).",
+            )
         if uncovered and not config.inference_mode:
             # Said loudly: a plain script never shows the info log, and these layers' adapters
             # stay at their initial values for the whole run.
@@ -128,15 +146,42 @@ class EdgeLLMModel(LoraModel):
                 "or train with window_input='adapted'."
             )
 
-    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
-        model = super()._unload_and_optionally_merge(*args, **kwargs)
+    def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any) -> nn.Module:
+        config = self.active_edge_config
+        voters = voting_exits(config.exit_layers, config.voting, config.exit_weights)
+        if merge and voters != [config.exit_layers[-1]]:
+            warn_loudly(
+                logger,
+                f"merge_and_unload(): the merged model is a plain transformers model that answers from its last "
+                f"layer (exit {config.exit_layers[-1]}) only; this adapter's {config.voting!r} vote over exits "
+                f"{voters} is not kept, so its outputs differ from the adapter's. Keep the adapter unmerged to keep "
+                "them (edge_llm.export's bundle keeps the vote too).",
+            )
+        model = super()._unload_and_optionally_merge(merge, *args, **kwargs)
         # The returned model is a plain transformers model: its last layer is its only exit.
         if self._controller is not None:
             self._controller.remove()
             self._controller = None
         return model
 
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if len(names) > 1:
+            # peft would apply every adapter's LoRA update while the exits and vote of the first
+            # alone steer the pass: a model no adapter was trained as.
+            raise ValueError(
+                f"Edge-LLM adapters {names} cannot be active together: each has its own exits and vote, and a "
+                "forward pass follows one of them. Activate one: set_adapter(name)."
+            )
+        super().set_adapter(adapter_name, inference_mode)
+
     def delete_adapter(self, adapter_name: str) -> None:
+        if list(self.peft_config) == [adapter_name]:
+            # peft would leave a model with no adapter whose next forward fails on a bare KeyError.
+            raise ValueError(
+                f"{adapter_name!r} is the only adapter; deleting it would leave a model that cannot run. unload() "
+                "gives the base model back; or add another adapter first."
+            )
         super().delete_adapter(adapter_name)
         if adapter_name in self.exit_heads:  # ModuleDict.pop takes no default
             del self.exit_heads[adapter_name]
