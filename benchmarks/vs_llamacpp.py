@@ -37,6 +37,7 @@ import math
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -233,6 +234,7 @@ def main() -> None:
     parser.add_argument("--speed", action="store_true", help="instead: quality and speed per size group (above)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds (with --speed)")
     parser.add_argument("--slowdowns", type=float, nargs="+", default=[0.25, 0.5], help="with --speed")
+    parser.add_argument("--speed-profile", type=Path, help="with --speed: a saved profile instead of measuring one")
     parser.add_argument("--mixes", nargs="+", help=f"default: {' '.join(MIXES)}; with --speed: {' '.join(SPEED_MIXES)}")
     parser.add_argument("--samples", type=int, default=16, help="calibration windows of 256 tokens")
     parser.add_argument("--windows", type=int, default=16, help="held-out windows of 256 tokens per text")
@@ -261,7 +263,7 @@ def main() -> None:
         structural_table,
         weight_tensors,
     )
-    from edge_llm.luc.gguf_speed import measure_gguf_speed, speed_limit, time_table
+    from edge_llm.luc.gguf_speed import GGUFSpeedProfile, measure_gguf_speed, speed_limit, time_table
 
     original, tokenizer = load_model("smollm2", torch.float32, "cpu")
     original.eval()
@@ -324,7 +326,10 @@ def main() -> None:
         importance = gguf_importance(original, statistics)
         if args.speed:
             start = time.perf_counter()
-            speed_profile = measure_gguf_speed(original, reference_gguf=smollm2_135m_gguf(), progress=False)
+            if args.speed_profile:
+                speed_profile = GGUFSpeedProfile.load(args.speed_profile)
+            else:
+                speed_profile = measure_gguf_speed(original, reference_gguf=smollm2_135m_gguf(), progress=False)
             speed_profile_s = time.perf_counter() - start
             print(f"speed profile: {speed_profile_s:.0f} s", file=sys.stderr)
             for table in tables.values():
@@ -348,8 +353,9 @@ def main() -> None:
                 )[0]
                 group = {}
                 for name, file in files.items():
-                    group[name] = {"bytes": file.stat().st_size, "types": file_types(file, original)}
-                    group[name]["predicted_s"] = speed_profile.predict(original, group[name]["types"])
+                    types = file_types(file, original)
+                    group[name] = {"bytes": file.stat().st_size, "type_counts": dict(Counter(types.values()))}
+                    group[name]["predicted_s"] = speed_profile.predict(original, types)
                     for text, windows in texts.items():
                         group[name][f"ppl_{text}"] = llama_perplexity(file, windows)
                 for name, seconds in time_requests(files, prompt, generated, args.rounds).items():
