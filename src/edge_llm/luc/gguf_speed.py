@@ -4,7 +4,7 @@ GGUF policy can be chosen for speed as well as for bytes.
 Why measured and not modelled: llama.cpp's CPU backend runs every type through its own kernel,
 and some types are repacked at load into interleaved layouts with much faster matmuls (Q4_0 and
 IQ4_NL on x86 with AVX2/AVX-512 and on ARM with dot-product instructions, Q4_K on some builds).
-Bytes do not predict speed: on a 2-core Xeon, SmolLM2-135M with Q4_1 weights prefills 2.6x
+Bytes do not predict speed: on a 2-core Xeon, SmolLM2-135M with Q4_1 layers prefills 2.5x
 slower than with Q4_0 weights of nearly the same size. Which types are fast depends on the CPU
 and the llama.cpp build, so the profile is measured where the model will run (or on a machine
 like it) and saved.
@@ -250,7 +250,7 @@ def measure_gguf_speed(
     offers) costs in each group of `model`'s tensors (see the module docstring).
 
     `model`: the float model to be compressed. `tokenizer` / `reference_gguf`: what `write_gguf`
-    needs for the file's vocabulary. Takes a few minutes for a 135M model on 2 cores (one file per
+    needs for the file's vocabulary. Takes about 4 minutes for a 135M model on 2 cores (one file per
     type and group, `rounds` interleaved timings of each); the files go to a temporary folder.
     """
     import llama_cpp
@@ -267,7 +267,8 @@ def measure_gguf_speed(
     files = _files_to_time(trimmed_probe, types)
     fitting = {key: _group_weights(trimmed_probe, key, policy) for key, policy in files.items()}
     logger.info(
-        "Timing %d llama.cpp files (%d layers of %d, %d rounds) to measure the speed of %d types: a few minutes",
+        "Timing %d llama.cpp files (%d layers of %d, %d rounds) to measure the speed of %d types: several "
+        "minutes (about 4 for a 135M model on 2 cores)",
         len(files),
         layers,
         len(find_decoder_parts(model).layers(model)),
