@@ -121,7 +121,7 @@ def test_an_adapter_records_its_base_compression_and_warns_on_another_base(tmp_p
 
     luc_base = tiny_model("llama", 4)
     compress_model(luc_base, [(4, 0.0)] * 4, CompressionMethod(16, "rtn", "magnitude"), progress=False)
-    model = get_peft_model(luc_base, EdgeLLMConfig(r=2, target_modules=["q_proj"], exit_layers=[1]))
+    model = get_peft_model(luc_base, EdgeLLMConfig(r=2, target_modules=["q_proj"], exit_layers=[1], voting="last"))
     recorded = model.peft_config["default"].base_compression
     assert recorded.startswith("luc:") and len(recorded) == 4 + 64
     model.save_pretrained(tmp_path / "adapter")
