@@ -40,7 +40,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     renamed to `path`; on an error it is removed and `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _check_name_length(path, len(".") + len(".XXXXXXXX.tmp"))
+    _check_name_length(path, len(".") + len(".") + 8 + len(".tmp"))  # ".<name>.<8 random>.tmp"
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
@@ -71,7 +71,7 @@ def atomic_directory(
         out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     # ".<name>.partial-<pid>-<8 random>" beside it, the pid up to 7 digits
-    _check_name_length(out, len(".") + len(".partial-") + 7 + len("-XXXXXXXX"))
+    _check_name_length(out, len(".") + len(".partial-") + 7 + len("-") + 8)
     if _restore_interrupted(out) and not overwrite:
         raise FileExistsError(
             f"{out} was moved aside by an interrupted write and is now back in place; pass overwrite to replace it."

@@ -167,8 +167,8 @@ class Candidate:
     kind: BlockType
     nbytes: int  # in the GGUF file, with its alignment padding
     damage: float
-    # Seconds this choice adds to a request (prompt, then generation) in llama.cpp, beyond Q8_0's
-    # (`gguf_speed.time_table`; 0 when not timed).
+    # Seconds this choice adds to a request (prompt, then generation) in llama.cpp beyond the speed
+    # profile's reference type (`gguf_speed.time_table`; 0 when not timed).
     seconds: float = 0.0
 
 
@@ -405,14 +405,17 @@ def compress_for_gguf(
     policy: GGUFPolicy | None = None,
     progress: bool = True,
     speed: Any = None,
-    max_slowdown: float = 0.1,
+    max_slowdown: float | None = None,
 ) -> GGUFPolicy:
     """Choose (unless `policy` is given) and apply one llama.cpp type per tensor of `model` within
     `budget` bytes of those tensors in the GGUF file. `tokens`: calibration windows (importance
     matrices, and the Fisher information for `sensitivity="fisher"`); None quantizes without an
     importance matrix. `speed`: a `gguf_speed.GGUFSpeedProfile` of `model` on the device; with it,
     a request (the profile's prompt, then its generated tokens) is also at most `max_slowdown`
-    slower in llama.cpp than with the fastest types within the budget."""
+    (required with `speed`; `LUCConfig.gguf_max_slowdown` owns the default) slower in llama.cpp
+    than with the fastest types within the budget."""
+    if speed is not None and max_slowdown is None:
+        raise ValueError("compress_for_gguf(speed=...) needs max_slowdown: how much slower than the fastest types.")
     measured = policy is None and sensitivity == "fisher"
     statistics = calibrate(model, tokens, progress, fisher=measured) if tokens is not None else None
     if policy is None:
