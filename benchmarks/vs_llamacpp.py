@@ -136,20 +136,15 @@ def llama_quantize(source: Path, target: Path, mix: str, importance: dict[str, n
 
 def gguf_importance(model, statistics) -> dict[str, np.ndarray]:
     """edge-llm's importance vectors under llama.cpp's tensor names (what `llama-imatrix` writes)."""
-    from edge_llm.export.gguf import LLAMA_TENSORS
+    from edge_llm.export.gguf import gguf_tensor_names
     from edge_llm.luc.gguf_policy import EMBEDDING
 
-    names = {}
-    for key, values in statistics.importance.items():
-        if values is None:
-            continue
-        if key == EMBEDDING:
-            names["output.weight"] = values  # the tied head is a matmul over the final hidden state
-            continue
-        index, suffix = key.split(".layers.")[1].split(".", 1)
-        names[f"blk.{index}.{LLAMA_TENSORS[suffix]}.weight"] = values
-    # llama.cpp permutes q/k rows, not columns: the importance (one per column) is unchanged.
-    return names
+    names = gguf_tensor_names(model)
+    # A tied table's importance is the head's (a matmul over the final hidden state): llama.cpp
+    # reads it under the head's name. llama.cpp permutes q/k rows, not columns: one value per
+    # column is unchanged.
+    names[EMBEDDING] = "output.weight"
+    return {names[key]: values for key, values in statistics.importance.items() if values is not None}
 
 
 def markdown(result: dict) -> str:
@@ -175,20 +170,14 @@ def file_types(path: Path, model) -> dict[str, str]:
     GGUF policy names them), to predict the file's speed from a speed profile."""
     import gguf
 
-    from edge_llm.export.gguf import LLAMA_TENSORS
-    from edge_llm.luc.gguf_policy import EMBEDDING
-    from edge_llm.modeling import find_decoder_parts
+    from edge_llm.export.gguf import gguf_tensor_names
 
-    suffixes = {gguf_name: suffix for suffix, gguf_name in LLAMA_TENSORS.items()}
-    layers = find_decoder_parts(model).layers_path
-    types = {}
-    for tensor in gguf.GGUFReader(str(path)).tensors:
-        parts = tensor.name.split(".")
-        if tensor.name == "token_embd.weight":
-            types[EMBEDDING] = tensor.tensor_type.name
-        elif parts[0] == "blk" and parts[2] in suffixes and not parts[2].endswith("norm"):
-            types[f"{layers}.{parts[1]}.{suffixes[parts[2]]}"] = tensor.tensor_type.name
-    return types
+    keys = {name: key for key, name in gguf_tensor_names(model).items()}
+    return {
+        keys[tensor.name]: tensor.tensor_type.name
+        for tensor in gguf.GGUFReader(str(path)).tensors
+        if tensor.name in keys
+    }
 
 
 def time_requests(files: dict[str, Path], prompt: list[int], generated: list[int], rounds: int) -> dict:

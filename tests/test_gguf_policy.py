@@ -10,6 +10,7 @@ from test_export_runtime import _ToyTokenizer, gguf_llama, llama_cpp_and_pytorch
 from tiny_models import VOCAB
 
 from edge_llm.export import write_gguf
+from edge_llm.export.gguf import gguf_tensor_names
 from edge_llm.luc import ggml
 from edge_llm.luc.ggml_linear import GGMLEmbedding, GGMLLinear
 from edge_llm.luc.gguf_policy import (
@@ -159,6 +160,8 @@ def test_a_measured_policy_writes_its_blocks_unchanged_and_llama_cpp_agrees(cali
     assert path.stat().st_size - policy_bytes(model, choice) == dense.stat().st_size - f16
     reader = gguf.GGUFReader(str(path))
     tensors = {t.name: t for t in reader.tensors}
+    # every tensor of the policy is in the file under the name gguf_tensor_names gives, at its type
+    assert {key: tensors[name].tensor_type.name for key, name in gguf_tensor_names(model).items()} == choice
     down = model.model.layers[2].mlp.down_proj
     stored = tensors["blk.2.ffn_down.weight"]
     assert stored.tensor_type.name == choice["model.layers.2.mlp.down_proj"]
@@ -191,6 +194,7 @@ def test_an_untied_head_is_a_tensor_of_its_own():
     statistics = calibrate(model, torch.randint(1, VOCAB, (2, 16), generator=torch.Generator().manual_seed(4)), False)
     assert "lm_head" in statistics.fisher and statistics.importance[EMBEDDING] is None
     assert statistics.importance["lm_head"].shape == (256,)
+    assert gguf_tensor_names(model)["lm_head"] == "output.weight"
 
 
 def test_the_structural_rule_favours_the_roles_llama_cpp_favours(calibrated):

@@ -59,6 +59,32 @@ LLAMA_TENSORS = {
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
+def block_tensor_name(index: int, suffix: str) -> str:
+    """llama.cpp's name of a decoder layer's tensor, by the layer's index and the tensor's module
+    path inside the layer (a key of `LLAMA_TENSORS`): `blk.3.attn_q.weight`."""
+    return f"blk.{index}.{LLAMA_TENSORS[suffix]}.weight"
+
+
+def gguf_tensor_names(model: nn.Module) -> dict[str, str]:
+    """llama.cpp's name of every tensor a GGUF policy covers, by the policy's key
+    (`gguf_policy.weight_tensors`: module paths, `EMBEDDING` for the token table): the names
+    `write_gguf` writes, for whatever must name those tensors in a file (per-tensor types read back,
+    an importance matrix)."""
+    from edge_llm.luc.gguf_policy import EMBEDDING, weight_tensors
+
+    layers_path = find_decoder_parts(model).layers_path + "."
+    names = {}
+    for key in weight_tensors(model):
+        if key == EMBEDDING:
+            names[key] = "token_embd.weight"
+        elif key.startswith(layers_path):
+            index, suffix = key.removeprefix(layers_path).split(".", 1)
+            names[key] = block_tensor_name(int(index), suffix)
+        else:
+            names[key] = "output.weight"
+    return names
+
+
 def gguf_type_for_bits(
     bits: int, row_length: int | None = None, k_quants: bool = False
 ):  # -> gguf.GGMLQuantizationType
@@ -329,13 +355,13 @@ def write_gguf(
         for suffix, gguf_name in LLAMA_TENSORS.items():
             module = layer.get_submodule(suffix)
             if gguf_name.endswith("norm"):
-                writer.add_tensor(f"blk.{index}.{gguf_name}.weight", module.weight.detach().float().numpy())
+                writer.add_tensor(block_tensor_name(index, suffix), module.weight.detach().float().numpy())
                 continue
             rotary_heads = {"attn_q": heads, "attn_k": kv_heads}.get(gguf_name)
             data = _tensor_bytes(
                 module, bits, fold_adapters and index in adapted, rotary_heads, k_quants, fallbacks, encodings
             )
-            writer.add_tensor(f"blk.{index}.{gguf_name}.weight", data[0], raw_dtype=data[1])
+            writer.add_tensor(block_tensor_name(index, suffix), data[0], raw_dtype=data[1])
     writer.add_tensor("output_norm.weight", parts.norm(base).weight.detach().float().numpy())
     if not config.tie_word_embeddings:
         head = parts.head(base)

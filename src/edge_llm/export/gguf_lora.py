@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_llm.export.gguf import LLAMA_TENSORS, SUPPORTED_MODEL_TYPES, permute_rotary, write_file
+from edge_llm.export.gguf import LLAMA_TENSORS, SUPPORTED_MODEL_TYPES, block_tensor_name, permute_rotary, write_file
 from edge_llm.export.weights import adapted_layers, adapter_names
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.tuner.config import EdgeLLMConfig
@@ -75,8 +75,9 @@ def write_gguf_lora(model: nn.Module, path: str | Path, adapter_name: str | None
             rotary_heads = {"attn_q": heads, "attn_k": kv_heads}.get(gguf_name)
             if rotary_heads:
                 lora_b = permute_rotary(lora_b, rotary_heads)
-            writer.add_tensor(f"blk.{index}.{gguf_name}.weight.lora_a", lora_a)
-            writer.add_tensor(f"blk.{index}.{gguf_name}.weight.lora_b", lora_b)
+            tensor = block_tensor_name(index, suffix)
+            writer.add_tensor(f"{tensor}.lora_a", lora_a)
+            writer.add_tensor(f"{tensor}.lora_b", lora_b)
             written += 1
     elsewhere = [
         module_name
