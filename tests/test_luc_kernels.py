@@ -43,6 +43,43 @@ def test_rtn_error_is_at_most_half_a_step(bits, in_features):
     assert ((restored - weight).abs() <= step / 2 + 1e-7).all()
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_the_symmetric_grid_centres_the_codes_on_the_middle_code(bits):
+    generator = torch.Generator().manual_seed(bits)
+    inputs = torch.randn(256, 64, generator=generator) @ torch.randn(64, 64, generator=generator)
+    weight = torch.randn(16, 80, generator=generator) * 0.05 + 0.02  # off-centre: asymmetric would shift
+    hessian = torch.nn.functional.pad(inputs, (0, 16)).t() @ torch.nn.functional.pad(inputs, (0, 16))
+    middle = 1 << (bits - 1)
+    for q in (quantize_rtn(weight, bits, 32, symmetric=True), quantize_gptq(weight, hessian, bits, 32, symmetric=True)):
+        assert (q.zeros == middle).all()
+        signed = q.codes.int() - middle  # a symmetric kernel's codes, e.g. int4 in [-8, 7]
+        assert signed.min() >= -middle and signed.max() <= middle - 1
+    q = quantize_rtn(weight, bits, 32, symmetric=True)
+    # the scale spans the group's largest magnitude (torchao's symmetric mapping), rounded up to float16
+    groups = torch.nn.functional.pad(weight, (0, 16)).view(16, 3, 32).abs().amax(-1)
+    assert (
+        (q.scales.float() >= 2 * groups / ((1 << bits) - 1))
+        & (q.scales.float() <= 2 * groups / ((1 << bits) - 1) * (1 + 2**-9))
+    ).all()
+    restored = dequantize(q.codes, q.scales, q.zeros, 32)
+    step = q.scales.float().repeat_interleave(32, dim=1)[:, :80]
+    assert ((restored - weight).abs() <= step / 2 + 1e-7).all()
+
+
+def test_a_merged_update_keeps_a_symmetric_layer_on_its_grid():
+    from edge_llm.luc import LUCLinear
+
+    linear = torch.nn.Linear(64, 16, bias=False)
+    layer = LUCLinear.from_linear(linear, 4, 0.0, 32, quantize_rtn(linear.weight.detach(), 4, 32, symmetric=True))
+    merged = linear.weight.detach() * 1.5
+    layer.requantize_(merged)
+    assert (layer.weight_zeros == 8).all()
+    expected = quantize_rtn(merged, 4, 32, symmetric=True)
+    assert torch.equal(
+        layer.dequantize_weight(torch.float32), dequantize(expected.codes, expected.scales, expected.zeros, 32)
+    )
+
+
 def test_pruned_weights_dequantize_to_exact_zero():
     weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
     mask = prune_mask(weight, 0.5, "magnitude")

@@ -112,6 +112,19 @@ def test_policy_json_round_trip_and_schema_errors(tmp_path):
         LUCPolicy.load(path)
 
 
+def test_a_policy_names_its_grid_only_when_symmetric():
+    # A default (asymmetric) policy's JSON is what it was before grids existed: the SHA-256 that
+    # earlier checkpoints carry still matches.
+    assert "grid" not in LUCPolicy([(4, 0.0)]).to_dict()["method"]
+    symmetric = LUCPolicy([(4, 0.0)], CompressionMethod(32, grid="symmetric"))
+    assert symmetric.to_dict()["method"]["grid"] == "symmetric"
+    assert LUCPolicy.from_dict(symmetric.to_dict()) == symmetric
+    with pytest.raises(ValueError, match="method/grid"):
+        LUCPolicy.from_dict({**symmetric.to_dict(), "method": {**symmetric.to_dict()["method"], "grid": "skewed"}})
+    with pytest.raises(ValueError, match="grid must be one of"):
+        CompressionMethod(grid="skewed")
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [

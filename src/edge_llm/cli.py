@@ -23,7 +23,7 @@ from edge_llm.export.targets import EXPORT_TARGETS, GGUF_ADAPTERS
 from edge_llm.luc.config import TARGETS as LUC_TARGETS
 from edge_llm.luc.config import LUCConfig
 from edge_llm.luc.gguf_policy import SENSITIVITIES
-from edge_llm.luc.method import QUANT_METHODS
+from edge_llm.luc.method import GRIDS, QUANT_METHODS
 from edge_llm.luc.profile import METRICS
 from edge_llm.luc.prune import PRUNE_METHODS, PRUNE_STRUCTURES
 from edge_llm.scheduling.devices import BUILTIN_DEVICES
@@ -76,6 +76,7 @@ def _luc_config(args: argparse.Namespace, texts: list[str], tokenizer: Any, **bu
         bits=tuple(args.bits),
         sparsities=tuple(args.sparsities),
         quant_algorithm=args.quant,
+        quant_grid=args.grid,
         prune_method=args.prune,
         prune_structure=args.structure,
         metric=args.metric,
@@ -109,7 +110,7 @@ def _profile(args: argparse.Namespace) -> int:
 
     model, tokenizer = _load(args.model)
     tokens = calibration_tokens(texts_of(load_rows(args.data)), tokenizer, args.samples, args.seq_len)
-    method = CompressionMethod(args.group_size, args.quant, args.prune, args.structure)
+    method = CompressionMethod(args.group_size, args.quant, args.prune, args.structure, args.grid)
     profile = profile_sensitivity(model, tokens, tuple(args.bits), tuple(args.sparsities), method, args.metric)
     atomic_write_text(args.out, profile.to_json())
     print(f"sensitivity profile of {len(profile.damage)} layers x {len(profile.candidates)} settings -> {args.out}")
@@ -351,6 +352,7 @@ def cli_choices() -> dict[str, Any]:
         "luc_defaults": {
             "group_size": luc["group_size"],
             "quant_algorithm": luc["quant_algorithm"],
+            "quant_grid": luc["quant_grid"],
             "prune_method": luc["prune_method"],
             "prune_structure": luc["prune_structure"],
             "bits": list(luc["bits"]),
@@ -366,6 +368,7 @@ def cli_choices() -> dict[str, Any]:
         "luc_targets": list(LUC_TARGETS),
         "sensitivities": list(SENSITIVITIES),
         "quant_methods": list(QUANT_METHODS),
+        "quant_grids": list(GRIDS),
         "prune_methods": list(PRUNE_METHODS),
         "prune_structures": list(PRUNE_STRUCTURES),
         "metrics": list(METRICS),

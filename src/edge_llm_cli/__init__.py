@@ -105,6 +105,12 @@ def _method_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quant", choices=CHOICES["quant_methods"], default=luc["quant_algorithm"], help="quantization algorithm"
     )
+    parser.add_argument(
+        "--grid",
+        choices=CHOICES["quant_grids"],
+        default=luc["quant_grid"],
+        help="quantization grid (symmetric: what ExecuTorch's int4 kernels hold unchanged)",
+    )
     parser.add_argument("--prune", choices=CHOICES["prune_methods"], default=luc["prune_method"], help="pruning score")
     parser.add_argument(
         "--structure",

@@ -21,8 +21,11 @@ per group or 8-bit per output channel, and quantize activations to int8 per toke
 - 5-8-bit layers -> int8 per output channel ("8da8w"), re-quantized: XNNPACK has no grouped 8-bit
   kernel.
 - Layers LUC left in float, and norms -> float32; the LM head -> int8 per output channel and the
-  embedding table -> float16 by default (`head_bits=None`, `half_embeddings=False`: float32), since
-  a program stores a tied table twice.
+  embedding table -> int8 per row by default (`head_bits=None`: float32; `embedding_bits=16` or
+  32: float16 or float32), since a program stores a tied table twice. The int8 table is torchao's
+  weight-only recipe (what optimum-executorch's `--qembedding 8w` writes), which ExecuTorch runs
+  with its quantized embedding kernel: a runtime built with the quantized kernels (ExecuTorch's
+  LLM runner links them; in Python, `import executorch.kernels.quantized`).
 What ExecuTorch cannot use: sparsity (pruned weights are stored as zeros; XNNPACK has no sparse
 kernel for these layers), exits and voting (the program is the last exit: with
 `window_input="adapted"` every layer carries its adapter, with `"backbone"` only the last exit's
@@ -209,8 +212,26 @@ class HalfEmbedding(nn.Module):
         return nn.functional.embedding(input_ids, self.weight).float()
 
 
+def int8_embedding(model: nn.Module) -> None:
+    """`model`'s embedding table in int8 per row (torchao's weight-only int8, symmetric), which
+    ExecuTorch's quant fusion turns into its quantized embedding kernel. A head tied to the table
+    gets a float copy of its own first: the head is not a lookup."""
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis
+
+    table, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and head.weight is table.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    # Only gradients read padding_idx; the fused pattern is `embedding(table, ids)` without it.
+    table.padding_idx = None
+    quantize_(model, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)), lambda m, _: m is table)
+
+
+EMBEDDING_BITS = (8, 16, 32)
+
+
 def quantize_for_xnnpack(
-    model: nn.Module, head_bits: int | None = 8, half_embeddings: bool = True
+    model: nn.Module, head_bits: int | None = 8, embedding_bits: int = 8
 ) -> tuple[nn.Module, Counter]:
     """A float32 copy of `model` whose decoder Linears hold the torchao weights XNNPACK runs, per
     each layer's LUC bits (see the module docstring); and counts of what was mapped how.
@@ -218,10 +239,15 @@ def quantize_for_xnnpack(
     LUC leaves the embeddings and the LM head in float, and in a program they are stored twice even
     when tied (the table for the lookup, the head packed inside XNNPACK's blob): a quarter of a
     135M-parameter model each in float32. `head_bits=8` stores the head in int8 per output channel
-    (int8 activations; None: float32), `half_embeddings` the table in float16."""
+    (int8 activations; None: float32), `embedding_bits` the table in int8 per row (8), float16 (16)
+    or float32 (32)."""
     require_executorch()
     if head_bits not in (None, 8):
         raise ValueError(f"head_bits must be 8 (int8 per output channel) or None (float32), got {head_bits!r}.")
+    if embedding_bits not in EMBEDDING_BITS or isinstance(embedding_bits, bool):
+        raise ValueError(
+            f"embedding_bits must be 8 (int8 per row), 16 (float16) or 32 (float32), got {embedding_bits!r}."
+        )
     edge_config = edge_config_of(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = find_decoder_parts(base).layers(base)
@@ -249,7 +275,10 @@ def quantize_for_xnnpack(
         # A new parameter: unties the head from the embedding table.
         head.weight = nn.Parameter(requantized(head, False, head.in_features, 8), requires_grad=False)
         counts["int8 LM head"] += 1
-    if half_embeddings:
+    if embedding_bits == 8:
+        int8_embedding(plain)
+        counts["int8 embedding tables"] += 1
+    elif embedding_bits == 16:
         plain.set_input_embeddings(HalfEmbedding(plain.get_input_embeddings().weight))
         counts["float16 embedding tables"] += 1
     return plain, counts
@@ -278,7 +307,7 @@ def write_pte(
     path: str | Path,
     max_seq_len: int = 512,
     head_bits: int | None = 8,
-    half_embeddings: bool = True,
+    embedding_bits: int = 8,
 ) -> Path:
     """Write `model` as an ExecuTorch program that XNNPACK runs; returns `path`.
 
@@ -289,11 +318,12 @@ def write_pte(
             older file there as it was).
         max_seq_len: the static KV cache's length: prompt plus generated tokens.
         head_bits: 8 stores the LM head in int8 per output channel, None in float32.
-        half_embeddings: store the embedding table in float16 (else float32).
+        embedding_bits: the embedding table in int8 per row (8; run by ExecuTorch's quantized
+            embedding kernel), float16 (16) or float32 (32).
     """
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or not 2 <= max_seq_len <= 2**20:
         raise ValueError(f"max_seq_len must be an integer from 2 to 2**20, got {max_seq_len!r}.")
-    plain, counts = quantize_for_xnnpack(model, head_bits, half_embeddings)
+    plain, counts = quantize_for_xnnpack(model, head_bits, embedding_bits)
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
@@ -312,7 +342,8 @@ def write_pte(
             partitioner=[XnnpackPartitioner()],
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
             constant_methods=_constant_methods(plain.config, max_seq_len),
-        ).to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True))
+            # Quant fusion turns torchao's int8 table into ExecuTorch's quantized embedding kernel.
+        ).to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True, do_quant_fusion_and_const_prop=True))
     path = Path(path)
     atomic_write_bytes(path, lowered.buffer)
     for what, count in sorted(counts.items()):

@@ -32,11 +32,12 @@ def compress_weight(
     mask = prune_mask(weight, sparsity, method.prune_method, method.prune_structure, norms)
     if bits == UNQUANTIZED_BITS:
         return None, mask
+    symmetric = method.grid == "symmetric"
     if method.quant_method == "gptq":
         if hessian is None:
             raise ValueError("GPTQ needs calibration data (the input Hessian).")
-        return quantize_gptq(weight, hessian, bits, method.group_size, mask), mask
-    return quantize_rtn(weight, bits, method.group_size, mask), mask
+        return quantize_gptq(weight, hessian, bits, method.group_size, mask, symmetric=symmetric), mask
+    return quantize_rtn(weight, bits, method.group_size, mask, symmetric), mask
 
 
 def compressed_dense_weight(

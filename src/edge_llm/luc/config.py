@@ -47,6 +47,8 @@ class LUCConfig(QuantizationConfigMixin):
         group_size: input columns sharing a quantization scale.
         bits, sparsities: the candidate grid of the search (16 bits = unquantized).
         quant_algorithm: `"rtn"` (round to nearest) or `"gptq"` (error-compensating, needs data).
+        quant_grid: `"asymmetric"` (a zero-point per group) or `"symmetric"` (the grid ExecuTorch's
+            int4 kernels hold unchanged; `edge_llm.luc.method.GRIDS`).
         prune_method: `"wanda"` or `"magnitude"`; prune_structure: `"unstructured"` or `"nm"`.
         metric: sensitivity metric, `"kl"` or `"output_mse"`.
         num_samples, seq_len: calibration windows drawn from `dataset`.
@@ -83,6 +85,7 @@ class LUCConfig(QuantizationConfigMixin):
         quant_algorithm: str = "rtn",
         prune_method: str = "wanda",
         prune_structure: str = "unstructured",
+        quant_grid: str = "asymmetric",
         metric: str = "kl",
         num_samples: int = 16,
         seq_len: int = 256,
@@ -114,6 +117,7 @@ class LUCConfig(QuantizationConfigMixin):
         self.group_size = group_size
         self.bits, self.sparsities = _number_list("bits", bits), _number_list("sparsities", sparsities)
         self.quant_algorithm, self.prune_method, self.prune_structure = quant_algorithm, prune_method, prune_structure
+        self.quant_grid = quant_grid
         self.metric, self.num_samples, self.seq_len, self.targets = metric, num_samples, seq_len, targets
         self.profile_cache_dir = profile_cache_dir
         self.target, self.sensitivity = target, sensitivity
@@ -222,7 +226,9 @@ class LUCConfig(QuantizationConfigMixin):
 
     @property
     def method(self) -> CompressionMethod:
-        return CompressionMethod(self.group_size, self.quant_algorithm, self.prune_method, self.prune_structure)
+        return CompressionMethod(
+            self.group_size, self.quant_algorithm, self.prune_method, self.prune_structure, self.quant_grid
+        )
 
     @property
     def budget(self) -> Budget:

@@ -306,13 +306,15 @@ class LUCLinear(nn.Module):
     @torch.no_grad()
     def requantize_(self, weight: torch.Tensor) -> None:
         """Store a dense weight (out x in) in this layer's format, in place (a merged LoRA update):
-        its bits, groups and pruning mask, rounded to nearest."""
+        its bits, groups, pruning mask and grid (symmetric when every zero-point is the middle
+        code, as symmetric quantization stores them), rounded to nearest."""
         mask = self.mask()
         keep = mask if mask is not None else torch.ones_like(weight, dtype=torch.bool)
         if self.bits == UNQUANTIZED_BITS:
             self.weight.copy_(weight[keep].to(torch.float16))
             return
-        quantized = quantize_rtn(weight, self.bits, self.group_size, mask)
+        symmetric = bool((self.weight_zeros == 1 << (self.bits - 1)).all())
+        quantized = quantize_rtn(weight, self.bits, self.group_size, mask, symmetric)
         self.weight.copy_(pack_bits(quantized.codes[keep], self.bits))
         self.weight_scales.copy_(quantized.scales)
         self.weight_zeros.copy_(quantized.zeros)

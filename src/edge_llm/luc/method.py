@@ -8,6 +8,10 @@ from dataclasses import dataclass
 from edge_llm.luc.prune import PRUNE_METHODS, PRUNE_STRUCTURES
 
 QUANT_METHODS = ("rtn", "gptq")
+# "asymmetric": a zero-point fitted per group; "symmetric": the zero-point is the middle code, the
+# grid of runtimes whose kernels take symmetric codes only (ExecuTorch's XNNPACK int4 blocks,
+# llama.cpp's Q4_0/Q8_0), which then hold a layer's codes unchanged.
+GRIDS = ("asymmetric", "symmetric")
 
 
 # Longer than any Linear row of a model this runs on (a group spans at most one row).
@@ -23,12 +27,15 @@ class CompressionMethod:
       calibration Hessian; slower, better at 2-3 bits).
     - `prune_method`: `"wanda"` (|W| x input-channel norm) or `"magnitude"`.
     - `prune_structure`: `"unstructured"` or `"nm"` (N of every 4, e.g. 2:4 at sparsity 0.5).
+    - `grid`: `"asymmetric"` (a zero-point per group) or `"symmetric"` (codes centred on the middle
+      code, `(q - 2**(bits-1)) * scale`: what symmetric kernels run unchanged, e.g. ExecuTorch's).
     """
 
     group_size: int = 128
     quant_method: str = "rtn"
     prune_method: str = "wanda"
     prune_structure: str = "unstructured"
+    grid: str = "asymmetric"
 
     def __post_init__(self) -> None:
         if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
@@ -42,6 +49,7 @@ class CompressionMethod:
             ("quant_method", self.quant_method, QUANT_METHODS),
             ("prune_method", self.prune_method, PRUNE_METHODS),
             ("prune_structure", self.prune_structure, PRUNE_STRUCTURES),
+            ("grid", self.grid, GRIDS),
         ):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}.")

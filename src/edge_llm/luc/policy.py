@@ -67,10 +67,15 @@ class LUCPolicy:
         self.targets = None if self.targets is None else list(self.targets)
 
     def to_dict(self) -> dict[str, Any]:
+        method = asdict(self.method)
+        if method["grid"] == "asymmetric":
+            # The default grid is left out: a policy written before grids existed keeps its bytes,
+            # and so the SHA-256 its checkpoints carry.
+            del method["grid"]
         return {
             "format": POLICY_FORMAT,
             "version": POLICY_VERSION,
-            "method": asdict(self.method),
+            "method": method,
             "targets": self.targets,
             "layers": [{"bits": bits, "sparsity": sparsity} for bits, sparsity in self.layers],
         }

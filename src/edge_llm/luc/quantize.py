@@ -9,6 +9,10 @@ Every kept weight is within `scale / 2` of its dequantized value (plus float16 r
 points beyond 2048, which only near-constant groups reach). Pruned weights dequantize to exactly
 0 through the mask; their code is 0 and carries no information.
 
+On the symmetric grid the zero-point is the middle code `2**(bits-1)` and the scale spans the
+group's largest magnitude: `scale = 2 max|w| / (2**bits - 1)` (torchao's symmetric mapping), so the
+codes minus the zero-point are a symmetric kernel's signed codes, e.g. int4 in [-8, 7].
+
 GPTQ (Frantar et al., 2022) quantizes one column at a time and spreads each column's error over
 the columns not yet quantized, weighted by the inverse Hessian `H = X^T X` of the layer's
 calibration inputs; pruned weights are forced to zero the same way, so the update also
@@ -40,7 +44,9 @@ def check_bits(bits: int) -> None:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS} (or 16 to keep a layer unquantized), got {bits!r}.")
 
 
-def _group_params(weights: torch.Tensor, keep: torch.Tensor | None, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _group_params(
+    weights: torch.Tensor, keep: torch.Tensor | None, bits: int, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero-point (float32, exactly representable in float16) over the last dimension."""
     max_code = (1 << bits) - 1
     if keep is None:
@@ -50,9 +56,14 @@ def _group_params(weights: torch.Tensor, keep: torch.Tensor | None, bits: int) -
         high = torch.where(keep, weights, -math.inf).amax(dim=-1)
         empty = ~keep.any(dim=-1)
         low, high = low.masked_fill(empty, 0.0), high.masked_fill(empty, 0.0)
+    if symmetric:
+        high = torch.maximum(high.abs(), low.abs())
+        low = -high
     scale = ((high - low) / max_code).clamp_min(_MIN_SCALE)
     # Round the scale *up* to float16 (relative spacing 2**-10), so the grid still spans [low, high].
     scale = (scale * (1 + 2.0**-10)).to(torch.float16).float()
+    if symmetric:
+        return scale, torch.full_like(scale, 1 << (bits - 1))
     zero = torch.round(-low / scale).clamp(-60000, 60000).to(torch.float16).float()
     return scale, zero
 
@@ -64,8 +75,11 @@ def _pad_columns(tensor: torch.Tensor, group_size: int, value: float | bool) -> 
     return torch.cat([tensor, tensor.new_full((tensor.shape[0], missing), value)], dim=1)
 
 
-def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, mask: torch.Tensor | None = None) -> GroupQuantized:
-    """Round-to-nearest group-wise quantization of `weight` (kept where `mask` is True)."""
+def quantize_rtn(
+    weight: torch.Tensor, bits: int, group_size: int, mask: torch.Tensor | None = None, symmetric: bool = False
+) -> GroupQuantized:
+    """Round-to-nearest group-wise quantization of `weight` (kept where `mask` is True), on the
+    symmetric grid if `symmetric`."""
     check_bits(bits)
     out_features, in_features = weight.shape
     w = _pad_columns(weight.float(), group_size, 0.0)
@@ -75,7 +89,7 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, mask: torch.T
     groups = w.shape[1] // group_size
     w = w.view(out_features, groups, group_size)
     keep = None if keep is None else keep.view(out_features, groups, group_size)
-    scale, zero = _group_params(w, keep, bits)
+    scale, zero = _group_params(w, keep, bits, symmetric)
     codes = torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], 0, (1 << bits) - 1)
     if keep is not None:
         codes = codes.masked_fill(~keep, 0)
@@ -110,8 +124,10 @@ def quantize_gptq(
     mask: torch.Tensor | None = None,
     block_size: int = 128,
     damping: float = 0.01,
+    symmetric: bool = False,
 ) -> GroupQuantized:
-    """GPTQ group-wise quantization of `weight` given `hessian` = sum of x x^T over calibration inputs."""
+    """GPTQ group-wise quantization of `weight` given `hessian` = sum of x x^T over calibration
+    inputs, on the symmetric grid if `symmetric`."""
     check_bits(bits)
     max_code = (1 << bits) - 1
     w = weight.float().clone()
@@ -140,7 +156,7 @@ def quantize_gptq(
             if column % group_size == 0:
                 span = slice(i, min(i + group_size, end - start))
                 keep = None if mask is None else mask[:, column : column + group_size]
-                scale, zero = _group_params(w_block[:, span], keep, bits)
+                scale, zero = _group_params(w_block[:, span], keep, bits, symmetric)
                 scales[:, column // group_size], zeros[:, column // group_size] = scale, zero
             values = w_block[:, i]
             q = torch.clamp(torch.round(values / scale) + zero, 0, max_code)
