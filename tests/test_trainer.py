@@ -57,6 +57,17 @@ def test_weighted_voting_is_calibrated_after_training_and_saved(tmp_path):
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["exit_weights"] == weights
 
 
+def test_every_weighted_rule_gets_its_exit_weights_fitted_after_training(tmp_path):
+    model = edge_model(voting="geometric")  # weighted in the voting registry, not named "weighted"
+    data = counting_dataset()
+    trainer = EdgeTrainer(
+        model=model, args=training_args(tmp_path, max_steps=2), train_dataset=data, eval_dataset=data.select(range(8))
+    )
+    trainer.train()
+    weights = model.peft_config["default"].exit_weights
+    assert weights is not None and len(weights) == 2 and sum(weights) == pytest.approx(1.0)
+
+
 def test_layers_in_no_window_stay_bit_identical_and_get_no_optimizer_state(tmp_path):
     model = edge_model()  # windows {2, 3} and {6, 7} of 8 layers
     before = adapter_state(model)
@@ -196,10 +207,11 @@ def test_exit_selection_on_real_scores_always_keeps_the_last_exit(tmp_path):
     assert model.peft_config["default"].exit_layers == kept and model.peft_config["default"].exit_weights is None
 
 
-def test_weighted_voting_without_data_to_fit_on_warns_loudly(tmp_path):
-    model = edge_model(voting="weighted")
+@pytest.mark.parametrize("voting", ["weighted", "geometric"])  # every rule the registry marks weighted
+def test_weighted_voting_without_data_to_fit_on_warns_loudly(tmp_path, voting):
+    model = edge_model(voting=voting)
     trainer = EdgeTrainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=counting_dataset())
-    with pytest.warns(UserWarning, match="exit weights of exits \\[3, 7\\] were not fitted"):
+    with pytest.warns(UserWarning, match=f"voting='{voting}' but the exit weights of exits \\[3, 7\\] were not fitted"):
         trainer.train()
     assert model.peft_config["default"].exit_weights is None
 

@@ -18,6 +18,7 @@ from edge_llm._warnings import warn_loudly
 from edge_llm.tuner.loss import IGNORE_INDEX, shift_for_causal_lm
 from edge_llm.tuner.model import EdgeLLMModel
 from edge_llm.tuner.planning import MIB, TrainingPlan, plan_training
+from edge_llm.tuner.voting import voting_rule
 
 logger = logging.getLogger(__name__)
 
@@ -25,11 +26,11 @@ logger = logging.getLogger(__name__)
 SELECTION_BATCHES = 4
 
 
-def _warn_uniform_vote(exits: list[int], why: str) -> None:
+def _warn_uniform_vote(voting: str, exits: list[int], why: str) -> None:
     # Uniform weights let exits that cannot predict vote as much as the last one: on a small model
     # that ruins the output (SmolLM2: perplexity 151 instead of 61), so this must not pass quietly.
     message = (
-        f"voting='weighted' but the exit weights of exits {exits} were not fitted ({why}): the vote stays "
+        f"voting={voting!r} but the exit weights of exits {exits} were not fitted ({why}): the vote stays "
         "uniform, which can be far worse than the last exit alone. Pass an eval_dataset to EdgeTrainer, call "
         "trainer.calibrate_exit_weights(dataset), or use voting='last'."
     )
@@ -144,23 +145,24 @@ class EdgeTrainer(Trainer):
         if measured:
             self._report_peak(output.metrics)
         config = self.tuner.active_edge_config
-        if config.voting != "weighted" or config.exit_weights is not None:
+        # Every rule the voting registry marks as weighted votes with fitted exit weights.
+        if not voting_rule(config.voting).weighted or config.exit_weights is not None:
             return output
         if len(config.exit_layers) == 1:
             config.exit_weights = [1.0]  # one exit: nothing to fit
         elif self.eval_dataset is None:
-            _warn_uniform_vote(config.exit_layers, "EdgeTrainer has no eval_dataset to fit them on")
+            _warn_uniform_vote(config.voting, config.exit_layers, "EdgeTrainer has no eval_dataset to fit them on")
         else:
             try:
                 self.calibrate_exit_weights()
             except ValueError as error:
-                _warn_uniform_vote(config.exit_layers, str(error))
+                _warn_uniform_vote(config.voting, config.exit_layers, str(error))
         return output
 
     # ------------------------------------------------------------------ evaluation
 
     def calibrate_exit_weights(self, dataset: Any = None) -> list[float]:
-        """Fit the adapter's `exit_weights` (for `voting="weighted"`) on `dataset` or `eval_dataset`."""
+        """Fit the adapter's `exit_weights` (for a weighted voting rule) on `dataset` or `eval_dataset`."""
         batches = (self._prepare_inputs(batch) for batch in self.get_eval_dataloader(dataset))
         return self._in_eval_mode(self.tuner.calibrate_exit_weights, batches)
 

@@ -220,4 +220,3 @@ register(
         work=lambda layer: 1 - layer.sparsity,
     )
 )
-KERNEL_NAMES = tuple(KERNELS)
