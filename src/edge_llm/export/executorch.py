@@ -324,6 +324,15 @@ def write_pte(
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or not 2 <= max_seq_len <= 2**20:
         raise ValueError(f"max_seq_len must be an integer from 2 to 2**20, got {max_seq_len!r}.")
     plain, counts = quantize_for_xnnpack(model, head_bits, embedding_bits)
+    for what, count in sorted(counts.items()):
+        logger.info("ExecuTorch: %d %s", count, what)
+    return write_program(plain, path, max_seq_len)
+
+
+def write_program(plain: nn.Module, path: str | Path, max_seq_len: int) -> Path:
+    """Lower a float32 causal LM whose layers hold torchao weights (`quantize_for_xnnpack`'s, or
+    torchao's own `quantize_`) to an ExecuTorch program, XNNPACK delegating what it runs; the
+    program is described in the module docstring."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
@@ -342,11 +351,10 @@ def write_pte(
             partitioner=[XnnpackPartitioner()],
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
             constant_methods=_constant_methods(plain.config, max_seq_len),
-            # Quant fusion turns torchao's int8 table into ExecuTorch's quantized embedding kernel.
-        ).to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True, do_quant_fusion_and_const_prop=True))
+        ).to_executorch(  # quant fusion turns torchao's int8 table into ExecuTorch's quantized embedding kernel
+            ExecutorchBackendConfig(extract_delegate_segments=True, do_quant_fusion_and_const_prop=True)
+        )
     path = Path(path)
     atomic_write_bytes(path, lowered.buffer)
-    for what, count in sorted(counts.items()):
-        logger.info("ExecuTorch: %d %s", count, what)
     logger.info("Wrote %s (%.1f MiB)", path, path.stat().st_size / 2**20)
     return path

@@ -1,0 +1,153 @@
+"""edge-llm's ExecuTorch programs against torchao's, at equal `.pte` size, measured in ExecuTorch.
+
+An ExecuTorch user already has a compressor: torchao's `quantize_` with
+`Int8DynamicActivationIntxWeightConfig` (int4 weights per group of 32, int8 activations: "8da4w",
+what optimum-executorch's `--qlinear 8da4w --qembedding 8w` writes), lowered to XNNPACK. Every
+program here is the same static-cache decoder (`edge_llm.export.executorch.write_program`) with
+its embedding table in int8 per row, so what differs is how the weights were rounded:
+
+- torchao 8da4w, head 8da4w: optimum-executorch's recipe (the head in int4 too);
+- torchao 8da4w, head int8: the same, with the head as edge-llm's export stores it (int8 per
+  channel), the size every row below shares;
+- LUC 4-bit symmetric RTN / GPTQ, groups of 32: LUC's codes on XNNPACK's symmetric int4 grid, so
+  the program holds them unchanged at exactly the bytes of the row above;
+- LUC 4-bit asymmetric GPTQ: LUC's default grid, whose zero-points ride in per-block offsets
+  (larger).
+
+SmolLM2-135M-Instruct (its released weights are dequantized Q4_1, which flatters 4-bit grids of
+32), perplexity in ExecuTorch on held-out sonnets (131-154) and LAMBADA's first passages; GPTQ
+calibrates on 8 x 128 tokens of the training sonnets; speed as in `runtime_agreement.py`.
+
+    python benchmarks/vs_torchao.py --json benchmarks/results/vs_torchao_smollm2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, spread
+from runtime_agreement import SEQ_LEN, ExecuTorch, compare, speed
+from vs_llamacpp import lambada_texts, windows_of
+
+
+def torchao_program(original, head: str) -> torch.nn.Module:
+    """`original` quantized by torchao: 8da4w (int4 per 32, int8 activations) everywhere, the head
+    8da4w too (`head="int4"`) or int8 per output channel (`head="int8"`); the table int8 per row."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    from edge_llm.export.executorch import int8_embedding
+
+    model = copy.deepcopy(original)
+    int8_embedding(model)  # unties the head first
+    lm_head = model.get_output_embeddings()
+    if head == "int8":
+        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+        quantize_(model, config, lambda module, _: module is lm_head)
+    int4 = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32))
+    quantize_(
+        model, int4, lambda module, _: isinstance(module, torch.nn.Linear) and (head == "int4" or module is not lm_head)
+    )
+    return model
+
+
+def luc_model(original, method, calibration) -> torch.nn.Module:
+    from edge_llm.luc import compress_model
+
+    model = copy.deepcopy(original)
+    layers = model.config.num_hidden_layers
+    compress_model(model, [(4, 0.0)] * layers, method, calibration, progress=False)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--windows", type=int, default=15, help="held-out windows of 256 tokens per text")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved speed rounds")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    import executorch.kernels.quantized  # noqa: F401  (the int8 embedding table's kernel)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edge_llm.assets import smollm2_135m
+    from edge_llm.data import sonnets
+    from edge_llm.export.executorch import quantize_for_xnnpack, write_program
+    from edge_llm.luc import CompressionMethod, calibration_tokens
+
+    path = smollm2_135m()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    original = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    windows = {
+        "sonnets": windows_of(tokenizer, sonnets("test"), args.windows),
+        "LAMBADA": windows_of(tokenizer, lambada_texts(400), args.windows),
+    }
+    calibration = calibration_tokens(sonnets("train"), tokenizer, 8, 128)
+
+    # name -> the float model whose torchao weights the program holds, and the PyTorch model it computes
+    builders = {
+        "torchao 8da4w, head 8da4w (optimum-executorch's recipe)": lambda: torchao_program(original, "int4"),
+        "torchao 8da4w, head int8": lambda: torchao_program(original, "int8"),
+    }
+    for label, method in {
+        "LUC 4-bit symmetric RTN g32": CompressionMethod(32, "rtn", grid="symmetric"),
+        "LUC 4-bit symmetric GPTQ g32": CompressionMethod(32, "gptq", grid="symmetric"),
+        "LUC 4-bit asymmetric GPTQ g32 (offsets)": CompressionMethod(32, "gptq"),
+    }.items():
+        builders[label] = lambda method=method: quantize_for_xnnpack(luc_model(original, method, calibration))[0]
+
+    rows, runners = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, (name, build) in enumerate(builders.items()):
+            start = time.perf_counter()
+            plain = build()
+            file = write_program(plain, Path(tmp) / f"{index}.pte", max_seq_len=SEQ_LEN + 1)
+            export_s = time.perf_counter() - start
+            runners[name] = ExecuTorch(file)
+            rows[name] = {"bytes": file.stat().st_size, "export_s": export_s}
+            for text, text_windows in windows.items():
+                result = compare(plain, runners[name], text_windows)
+                rows[name][f"{text}_runtime_perplexity"] = result["runtime_perplexity"]
+                rows[name][f"{text}_pytorch_perplexity"] = result["pytorch_perplexity"]
+            print(f"{name}: {rows[name]}", file=sys.stderr)
+            del plain
+        times = speed(runners, windows["sonnets"], args.rounds)
+        for runner in runners.values():
+            runner.close()
+    for name, row in rows.items():
+        row.update({f"{kind}_tokens_per_s": values for kind, values in times[name].items()})
+
+    lines = [
+        f"machine: {machine()}",
+        f"SmolLM2-135M-Instruct in ExecuTorch (XNNPACK), every program with an int8 embedding table; held-out: "
+        f"{args.windows} windows of {SEQ_LEN} tokens per text; speed: {args.rounds} interleaved rounds, "
+        "median [min–max]",
+        "",
+        "| program | .pte MiB | ppl sonnets | ppl LAMBADA | prefill tok/s | decode tok/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        lines.append(
+            f"| {name} | {row['bytes'] / 2**20:.1f} | {row['sonnets_runtime_perplexity']:.2f} | "
+            f"{row['LAMBADA_runtime_perplexity']:.2f} | {spread(row['prefill_tokens_per_s'], 0)} | "
+            f"{spread(row['decode_tokens_per_s'], 0)} |"
+        )
+    print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "windows": args.windows, "rows": rows}, indent=2))
+        args.json.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
