@@ -265,3 +265,32 @@ def test_an_uncompressed_model_is_not_offered_streaming_the_runtime_cannot_do():
     device = builtin_device("jetson-orin-nano-8gb")
     for layer in spec.layers:
         assert {o.placement for o in layer_options(layer, spec, device, Workload())} == {"resident"}
+
+
+def test_the_linears_a_targeted_policy_leaves_in_float_count_in_memory():
+    from tiny_models import tiny_model
+
+    from edge_llm.luc import compress_model
+    from edge_llm.scheduling.cost import ModelSpec
+
+    model = tiny_model("llama", 2)
+    plain = ModelSpec.from_model(model)
+    targets = ["q_proj", "v_proj"]
+    policy = LUCPolicy([(4, 0.0)] * 2, CompressionMethod(16), targets)
+    untargeted = sum(
+        m.weight.numel() * 2
+        for name, m in model.model.layers.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in targets
+    )
+    attention = model.model.layers[0].self_attn
+    targeted = tuple((m.out_features, m.in_features) for m in (attention.q_proj, attention.v_proj))
+    assert untargeted > 0
+    # Described from the policy before compressing, and from the compressed model: the same spec,
+    # the untargeted Linears' float16 bytes resident beside the embeddings.
+    before = ModelSpec.from_model(model, policy=policy)
+    compress_model(model, policy.layers, policy.method, targets=targets, progress=False)
+    after = ModelSpec.from_model(model)
+    for spec in (before, after):
+        assert spec.other_bytes == plain.other_bytes + untargeted
+        assert spec.layers[0].linears == targeted
+    assert before.layers == after.layers

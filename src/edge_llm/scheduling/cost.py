@@ -94,11 +94,11 @@ class ModelSpec:
             raise ValueError(f"The LUC policy has {len(policy.layers)} layers; the model has {len(decoder_layers)}.")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         layers = []
+        float_linear_bytes = 0
         for index, layer in enumerate(decoder_layers):
             compressed = [m for m in layer.modules() if isinstance(m, LUCLinear)]
-            linears = tuple((m.out_features, m.in_features) for m in compressed) or tuple(
-                _linear_shape(m) for m in layer.modules() if _linear_shape(m) is not None
-            )
+            linears, left_in_float = _layer_linears(layer, compressed, policy.targets if policy is not None else None)
+            float_linear_bytes += sum(o * i for o, i in left_in_float) * FP16_BYTES
             if policy is not None:
                 bits, sparsity = policy.layers[index]
                 structure, group_size = policy.method.prune_structure, policy.method.group_size
@@ -129,8 +129,13 @@ class ModelSpec:
             for p in {id(p): p for p in base.parameters()}.values()
             if id(p) not in layer_param_ids
         )
+        # The Linears a targeted policy leaves in float are resident like the embeddings: no
+        # kernel choice applies to them, but their bytes count.
         spec = dict(
-            layers=tuple(layers), vocab_size=config.vocab_size, hidden_size=config.hidden_size, other_bytes=other
+            layers=tuple(layers),
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            other_bytes=other + float_linear_bytes,
         )
         if edge_config is not None:
             r = edge_config.r
@@ -143,6 +148,18 @@ class ModelSpec:
                 lora_params=lora,
             )
         return cls(**spec)
+
+
+def _layer_linears(
+    layer: nn.Module, compressed: list[LUCLinear], targets: list[str] | None
+) -> tuple[tuple[tuple[int, int], ...], list[tuple[int, int]]]:
+    """(out, in) of a decoder layer's Linears that LUC compresses (its `LUCLinear`s, or, where it is
+    not compressed yet, those `targets` names: all without targets) and of those it leaves in float."""
+    shapes = {name: shape for name, module in layer.named_modules() if (shape := _linear_shape(module)) is not None}
+    if compressed:
+        return tuple((m.out_features, m.in_features) for m in compressed), list(shapes.values())
+    chosen = {name for name in shapes if targets is None or name.rsplit(".", 1)[-1] in targets}
+    return tuple(shapes[name] for name in shapes if name in chosen), [s for n, s in shapes.items() if n not in chosen]
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
