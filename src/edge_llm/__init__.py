@@ -4,11 +4,10 @@ Importing the package registers its Hugging Face integrations: the `EDGE_LLM` PE
 `edge_llm_luc` quantization method of transformers.
 """
 
-__version__ = "0.1.0"  # first: submodules read it while the package initialises
-
 # `edge_llm.export` is the export package, callable as `edge_llm.export(model, schedule, out_dir)`.
 from edge_llm import export
 from edge_llm._memory import limit_allocator_reserve
+from edge_llm._version import __version__
 from edge_llm.luc import LUCConfig, LUCPolicy, LUCQuantizer, policy_of
 from edge_llm.modeling import UnsupportedModelError, find_decoder_parts
 from edge_llm.trainer import EdgeTrainer

@@ -10,8 +10,8 @@ from typing import Any
 
 from torch import nn
 
-from edge_llm import __version__
 from edge_llm._io import atomic_write_text
+from edge_llm._version import __version__
 from edge_llm.luc.integration import policy_of
 from edge_llm.tuner.model import edge_config_of
 

@@ -28,8 +28,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from edge_llm import __version__
 from edge_llm._io import atomic_directory
+from edge_llm._version import __version__
 from edge_llm.export.targets import EXPORT_TARGETS, ExportTarget
 from edge_llm.export.weights import adapter_names
 from edge_llm.luc.integration import policy_of
