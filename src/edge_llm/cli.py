@@ -30,7 +30,6 @@ from edge_llm.scheduling.devices import BUILTIN_DEVICES
 from edge_llm.tuner.config import EXIT_HEADS, WINDOW_INPUTS, EdgeLLMConfig
 from edge_llm.tuner.exits import EXIT_SAMPLERS
 from edge_llm.tuner.voting import VOTING_RULES
-from edge_llm_cli import main
 
 logger = logging.getLogger("edge_llm.cli")
 
@@ -396,4 +395,4 @@ def write_choices() -> Path:
     return path
 
 
-__all__ = ["COMMANDS", "cli_choices", "main", "run", "write_choices"]
+__all__ = ["COMMANDS", "cli_choices", "run", "write_choices"]
