@@ -329,7 +329,7 @@ def write_pte(
     return write_program(plain, path, max_seq_len)
 
 
-def write_program(plain: nn.Module, path: str | Path, max_seq_len: int) -> Path:
+def write_program(model: nn.Module, path: str | Path, max_seq_len: int) -> Path:
     """Lower a float32 causal LM whose layers hold torchao weights (`quantize_for_xnnpack`'s, or
     torchao's own `quantize_`) to an ExecuTorch program, XNNPACK delegating what it runs; the
     program is described in the module docstring."""
@@ -337,9 +337,9 @@ def write_program(plain: nn.Module, path: str | Path, max_seq_len: int) -> Path:
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
-    plain.generation_config.use_cache = True
-    plain.generation_config.cache_implementation = "static"
-    wrapper = TorchExportableModuleWithStaticCache(plain, batch_size=1, max_cache_len=max_seq_len)
+    model.generation_config.use_cache = True
+    model.generation_config.cache_implementation = "static"
+    wrapper = TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=max_seq_len)
     tokens = torch.export.Dim("tokens", min=1, max=max_seq_len - 1)
     example = {"input_ids": torch.zeros(1, 2, dtype=torch.long), "cache_position": torch.arange(2)}
     with torch.no_grad(), quiet_upstream_warnings(EXECUTORCH_LOWERING):
@@ -350,7 +350,7 @@ def write_program(plain: nn.Module, path: str | Path, max_seq_len: int) -> Path:
             program,
             partitioner=[XnnpackPartitioner()],
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
-            constant_methods=_constant_methods(plain.config, max_seq_len),
+            constant_methods=_constant_methods(model.config, max_seq_len),
         ).to_executorch(  # quant fusion turns torchao's int8 table into ExecuTorch's quantized embedding kernel
             ExecutorchBackendConfig(extract_delegate_segments=True, do_quant_fusion_and_const_prop=True)
         )
