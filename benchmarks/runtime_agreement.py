@@ -73,6 +73,7 @@ class ExecuTorch:
     """A .pte program in ExecuTorch's runtime (its Python bindings; XNNPACK's own thread pool)."""
 
     def __init__(self, path: Path) -> None:
+        import executorch.kernels.quantized  # noqa: F401  (the int8 embedding table's kernel)
         from executorch.runtime import Runtime
 
         self.forward = Runtime.get().load_program(str(path)).load_method("forward")

@@ -78,7 +78,6 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    import executorch.kernels.quantized  # noqa: F401  (the int8 embedding table's kernel)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from edge_llm.assets import smollm2_135m
