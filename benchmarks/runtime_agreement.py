@@ -135,6 +135,16 @@ def compare(model: torch.nn.Module, runner, windows: torch.Tensor) -> dict:
     }
 
 
+def time_and_close(runners: dict, windows: torch.Tensor, rounds: int, rows: dict[str, dict]) -> None:
+    """Every runner's speed (`speed`) into its row as `prefill_tokens_per_s` / `decode_tokens_per_s`;
+    then the runners are closed."""
+    times = speed(runners, windows, rounds)
+    for runner in runners.values():
+        runner.close()
+    for name, row in rows.items():
+        row.update({f"{kind}_tokens_per_s": values for kind, values in times[name].items()})
+
+
 def speed(runners: dict, windows: torch.Tensor, rounds: int) -> dict[str, dict[str, list[float]]]:
     """Prefill and decode tokens/s of every runner, in interleaved rounds."""
     times: dict[str, dict[str, list[float]]] = {name: {"prefill": [], "decode": []} for name in runners}
@@ -203,11 +213,7 @@ def main() -> None:
             rows[name] = {**compare(model, runners[name], windows), "bytes": file.stat().st_size, "export_s": export_s}
             print(f"{name}: {rows[name]}", file=sys.stderr)
             del model
-        times = speed(runners, windows, args.rounds)
-        for runner in runners.values():
-            runner.close()
-    for name, row in rows.items():
-        row.update({f"{kind}_tokens_per_s": values for kind, values in times[name].items()})
+        time_and_close(runners, windows, args.rounds, rows)
 
     lines = [
         f"machine: {machine()}",

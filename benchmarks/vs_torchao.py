@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, spread
-from runtime_agreement import SEQ_LEN, ExecuTorch, compare, speed
+from runtime_agreement import SEQ_LEN, ExecuTorch, compare, time_and_close
 from vs_llamacpp import lambada_texts, windows_of
 
 
@@ -121,11 +121,7 @@ def main() -> None:
                 rows[name][f"{text}_pytorch_perplexity"] = result["pytorch_perplexity"]
             print(f"{name}: {rows[name]}", file=sys.stderr)
             del plain
-        times = speed(runners, windows["sonnets"], args.rounds)
-        for runner in runners.values():
-            runner.close()
-    for name, row in rows.items():
-        row.update({f"{kind}_tokens_per_s": values for kind, values in times[name].items()})
+        time_and_close(runners, windows["sonnets"], args.rounds, rows)
 
     lines = [
         f"machine: {machine()}",

@@ -16,7 +16,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import AutoTokenizer
 from transformers.quantizers.auto import AutoHfQuantizer
@@ -31,7 +30,6 @@ from edge_llm.luc.config import QUANT_METHOD, LUCConfig, config_policy
 from edge_llm.luc.gguf_policy import BudgetTooSmall, GGUFPolicy, budget_bytes, compress_for_gguf, weight_count
 from edge_llm.luc.gguf_speed import GGUFSpeedProfile, gguf_speed_cache_path, measure_gguf_speed
 from edge_llm.luc.linear import LUCLinear
-from edge_llm.luc.method import CompressionMethod
 from edge_llm.luc.policy import LUCPolicy
 from edge_llm.luc.profile import profile_sensitivity
 from edge_llm.modeling import find_decoder_parts
@@ -130,18 +128,12 @@ def _save_whole(model: nn.Module, save_directory: str | os.PathLike, *args: Any,
 
 
 @functools.wraps(compress_layers, assigned=("__annotations__",))
-def compress_model(
-    model: nn.Module,
-    settings: list[tuple[int, float]],
-    method: CompressionMethod,
-    calibration: torch.Tensor | None = None,
-    targets: list[str] | None = None,
-    progress: bool = True,
-) -> LUCPolicy:
-    """`compress_layers` (every decoder layer `l` gets `LUCLinear`s with `settings[l]`), then the
-    policy recorded in `model.config.quantization_config`, so that `save_pretrained` writes a
-    loadable LUC checkpoint. Returns the policy."""
-    policy = compress_layers(model, settings, method, calibration, targets, progress)
+def compress_model(*args: Any, **kwargs: Any) -> LUCPolicy:
+    """`compress_layers` (same arguments: every decoder layer `l` gets `LUCLinear`s with
+    `settings[l]`), then the policy recorded in `model.config.quantization_config`, so that
+    `save_pretrained` writes a loadable LUC checkpoint. Returns the policy."""
+    model = args[0] if args else kwargs["model"]
+    policy = compress_layers(*args, **kwargs)
     mark_compressed(model, policy)
     release_freed_memory()
     return policy
