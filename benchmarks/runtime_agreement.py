@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import math
@@ -100,10 +101,10 @@ def write_gguf_file(model: torch.nn.Module, out: Path, tokenizer, k_quants: bool
     return write_gguf(model, out / "model.gguf", tokenizer, smollm2_135m_gguf(), k_quants=k_quants)
 
 
-def write_pte_file(model: torch.nn.Module, out: Path, tokenizer, k_quants: bool) -> Path:
+def write_pte_file(model: torch.nn.Module, out: Path, tokenizer, k_quants: bool, embedding_bits: int = 8) -> Path:
     from edge_llm.export import write_pte
 
-    return write_pte(model, out / "model.pte", max_seq_len=SEQ_LEN + 1)
+    return write_pte(model, out / "model.pte", max_seq_len=SEQ_LEN + 1, embedding_bits=embedding_bits)
 
 
 # runtime -> (name in tables, writer, runner, whether k_quants settings apply)
@@ -166,10 +167,15 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], help="uniform RTN settings")
     parser.add_argument("--windows", type=int, default=15, help="held-out windows of 256 tokens")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved speed rounds")
+    parser.add_argument(
+        "--embedding-bits", type=int, default=8, choices=(8, 16, 32), help="ExecuTorch: the embedding table's storage"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     runtime_name, write, runner_type, k_quant_settings = RUNTIMES[args.runtime]
+    if args.runtime == "executorch":
+        write = functools.partial(write, embedding_bits=args.embedding_bits)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
