@@ -68,7 +68,7 @@ class LUCPolicy:
 
     def to_dict(self) -> dict[str, Any]:
         method = asdict(self.method)
-        if method["grid"] == "asymmetric":
+        if method["grid"] == CompressionMethod().grid:
             # The default grid is left out: a policy written before grids existed keeps its bytes,
             # and so the SHA-256 its checkpoints carry.
             del method["grid"]

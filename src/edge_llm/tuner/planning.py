@@ -60,7 +60,8 @@ MIB = 2**20
 # AdamW (the Trainer's default optimizer) keeps two moments per trained parameter.
 OPTIMIZER_STATES = 2
 # A plan fits when its estimate leaves this share of the budget free, for what the estimate does
-# not see (the Trainer's per-step objects, the optimizer's temporaries, allocator noise). Measured
+# not see (the Trainer's per-step objects, allocator noise; not the optimizer: the Trainer's fused
+# AdamW step allocates no temporaries beyond its moments, which are counted). Measured
 # whole-process peaks of planned SmolLM2 runs were 1.8% below to 2.4% above their estimates, the
 # most for a batch split into single sequences (docs/results.md, "Planned to a budget").
 HEADROOM = (1, 50)  # 2%
