@@ -223,6 +223,11 @@ def test_int4_layout_is_built_once_and_rebuilt_when_the_stored_codes_change():
     assert layer.int4_weight() is not first
     x = torch.randn(2, 64)
     torch.testing.assert_close(layer(x), other(x))
+    rebuilt = layer.int4_weight()
+    with torch.no_grad():
+        layer.weight_scales.mul_(2)  # in place, through the tensor: its version counter moves
+    assert layer.int4_weight() is not rebuilt
+    torch.testing.assert_close(layer(x), 2 * other(x))
 
 
 @pytest.mark.parametrize("rows", [4, 200])  # through the int4 kernel, and dequantized

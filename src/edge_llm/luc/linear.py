@@ -203,7 +203,10 @@ class LUCLinear(nn.Module):
         """This layer in the int4 kernel's layout, or None where the kernel does not fit it.
 
         Built from the stored codes on first use and kept; rebuilt when the stored tensors change
-        (loading a state dict, moving to another device)."""
+        (loading a state dict, moving to another device, an in-place write such as
+        `layer.weight_scales.mul_(2)` under `torch.no_grad()`). A write through `.data` is the one
+        change it cannot see: PyTorch gives `.data` its own version counter, so such writes are
+        invisible by design, and only a full read of the weights per call could catch them."""
         if not (
             self.use_kernel
             and self.bits != UNQUANTIZED_BITS
