@@ -105,7 +105,7 @@ def test_policy_json_round_trip_and_schema_errors(tmp_path):
         with pytest.raises(ValueError, match=f"Invalid LUC policy.*{message}"):
             LUCPolicy.from_dict(document)
     nm = {**data, "method": {**data["method"], "prune_structure": "nm"}, "layers": [{"bits": 4, "sparsity": 0.3}]}
-    with pytest.raises(ValueError, match="N:4 pruning cannot make"):
+    with pytest.raises(ValueError, match="at layers/0: N:4 pruning keeps a whole number"):
         LUCPolicy.from_dict(nm)
     path.write_text("{not json")
     with pytest.raises(ValueError, match="is not a JSON LUC policy"):

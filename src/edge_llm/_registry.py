@@ -20,6 +20,12 @@ class Registry(dict[str, Entry], Generic[Entry]):
         super().__init__()
         self.kind = kind
 
+    def __contains__(self, name: object) -> bool:
+        try:
+            return super().__contains__(name)
+        except TypeError:  # an unhashable value (a list from a config file) names no entry
+            return False
+
     def register(self, entry: Entry) -> Entry:
         if entry.name in self:
             raise ValueError(f"A {self.kind} named {entry.name!r} is already registered.")

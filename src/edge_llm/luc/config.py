@@ -152,7 +152,7 @@ class LUCConfig(QuantizationConfigMixin):
         for s in self.sparsities:
             check_sparsity(s, self.prune_structure)
         if self.metric not in METRICS:
-            raise ValueError(f"LUCConfig.metric must be one of {METRICS}, got {self.metric!r}.")
+            raise ValueError(f"LUCConfig.metric must be one of {tuple(METRICS)}, got {self.metric!r}.")
         if self.weight_budget_bytes is not None and (
             not isinstance(self.weight_budget_bytes, int) or self.weight_budget_bytes <= 0
         ):

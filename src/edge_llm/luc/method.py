@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from edge_llm.luc.prune import PRUNE_METHODS, PRUNE_STRUCTURES
+from edge_llm.luc.prune import PRUNE_STRUCTURES, PRUNERS
+from edge_llm.luc.quantize import QUANTIZERS
 
-QUANT_METHODS = ("rtn", "gptq")
 # "asymmetric": a zero-point fitted per group; "symmetric": the zero-point is the middle code, the
 # grid of runtimes whose kernels take symmetric codes only (ExecuTorch's XNNPACK int4 blocks,
 # llama.cpp's Q4_0/Q8_0), which then hold a layer's codes unchanged.
@@ -23,10 +23,11 @@ class CompressionMethod:
     """How weights are compressed, whatever the per-layer bits and sparsity.
 
     - `group_size`: input columns that share a quantization scale and zero-point.
-    - `quant_method`: `"rtn"` (round to nearest) or `"gptq"` (error compensation with the
-      calibration Hessian; slower, better at 2-3 bits).
-    - `prune_method`: `"wanda"` (|W| x input-channel norm) or `"magnitude"`.
-    - `prune_structure`: `"unstructured"` or `"nm"` (N of every 4, e.g. 2:4 at sparsity 0.5).
+    - `quant_method`: a name in `QUANTIZERS`: `"rtn"` (round to nearest) or `"gptq"` (error
+      compensation with the calibration Hessian; slower, better at 2-3 bits), or one registered.
+    - `prune_method`: a name in `PRUNERS`: `"wanda"` (|W| x input-channel norm) or `"magnitude"`.
+    - `prune_structure`: a name in `PRUNE_STRUCTURES`: `"unstructured"` or `"nm"` (N of every 4,
+      e.g. 2:4 at sparsity 0.5).
     - `grid`: `"asymmetric"` (a zero-point per group) or `"symmetric"` (codes centred on the middle
       code, `(q - 2**(bits-1)) * scale`: what symmetric kernels run unchanged, e.g. ExecuTorch's).
     """
@@ -46,9 +47,9 @@ class CompressionMethod:
                 "group per row; use at most the row length."
             )
         for name, value, choices in (
-            ("quant_method", self.quant_method, QUANT_METHODS),
-            ("prune_method", self.prune_method, PRUNE_METHODS),
-            ("prune_structure", self.prune_structure, PRUNE_STRUCTURES),
+            ("quant_method", self.quant_method, tuple(QUANTIZERS)),
+            ("prune_method", self.prune_method, tuple(PRUNERS)),
+            ("prune_structure", self.prune_structure, tuple(PRUNE_STRUCTURES)),
             ("grid", self.grid, GRIDS),
         ):
             if value not in choices:
@@ -57,9 +58,11 @@ class CompressionMethod:
     @property
     def needs_calibration(self) -> bool:
         """Whether compressing with this method can need calibration data (at some sparsity)."""
-        return self.quant_method == "gptq" or self.prune_method == "wanda"
+        return QUANTIZERS[self.quant_method].needs_hessian or PRUNERS[self.prune_method].needs_calibration
 
     def needs_calibration_for(self, sparsities: Iterable[float]) -> bool:
         """Whether compressing layers at these sparsities does: Wanda only scores weights it prunes,
         so round-to-nearest without pruning needs no data whatever the prune method."""
-        return self.quant_method == "gptq" or (self.prune_method == "wanda" and any(s > 0 for s in sparsities))
+        return QUANTIZERS[self.quant_method].needs_hessian or (
+            PRUNERS[self.prune_method].needs_calibration and any(s > 0 for s in sparsities)
+        )

@@ -27,9 +27,25 @@ from edge_llm._io import check_schema, load_json, load_schema, save_json
 from edge_llm.luc.linear import UNQUANTIZED_BITS, kept_per_row
 from edge_llm.luc.method import CompressionMethod
 from edge_llm.luc.pack import packed_size
+from edge_llm.luc.prune import PRUNE_STRUCTURES, PRUNERS
+from edge_llm.luc.quantize import QUANTIZERS
 
 POLICY_FORMAT = "edge-llm/luc-policy"
 POLICY_VERSION = 1
+
+
+def policy_schema() -> dict[str, Any]:
+    """The policy's JSON schema with the registered quantizers, pruning scores and structures as
+    the method's choices (the schema file leaves those lists to the registries)."""
+    schema = load_schema("luc-policy")
+    fields = schema["properties"]["method"]["properties"]
+    for name, registry in (
+        ("quant_method", QUANTIZERS),
+        ("prune_method", PRUNERS),
+        ("prune_structure", PRUNE_STRUCTURES),
+    ):
+        fields[name]["enum"] = list(registry)
+    return schema
 
 
 @dataclass
@@ -83,13 +99,15 @@ class LUCPolicy:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LUCPolicy:
         """Build a policy from its JSON form, after checking it against the schema."""
-        check_schema(data, load_schema("luc-policy"), "LUC policy")
+        check_schema(data, policy_schema(), "LUC policy")
         method = CompressionMethod(**data["method"])
         layers = [(int(layer["bits"]), float(layer["sparsity"])) for layer in data["layers"]]
-        if method.prune_structure == "nm":
-            bad = [i for i, (_, s) in enumerate(layers) if s not in (0.0, 0.25, 0.5, 0.75)]
-            if bad:
-                raise ValueError(f"Invalid LUC policy: layers {bad} have sparsities that N:4 pruning cannot make.")
+        structure = PRUNE_STRUCTURES[method.prune_structure]
+        for index, (_, sparsity) in enumerate(layers):
+            try:
+                structure.check(sparsity)
+            except ValueError as error:
+                raise ValueError(f"Invalid LUC policy at layers/{index}: {error}") from None
         return cls(layers=layers, method=method, targets=data.get("targets"))
 
     def save(self, path: str | Path) -> None:

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from edge_llm._io import atomic_write_text
+from edge_llm._registry import Registry
 from edge_llm.luc.calibration import LayerRunner, input_hessians, iterate, target_linears
 from edge_llm.luc.compress import compressed_dense_weight
 from edge_llm.luc.linear import UNQUANTIZED_BITS
@@ -41,7 +43,6 @@ from edge_llm.luc.quantize import check_bits
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("kl", "output_mse")
 DEFAULT_BITS = (2, 3, 4, 8)
 DEFAULT_SPARSITIES = (0.0, 0.25, 0.5, 0.75)
 # Profiling predicted to take longer than this (seconds) is announced with its estimate.
@@ -116,6 +117,60 @@ def _fingerprint(model: nn.Module, tokens: torch.Tensor, settings: dict) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class SensitivityMetric:
+    """How `profile_layers` scores one compressed layer (`metric=` names it).
+
+    `reference(runner, batch)`: what the unmodified model produces for a calibration batch, once;
+    `damage(runner, layer, batch, reference)`: (summed damage, count) of that batch with `layer`
+    compressed — the profile is the sum over batches divided by the count; `layers_run(layer,
+    num_layers)`: how many decoder layers one measurement runs (for the time estimate)."""
+
+    name: str
+    reference: Callable[[LayerRunner, int], torch.Tensor]
+    damage: Callable[[LayerRunner, int, int, torch.Tensor], tuple[float, int]]
+    layers_run: Callable[[int, int], int]
+
+
+METRICS: Registry[SensitivityMetric] = Registry("sensitivity metric")
+
+
+def _kl_damage(runner: LayerRunner, layer: int, batch: int, reference: torch.Tensor) -> tuple[float, int]:
+    """KL(original || compressed) summed over tokens (`reference`: the original log-probs)."""
+    log_probs = runner.run_from(layer, batch, runner.layer_input(batch, layer))
+    return (reference.exp() * (reference - log_probs)).sum().item(), reference.shape[0] * reference.shape[1]
+
+
+def _output_damage(runner: LayerRunner, layer: int, batch: int, reference: torch.Tensor) -> tuple[float, int]:
+    """The layer's output error relative to its own update (`reference`: the last layer's original
+    output; every other layer's original output is the next layer's captured input)."""
+    hidden = runner.layer_input(batch, layer)
+    compressed = runner.run_layer(layer, batch, hidden)
+    original = reference if layer + 1 == len(runner.layers) else runner.layer_input(batch, layer + 1)
+    error = (compressed - original).float().pow(2).sum().item()
+    return error / max((original - hidden).float().pow(2).sum().item(), 1e-12), 1
+
+
+METRICS.register(
+    SensitivityMetric(
+        "kl",
+        reference=lambda runner, batch: runner.run_from(0, batch, runner.layer_input(batch, 0)),
+        damage=_kl_damage,
+        layers_run=lambda layer, num_layers: num_layers - layer,
+    )
+)
+METRICS.register(
+    SensitivityMetric(
+        "output_mse",
+        reference=lambda runner, batch: runner.run_layer(
+            len(runner.layers) - 1, batch, runner.layer_input(batch, len(runner.layers) - 1)
+        ),
+        damage=_output_damage,
+        layers_run=lambda layer, num_layers: 1,
+    )
+)
+
+
 def profile_sensitivity(
     model: nn.Module,
     tokens: torch.Tensor,
@@ -140,7 +195,7 @@ def profile_sensitivity(
     """
     method = method or CompressionMethod()
     if metric not in METRICS:
-        raise ValueError(f"Unknown sensitivity metric {metric!r}; use one of {METRICS}.")
+        raise ValueError(f"Unknown sensitivity metric {metric!r}; use one of {tuple(METRICS)}.")
     for b in bits:
         if b != UNQUANTIZED_BITS:
             check_bits(b)
@@ -198,18 +253,14 @@ def _measure(model, tokens, candidates, method, metric, targets, fingerprint, pr
     runner = LayerRunner(model, tokens)
     num_layers = len(runner.layers)
     batches = range(len(runner.batches))
-    # What the unmodified model produces: final log-probabilities (kl) or the last layer's output
-    # (output_mse; the other layers' outputs are the next layers' captured inputs).
-    if metric == "kl":
-        reference = [runner.run_from(0, b, runner.layer_input(b, 0)) for b in batches]
-    else:
-        reference = [runner.run_layer(num_layers - 1, b, runner.layer_input(b, num_layers - 1)) for b in batches]
+    scorer = METRICS[metric]
+    reference = [scorer.reference(runner, b) for b in batches]
     damage, layer_params, layer_bytes = [], [], []
     steps = iterate(range(num_layers), num_layers, f"LUC sensitivity ({metric})", progress)
     start = time.perf_counter()
     for layer in steps:
         if layer == 1:
-            _warn_if_long(time.perf_counter() - start, num_layers, len(candidates), metric)
+            _warn_if_long(time.perf_counter() - start, num_layers, len(candidates), scorer)
         linears = target_linears(runner.layers[layer], targets)
         hessians = input_hessians(runner, layer, linears) if method.needs_calibration else {}
         originals = {name: m.weight.data.clone() for name, m in linears.items()}
@@ -223,7 +274,7 @@ def _measure(model, tokens, candidates, method, metric, targets, fingerprint, pr
             for b, s in candidates:
                 for name, module in linears.items():
                     module.weight.data = compressed_dense_weight(originals[name], b, s, method, hessians.get(name))
-                row.append(_damage(runner, layer, metric, reference))
+                row.append(_damage(runner, layer, scorer, reference))
         finally:
             for name, module in linears.items():
                 module.weight.data = originals[name]
@@ -231,11 +282,12 @@ def _measure(model, tokens, candidates, method, metric, targets, fingerprint, pr
     return SensitivityProfile(candidates, damage, layer_params, layer_bytes, metric, method, targets, fingerprint)
 
 
-def _warn_if_long(first_layer_s: float, num_layers: int, num_candidates: int, metric: str) -> None:
-    """Say early, with an estimate, when profiling will take long. With "kl" each measurement
-    runs the model from the layer to the end, so later layers cost less: the total is about
-    (layers + 1) / 2 first layers; with "output_mse", layers cost the same."""
-    total = first_layer_s * ((num_layers + 1) / 2 if metric == "kl" else num_layers)
+def _warn_if_long(first_layer_s: float, num_layers: int, num_candidates: int, scorer: SensitivityMetric) -> None:
+    """Say early, with an estimate, when profiling will take long: the first layer's time scaled by
+    the decoder layers all measurements run against the first layer's (with "kl" each measurement
+    runs the model from its layer to the end, so later layers cost less)."""
+    layers_run = [scorer.layers_run(layer, num_layers) for layer in range(num_layers)]
+    total = first_layer_s * sum(layers_run) / layers_run[0]
     if total > LONG_PROFILE_S:
         logger.warning(
             "LUC sensitivity profiling will take about %.0f min here (%d layers x %d candidate settings). The "
@@ -247,24 +299,10 @@ def _warn_if_long(first_layer_s: float, num_layers: int, num_candidates: int, me
         )
 
 
-def _damage(runner: LayerRunner, layer: int, metric: str, reference: list[torch.Tensor]) -> float:
-    """Mean KL over tokens (`reference`: original log-probs), or mean relative output error
-    (`reference`: the last layer's original outputs)."""
+def _damage(runner: LayerRunner, layer: int, scorer: SensitivityMetric, reference: list[torch.Tensor]) -> float:
+    """The metric's damage of `layer` as now compressed, over every calibration batch."""
     total, count = 0.0, 0
-    for batch in range(len(runner.batches)):
-        hidden = runner.layer_input(batch, layer)
-        if metric == "kl":
-            log_probs = runner.run_from(layer, batch, hidden)
-            ref = reference[batch]
-            total += (ref.exp() * (ref - log_probs)).sum().item()
-            count += ref.shape[0] * ref.shape[1]
-        else:
-            # The original output of `layer` is what the next layer received in the captured pass.
-            compressed = runner.run_layer(layer, batch, hidden)
-            last = layer + 1 == len(runner.layers)
-            original = reference[batch] if last else runner.layer_input(batch, layer + 1)
-            total += (compressed - original).float().pow(2).sum().item() / max(
-                (original - hidden).float().pow(2).sum().item(), 1e-12
-            )
-            count += 1
+    for batch, batch_reference in enumerate(reference):
+        damage, items = scorer.damage(runner, layer, batch, batch_reference)
+        total, count = total + damage, count + items
     return total / count

@@ -22,9 +22,12 @@ compensates pruning (as SparseGPT does with a fixed mask).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from edge_llm._registry import Registry
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 _MIN_SCALE = 2.0**-14  # smallest normal float16
@@ -182,3 +185,29 @@ def _upper_cholesky_of_inverse(hessian: torch.Tensor, damping: float) -> torch.T
         if info == 0:
             return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
     raise ValueError("The calibration Hessian is not positive definite even with strong damping; use more data.")
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """A rounding rule LUC can use (`CompressionMethod.quant_method` names it): `quantize(weight,
+    bits, group_size, mask, symmetric, hessian)` gives the codes; `needs_hessian` says it reads the
+    calibration inputs' Hessian (then `hessian` is never None)."""
+
+    name: str
+    quantize: Callable[[torch.Tensor, int, int, torch.Tensor | None, bool, torch.Tensor | None], GroupQuantized]
+    needs_hessian: bool = False
+
+
+QUANTIZERS: Registry[Quantizer] = Registry("quantizer")
+
+
+def _rtn(weight, bits, group_size, mask, symmetric, hessian) -> GroupQuantized:
+    return quantize_rtn(weight, bits, group_size, mask, symmetric)
+
+
+def _gptq(weight, bits, group_size, mask, symmetric, hessian) -> GroupQuantized:
+    return quantize_gptq(weight, hessian, bits, group_size, mask, symmetric=symmetric)
+
+
+QUANTIZERS.register(Quantizer("rtn", _rtn))
+QUANTIZERS.register(Quantizer("gptq", _gptq, needs_hessian=True))

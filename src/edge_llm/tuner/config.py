@@ -14,11 +14,11 @@ from peft import LoraConfig
 
 from edge_llm.luc.lora import CUSTOM_MODULES
 from edge_llm.tuner.exits import EXIT_SAMPLERS
+from edge_llm.tuner.heads import EXIT_HEADS
 from edge_llm.tuner.peft_type import EDGE_LLM_PEFT_TYPE
 from edge_llm.tuner.voting import VOTING_RULES
 
 WINDOW_INPUTS = ("adapted", "backbone")
-EXIT_HEADS = ("shared", "norm", "lora")
 # An exit whose weight in a vote fitted before training is below this gets no steps (select_exits).
 MIN_EXIT_WEIGHT = 0.05
 
@@ -115,9 +115,7 @@ class EdgeLLMConfig(LoraConfig):
     exit_weights: list[float] | None = field(
         default=None, metadata={"help": "Per-exit weights for voting='weighted' (lowest exit first)."}
     )
-    exit_head: Literal["shared", "norm", "lora"] = field(
-        default="shared", metadata={"help": "Per-exit trainable part: " + ", ".join(EXIT_HEADS)}
-    )
+    exit_head: str = field(default="shared", metadata={"help": "Per-exit trainable part: " + ", ".join(EXIT_HEADS)})
     exit_head_rank: int = field(default=8, metadata={"help": "Rank of the per-exit head LoRA (exit_head='lora')."})
     base_compression: str | None = field(
         default=None,
@@ -192,7 +190,7 @@ class EdgeLLMConfig(LoraConfig):
         _check_choice("voting", self.voting, tuple(VOTING_RULES))
         if self.exit_weights is not None:
             self.exit_weights = _check_exit_weights(self.exit_weights)
-        _check_choice("exit_head", self.exit_head, EXIT_HEADS)
+        _check_choice("exit_head", self.exit_head, tuple(EXIT_HEADS))
         _check_positive_int("exit_head_rank", self.exit_head_rank)
         if self.base_compression is not None and not (
             self.base_compression == "none" or re.fullmatch(r"luc:[0-9a-f]{64}", str(self.base_compression))

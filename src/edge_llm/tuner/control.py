@@ -35,7 +35,6 @@ from transformers.modeling_utils import slice_logits_to_keep
 
 from edge_llm.modeling import DecoderParts, first_tensor, postprocess_logits
 from edge_llm.tuner.exits import window
-from edge_llm.tuner.heads import ExitHeadLoRA, ExitNorm, HeadWithExitLoRA
 from edge_llm.tuner.loss import LOSS_KWARGS, DeferredHead, replace_output_fields
 from edge_llm.tuner.voting import VOTING_RULES, vote
 
@@ -141,12 +140,14 @@ class ExitController:
             truncated = nn.ModuleList(self.layers[: exit_layer + 1])
             state.swapped.append((self.parts.layers_path, self.parts.swap(model, self.parts.layers_path, truncated)))
         head = self.tuner.exit_head(exit_layer)
-        if isinstance(head, ExitNorm):
-            state.swapped.append((self.parts.norm_path, self.parts.swap(model, self.parts.norm_path, head)))
-        elif isinstance(head, ExitHeadLoRA):
-            shared = self.parts.head(model)
-            swapped_in = HeadWithExitLoRA(shared, head)
-            state.swapped.append((self.parts.head_path, self.parts.swap(model, self.parts.head_path, swapped_in)))
+        if head is not None:  # the exit's own norm and LM head, where its kind replaces the model's
+            norm, lm_head = self.parts.norm(model), self.parts.head(model)
+            for path, current, chosen in (
+                (self.parts.norm_path, norm, head.normed(norm)),
+                (self.parts.head_path, lm_head, head.output(lm_head)),
+            ):
+                if chosen is not current:
+                    state.swapped.append((path, self.parts.swap(model, path, chosen)))
         bottom = window(exit_layer, state.config.backprop_depth).start
         if state.grad_was_enabled:
             state.grad_from = bottom
@@ -281,12 +282,10 @@ class ExitController:
         """Logits of `exit_layer` from that layer's (raw, un-normed) output `hidden`."""
         model = self.tuner.model
         head = self.tuner.exit_head(exit_layer)
-        norm = head if isinstance(head, ExitNorm) else self.parts.norm(model)
-        normed = norm(hidden)
-        logits = self.parts.head(model)(normed)
-        if isinstance(head, ExitHeadLoRA):
-            logits = logits + head(normed).to(logits.dtype)
-        return postprocess_logits(model.config, logits)
+        norm, lm_head = self.parts.norm(model), self.parts.head(model)
+        if head is not None:
+            norm, lm_head = head.normed(norm), head.output(lm_head)
+        return postprocess_logits(model.config, lm_head(norm(hidden)))
 
     def _run_streams(self, index: int, layer: nn.Module, args: tuple, kwargs: dict, state: _Pass) -> None:
         """Run layer `index` again, with its adapters, for every exit whose window holds it."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from edge_llm._registry import Registry
 
 
 def resolve_exits(num_layers: int, exit_layers: list[int] | None, backprop_depth: int | None) -> tuple[list[int], int]:
@@ -56,18 +59,22 @@ def _uniform(exits: list[int], step: int, total_steps: int, seed: int) -> int:
     return exits[random.Random(f"edge-llm/{seed}/{step}").randrange(len(exits))]
 
 
-# `EdgeLLMConfig.exit_sampling` names one of these: (exits, step, total_steps, seed) -> exit. Each
-# is a pure function, so a run resumed from a checkpoint continues the same exit sequence without
-# any saved sampler state.
-EXIT_SAMPLERS: dict[str, Callable[[list[int], int, int, int], int]] = {
-    "curriculum": _curriculum,
-    "round_robin": _round_robin,
-    "uniform": _uniform,
-}
+@dataclass(frozen=True)
+class ExitSampler:
+    """A rule for which exit a training step uses (`EdgeLLMConfig.exit_sampling` names it):
+    `choose(exits, step, total_steps, seed) -> exit`. A pure function of its arguments, so a run
+    resumed from a checkpoint continues the same exit sequence without any saved sampler state."""
+
+    name: str
+    choose: Callable[[list[int], int, int, int], int]
+
+
+EXIT_SAMPLERS: Registry[ExitSampler] = Registry("exit_sampling rule")
+EXIT_SAMPLERS.register(ExitSampler("curriculum", _curriculum))
+EXIT_SAMPLERS.register(ExitSampler("round_robin", _round_robin))
+EXIT_SAMPLERS.register(ExitSampler("uniform", _uniform))
 
 
 def exit_for_step(exits: list[int], rule: str, step: int, total_steps: int, seed: int) -> int:
     """The active exit of optimizer step `step` (0-based) out of `total_steps` under `rule`."""
-    if rule not in EXIT_SAMPLERS:
-        raise ValueError(f"Unknown exit_sampling rule {rule!r}; use one of {', '.join(map(repr, EXIT_SAMPLERS))}.")
-    return EXIT_SAMPLERS[rule](exits, step, total_steps, seed)
+    return EXIT_SAMPLERS.lookup(rule).choose(exits, step, total_steps, seed)

@@ -22,7 +22,7 @@ from edge_llm.modeling import find_decoder_parts
 from edge_llm.tuner.config import MIN_EXIT_WEIGHT, EdgeLLMConfig
 from edge_llm.tuner.control import ExitController, voting_exits
 from edge_llm.tuner.exits import exit_for_step, resolve_exits, window
-from edge_llm.tuner.heads import build_exit_heads
+from edge_llm.tuner.heads import EXIT_HEADS, build_exit_heads
 from edge_llm.tuner.loss import auto_chunk_size, shift_for_causal_lm
 from edge_llm.tuner.voting import fit_exit_weights
 
@@ -90,7 +90,7 @@ class EdgeLLMModel(LoraModel):
             raise ValueError(
                 f"EdgeLLMConfig.r={config.r} exceeds the model's hidden size {hidden_size}; use at most {hidden_size}."
             )
-        if config.exit_head == "lora" and config.exit_head_rank > hidden_size:
+        if EXIT_HEADS[config.exit_head].uses_rank and config.exit_head_rank > hidden_size:
             # A rank above the hidden size adds nothing and, read from a tampered file, could
             # allocate any amount of memory.
             raise ValueError(
