@@ -7,6 +7,7 @@ imports what the command needs. See `edge_llm_cli` for the arguments.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 import json
 import logging
@@ -193,8 +194,9 @@ def _tune(args: argparse.Namespace) -> int:
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
 
-    from edge_llm import EdgeLLMConfig, EdgeTrainer, limit_allocator_reserve
+    from edge_llm._memory import limit_allocator_reserve
     from edge_llm.data.loading import load_rows, training_dataset
+    from edge_llm.trainer import EdgeTrainer
 
     if args.memory is not None:
         limit_allocator_reserve()  # before loading: what loading frees must not come back while training
@@ -390,9 +392,8 @@ def cli_choices() -> dict[str, Any]:
 
 def write_choices() -> Path:
     """Write `cli_choices()` into the front's `choices.json` (after changing a registry or default)."""
-    import edge_llm_cli
-
-    path = Path(edge_llm_cli.__file__).with_name("choices.json")
+    # Found, not imported: the front imports this module to run commands.
+    path = Path(importlib.util.find_spec("edge_llm_cli").origin).with_name("choices.json")
     atomic_write_text(path, json.dumps(cli_choices(), indent=1) + "\n")
     return path
 
