@@ -252,7 +252,7 @@ def main() -> None:
         structural_table,
         weight_tensors,
     )
-    from edge_llm.luc.gguf_speed import GGUFSpeedProfile, measure_gguf_speed, speed_limit, time_table
+    from edge_llm.luc.gguf_speed import GGUFSpeedProfile, measure_gguf_speed
 
     original, tokenizer = load_model("smollm2", torch.float32, "cpu")
     original.eval()
@@ -288,7 +288,7 @@ def main() -> None:
         def luc_file(table: dict, size: int, file: Path, slowdown: float | None = None) -> tuple[Path, dict[str, int]]:
             """The LUC model for `table`'s sensitivity in a GGUF file of at most `size` bytes (with
             `slowdown`: a request at most that much slower than with the fastest types)."""
-            limit = None if slowdown is None else speed_limit(table, size - overhead, speed_profile, slowdown)
+            limit = None if slowdown is None else speed_profile.speed_limit(table, size - overhead, slowdown)
             choice = search_types(table, size - overhead, limit)
             model = copy.deepcopy(original)
             apply_types(model, choice, statistics)
@@ -322,7 +322,7 @@ def main() -> None:
             speed_profile_s = time.perf_counter() - start
             print(f"speed profile: {speed_profile_s:.0f} s", file=sys.stderr)
             for table in tables.values():
-                time_table(table, original, speed_profile)
+                speed_profile.time_table(table, original)
             prompt, generated = texts["sonnets"][0].tolist(), texts["sonnets"][1, :GENERATED].tolist()
             groups: dict[str, dict] = {}
             for mix in args.mixes:

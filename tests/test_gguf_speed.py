@@ -24,9 +24,7 @@ from edge_llm.luc.gguf_speed import (
     GGUFSpeedProfile,
     measure_gguf_speed,
     shape_fingerprint,
-    speed_limit,
     tensor_group,
-    time_table,
 )
 
 pytest.importorskip("llama_cpp")
@@ -71,14 +69,14 @@ def test_a_profile_of_another_model_is_refused(measured):
     other = tied_gguf_llama()
     other.model.layers = other.model.layers[:2]
     with pytest.raises(ValueError, match=r"measured for another model .* Measure it for this model"):
-        time_table(structural_table(other, ("Q4_0",)), other, profile)
+        profile.time_table(structural_table(other, ("Q4_0",)), other)
 
 
 def test_a_type_the_profile_did_not_time_is_refused_not_guessed(measured):
     model, profile = measured
     table = structural_table(model, ("Q5_0", "Q8_0"))
     with pytest.raises(ValueError, match=r"no time for Q5_0 .* leave Q5_0 out of LUCConfig\.gguf_types"):
-        time_table(table, model, profile)
+        profile.time_table(table, model)
 
 
 def test_the_embedding_is_the_output_when_tied_and_free_when_looked_up_only():
@@ -139,17 +137,17 @@ def test_the_slowdown_bounds_the_predicted_request_time():
     types = ("Q4_0", "Q4_1", "Q8_0")
     profile = _profile_for(model, slow="Q4_1")
     table = structural_table(model, types)
-    time_table(table, model, profile)
+    profile.time_table(table, model)
     budget = sum(c.nbytes for c in (next(c for c in cs if c.kind.name == "Q4_1") for cs in table.values()))
     unconstrained = search_types(table, budget)
     assert "Q4_1" in unconstrained.values()  # the rule's damage favours Q4_1's extra bits
     reference = sum(profile.reference_seconds.values())
     fastest = reference + fastest_seconds(table, budget)
     for slowdown in (0.0, 0.2):
-        choice = search_types(table, budget, speed_limit(table, budget, profile, slowdown))
+        choice = search_types(table, budget, profile.speed_limit(table, budget, slowdown))
         request = sum(profile.predict(model, choice).values())
         assert request <= (1 + slowdown) * fastest * (1 + 1e-6)
-    assert set(search_types(table, budget, speed_limit(table, budget, profile, 0.0)).values()) == {"Q4_0"}
+    assert set(search_types(table, budget, profile.speed_limit(table, budget, 0.0)).values()) == {"Q4_0"}
 
 
 @pytest.mark.parametrize(
@@ -223,6 +221,6 @@ def test_from_pretrained_measures_the_speed_once_and_keeps_it(tiny_dir, tmp_path
     assert policy == second.config.quantization_config.policy["tensors"]
     # gguf_max_slowdown=0: a request as fast as with the fastest types the 6-bit budget holds.
     table = structural_table(first, ("Q4_0", "Q5_0", "Q8_0"))
-    time_table(table, first, profile)
+    profile.time_table(table, first)
     fastest = sum(profile.reference_seconds.values()) + fastest_seconds(table, int(6.0 * weight_count(first) // 8))
     assert sum(profile.predict(first, policy).values()) <= fastest * (1 + 1e-6)

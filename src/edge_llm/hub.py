@@ -12,7 +12,7 @@ from torch import nn
 
 from edge_llm._io import atomic_write_text
 from edge_llm._version import __version__
-from edge_llm.luc.integration import policy_of
+from edge_llm.luc.facts import policy_of
 from edge_llm.tuner.model import edge_config_of
 
 logger = logging.getLogger(__name__)

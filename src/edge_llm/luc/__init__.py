@@ -14,8 +14,9 @@ transformers' own seams: `config` (`LUCConfig`), `quantizer` (`LUCHfQuantizer`, 
 
 from edge_llm.luc.calibration import calibration_tokens
 from edge_llm.luc.config import LUCConfig
+from edge_llm.luc.facts import policy_of
 from edge_llm.luc.gguf_speed import GGUFSpeedProfile, measure_gguf_speed
-from edge_llm.luc.integration import apply_luc, compress_model, policy_of
+from edge_llm.luc.integration import apply_luc, compress_model
 from edge_llm.luc.linear import LUCLinear
 from edge_llm.luc.method import CompressionMethod
 from edge_llm.luc.optimum import LUCQuantizer

@@ -11,6 +11,7 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from edge_llm._io import load_json
+from edge_llm.luc.facts import QUANT_METHOD
 from edge_llm.luc.linear import UNQUANTIZED_BITS
 from edge_llm.luc.method import CompressionMethod
 from edge_llm.luc.policy import Budget, LUCPolicy
@@ -20,7 +21,6 @@ from edge_llm.luc.quantize import check_bits
 
 # The name shows up in transformers' "Unknown quantization type" warning when a process that has
 # not imported edge_llm loads a LUC checkpoint, so it says where the method comes from.
-QUANT_METHOD = "edge_llm_luc"
 # What the compressed model is for: "pytorch" (LUC's own packed layers: per-layer bits and
 # sparsity) or "gguf" (llama.cpp: one llama.cpp weight type per tensor, see `luc/gguf_policy.py`).
 TARGETS = ("pytorch", "gguf")

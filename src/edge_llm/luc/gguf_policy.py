@@ -168,7 +168,7 @@ class Candidate:
     nbytes: int  # in the GGUF file, with its alignment padding
     damage: float
     # Seconds this choice adds to a request (prompt, then generation) in llama.cpp beyond the speed
-    # profile's reference type (`gguf_speed.time_table`; 0 when not timed).
+    # profile's reference type (`GGUFSpeedProfile.time_table`; 0 when not timed).
     seconds: float = 0.0
 
 
@@ -427,10 +427,8 @@ def compress_for_gguf(
             table = structural_table(model, types)
         max_seconds = None
         if speed is not None:
-            from edge_llm.luc.gguf_speed import speed_limit, time_table
-
-            time_table(table, model, speed)
-            max_seconds = speed_limit(table, budget, speed, max_slowdown)
+            speed.time_table(table, model)
+            max_seconds = speed.speed_limit(table, budget, max_slowdown)
         policy = GGUFPolicy(search_types(table, budget, max_seconds), sensitivity)
         if speed is not None:
             predicted = speed.predict(model, policy.tensors)

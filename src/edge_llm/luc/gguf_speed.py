@@ -140,6 +140,30 @@ class GGUFSpeedProfile:
                 total[phase] += seconds
         return total
 
+    def time_table(self, table: dict[str, list[Candidate]], model: nn.Module) -> None:
+        """Fill every candidate's `seconds`: what its type adds to a request (the profile's prompt, then
+        its generated tokens) in llama.cpp. One figure, not one per phase: the phases' fastest types
+        differ, so limits on each could not all be met, and a request is what a user waits for."""
+        self.check_model(model)
+        tensors = weight_tensors(model)
+        for name, candidates in table.items():
+            group, weights = tensor_group(model, name), _weights(tensors[name])
+            for candidate in candidates:
+                candidate.seconds = sum(self.tensor_seconds(group, weights, candidate.kind.name).values())
+
+    def speed_limit(self, table: dict[str, list[Candidate]], budget_bytes: int, max_slowdown: float) -> float:
+        """The most seconds the types may add so that a request is at most `max_slowdown` (0.1: 10%)
+        slower than with the fastest choice of types within `budget_bytes`."""
+        reference = sum(self.reference_seconds.values())
+        fastest = reference + fastest_seconds(table, budget_bytes)
+        if fastest <= 0:
+            raise ValueError(
+                f"The llama.cpp speed profile predicts {fastest:.3g} s for a request: its measurements are not "
+                "consistent (a machine too busy while it was measured?); measure it again."
+            )
+        # A millionth more: the solver holds the fastest choice to its limit only within its tolerance.
+        return (1 + max_slowdown) * fastest * (1 + 1e-6) - reference
+
 
 def _weights(module: nn.Module) -> int:
     return math.prod(tensor_shape(module))
@@ -345,31 +369,3 @@ def _full_reference(
     measured = [runner.fastest(prompt, decode) for _ in range(rounds)]
     runner.close()
     return {p: statistics.median(m[p] for m in measured) for p in PHASES}
-
-
-def time_table(table: dict[str, list[Candidate]], model: nn.Module, profile: GGUFSpeedProfile) -> None:
-    """Fill every candidate's `seconds`: what its type adds to a request (the profile's prompt, then
-    its generated tokens) in llama.cpp. One figure, not one per phase: the phases' fastest types
-    differ, so limits on each could not all be met, and a request is what a user waits for."""
-    profile.check_model(model)
-    tensors = weight_tensors(model)
-    for name, candidates in table.items():
-        group, weights = tensor_group(model, name), _weights(tensors[name])
-        for candidate in candidates:
-            candidate.seconds = sum(profile.tensor_seconds(group, weights, candidate.kind.name).values())
-
-
-def speed_limit(
-    table: dict[str, list[Candidate]], budget_bytes: int, profile: GGUFSpeedProfile, max_slowdown: float
-) -> float:
-    """The most seconds the types may add so that a request is at most `max_slowdown` (0.1: 10%)
-    slower than with the fastest choice of types within `budget_bytes`."""
-    reference = sum(profile.reference_seconds.values())
-    fastest = reference + fastest_seconds(table, budget_bytes)
-    if fastest <= 0:
-        raise ValueError(
-            f"The llama.cpp speed profile predicts {fastest:.3g} s for a request: its measurements are not "
-            "consistent (a machine too busy while it was measured?); measure it again."
-        )
-    # A millionth more: the solver holds the fastest choice to its limit only within its tolerance.
-    return (1 + max_slowdown) * fastest * (1 + 1e-6) - reference

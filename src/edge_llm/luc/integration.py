@@ -1,6 +1,6 @@
 """The module surgery of LUC in a transformers model: compress it (`apply_luc`), build empty
-compressed layers for a checkpoint to load into, read its policy back (`policy_of`), and save it
-as a whole folder.
+compressed layers for a checkpoint to load into, and save it as a whole folder (reading the policy
+back is `facts.policy_of`).
 
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=LUCConfig(
         avg_bits=3.0, avg_sparsity=0.25, dataset=texts, tokenizer=tokenizer))
@@ -24,51 +24,16 @@ from edge_llm._io import atomic_directory
 from edge_llm._memory import release_freed_memory
 from edge_llm.assets import cache_dir
 from edge_llm.luc.calibration import calibration_tokens, target_linears
-from edge_llm.luc.checks import add_marker, policy_sha256
+from edge_llm.luc.checks import add_marker
 from edge_llm.luc.compress import compress_layers
-from edge_llm.luc.config import QUANT_METHOD, LUCConfig, config_policy
+from edge_llm.luc.config import LUCConfig, config_policy
+from edge_llm.luc.facts import QUANT_METHOD
 from edge_llm.luc.gguf_policy import BudgetTooSmall, GGUFPolicy, budget_bytes, compress_for_gguf, weight_count
 from edge_llm.luc.gguf_speed import GGUFSpeedProfile, gguf_speed_cache_path, measure_gguf_speed
 from edge_llm.luc.linear import LUCLinear
 from edge_llm.luc.policy import LUCPolicy
 from edge_llm.luc.profile import profile_sensitivity
 from edge_llm.modeling import find_decoder_parts
-
-
-def _quantization_fields(model: nn.Module) -> tuple[Any, Any, Any]:
-    """(quant_method, target, policy) of `model`'s (or its base model's) quantization config."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    quantization = getattr(getattr(base, "config", None), "quantization_config", None)
-    if isinstance(quantization, dict):
-        return quantization.get("quant_method"), quantization.get("target", "pytorch"), quantization.get("policy")
-    fields = ("quant_method", "target", "policy")
-    method, target, policy = (getattr(quantization, name, None) for name in fields)
-    return method, target or "pytorch", policy
-
-
-def policy_of(model: nn.Module) -> LUCPolicy | None:
-    """The LUC policy `model` (or the base model of a `PeftModel`) was compressed with, from its
-    `config.quantization_config`; None for a model LUC did not compress into its own layers
-    (see `gguf_policy_of` for the llama.cpp target)."""
-    method, target, policy = _quantization_fields(model)
-    if method != QUANT_METHOD or policy is None or target != "pytorch":
-        return None
-    return LUCPolicy.from_dict(policy)
-
-
-def gguf_policy_of(model: nn.Module) -> GGUFPolicy | None:
-    """The llama.cpp types LUC chose for `model` (`LUCConfig(target="gguf")`), or None."""
-    method, target, policy = _quantization_fields(model)
-    if method != QUANT_METHOD or policy is None or target != "gguf":
-        return None
-    return GGUFPolicy.from_dict(policy)
-
-
-def compression_of(model: nn.Module) -> str:
-    """What `model` was compressed with, as an adapter records it: "none", or "luc:" and the
-    SHA-256 of its LUC policy (for either target)."""
-    policy = policy_of(model) or gguf_policy_of(model)
-    return "none" if policy is None else "luc:" + policy_sha256(policy).hex()
 
 
 def replace_with_luc_shells(model: nn.Module, policy: LUCPolicy) -> None:

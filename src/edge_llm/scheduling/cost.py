@@ -27,41 +27,16 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from edge_llm.luc.integration import policy_of
+from edge_llm.luc.facts import policy_of
 from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
-from edge_llm.luc.policy import LUCPolicy, linear_storage_bytes
+from edge_llm.luc.policy import LUCPolicy
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.scheduling.devices import DeviceProfile, Kernel
 from edge_llm.scheduling.kernels import FP16_BYTES, KERNELS, kernel_type
+from edge_llm.scheduling.spec import LayerSpec
 from edge_llm.tuner.model import edge_config_of
 
 ACTIVATION_BYTES = 4
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """What the cost model needs to know about one decoder layer."""
-
-    index: int
-    linears: tuple[tuple[int, int], ...]  # (out_features, in_features) of each compressed Linear
-    bits: int
-    sparsity: float
-    structure: str
-    group_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    luc: bool = True  # stored as LUC stores layers (what the runtime can stream), or plain float
-
-    @property
-    def params(self) -> int:
-        return sum(o * i for o, i in self.linears)
-
-    def packed_bytes(self) -> int:
-        """Storage of the layer's weights as LUC stores them (what streaming reads)."""
-        return sum(linear_storage_bytes(o, i, self.bits, self.sparsity, self.group_size) for o, i in self.linears)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,9 +24,7 @@ from torch import nn
 from edge_llm._registry import Registry
 from edge_llm.luc.kernels import Int4Weight, int4_fits, int4_matmul, planes_for
 from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
-
-if TYPE_CHECKING:
-    from edge_llm.scheduling.cost import LayerSpec
+from edge_llm.scheduling.spec import LayerSpec
 
 FP16_BYTES = 2
 logger = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -34,12 +34,25 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_utils import slice_logits_to_keep
 
 from edge_llm.modeling import DecoderParts, first_tensor, postprocess_logits
+from edge_llm.tuner.config import EdgeLLMConfig
 from edge_llm.tuner.exits import window
 from edge_llm.tuner.loss import LOSS_KWARGS, DeferredHead, replace_output_fields
 from edge_llm.tuner.voting import VOTING_RULES, vote
 
-if TYPE_CHECKING:
-    from edge_llm.tuner.model import EdgeLLMModel
+
+class ExitSource(Protocol):
+    """What the controller reads from the tuner it serves (`EdgeLLMModel`), at the start of each
+    pass: the model, the active adapter's config, the exit training runs to, each exit's head."""
+
+    model: nn.Module
+
+    @property
+    def active_edge_config(self) -> EdgeLLMConfig: ...
+
+    @property
+    def active_exit(self) -> int | None: ...
+
+    def exit_head(self, layer: int) -> nn.Module | None: ...
 
 
 @dataclass
@@ -74,7 +87,7 @@ class _Pass:
 class ExitController:
     """Installs the hooks that implement exits, gradient windows and voting on `tuner.model`."""
 
-    def __init__(self, tuner: EdgeLLMModel, parts: DecoderParts) -> None:
+    def __init__(self, tuner: ExitSource, parts: DecoderParts) -> None:
         self.tuner = tuner
         self.parts = parts
         self._pass: _Pass | None = None

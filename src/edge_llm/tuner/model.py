@@ -17,7 +17,7 @@ from peft import LoraModel
 from torch import nn
 
 from edge_llm._warnings import warn_loudly
-from edge_llm.luc.integration import compression_of
+from edge_llm.luc.facts import compression_of
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.tuner.config import MIN_EXIT_WEIGHT, EdgeLLMConfig
 from edge_llm.tuner.control import ExitController, voting_exits
