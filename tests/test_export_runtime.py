@@ -325,11 +325,11 @@ def gguf_llama():
     return LlamaForCausalLM(config)
 
 
-def adapted_gguf_llama(policy):
-    """`gguf_llama` LUC-compressed with `policy` (RTN, magnitude, groups of 32) and an Edge-LLM
-    adapter on q_proj at exit 1 (voting "last"), LoRA initialised non-zero."""
+def adapted_gguf_llama(policy, grid="asymmetric"):
+    """`gguf_llama` LUC-compressed with `policy` (RTN, magnitude, groups of 32, on `grid`) and an
+    Edge-LLM adapter on q_proj at exit 1 (voting "last"), LoRA initialised non-zero."""
     model = gguf_llama()
-    compress_model(model, policy, CompressionMethod(32, "rtn", "magnitude"), progress=False)
+    compress_model(model, policy, CompressionMethod(32, "rtn", "magnitude", grid=grid), progress=False)
     return get_peft_model(
         model,
         edge_llm.EdgeLLMConfig(r=4, target_modules=["q_proj"], exit_layers=[1], voting="last", init_lora_weights=False),
@@ -531,15 +531,16 @@ def test_export_targets_are_checked_before_any_work(tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir())
 
 
-def test_executorch_runs_the_exported_program_and_agrees_with_pytorch(tmp_path):
+@pytest.mark.parametrize("grid", ["asymmetric", "symmetric"])
+def test_executorch_runs_the_exported_program_and_agrees_with_pytorch(tmp_path, grid):
     pytest.importorskip("executorch")
     import executorch.kernels.quantized  # noqa: F401  (the int8 embedding table's kernel)
     from executorch.runtime import Runtime
 
     # 2-4-bit layers go to int4 blocks holding LUC's codes, 8-bit to int8 per channel; the last
     # exit's window carries the adapter (folded in: re-quantized); XNNPACK also quantizes
-    # activations to int8 per token.
-    model = adapted_gguf_llama([(2, 0.0), (3, 0.5), (4, 0.0), (8, 0.0)])
+    # activations to int8 per token. The symmetric grid's scales carry signs (XNNPACK takes them).
+    model = adapted_gguf_llama([(2, 0.0), (3, 0.5), (4, 0.0), (8, 0.0)], grid)
     plan = schedule(model, cpu_device(10**9), Workload(prompt_tokens=48, decode_tokens=8))
     out = export(model, plan, tmp_path / "bundle", targets=["executorch"])
     assert "model.pte" in verify_bundle(out)["files"]

@@ -1,5 +1,7 @@
 """Packing, group-wise quantization and pruning masks."""
 
+import math
+
 import pytest
 import torch
 
@@ -55,15 +57,20 @@ def test_the_symmetric_grid_centres_the_codes_on_the_middle_code(bits):
         signed = q.codes.int() - middle  # a symmetric kernel's codes, e.g. int4 in [-8, 7]
         assert signed.min() >= -middle and signed.max() <= middle - 1
     q = quantize_rtn(weight, bits, 32, symmetric=True)
-    # the scale spans the group's largest magnitude (torchao's symmetric mapping), rounded up to float16
-    groups = torch.nn.functional.pad(weight, (0, 16)).view(16, 3, 32).abs().amax(-1)
-    assert (
-        (q.scales.float() >= 2 * groups / ((1 << bits) - 1))
-        & (q.scales.float() <= 2 * groups / ((1 << bits) - 1) * (1 + 2**-9))
-    ).all()
+    # The smallest scale reaching both ends of the group (torchao's SYMMETRIC_NO_CLIPPING_ERR), to
+    # float16's nearest: the larger end is on the grid exactly.
+    def grouped(tensor, padding):  # 80 columns: the third group has 16, the padding is not in it
+        return torch.nn.functional.pad(tensor, (0, 16), value=padding).view(16, 3, 32)
+
+    low, high = grouped(weight, math.inf).amin(-1), grouped(weight, -math.inf).amax(-1)
+    expected = torch.maximum(-low / middle, high / (middle - 1)).half().float()
+    torch.testing.assert_close(q.scales.float(), expected, rtol=0, atol=0)
     restored = dequantize(q.codes, q.scales, q.zeros, 32)
     step = q.scales.float().repeat_interleave(32, dim=1)[:, :80]
-    assert ((restored - weight).abs() <= step / 2 + 1e-7).all()
+    assert ((restored - weight).abs() <= step / 2 + 1e-6).all()  # nothing clipped
+    binding = torch.where(-low / middle >= high / (middle - 1), low, high)  # the end that sets the scale
+    on_grid = (grouped(restored, 0.0) - binding[..., None]).abs().amin(-1)
+    assert (on_grid <= binding.abs() * 2**-10).all()
 
 
 def test_a_merged_update_keeps_a_symmetric_layer_on_its_grid():

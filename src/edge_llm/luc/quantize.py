@@ -9,9 +9,13 @@ Every kept weight is within `scale / 2` of its dequantized value (plus float16 r
 points beyond 2048, which only near-constant groups reach). Pruned weights dequantize to exactly
 0 through the mask; their code is 0 and carries no information.
 
-On the symmetric grid the zero-point is the middle code `2**(bits-1)` and the scale spans the
-group's largest magnitude: `scale = 2 max|w| / (2**bits - 1)` (torchao's symmetric mapping), so the
-codes minus the zero-point are a symmetric kernel's signed codes, e.g. int4 in [-8, 7].
+On the symmetric grid the zero-point is the middle code `2**(bits-1)`, so the codes minus the
+zero-point are a symmetric kernel's signed codes (int4 in [-8, 7]), and the scale is the smallest
+that reaches both ends of the group: `scale = max(-min(w) / 2**(bits-1), max(w) / (2**(bits-1) - 1))`,
+so the group's extreme weight is on the grid exactly (torchao's `SYMMETRIC_NO_CLIPPING_ERR`
+mapping). Its default symmetric mapping (`scale = 2 max|w| / (2**bits - 1)`) leaves the extreme
+half a step off the grid and rounds it inward in half of the groups; on SmolLM2-135M at 4 bits
+per 32 that costs 9% in perplexity (`docs/results.md`).
 
 GPTQ (Frantar et al., 2022) quantizes one column at a time and spreads each column's error over
 the columns not yet quantized, weighted by the inverse Hessian `H = X^T X` of the layer's
@@ -60,15 +64,22 @@ def _group_params(
         empty = ~keep.any(dim=-1)
         low, high = low.masked_fill(empty, 0.0), high.masked_fill(empty, 0.0)
     if symmetric:
-        high = torch.maximum(high.abs(), low.abs())
-        low = -high
+        return _symmetric_params(low, high, bits)
     scale = ((high - low) / max_code).clamp_min(_MIN_SCALE)
     # Round the scale *up* to float16 (relative spacing 2**-10), so the grid still spans [low, high].
     scale = (scale * (1 + 2.0**-10)).to(torch.float16).float()
-    if symmetric:
-        return scale, torch.full_like(scale, 1 << (bits - 1))
     zero = torch.round(-low / scale).clamp(-60000, 60000).to(torch.float16).float()
     return scale, zero
+
+
+def _symmetric_params(low: torch.Tensor, high: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero-point of the symmetric grid: the smallest scale whose codes reach both the
+    group's lowest weight (at `-2**(bits-1)` steps) and its highest (at `2**(bits-1) - 1`), so the
+    larger of the two lands exactly on the grid."""
+    half = 1 << (bits - 1)
+    scale = torch.maximum(-low / half, high / (half - 1)).clamp_min(_MIN_SCALE)
+    # Float16 to nearest: the extreme is then within 2**-11 of its code and still rounds to it.
+    return scale.to(torch.float16).float(), torch.full_like(scale, half)
 
 
 def _pad_columns(tensor: torch.Tensor, group_size: int, value: float | bool) -> torch.Tensor:
