@@ -9,14 +9,15 @@ its embedding table in int8 per row, so what differs is how the weights were rou
 - torchao 8da4w, head 8da4w: optimum-executorch's recipe (the head in int4 too);
 - torchao 8da4w, head int8: the same, with the head as edge-llm's export stores it (int8 per
   channel), the size every row below shares;
+- torchao 8da4w with its other choices of scale: `SYMMETRIC_NO_CLIPPING_ERR` (the rule LUC's
+  symmetric grid uses) and `HQQ_SCALE_ONLY` (a data-free search of each group's scale);
 - LUC 4-bit symmetric RTN / GPTQ, groups of 32: LUC's codes on XNNPACK's symmetric int4 grid, so
-  the program holds them unchanged at exactly the bytes of the row above;
-- LUC 4-bit asymmetric GPTQ: LUC's default grid, whose zero-points ride in per-block offsets
-  (larger).
+  the program holds them unchanged at exactly the bytes of the torchao head-int8 rows.
 
 SmolLM2-135M-Instruct (its released weights are dequantized Q4_1, which flatters 4-bit grids of
 32), perplexity in ExecuTorch on held-out sonnets (131-154) and LAMBADA's first passages; GPTQ
-calibrates on 8 x 128 tokens of the training sonnets; speed as in `runtime_agreement.py`.
+calibrates on 64 x 256 tokens of the training sonnets (the sonnets are its calibration domain,
+LAMBADA is not); speed as in `runtime_agreement.py`.
 
     python benchmarks/vs_torchao.py --json benchmarks/results/vs_torchao_smollm2.json
 """
@@ -40,21 +41,32 @@ from runtime_agreement import SEQ_LEN, ExecuTorch, compare, time_and_close
 from vs_llamacpp import lambada_texts, windows_of
 
 
-def torchao_program(original, head: str) -> torch.nn.Module:
+def torchao_program(original, head: str, choice: str = "default") -> torch.nn.Module:
     """`original` quantized by torchao: 8da4w (int4 per 32, int8 activations) everywhere, the head
-    8da4w too (`head="int4"`) or int8 per output channel (`head="int8"`); the table int8 per row."""
+    8da4w too (`head="int4"`) or int8 per output channel (`head="int8"`); the table int8 per row.
+    `choice` of int4 scales: torchao's default symmetric mapping, "no_clipping"
+    (`SYMMETRIC_NO_CLIPPING_ERR`) or "hqq" (`HQQ_SCALE_ONLY`)."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_primitives import MappingType
+    from torchao.quantization.quantize_.workflows.intx.intx_choose_qparams_algorithm import (
+        IntxChooseQParamsAlgorithm,
+    )
 
     from edge_llm.export.executorch import int8_embedding
 
+    options = {
+        "default": {},
+        "no_clipping": {"weight_mapping_type": MappingType.SYMMETRIC_NO_CLIPPING_ERR},
+        "hqq": {"intx_choose_qparams_algorithm": IntxChooseQParamsAlgorithm.HQQ_SCALE_ONLY},
+    }[choice]
     model = copy.deepcopy(original)
     int8_embedding(model)  # unties the head first
     lm_head = model.get_output_embeddings()
     if head == "int8":
         config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
         quantize_(model, config, lambda module, _: module is lm_head)
-    int4 = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32))
+    int4 = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32), **options)
     quantize_(
         model, int4, lambda module, _: isinstance(module, torch.nn.Linear) and (head == "int4" or module is not lm_head)
     )
@@ -75,6 +87,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=15, help="held-out windows of 256 tokens per text")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved speed rounds")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--only", nargs="+", help="measure only the programs whose names hold one of these words")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -92,19 +105,22 @@ def main() -> None:
         "sonnets": windows_of(tokenizer, sonnets("test"), args.windows),
         "LAMBADA": windows_of(tokenizer, lambada_texts(400), args.windows),
     }
-    calibration = calibration_tokens(sonnets("train"), tokenizer, 8, 128)
+    calibration = calibration_tokens(sonnets("train"), tokenizer, 64, 256)
 
     # name -> the float model whose torchao weights the program holds, and the PyTorch model it computes
     builders = {
         "torchao 8da4w, head 8da4w (optimum-executorch's recipe)": lambda: torchao_program(original, "int4"),
         "torchao 8da4w, head int8": lambda: torchao_program(original, "int8"),
+        "torchao 8da4w SYMMETRIC_NO_CLIPPING_ERR, head int8": lambda: torchao_program(original, "int8", "no_clipping"),
+        "torchao 8da4w HQQ_SCALE_ONLY, head int8": lambda: torchao_program(original, "int8", "hqq"),
     }
     for label, method in {
         "LUC 4-bit symmetric RTN g32": CompressionMethod(32, "rtn", grid="symmetric"),
         "LUC 4-bit symmetric GPTQ g32": CompressionMethod(32, "gptq", grid="symmetric"),
-        "LUC 4-bit asymmetric GPTQ g32 (offsets)": CompressionMethod(32, "gptq"),
     }.items():
         builders[label] = lambda method=method: quantize_for_xnnpack(luc_model(original, method, calibration))[0]
+    if args.only:
+        builders = {name: build for name, build in builders.items() if any(word in name for word in args.only)}
 
     rows, runners = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
