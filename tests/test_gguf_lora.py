@@ -4,8 +4,8 @@ base keeps its blocks, frozen), and the adapter as a llama.cpp LoRA GGUF beside 
 import numpy as np
 import pytest
 import torch
+from export_models import ToyTokenizer, gguf_llama, llama_cpp_and_pytorch_logits
 from peft import LoraConfig, get_peft_model
-from test_export_runtime import _ToyTokenizer, gguf_llama, llama_cpp_and_pytorch_logits
 from test_gguf_policy import tied_gguf_llama
 from tiny_models import VOCAB
 
@@ -108,7 +108,7 @@ def test_llama_cpp_runs_the_unchanged_base_with_the_adapter_and_agrees_with_pyto
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
-    base_path = write_gguf(model, tmp_path / "model.gguf", tokenizer=_ToyTokenizer(), fold_adapters=False)
+    base_path = write_gguf(model, tmp_path / "model.gguf", tokenizer=ToyTokenizer(), fold_adapters=False)
     adapter_path = write_gguf_lora(model, tmp_path / "adapter.gguf")
 
     import gguf
@@ -139,7 +139,7 @@ def test_llama_cpp_runs_the_unchanged_base_with_the_adapter_and_agrees_with_pyto
     assert error < 2 * base_error + 0.05 and moved > 10 * error, (error, base_error, moved)
 
     # Merged instead: the update folded in and re-rounded into each layer's own llama.cpp type.
-    merged = write_gguf(model, tmp_path / "merged.gguf", tokenizer=_ToyTokenizer())
+    merged = write_gguf(model, tmp_path / "merged.gguf", tokenizer=ToyTokenizer())
     merged_types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(merged)).tensors}
     assert merged_types == {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(base_path)).tensors}
     folded, _ = llama_cpp_and_pytorch_logits(model, merged, seed=5)
@@ -165,7 +165,7 @@ def test_what_a_llama_cpp_adapter_cannot_hold_is_refused_with_the_way_out(tmp_pa
 
 
 def test_a_bundle_ships_the_base_and_every_adapter_apart_and_verifies_them(tmp_path):
-    from test_export_runtime import cpu_device
+    from export_models import cpu_device
 
     from edge_llm.export import export, verify_bundle
     from edge_llm.scheduling import Workload, schedule
@@ -173,7 +173,7 @@ def test_a_bundle_ships_the_base_and_every_adapter_apart_and_verifies_them(tmp_p
     model = lora(gguf_llama())
     model.add_adapter("poems", LoraConfig(r=2, target_modules=["down_proj"]))
     plan = schedule(model, cpu_device(10**9), Workload(prompt_tokens=8))
-    vocabulary = {"reference_gguf": write_gguf(gguf_llama(), tmp_path / "vocabulary.gguf", tokenizer=_ToyTokenizer())}
+    vocabulary = {"reference_gguf": write_gguf(gguf_llama(), tmp_path / "vocabulary.gguf", tokenizer=ToyTokenizer())}
     out = export(model, plan, tmp_path / "bundle", targets=["gguf"], target_options={"gguf": vocabulary})
     manifest = verify_bundle(out)
     assert {"model.gguf", "adapter-default.gguf", "adapter-poems.gguf"} <= manifest["files"].keys()

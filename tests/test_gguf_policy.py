@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from test_export_runtime import _ToyTokenizer, gguf_llama, llama_cpp_and_pytorch_logits
+from export_models import ToyTokenizer, gguf_llama, llama_cpp_and_pytorch_logits
 from tiny_models import VOCAB
 
 from edge_llm.export import write_gguf
@@ -154,8 +154,8 @@ def test_a_measured_policy_writes_its_blocks_unchanged_and_llama_cpp_agrees(cali
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
     assert isinstance(model.model.layers[0].mlp.down_proj, GGMLLinear)
 
-    path = write_gguf(model, tmp_path / "model.gguf", tokenizer=_ToyTokenizer())
-    dense = write_gguf(original, tmp_path / "dense.gguf", tokenizer=_ToyTokenizer())
+    path = write_gguf(model, tmp_path / "model.gguf", tokenizer=ToyTokenizer())
+    dense = write_gguf(original, tmp_path / "dense.gguf", tokenizer=ToyTokenizer())
     # the file is the fixed part (header, vocabulary, norms) plus the policy's bytes, to the byte
     assert path.stat().st_size - policy_bytes(model, choice) == dense.stat().st_size - f16
     reader = gguf.GGUFReader(str(path))

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from test_export_runtime import _ToyTokenizer
+from export_models import ToyTokenizer
 from test_gguf_policy import tied_gguf_llama
 
 from edge_llm.luc import ggml
@@ -35,7 +35,7 @@ def measured():
     model = tied_gguf_llama()
     profile = measure_gguf_speed(
         model,
-        _ToyTokenizer(),
+        ToyTokenizer(),
         types=("Q4_0", "Q4_K", "Q8_0"),
         prompt_tokens=16,
         decode_tokens=4,
@@ -83,7 +83,7 @@ def test_the_embedding_is_the_output_when_tied_and_free_when_looked_up_only():
     tied = tied_gguf_llama()
     assert tensor_group(tied, "embedding") == "output"
     assert tensor_group(tied, "model.layers.1.self_attn.v_proj") == "linear"
-    from test_export_runtime import gguf_llama
+    from export_models import gguf_llama
 
     untied = gguf_llama()
     assert tensor_group(untied, "embedding") is None and tensor_group(untied, "lm_head") == "output"

@@ -57,6 +57,7 @@ def test_the_symmetric_grid_centres_the_codes_on_the_middle_code(bits):
         signed = q.codes.int() - middle  # a symmetric kernel's codes, e.g. int4 in [-8, 7]
         assert signed.min() >= -middle and signed.max() <= middle - 1
     q = quantize_rtn(weight, bits, 32, symmetric=True)
+
     # The smallest scale reaching both ends of the group (torchao's SYMMETRIC_NO_CLIPPING_ERR), to
     # float16's nearest: the larger end is on the grid exactly.
     def grouped(tensor, padding):  # 80 columns: the third group has 16, the padding is not in it
