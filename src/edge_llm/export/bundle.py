@@ -33,7 +33,7 @@ from edge_llm._version import __version__
 from edge_llm.export.targets import EXPORT_TARGETS, ExportTarget
 from edge_llm.export.weights import adapter_names
 from edge_llm.luc.facts import policy_of
-from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
+from edge_llm.luc.linear import layer_setting
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.scheduling.scheduler import Schedule
 from edge_llm.tuner.model import edge_config_of
@@ -60,8 +60,7 @@ def check_schedule_matches(base: nn.Module, schedule: Schedule, fix: str = "sche
     if len(layers) != len(schedule.layers):
         raise ValueError(f"The schedule plans {len(schedule.layers)} layers but the model has {len(layers)}: {fix}.")
     for plan, layer in zip(schedule.layers, layers, strict=True):
-        compressed = [m for m in layer.modules() if isinstance(m, LUCLinear)]
-        bits, sparsity = (compressed[0].bits, compressed[0].sparsity) if compressed else (UNQUANTIZED_BITS, 0.0)
+        bits, sparsity = layer_setting(layer)
         if (plan.bits, plan.sparsity) != (bits, sparsity):
             raise ValueError(
                 f"The schedule was made for layer {plan.layer} at {plan.bits} bits / sparsity {plan.sparsity}, but the "

@@ -48,8 +48,8 @@ from torch import nn
 
 from edge_llm._io import atomic_write_bytes
 from edge_llm._warnings import EXECUTORCH_LOWERING, quiet_upstream_warnings
-from edge_llm.export.weights import adapted_layers, base_layer, effective_weight, folded_adapters, layer_bits
-from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
+from edge_llm.export.weights import adapted_layers, base_layer, effective_weight, folded_adapters
+from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear, layer_setting
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.tuner.model import edge_config_of
 
@@ -255,7 +255,7 @@ def quantize_for_xnnpack(
     plain = _float_copy(base, adapted)
     counts: Counter[str] = Counter()
     for index, (layer, target) in enumerate(zip(layers, find_decoder_parts(plain).layers(plain), strict=True)):
-        bits = layer_bits(layer)
+        bits, _ = layer_setting(layer)
         for name, linear in list(target.named_modules()):
             if not isinstance(linear, nn.Linear) or bits == UNQUANTIZED_BITS:
                 counts["float32 Linears"] += isinstance(linear, nn.Linear)

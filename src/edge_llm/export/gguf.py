@@ -34,11 +34,11 @@ import torch
 from torch import nn
 
 from edge_llm._io import atomic_file
-from edge_llm.export.weights import adapted_layers, base_layer, effective_weight, folded_adapters, layer_bits
+from edge_llm.export.weights import adapted_layers, base_layer, effective_weight, folded_adapters
 from edge_llm.luc.facts import policy_of
 from edge_llm.luc.ggml import quantize
 from edge_llm.luc.ggml_linear import GGMLEmbedding, GGMLLinear
-from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
+from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear, layer_setting
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.tuner.model import edge_config_of
 
@@ -351,7 +351,7 @@ def write_gguf(
     data, qtype = _llama_cpp_blocks(embedding) or (embedding.weight.detach().float().numpy().astype(np.float16), None)
     writer.add_tensor("token_embd.weight", data, raw_dtype=qtype)
     for index, layer in enumerate(layers):
-        bits = layer_bits(layer)
+        bits, _ = layer_setting(layer)
         for suffix, gguf_name in LLAMA_TENSORS.items():
             module = layer.get_submodule(suffix)
             if gguf_name.endswith("norm"):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from edge_llm.luc.ggml_linear import GGMLLinear
-from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
+from edge_llm.luc.linear import LUCLinear
 from edge_llm.tuner.exits import window
 
 
@@ -44,12 +44,6 @@ def effective_weight(module: nn.Module, with_adapter: bool = True) -> torch.Tens
     for adapter in folded_adapters(module, with_adapter):
         weight = weight + module.get_delta_weight(adapter).float()
     return weight
-
-
-def layer_bits(layer: nn.Module) -> int:
-    """The LUC bit-width of a decoder layer (`UNQUANTIZED_BITS` if LUC left it in float)."""
-    compressed = [m for m in layer.modules() if isinstance(m, LUCLinear)]
-    return compressed[0].bits if compressed else UNQUANTIZED_BITS
 
 
 def adapted_layers(edge_config: Any, num_layers: int) -> set[int]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from edge_llm.luc.facts import policy_of
-from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
+from edge_llm.luc.linear import LUCLinear, layer_setting
 from edge_llm.luc.policy import LUCPolicy
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.scheduling.devices import DeviceProfile, Kernel
@@ -77,11 +77,9 @@ class ModelSpec:
             if policy is not None:
                 bits, sparsity = policy.layers[index]
                 structure, group_size = policy.method.prune_structure, policy.method.group_size
-            elif compressed:
-                bits, sparsity, structure = compressed[0].bits, compressed[0].sparsity, "unstructured"
-                group_size = compressed[0].group_size
             else:
-                bits, sparsity, structure, group_size = UNQUANTIZED_BITS, 0.0, "unstructured", 128
+                (bits, sparsity), structure = layer_setting(layer), "unstructured"
+                group_size = compressed[0].group_size if compressed else 128
             layers.append(
                 LayerSpec(
                     index=index,
