@@ -142,20 +142,17 @@ def int4_linear(linear: nn.Linear, module: nn.Module, with_adapter: bool, block:
         counts["int4 blocks re-quantized"] += linear.weight.scale.numel()
         return linear
     rows, blocks = layer.out_features, layer.in_features // block
-    per_group = layer.group_size // block
-    zero = layer.weight_zeros.float().repeat_interleave(per_group, dim=1)[:, :blocks]
-    scale = layer.weight_scales.float().repeat_interleave(per_group, dim=1)[:, :blocks]
-    mask = layer.mask()
-    kept = torch.ones(rows, blocks, block, dtype=torch.bool) if mask is None else mask.view(rows, blocks, block)
     # Pruned weights are 0: their code is the zero-point, which a group may put outside [0, 15].
-    codes = torch.where(kept, layer.codes(mask).float().view(rows, blocks, block), zero[..., None])
+    luc = layer.code_blocks(block)
+    zero, scale = luc.zeros, luc.scales
+    codes = luc.codes.float().view(rows, blocks, block)
     centered = codes - zero[..., None]
     if ((centered >= INT4_RANGE[0]) & (centered <= INT4_RANGE[1])).all():
         # int4 holds `code - zero_point` itself: LUC's weight with no offsets.
         linear.weight = nn.Parameter(_int_weight(centered.view(rows, -1).to(torch.int8), scale, 4), requires_grad=False)
         counts["int4 blocks holding LUC's codes"] += rows * blocks
         return linear
-    on_grid = ((zero >= 0) & (zero <= 15)) | kept.all(-1)
+    on_grid = luc.pruned_on_grid(16)
     codes = codes - 8
     if not on_grid.all():  # re-quantize only the blocks LUC's codes cannot hold
         fallback = requantized(module, False, block, 4)

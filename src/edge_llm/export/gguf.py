@@ -195,22 +195,12 @@ def luc_blocks(layer: LUCLinear, type_bits: int) -> tuple[np.ndarray, np.ndarray
     """
     if layer.bits > type_bits or layer.group_size % GGUF_BLOCK or layer.in_features % GGUF_BLOCK:
         return None
-    per_group = layer.group_size // GGUF_BLOCK
-    blocks = layer.in_features // GGUF_BLOCK
-    scale = layer.weight_scales.float().repeat_interleave(per_group, dim=1)[:, :blocks]
-    zero = layer.weight_zeros.float().repeat_interleave(per_group, dim=1)[:, :blocks]
-    mask = layer.mask()
-    codes = layer.codes(mask)
-    if mask is not None:
-        pruned = (~mask).view(layer.out_features, blocks, GGUF_BLOCK).any(dim=-1)
-        off_grid = (zero < 0) | (zero > (1 << type_bits) - 1)
-        if (pruned & off_grid).any():
-            return None
-        zero_codes = zero.clamp(0, (1 << type_bits) - 1).to(torch.uint8).repeat_interleave(GGUF_BLOCK, dim=1)
-        codes = torch.where(mask, codes, zero_codes)  # d * zero + m = 0
-    d = scale.to(torch.float16)
-    m = (-zero * scale).to(torch.float16)
-    return d.numpy(), m.numpy(), codes.numpy()
+    blocks = layer.code_blocks(GGUF_BLOCK)  # pruned weights on the zero code: d * zero + m = 0
+    if not blocks.pruned_on_grid(1 << type_bits).all():
+        return None
+    d = blocks.scales.to(torch.float16)
+    m = (-blocks.zeros * blocks.scales).to(torch.float16)
+    return d.numpy(), m.numpy(), blocks.codes.to(torch.uint8).numpy()
 
 
 def pack_q4_1(d: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from edge_llm.luc.blocks import CodeBlocks
+
 # Group sizes the int4 kernels are built for.
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT4_BITS = 4
@@ -112,22 +114,13 @@ def _center(levels: int) -> int:
     return 8 * (levels - 1) // 15
 
 
-def shifted_codes(
-    codes: torch.Tensor, zeros: torch.Tensor, mask: torch.Tensor | None, bits: int, group_size: int, levels: int
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Codes in [0, levels) with each group's zero-point moved near the middle, pruned weights at
-    their group's zero-point; and the shift per group. None when a pruned weight cannot be 0."""
-    center = _center(levels)
-    shift = (center - zeros).round().clamp(0, levels - (1 << bits))
-    zero_code = zeros + shift
-    shifted = codes.to(torch.int32) + shift.to(torch.int32).repeat_interleave(group_size, dim=1)
-    if mask is None:
-        return shifted, shift
-    groups_pruned = ~mask.view(mask.shape[0], -1, group_size).all(dim=-1)
-    if ((zero_code < 0) | (zero_code >= levels))[groups_pruned].any():
+def shifted_codes(blocks: CodeBlocks, bits: int, levels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`blocks`' codes (one block per group) in [0, levels) with each group's zero-point moved near
+    the middle, pruned weights on it; and the shift per group. None when a pruned weight cannot be 0."""
+    shift = (_center(levels) - blocks.zeros).round().clamp(0, levels - (1 << bits))
+    if not blocks.pruned_on_grid(levels, shift).all():
         return None
-    pruned_code = zero_code.to(torch.int32).repeat_interleave(group_size, dim=1)
-    return torch.where(mask, shifted, pruned_code), shift
+    return blocks.codes + shift.to(torch.int32).repeat_interleave(blocks.block, dim=1), shift
 
 
 def _pack(codes: torch.Tensor) -> torch.Tensor:
@@ -138,26 +131,18 @@ def _pack(codes: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, tiles)
 
 
-def to_int4(
-    codes: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    group_size: int,
-    bits: int,
-    mask: torch.Tensor | None = None,
-) -> Int4Weight | None:
-    """Build the kernel layout from LUC's dense `bits`-bit codes (out x in), float16 scales,
-    integer zero-points (out x groups) and the kept-weight mask (None: nothing pruned).
+def to_int4(blocks: CodeBlocks, bits: int) -> Int4Weight | None:
+    """Build the kernel layout from a layer's `bits`-bit codes in blocks of its group size.
 
     None when a pruned weight cannot be represented (see the module docstring); a layer of at
     most 4 bits whose pruned weights do not fit one plane gets two."""
-    zeros32 = zeros.float()
-    scale = scales.float().to(torch.bfloat16).float()  # what the kernel multiplies with
+    zeros32, group_size = blocks.zeros, blocks.block
+    scale = blocks.scales.to(torch.bfloat16).float()  # what the kernel multiplies with
     planes = planes_for(bits)
-    shifted = shifted_codes(codes, zeros32, mask, bits, group_size, 16**planes)
+    shifted = shifted_codes(blocks, bits, 16**planes)
     if shifted is None and planes == 1:
         planes = 2
-        shifted = shifted_codes(codes, zeros32, mask, bits, group_size, 256)
+        shifted = shifted_codes(blocks, bits, 256)
     if shifted is None:
         return None
     codes, shift = shifted

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edge_llm.luc.blocks import CodeBlocks, code_blocks
 from edge_llm.luc.kernels import (
     Int4Weight,
     dense_compute_dtype,
@@ -219,8 +220,13 @@ class LUCLinear(nn.Module):
     def int4_layout(self) -> Int4Weight | None:
         """This layer's stored codes in the int4 kernel's layout, built now (`int4_weight` keeps
         it); None where a pruned group's zero-point has no code."""
+        return to_int4(self.code_blocks(self.group_size), self.bits)
+
+    def code_blocks(self, block: int) -> CodeBlocks:
+        """This layer's codes as blocks of `block` columns, pruned weights on their zero-points
+        (`blocks.code_blocks`); for quantized layers only."""
         mask = self.mask()
-        return to_int4(self.codes(mask), self.weight_scales, self.weight_zeros, self.group_size, self.bits, mask)
+        return code_blocks(self.codes(mask), self.weight_scales, self.weight_zeros, mask, self.group_size, block)
 
     def expanded_codes(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A pruned layer's codes as a dense uint8 matrix in which every pruned weight holds its
@@ -238,13 +244,12 @@ class LUCLinear(nn.Module):
     def _build_expanded(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.in_features % self.group_size:
             return None
-        mask = self.mask()
-        zeros = self.weight_zeros.float()
-        shifted = shifted_codes(self.codes(mask), zeros, mask, self.bits, self.group_size, 256)
+        blocks = self.code_blocks(self.group_size)
+        shifted = shifted_codes(blocks, self.bits, 256)
         if shifted is None:
             return None
         codes, shift = shifted
-        return codes.to(torch.uint8), zeros + shift
+        return codes.to(torch.uint8), blocks.zeros + shift
 
     def _cached(self, attribute: str, build: Callable[[], Any]) -> Any:
         """`build()`, kept in `attribute` until the stored tensors change (a state dict loaded, the
