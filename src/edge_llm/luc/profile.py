@@ -119,7 +119,7 @@ def _fingerprint(model: nn.Module, tokens: torch.Tensor, settings: dict) -> str:
 
 @dataclass(frozen=True)
 class SensitivityMetric:
-    """How `profile_layers` scores one compressed layer (`metric=` names it).
+    """How `profile_sensitivity` scores one compressed layer (`metric=` names it).
 
     `reference(runner, batch)`: what the unmodified model produces for a calibration batch, once;
     `damage(runner, layer, batch, reference)`: (summed damage, count) of that batch with `layer`
