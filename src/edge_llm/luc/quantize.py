@@ -14,8 +14,8 @@ zero-point are a symmetric kernel's signed codes (int4 in [-8, 7]), and the scal
 that reaches both ends of the group: `scale = max(-min(w) / 2**(bits-1), max(w) / (2**(bits-1) - 1))`,
 so the group's extreme weight is on the grid exactly (torchao's `SYMMETRIC_NO_CLIPPING_ERR`
 mapping). Its default symmetric mapping (`scale = 2 max|w| / (2**bits - 1)`) leaves the extreme
-half a step off the grid and rounds it inward in half of the groups; on SmolLM2-135M at 4 bits
-per 32 that costs 9% in perplexity (`docs/results.md`).
+half a step off the grid; on SmolLM2-135M at 4 bits per 32 that costs 10.5% / 6.2% in
+perplexity on sonnets / LAMBADA (`docs/results.md`).
 
 GPTQ (Frantar et al., 2022) quantizes one column at a time and spreads each column's error over
 the columns not yet quantized, weighted by the inverse Hessian `H = X^T X` of the layer's
