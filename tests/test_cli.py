@@ -4,6 +4,7 @@ import argparse
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 from transformers import AutoModelForCausalLM
 
@@ -308,3 +309,41 @@ def test_memory_sizes_read_as_bytes():
     for bad in ("lots", "-1GiB", "0", "1PB", "nan", "inf", "1e400"):
         with pytest.raises(argparse.ArgumentTypeError):
             memory_size(bad)
+
+
+def test_a_model_compressed_for_llama_cpp_is_tuned_and_shipped_as_its_own_file(
+    tiny_dir, small_instructions, tmp_path, capsys
+):
+    pytest.importorskip("llama_cpp")
+    import gguf
+
+    base = tmp_path / "for-llama-cpp"
+    assert (
+        run(
+            "compress",
+            tiny_dir,
+            "--target",
+            "gguf",
+            "--avg-bits",
+            "6",
+            "--samples",
+            "2",
+            "--seq-len",
+            "32",
+            "--out",
+            base,
+        )
+        == 0
+    )
+    adapter = tmp_path / "adapter"
+    tune = ["--data", small_instructions, "--steps", "2", "--batch", "2", "--seq-len", "64", "--exits", "3"]
+    assert run("tune", base, *tune, "--out", adapter) == 0  # over the file's blocks
+    bundle = tmp_path / "bundle"
+    export = ["--device", "raspberry-pi-5-8gb", "--prompt-tokens", "32", "--decode-tokens", "4", "--target", "gguf"]
+    assert run("export", base / "model.gguf", "--adapter", adapter, *export, "--out", bundle) == 0
+    shipped, tuned_over = (gguf.GGUFReader(str(p)).tensors for p in (bundle / "model.gguf", base / "model.gguf"))
+    assert [(t.name, t.tensor_type) for t in shipped] == [(t.name, t.tensor_type) for t in tuned_over]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(shipped, tuned_over, strict=True))  # the very base
+    assert (bundle / "adapter-default.gguf").exists()
+    assert run("compress", base, "--avg-bits", "4", "--out", tmp_path / "again") == 2
+    assert "already compressed" in capsys.readouterr().err

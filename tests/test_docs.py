@@ -47,6 +47,7 @@ def _api_callables() -> dict:
         "export": bundle.export,
         "write_gguf": gguf.write_gguf,
         "write_gguf_lora": gguf_lora.write_gguf_lora,
+        "load_gguf": edge_llm.export.load_gguf,
         "gguf_fixed_bytes": gguf.gguf_fixed_bytes,
         "write_pte": executorch.write_pte,
         "write_program": executorch.write_program,

@@ -20,6 +20,7 @@ from edge_llm._io import atomic_directory, atomic_write_text
 from edge_llm._warnings import quiet_upstream_warnings
 from edge_llm.data.loading import DATA_FORMATS
 from edge_llm.evaluation import task_names
+from edge_llm.export.gguf_load import gguf_model_file, load_gguf
 from edge_llm.export.targets import EXPORT_TARGETS, GGUF_ADAPTERS
 from edge_llm.luc.config import TARGETS as LUC_TARGETS
 from edge_llm.luc.config import LUCConfig
@@ -54,18 +55,30 @@ def _load(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = _model_path(spec)
+    file = gguf_model_file(path)  # a llama.cpp file: its blocks kept as they are, the tokenizer from it
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        if file is None:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
     except (OSError, ValueError, TypeError):
         if tokenizer_needed:
             raise
         tokenizer = None
-    model = AutoModelForCausalLM.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path) if file is None else load_gguf(file)
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
     return model.eval(), tokenizer
+
+
+def _check_uncompressed(args: argparse.Namespace) -> None:
+    if gguf_model_file(_model_path(args.model)) is not None:
+        raise ValueError(
+            f"{args.model} is a llama.cpp file, already compressed; `edge-llm {args.command}` needs the original "
+            "model (a transformers folder)."
+        )
 
 
 def _luc_config(args: argparse.Namespace, texts: list[str], tokenizer: Any, **budget: Any) -> Any:
@@ -110,6 +123,7 @@ def _profile(args: argparse.Namespace) -> int:
     from edge_llm.data.loading import load_rows, texts_of
     from edge_llm.luc import CompressionMethod, calibration_tokens, profile_sensitivity
 
+    _check_uncompressed(args)
     model, tokenizer = _load(args.model)
     tokens = calibration_tokens(texts_of(load_rows(args.data)), tokenizer, args.samples, args.seq_len)
     method = CompressionMethod(args.group_size, args.quant, args.prune, args.structure, args.grid)
@@ -159,6 +173,7 @@ def _compress(args: argparse.Namespace) -> int:
     from edge_llm.data.loading import load_rows, texts_of
     from edge_llm.luc import LUCPolicy, LUCQuantizer, SensitivityProfile
 
+    _check_uncompressed(args)
     if args.target == "gguf":
         return _compress_for_llama_cpp(args)
     given = LUCPolicy.load(args.policy) if args.policy else None
@@ -294,6 +309,8 @@ def _export(args: argparse.Namespace) -> int:
             from edge_llm.assets import smollm2_135m_gguf
 
             options["gguf"]["reference_gguf"] = smollm2_135m_gguf()
+        elif gguf_model_file(args.model) is not None:  # its tokenizer copied as the file holds it
+            options["gguf"]["reference_gguf"] = gguf_model_file(args.model)
     export(
         model,
         plan,

@@ -297,6 +297,8 @@ def _is_path(spec: str) -> bool:
 def _check_model(spec: str, what: str = "Model folder") -> None:
     # Anything else is a Hub id (or `smollm2`), which only loading can check.
     path = Path(spec).expanduser()
+    if what == "Model folder" and path.suffix == ".gguf" and path.is_file():  # a llama.cpp model file
+        return
     if _is_path(spec) and not path.is_dir():
         raise ValueError(f"{what} {spec} {'is a file, not a folder' if path.exists() else 'does not exist'}.")
 

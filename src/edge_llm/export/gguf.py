@@ -235,6 +235,14 @@ def permute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
+def unpermute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's interleaved rotary layout -> transformers' rotate-half one (`permute_rotary`
+    undone); rows move whole, so blocks of a quantized weight move unchanged."""
+    return (
+        weight.reshape(heads, weight.shape[0] // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
+
+
 def _tensor_bytes(
     module: nn.Module,
     bits: int,

@@ -50,6 +50,11 @@ def gguf_policy_of(model: nn.Module) -> GGUFPolicy | None:
 
 def compression_of(model: nn.Module) -> str:
     """What `model` was compressed with, as an adapter records it: "none", or "luc:" and the
-    SHA-256 of its LUC policy (for either target)."""
-    policy = policy_of(model) or gguf_policy_of(model)
+    SHA-256 of its LUC policy (for either target). For llama.cpp types, of the types alone (how they
+    were chosen is no part of the weights): a base loaded back from its GGUF file
+    (`export.gguf_load`), which holds the types only, is the base the adapter was tuned over."""
+    policy = policy_of(model)
+    if policy is None:
+        types = gguf_policy_of(model)
+        policy = None if types is None else GGUFPolicy(types.tensors, "given")
     return "none" if policy is None else "luc:" + policy_sha256(policy).hex()

@@ -28,6 +28,7 @@ from edge_llm.luc.checks import add_marker
 from edge_llm.luc.compress import compress_layers
 from edge_llm.luc.config import LUCConfig, config_policy
 from edge_llm.luc.facts import QUANT_METHOD
+from edge_llm.luc.ggml_linear import GGMLEmbedding, GGMLLinear
 from edge_llm.luc.gguf_policy import BudgetTooSmall, GGUFPolicy, budget_bytes, compress_for_gguf, weight_count
 from edge_llm.luc.gguf_speed import GGUFSpeedProfile, gguf_speed_cache_path, measure_gguf_speed
 from edge_llm.luc.linear import LUCLinear
@@ -196,6 +197,11 @@ def apply_gguf_luc(model: nn.Module, config: LUCConfig, progress: bool = True) -
 
 def apply_luc(model: nn.Module, config: LUCConfig, progress: bool = True) -> LUCPolicy | GGUFPolicy:
     """Profile (unless `config.policy` is set), search the policy and compress `model` in place."""
+    if any(isinstance(module, (GGMLLinear, GGMLEmbedding)) for module in model.modules()):
+        raise ValueError(
+            "This model already holds llama.cpp blocks (loaded from a GGUF file, or compressed with "
+            "target='gguf'): LUC compresses from the original weights; load the original model."
+        )
     if config.target == "gguf":
         return apply_gguf_luc(model, config, progress)
     # A given policy carries its own compression method, and needs data only where it uses it.
