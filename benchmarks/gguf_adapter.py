@@ -8,7 +8,13 @@ bits per weight; calibration: sonnets 1-120), tuned with edge-llm (one exit at t
 (128-token windows): perplexity in PyTorch and in llama.cpp, the next token llama.cpp and PyTorch
 agree on, with and without the adapter, and the files' sizes.
 
+With `--base-mix Q4_K_M` (or another `llama-quantize` mix) the base is instead the file a llama.cpp
+user already has: the dense model written as F16 GGUF and quantized by `llama_model_quantize`, loaded
+with `edge_llm.export.load_gguf` (its blocks unchanged) and tuned over; the base shipped is then
+checked to be that very file's tensors, byte for byte.
+
     python benchmarks/gguf_adapter.py --json benchmarks/results/gguf_adapter_smollm2.json
+    python benchmarks/gguf_adapter.py --base-mix Q4_K_M --json benchmarks/results/gguf_adapter_smollm2_q4_k_m.json
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from common import load_model, machine, training_arguments
 from methods import GC
 from runtime_agreement import LlamaCpp
 from tuning import token_data
+from vs_llamacpp import llama_quantize
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -41,6 +48,17 @@ def perplexity_and_argmax(logits_of, windows: torch.Tensor) -> tuple[float, torc
     return math.exp(nll / (windows.numel() - len(windows))), torch.stack(argmax)
 
 
+def same_tensors(first: Path, second: Path) -> bool:
+    import gguf
+    import numpy as np
+
+    a, b = (gguf.GGUFReader(str(p)).tensors for p in (first, second))
+    return len(a) == len(b) and all(
+        x.name == y.name and x.tensor_type == y.tensor_type and np.array_equal(x.data, y.data)
+        for x, y in zip(sorted(a, key=lambda t: t.name), sorted(b, key=lambda t: t.name), strict=True)
+    )
+
+
 def in_llama_cpp(path: Path, windows: torch.Tensor, lora: Path | None = None) -> tuple[float, torch.Tensor]:
     runner = LlamaCpp(path, lora)
     try:
@@ -52,6 +70,7 @@ def in_llama_cpp(path: Path, windows: torch.Tensor, lora: Path | None = None) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=float, default=4.5, help="bits per weight of the llama.cpp base")
+    parser.add_argument("--base-mix", help="tune over llama-quantize's file of this mix (e.g. Q4_K_M) instead of LUC's")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
@@ -65,15 +84,23 @@ def main() -> None:
 
     from edge_llm import EdgeLLMConfig, EdgeTrainer
     from edge_llm.data import sonnets
-    from edge_llm.export import write_gguf
+    from edge_llm.export import load_gguf, write_gguf
     from edge_llm.export.gguf_lora import write_gguf_lora
     from edge_llm.luc import calibration_tokens
+    from edge_llm.luc.facts import gguf_policy_of
     from edge_llm.luc.gguf_policy import budget_bytes, compress_for_gguf
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model("smollm2", torch.float32, "cpu")
-    calibration = calibration_tokens(sonnets("train"), tokenizer, num_samples=8, seq_len=128)
-    policy = compress_for_gguf(model, calibration, budget_bytes(model, args.bits, None), progress=False)
+    sources = tempfile.TemporaryDirectory()
+    if args.base_mix:  # the file llama-quantize makes, loaded as it is
+        dense = write_gguf(model, Path(sources.name) / "f16.gguf", tokenizer)
+        given = llama_quantize(dense, Path(sources.name) / f"{args.base_mix}.gguf", args.base_mix, None)
+        model = load_gguf(given)
+        policy = gguf_policy_of(model)
+    else:
+        calibration = calibration_tokens(sonnets("train"), tokenizer, num_samples=8, seq_len=128)
+        policy = compress_for_gguf(model, calibration, budget_bytes(model, args.bits, None), progress=False)
     train, validation, test = token_data(tokenizer, model.config.vocab_size, args.seq, args.steps * args.batch, 16, 0)
     windows = torch.tensor(test["input_ids"])
     config = EdgeLLMConfig(
@@ -95,6 +122,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         base = write_gguf(model, folder / "model.gguf", tokenizer, fold_adapters=False)
+        if args.base_mix:  # what ships is the file tuned over
+            result["base_is_the_given_file"] = same_tensors(base, given)
+            print(f"base written = the {args.base_mix} file, tensor for tensor: {result['base_is_the_given_file']}")
         adapter = write_gguf_lora(model, folder / "adapter.gguf")
         merged = write_gguf(model, folder / "merged.gguf", tokenizer)
         ours_ppl, ours = perplexity_and_argmax(pytorch, windows)
@@ -115,6 +145,7 @@ def main() -> None:
         result["llama.cpp"][name] = {"perplexity": ppl, "same_next_token_as_pytorch": agreement}
         print(f"{name}: perplexity {ppl:.2f}, same next token as PyTorch {100 * agreement:.1f}%")
     print(f"PyTorch: tuned {ours_ppl:.2f}, base {base_ppl:.2f}; files (MiB): {result['mib']}")
+    sources.cleanup()
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
