@@ -38,6 +38,10 @@ DEFAULT_METHODS = ["lora", "lora_gc_chunked", "qlora_gc_chunked", "edge_deep_gc"
 GIB = 2**30
 
 
+def save_random_model(name: str, folder: str) -> None:
+    load_model(name, torch.float32, "cpu")[0].save_pretrained(folder)
+
+
 def run_worker(args: argparse.Namespace) -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -45,14 +49,22 @@ def run_worker(args: argparse.Namespace) -> dict:
     from edge_llm._memory import limit_allocator_reserve, peak_resident_bytes, reset_peak_resident, resident_bytes
 
     limit_allocator_reserve()
-    model, _ = load_model(args.model, torch.float32, "cpu")
-    if args.worker in LOAD_OPTIONS:  # a base quantized while loading: through a saved copy
+    if args.worker in LOAD_OPTIONS:  # a base quantized while loading, from a checkpoint
+        import multiprocessing
+
         from transformers import AutoModelForCausalLM
 
         with tempfile.TemporaryDirectory() as folder:
-            model.save_pretrained(folder)
-            del model
+            # The random float32 model is made and saved by a child process: this one never holds it,
+            # as a QLoRA user's process never holds more than the checkpoint it loads from.
+            child = multiprocessing.get_context("spawn").Process(target=save_random_model, args=(args.model, folder))
+            child.start()
+            child.join()
+            if child.exitcode != 0:
+                raise RuntimeError(f"saving the random {args.model} failed (exit code {child.exitcode})")
             model = AutoModelForCausalLM.from_pretrained(folder, **LOAD_OPTIONS[args.worker]())
+    else:
+        model, _ = load_model(args.model, torch.float32, "cpu")
     layers, vocab = model.config.num_hidden_layers, model.config.vocab_size
     setup = Setup(
         rank=args.rank,

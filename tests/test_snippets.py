@@ -3,7 +3,8 @@
 Each snippet runs in a fresh namespace in a temporary working directory. GIVEN names what the
 page's prose hands a snippet (a model, its tokenizer, data); SHRINK lists the only textual changes:
 the Hub model becomes a local 30-layer Llama of SmolLM2's depth with SmolLM2's tokenizer and
-hidden size 64, and steps and calibration windows get small. A snippet added to a page without an
+hidden size 64 (a GGUF file, that model written by `write_gguf`), and steps and calibration windows
+get small. A snippet added to a page without an
 entry here fails, so every snippet stays covered.
 """
 
@@ -29,6 +30,7 @@ GIVEN = {
     ("docs/luc.md", 1): ["path", "texts"],
     ("docs/luc.md", 2): ["texts", "tokenizer"],
     ("docs/luc.md", 3): ["model", "tokenizer"],
+    ("docs/luc.md", 4): [],
     ("docs/scheduling.md", 0): ["model", "tokenizer"],
     ("docs/tuning.md", 0): ["peft_model", "args", "train"],
     ("docs/tuning.md", 1): ["model", "x"],
@@ -41,6 +43,7 @@ SHRINK = {
     ],
     ("docs/luc.md", 0): [CALIBRATION],
     ("docs/luc.md", 1): [CALIBRATION],
+    ("docs/luc.md", 4): [('"SmolLM2-135M-Instruct-Q4_K_M.gguf"', "GGUF")],
 }
 
 pytestmark = pytest.mark.skipif(
@@ -99,5 +102,12 @@ def test_snippet_runs_as_written(key, deep_dir, tmp_path, monkeypatch):
         code = code.replace(old, new)
     given = _given(deep_dir, tmp_path)
     namespace = {name: given[name] for name in GIVEN[key]} | {"PATH": str(deep_dir)}
+    if "GGUF" in dict(SHRINK.get(key, [])).values():  # the tiny model as a llama.cpp file (F16 weights)
+        from transformers import AutoModelForCausalLM
+
+        from edge_llm.export import write_gguf
+
+        dense = AutoModelForCausalLM.from_pretrained(deep_dir)
+        namespace["GGUF"] = str(write_gguf(dense, tmp_path / "base.gguf", given["tokenizer"]))
     monkeypatch.chdir(tmp_path)
     exec(compile(code, f"{key[0]} snippet {key[1]}", "exec"), namespace)
