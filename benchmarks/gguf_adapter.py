@@ -34,7 +34,6 @@ from common import load_model, machine, training_arguments
 from methods import GC
 from runtime_agreement import LlamaCpp
 from tuning import token_data
-from vs_llamacpp import llama_quantize
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -88,6 +87,7 @@ def main() -> None:
     from edge_llm.export.gguf_lora import write_gguf_lora
     from edge_llm.luc import calibration_tokens
     from edge_llm.luc.facts import gguf_policy_of
+    from edge_llm.luc.ggml import llama_quantize
     from edge_llm.luc.gguf_policy import budget_bytes, compress_for_gguf
 
     torch.manual_seed(args.seed)

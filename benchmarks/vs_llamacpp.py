@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import gzip
 import json
 import logging
@@ -46,6 +45,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import load_model, machine, spread
 from runtime_agreement import LlamaCpp
+
+from edge_llm.luc.ggml import llama_quantize
 
 SEQ_LEN = 256
 MIXES = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_1", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
@@ -110,28 +111,6 @@ def llama_sciq(path: Path, tokenizer, items) -> float:
         correct += int(np.argmax(scores) == item.gold)
     runtime.close()
     return correct / len(items)
-
-
-def llama_quantize(source: Path, target: Path, mix: str, importance: dict[str, np.ndarray] | None) -> Path:
-    """`llama-quantize source target mix [--imatrix]` through llama-cpp-python."""
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix}")
-    params.nthread = 2
-    keep = []
-    if importance:
-        entries = (llama_cpp.llama_model_imatrix_data * (len(importance) + 1))()
-        for entry, (name, values) in zip(entries, importance.items(), strict=False):
-            data = np.ascontiguousarray(values, dtype=np.float32)
-            keep.append((name.encode(), data))
-            entry.name = keep[-1][0]
-            entry.data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            entry.size = data.size
-        params.imatrix = entries
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
-        raise RuntimeError(f"llama_model_quantize failed for {mix}")
-    return target
 
 
 def gguf_importance(model, statistics) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ from edge_llm.export import write_gguf
 from edge_llm.export.gguf_load import gguf_model_file, load_gguf
 from edge_llm.luc import LUCConfig
 from edge_llm.luc.facts import compression_of, gguf_policy_of
+from edge_llm.luc.ggml import llama_quantize
 from edge_llm.luc.ggml_linear import GGMLEmbedding, GGMLLinear
 from edge_llm.luc.gguf_policy import weight_tensors
 from edge_llm.luc.integration import apply_luc
@@ -86,18 +87,6 @@ def test_an_adapter_tuned_over_the_compressed_model_loads_over_its_file_without_
     x = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(tuned.eval()(input_ids=x).logits, reloaded(input_ids=x).logits)
-
-
-def llama_quantize(source, target, mix):
-    """`llama-quantize source target mix` through llama-cpp-python."""
-    import ctypes
-
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix}")
-    assert llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) == 0
-    return target
 
 
 @pytest.mark.parametrize("mix", ["Q4_K_M", "Q3_K_S"])

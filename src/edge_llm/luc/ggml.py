@@ -202,6 +202,39 @@ def dequantize(blocks: np.ndarray | torch.Tensor, kind: BlockType, columns: int)
     return gguf_dequantize(data, kind, columns)
 
 
+def llama_quantize(
+    source: str | Path, target: str | Path, mix: str, importance: dict[str, np.ndarray] | None = None, threads: int = 2
+) -> Path:
+    """`llama-quantize source target MIX [--imatrix]` through llama-cpp-python's
+    `llama_model_quantize`: llama.cpp's own mixes (`"Q4_K_M"`, `"Q3_K_S"`, ... as in
+    `LLAMA_FTYPE_MOSTLY_<MIX>`), the baseline a llama.cpp user already has. `importance`: an
+    importance vector per tensor, by llama.cpp tensor name (what `llama-imatrix` writes)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ModuleNotFoundError(f"llama-quantize runs in llama.cpp: {INSTALL_HINT}.") from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    try:
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix}")
+    except AttributeError:
+        raise ValueError(f"llama.cpp has no quantization mix {mix!r} (e.g. Q4_K_M, Q3_K_S, Q8_0).") from None
+    params.nthread = threads
+    keep = []  # the names and arrays the C structs point into, alive until the call returns
+    if importance:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(importance) + 1))()
+        for entry, (name, values) in zip(entries, importance.items(), strict=False):
+            data = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append((name.encode(), data))
+            entry.name = keep[-1][0]
+            entry.data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entry.size = data.size
+        params.imatrix = entries
+    target = Path(target)
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize failed to make {mix} from {source}.")
+    return target
+
+
 def gguf_dequantize(data: np.ndarray, kind: BlockType, columns: int) -> np.ndarray:
     """gguf-py's numpy decoder (no llama-cpp-python needed): bit-exact to ggml's."""
     from gguf import GGMLQuantizationType
