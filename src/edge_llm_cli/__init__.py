@@ -277,9 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     demo = commands.add_parser(
-        "demo", formatter_class=_HELP, help="the whole pipeline on SmolLM2-135M and bundled data"
+        "demo", formatter_class=_HELP, help="SmolLM2-135M: compress for llama.cpp (vs llama-quantize), tune, ship"
     )
-    demo.add_argument("--steps", type=POSITIVE_INT, default=40, help="tuning steps")
+    demo.add_argument("--steps", type=POSITIVE_INT, default=20, help="tuning steps")
     demo.add_argument("--seed", type=COUNT, default=0, help="random seed")
     demo.add_argument("--out", default="edge-llm-demo", help="where the demo writes its bundle")
     for command in (profile, compress, tune, export, demo):

@@ -21,11 +21,16 @@ def sonnets(split: str | None = None) -> list[str]:
     return texts if split is None else texts[SONNET_SPLITS[split]]
 
 
-def sonnet_instructions() -> list[dict[str, str]]:
+def sonnet_instructions(split: str | None = None) -> list[dict[str, str]]:
     """Instruction/response pairs from the sonnets: given a quatrain, continue with the next one
-    (the third quatrain is answered with the closing couplet). Three pairs per sonnet."""
+    (the third quatrain is answered with the closing couplet). Three pairs per sonnet; `split`:
+    only those of the sonnets of that split (`SONNET_SPLITS`)."""
+    numbered = list(enumerate(sonnets(), start=1))
+    if split is not None:
+        sonnets(split)  # checks the name
+        numbered = numbered[SONNET_SPLITS[split]]
     pairs = []
-    for number, sonnet in enumerate(sonnets(), start=1):
+    for number, sonnet in numbered:
         lines = [line.strip() for line in sonnet.splitlines() if line.strip()]
         if len(lines) != 14:  # sonnets 99 (15 lines) and 126 (12 lines) do not fit the pattern
             continue
