@@ -202,3 +202,23 @@ def test_luc_refuses_to_compress_a_model_already_in_llama_cpp_blocks(tmp_path):
     write_gguf(tied_gguf_llama(), tmp_path / "model.gguf", tokenizer=ToyTokenizer())
     with pytest.raises(ValueError, match=r"already holds llama\.cpp blocks"):
         apply_luc(load_gguf(tmp_path), LUCConfig(target="gguf", avg_bits=4.0))
+
+
+@pytest.mark.parametrize("loaded", [False, True], ids=["compressed here", "loaded from its file"])
+def test_a_base_for_llama_cpp_trains_under_edge_trainer(tmp_path, loaded):
+    """Trainer asks a quantized model's quantizer whether it can be trained: a model compressed
+    for llama.cpp in this process, or loaded from its file, has one that says yes."""
+    from trainer_helpers import counting_dataset, training_args
+
+    from edge_llm import EdgeTrainer
+
+    model = luc_base(tied=True)
+    if loaded:
+        write_gguf(model, tmp_path / "model.gguf", tokenizer=ToyTokenizer())
+        model = load_gguf(tmp_path / "model.gguf")
+    assert model.hf_quantizer.is_trainable
+    tuned = get_peft_model(model, EdgeLLMConfig(exit_layers=[3], backprop_depth=4, r=4, target_modules=["v_proj"]))
+    before = {n: b.clone() for n, b in blocks(tuned).items()}
+    args = training_args(tmp_path / "run", max_steps=2)
+    EdgeTrainer(model=tuned, args=args, train_dataset=counting_dataset()).train()
+    assert all(torch.equal(b, before[n]) for n, b in blocks(tuned).items())

@@ -350,7 +350,7 @@ COMMANDS = {
 def run(args: argparse.Namespace) -> int:
     """Run a command whose arguments `edge_llm_cli` parsed and checked; errors are one line, status 2."""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    for noisy in ("transformers", "peft", "accelerate", "datasets", "httpx", "huggingface_hub"):
+    for noisy in ("transformers", "peft", "accelerate", "datasets", "httpx", "huggingface_hub", "gguf"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         with quiet_upstream_warnings():

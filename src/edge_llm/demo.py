@@ -206,6 +206,7 @@ def _compress_for_llama_cpp(model: Any, tokenizer: Any, test: torch.Tensor, seq_
         report.measure(title, f"llama-quantize Q4_K_M ({_mib(theirs)})", f"{_in_llama_cpp(theirs, test)[0]:.2f}")
         config = LUCConfig(
             target="gguf",
+            avg_bits=None,  # the file's bytes are the budget
             weight_budget_bytes=theirs.stat().st_size,
             dataset=sonnets("train"),
             tokenizer=tokenizer,

@@ -230,8 +230,6 @@ def _mark(model: nn.Module, policy: GGUFPolicy) -> None:
     """Record the blocks' policy as a model LUC compressed for llama.cpp records it, so adapters
     note the base they were tuned over (`luc.facts.compression_of`) and a save is refused as for one."""
     from edge_llm.luc.config import LUCConfig
-    from edge_llm.luc.quantizer import LUCHfQuantizer
+    from edge_llm.luc.integration import record_quantization
 
-    config = LUCConfig(target="gguf", policy=policy.to_dict())
-    model.config.quantization_config = config
-    model.hf_quantizer = LUCHfQuantizer(config, pre_quantized=True)
+    record_quantization(model, LUCConfig(target="gguf", policy=policy.to_dict()))

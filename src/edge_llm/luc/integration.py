@@ -109,15 +109,20 @@ def mark_compressed(model: nn.Module, policy: LUCPolicy, config: LUCConfig | Non
     """Record that `model` holds LUC-compressed layers, as transformers' quantizers do."""
     config = config or LUCConfig(policy=policy)
     config.policy = policy.to_dict()
+    record_quantization(model, config)
+    add_marker(model, policy)
+    saves_whole_folders(model)
+
+
+def record_quantization(model: nn.Module, config: LUCConfig) -> None:
+    """Attach `config` to `model` as `from_pretrained` attaches a quantization config: the config,
+    and the quantizer Trainer asks whether the quantized model can be trained (found through
+    transformers' registry of quantizers, where edge_llm registers LUC's on import)."""
     if hasattr(model, "config"):
         model.config.quantization_config = config
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
-    # What from_pretrained attaches; Trainer asks it whether the quantized model can be trained.
-    # Found through transformers' registry of quantizers (edge_llm registers LUC's on import).
     model.hf_quantizer = AutoHfQuantizer.from_config(config, pre_quantized=True)
-    add_marker(model, policy)
-    saves_whole_folders(model)
 
 
 def _config_tokenizer(config: LUCConfig) -> Any:
@@ -189,9 +194,7 @@ def apply_gguf_luc(model: nn.Module, config: LUCConfig, progress: bool = True) -
             f"weights, {smallest_bits:.2f} bits per weight; raise avg_bits to at least {smallest_bits:.2f}."
         ) from None
     config.policy = policy.to_dict()
-    model.config.quantization_config = config
-    model.is_quantized = True
-    model.quantization_method = QUANT_METHOD
+    record_quantization(model, config)
     return policy
 
 
