@@ -222,3 +222,17 @@ def test_a_base_for_llama_cpp_trains_under_edge_trainer(tmp_path, loaded):
     args = training_args(tmp_path / "run", max_steps=2)
     EdgeTrainer(model=tuned, args=args, train_dataset=counting_dataset()).train()
     assert all(torch.equal(b, before[n]) for n, b in blocks(tuned).items())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_cost_model_counts_a_llama_cpp_base_as_its_blocks(tied):
+    from edge_llm.scheduling import Workload, builtin_device, schedule
+    from edge_llm.scheduling.cost import ModelSpec
+
+    model = luc_base(tied)
+    spec = ModelSpec.from_model(model)
+    stored = sum(b.numel() for b in blocks(model).values())  # named_buffers: a tied table once
+    final_norm = model.model.norm.weight.numel() * 2  # counted as 16-bit (the layers' norms are not counted)
+    assert sum(layer.packed_bytes() for layer in spec.layers) + spec.other_bytes == stored + final_norm
+    plan = schedule(model, builtin_device("raspberry-pi-5-8gb"), Workload(prompt_tokens=32, decode_tokens=8))
+    assert plan.memory_bytes >= stored and all(p.kernel.startswith("dequant_int") for p in plan.layers)

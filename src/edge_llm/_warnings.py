@@ -1,10 +1,13 @@
 """Upstream warnings that say nothing to an edge-llm user, silenced where edge-llm owns the output
-(the CLI and the demo), never globally in the library."""
+(the CLI and the demo), never globally in the library; and llama.cpp's own chatter on the
+terminal (`quiet_native_output`)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -43,3 +46,26 @@ def warn_loudly(logger: logging.Logger, message: str, stacklevel: int = 2) -> No
     shows info logs), an application that configures logging keeps the log line."""
     logger.warning(message)
     warnings.warn(message, UserWarning, stacklevel=stacklevel + 1)
+
+
+@contextlib.contextmanager
+def quiet_native_output(logger: logging.Logger) -> Iterator[None]:
+    """Send what C code (llama.cpp) writes to standard output and error to /dev/null, unless
+    `logger` shows debug messages: llama.cpp reports each tensor it quantizes and each adapter
+    tensor it places, which says nothing to a user."""
+    if logger.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "w") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)

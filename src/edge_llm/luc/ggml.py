@@ -16,19 +16,17 @@ without llama-cpp-python. The tests hold the two bit-exact for every type offere
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import importlib.util
 import logging
-import os
-import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from edge_llm._warnings import quiet_native_output
 
 logger = logging.getLogger(__name__)
 
@@ -237,32 +235,11 @@ def llama_quantize(
             entry.size = data.size
         params.imatrix = entries
     target = Path(target)
-    with _native_output_to(None if logger.isEnabledFor(logging.DEBUG) else os.devnull):  # a line per tensor
+    with quiet_native_output(logger):  # llama.cpp writes a line per tensor
         status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
     if status != 0:
         raise RuntimeError(f"llama_model_quantize failed to make {mix} from {source}.")
     return target
-
-
-@contextlib.contextmanager
-def _native_output_to(path: str | None) -> Iterator[None]:
-    """Send what C code writes to standard output and error to `path` (None: leave it)."""
-    if path is None:
-        yield
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with open(path, "w") as sink:
-        os.dup2(sink.fileno(), 1)
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
 
 
 def gguf_dequantize(data: np.ndarray, kind: BlockType, columns: int) -> np.ndarray:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from edge_llm.luc.facts import policy_of
+from edge_llm.luc.ggml_linear import GGMLEmbedding, GGMLLinear
 from edge_llm.luc.linear import LUCLinear, layer_setting
 from edge_llm.luc.policy import LUCPolicy
 from edge_llm.modeling import find_decoder_parts
@@ -71,6 +72,10 @@ class ModelSpec:
         layers = []
         float_linear_bytes = 0
         for index, layer in enumerate(decoder_layers):
+            blocks = [m for m in layer.modules() if isinstance(m, GGMLLinear)]
+            if blocks:  # compressed for llama.cpp
+                layers.append(_ggml_layer_spec(index, blocks, config, head_dim))
+                continue
             compressed = [m for m in layer.modules() if isinstance(m, LUCLinear)]
             linears, left_in_float = _layer_linears(layer, compressed, policy.targets if policy is not None else None)
             float_linear_bytes += sum(o * i for o, i in left_in_float) * FP16_BYTES
@@ -102,6 +107,14 @@ class ModelSpec:
             for p in {id(p): p for p in base.parameters()}.values()
             if id(p) not in layer_param_ids
         )
+        # Llama.cpp blocks outside the layers (the token table, a head: buffers), a tied pair once.
+        in_layers = {id(m) for layer in decoder_layers for m in layer.modules()}
+        blocks = {
+            id(m.weight): m.weight.numel()
+            for m in base.modules()
+            if isinstance(m, (GGMLLinear, GGMLEmbedding)) and id(m) not in in_layers
+        }
+        other += sum(blocks.values())
         # The Linears a targeted policy leaves in float are resident like the embeddings: no
         # kernel choice applies to them, but their bytes count.
         spec = dict(
@@ -121,6 +134,26 @@ class ModelSpec:
                 lora_params=lora,
             )
         return cls(**spec)
+
+
+def _ggml_layer_spec(index: int, blocks: list[GGMLLinear], config: object, head_dim: int) -> LayerSpec:
+    """A decoder layer whose Linears hold llama.cpp blocks: their bytes exactly; for the kernel,
+    the dequantizing width they fit (4 bits where no type is wider than 4.5 bits per weight, else 8)."""
+    widest = max(m.kind.bits_per_weight for m in blocks)
+    return LayerSpec(
+        index=index,
+        linears=tuple((m.out_features, m.in_features) for m in blocks),
+        bits=4 if widest <= 4.5 else 8,
+        sparsity=0.0,
+        structure="unstructured",
+        group_size=min(m.kind.block for m in blocks),
+        hidden_size=config.hidden_size,
+        intermediate_size=getattr(config, "intermediate_size", None) or 4 * config.hidden_size,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        head_dim=head_dim,
+        stored_bytes=sum(m.weight.numel() for m in blocks),
+    )
 
 
 def _layer_linears(

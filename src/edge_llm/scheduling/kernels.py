@@ -187,6 +187,7 @@ register(
         "LUC codes (2-8 bits, pruned or not) in PyTorch's fused int4 matmul layout; 5-8 bits as two 4-bit planes",
         fits=lambda layer: (
             layer.bits != UNQUANTIZED_BITS
+            and layer.stored_bytes is None  # LUC's codes, not llama.cpp's blocks
             and all(int4_fits(layer.bits, layer.group_size, i, o) for o, i in layer.linears)
         ),
         storage_bytes=_int4_bytes,

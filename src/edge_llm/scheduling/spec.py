@@ -25,6 +25,9 @@ class LayerSpec:
     num_kv_heads: int
     head_dim: int
     luc: bool = True  # stored as LUC stores layers (what the runtime can stream), or plain float
+    # The layer's bytes where it holds llama.cpp blocks (a model compressed for llama.cpp): what it
+    # stores is then known exactly, not derived from `bits`.
+    stored_bytes: int | None = None
 
     @property
     def params(self) -> int:
@@ -32,4 +35,6 @@ class LayerSpec:
 
     def packed_bytes(self) -> int:
         """Storage of the layer's weights as LUC stores them (what streaming reads)."""
+        if self.stored_bytes is not None:
+            return self.stored_bytes
         return sum(linear_storage_bytes(o, i, self.bits, self.sparsity, self.group_size) for o, i in self.linears)
