@@ -158,14 +158,12 @@ def run_demo(steps: int = 20, seed: int = 0, out_dir: str | Path = "edge-llm-dem
 
 
 def _run_demo(steps: int, seed: int, out_dir: str | Path, seq_len: int) -> DemoReport:
-    from edge_llm._memory import limit_allocator_reserve
     from edge_llm.data import sonnets
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / "manifest.json").exists():
         raise FileExistsError(f"{out} exists and is not an earlier demo's bundle; pass another --out folder.")
     start = time.perf_counter()
-    limit_allocator_reserve()  # before loading: what compression frees goes back to the system
     torch.manual_seed(seed)
     report = DemoReport()
     phases = _Phases(_cache().parent / "demo-phases.json")
@@ -246,7 +244,6 @@ def _tune(model: Any, tokenizer: Any, steps: int, seed: int, seq_len: int, repor
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
-    from edge_llm._memory import peak_resident_bytes, reset_peak_resident
     from edge_llm.data import sonnet_instructions
     from edge_llm.data.loading import training_dataset
     from edge_llm.trainer import EdgeTrainer
@@ -285,14 +282,12 @@ def _tune(model: Any, tokenizer: Any, steps: int, seed: int, seq_len: int, repor
         )
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True)
         trainer = EdgeTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
-        reset_peak_resident()
         began = time.perf_counter()
         trainer.train()
     report.add(
         "Edge-LLM tuning",
         f"{steps} steps of 4 quatrains in {time.perf_counter() - began:.0f} s, exit {layers - 1}, a "
-        f"{config.backprop_depth}-layer window, {model.get_nb_trainable_parameters()[0] / 1e6:.2f}M trainable; "
-        f"the whole process peaked at {peak_resident_bytes() / 2**20:.0f} MiB",
+        f"{config.backprop_depth}-layer window, {model.get_nb_trainable_parameters()[0] / 1e6:.2f}M trainable",
     )
     model.eval()
     report.measure(

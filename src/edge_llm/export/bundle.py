@@ -32,8 +32,7 @@ from edge_llm._io import atomic_directory
 from edge_llm._version import __version__
 from edge_llm.export.targets import EXPORT_TARGETS, ExportTarget
 from edge_llm.export.weights import adapter_names
-from edge_llm.luc.facts import policy_of
-from edge_llm.luc.linear import layer_setting
+from edge_llm.luc.facts import layer_setting, policy_of
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.scheduling.scheduler import Schedule
 from edge_llm.tuner.model import edge_config_of

@@ -49,7 +49,8 @@ from torch import nn
 from edge_llm._io import atomic_write_bytes
 from edge_llm._warnings import EXECUTORCH_LOWERING, quiet_upstream_warnings
 from edge_llm.export.weights import adapted_layers, base_layer, effective_weight, folded_adapters
-from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear, layer_setting
+from edge_llm.luc.facts import layer_setting
+from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.tuner.model import edge_config_of
 

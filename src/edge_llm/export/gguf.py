@@ -35,10 +35,10 @@ from torch import nn
 
 from edge_llm._io import atomic_file
 from edge_llm.export.weights import adapted_layers, base_layer, effective_weight, folded_adapters
-from edge_llm.luc.facts import policy_of
+from edge_llm.luc.facts import layer_setting, policy_of
 from edge_llm.luc.ggml import quantize
 from edge_llm.luc.ggml_linear import GGMLEmbedding, GGMLLinear
-from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear, layer_setting
+from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.tuner.model import edge_config_of
 

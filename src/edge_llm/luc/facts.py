@@ -1,5 +1,6 @@
 """What a model says about how LUC compressed it, read from its `config.quantization_config`: the
-policy (`policy_of`, `gguf_policy_of`) and the string an adapter records (`compression_of`).
+policy (`policy_of`, `gguf_policy_of`) and the string an adapter records (`compression_of`); and
+read off its layers, the setting of each decoder layer (`layer_setting`).
 
 Its own module, a leaf of the LUC package, because every pillar reads these facts (the cost model,
 the tuner, every export target) and none of them should import the machinery that compresses.
@@ -12,7 +13,9 @@ from typing import Any
 from torch import nn
 
 from edge_llm.luc.checks import policy_sha256
+from edge_llm.luc.ggml_linear import GGMLLinear
 from edge_llm.luc.gguf_policy import GGUFPolicy
+from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
 from edge_llm.luc.policy import LUCPolicy
 
 # The `quant_method` LUC registers with transformers (`LUCConfig.quant_method`).
@@ -58,3 +61,15 @@ def compression_of(model: nn.Module) -> str:
         types = gguf_policy_of(model)
         policy = None if types is None else GGUFPolicy(types.tensors, "given")
     return "none" if policy is None else "luc:" + policy_sha256(policy).hex()
+
+
+def layer_setting(layer: nn.Module) -> tuple[int, float]:
+    """(bits, sparsity) of a decoder layer as the cost model, the schedule and the exporters see it:
+    what LUC gave its `LUCLinear`s (a policy gives every Linear of a layer one setting); for a layer
+    of llama.cpp blocks (`GGMLLinear`), the width of the dequantizing kernel its types fit (4 where
+    none holds more than 4.5 bits per weight, else 8), unpruned; (16, 0.0) for a layer left in float."""
+    blocks = [m for m in layer.modules() if isinstance(m, GGMLLinear)]
+    if blocks:
+        return (4 if max(m.kind.bits_per_weight for m in blocks) <= 4.5 else 8), 0.0
+    compressed = next((m for m in layer.modules() if isinstance(m, LUCLinear)), None)
+    return (compressed.bits, compressed.sparsity) if compressed is not None else (UNQUANTIZED_BITS, 0.0)

@@ -336,10 +336,3 @@ class LUCLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"sparsity={self.sparsity}, group_size={self.group_size}, bias={self.bias is not None}"
         )
-
-
-def layer_setting(layer: nn.Module) -> tuple[int, float]:
-    """(bits, sparsity) LUC gave a decoder layer, read off its `LUCLinear`s (a policy gives every
-    Linear of a layer one setting), or (16, 0.0) for a layer LUC left in float."""
-    compressed = next((m for m in layer.modules() if isinstance(m, LUCLinear)), None)
-    return (compressed.bits, compressed.sparsity) if compressed is not None else (UNQUANTIZED_BITS, 0.0)

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from edge_llm.luc.facts import policy_of
+from edge_llm.luc.facts import layer_setting, policy_of
 from edge_llm.luc.ggml_linear import GGMLEmbedding, GGMLLinear
-from edge_llm.luc.linear import LUCLinear, layer_setting
+from edge_llm.luc.linear import LUCLinear
 from edge_llm.luc.policy import LUCPolicy
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.scheduling.devices import DeviceProfile, Kernel
@@ -72,9 +72,8 @@ class ModelSpec:
         layers = []
         float_linear_bytes = 0
         for index, layer in enumerate(decoder_layers):
-            blocks = [m for m in layer.modules() if isinstance(m, GGMLLinear)]
-            if blocks:  # compressed for llama.cpp
-                layers.append(_ggml_layer_spec(index, blocks, config, head_dim))
+            if any(isinstance(m, GGMLLinear) for m in layer.modules()):  # compressed for llama.cpp
+                layers.append(_ggml_layer_spec(index, layer, config, head_dim))
                 continue
             compressed = [m for m in layer.modules() if isinstance(m, LUCLinear)]
             linears, left_in_float = _layer_linears(layer, compressed, policy.targets if policy is not None else None)
@@ -136,15 +135,16 @@ class ModelSpec:
         return cls(**spec)
 
 
-def _ggml_layer_spec(index: int, blocks: list[GGMLLinear], config: object, head_dim: int) -> LayerSpec:
-    """A decoder layer whose Linears hold llama.cpp blocks: their bytes exactly; for the kernel,
-    the dequantizing width they fit (4 bits where no type is wider than 4.5 bits per weight, else 8)."""
-    widest = max(m.kind.bits_per_weight for m in blocks)
+def _ggml_layer_spec(index: int, layer: nn.Module, config: object, head_dim: int) -> LayerSpec:
+    """A decoder layer whose Linears hold llama.cpp blocks: their bytes exactly, and the kernel width
+    `layer_setting` gives them."""
+    blocks = [m for m in layer.modules() if isinstance(m, GGMLLinear)]
+    bits, sparsity = layer_setting(layer)
     return LayerSpec(
         index=index,
         linears=tuple((m.out_features, m.in_features) for m in blocks),
-        bits=4 if widest <= 4.5 else 8,
-        sparsity=0.0,
+        bits=bits,
+        sparsity=sparsity,
         structure="unstructured",
         group_size=min(m.kind.block for m in blocks),
         hidden_size=config.hidden_size,
