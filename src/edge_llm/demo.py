@@ -7,8 +7,8 @@ on a CPU.
    within those bytes; both files are measured in llama.cpp itself, beside the original. LUC leaves
    out Q4_1 here: SmolLM2's released weights are dequantized Q4_1 blocks, which Q4_1 gives back
    almost exactly (a flattering choice no other model offers). Without llama-cpp-python
-   (`pip install "edge-llm[gguf]"`), LUC compresses to 4 bits per weight in PyTorch instead and
-   says so.
+   (`pip install "edge-llm[gguf]"`), LUC compresses every layer to 4 bits per weight (round to
+   nearest) in PyTorch instead and says so.
 3. Teach the compressed model a task it cannot do: continue a Shakespeare sonnet from a quatrain
    (sonnets 1-120). Edge-LLM tunes LoRA over the compressed base's blocks, one exit at the top
    with a window of two thirds of the layers; the held-out quatrains of sonnets 131-154 are
@@ -108,9 +108,10 @@ def _mib(path: Path) -> str:
 
 
 _PHASES = 4
-# Seconds each phase took on a 2-core AMD EPYC CPU (a cold cache for phase 2: profiling; 40 tuning
-# steps), the estimate of a first run; later runs scale what the previous run took on this machine.
-REFERENCE_SECONDS = {1: 25, 2: 65, 3: 90, 4: 10}
+# Seconds each phase took on a first run (empty cache: phase 1 converts the model; 20 tuning
+# steps) on a shared 2-core Intel Xeon with llama-cpp-python; later runs scale what the previous
+# run took on this machine.
+REFERENCE_SECONDS = {1: 26, 2: 70, 3: 96, 4: 17}
 
 
 class _Phases:
@@ -234,8 +235,8 @@ def _compress_in_pytorch(model: Any, test: torch.Tensor, report: DemoReport) -> 
     report.measure(title, "LUC 4 bits per weight, groups of 32", f"{perplexity(model, test)['model']:.2f}")
     report.add(
         "LUC",
-        '4 bits per weight (flattered: SmolLM2\'s weights are dequantized 4-bit blocks); pip install "edge-llm[gguf]" '
-        "to compress for llama.cpp and compare with llama-quantize in llama.cpp",
+        '4 bits per weight, round to nearest; pip install "edge-llm[gguf]" (llama-cpp-python) for LUC\'s choice of '
+        "llama.cpp types, measured against llama-quantize in llama.cpp",
     )
 
 
