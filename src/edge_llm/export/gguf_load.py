@@ -95,22 +95,16 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module
     stray = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if stray:
         raise ValueError(f"{file}: nothing in the file for {stray[:4]}.")
-    if types:
-        _mark(model, GGUFPolicy(types, "given"))
-    logger.info("Loaded %s: %s", file, ", ".join(f"{n} {k}" for k, n in sorted(_counts(types).items())) or "float")
+    policy = GGUFPolicy(types, "given") if types else None
+    if policy is not None:
+        _mark(model, policy)
+    logger.info("Loaded %s: %s", file, policy.summary() if policy is not None else "float weights")
     return model.eval()
 
 
 def _field(reader: Any, name: str) -> Any:
     field = reader.fields.get(name)
     return None if field is None else field.contents()
-
-
-def _counts(types: dict[str, str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for kind in types.values():
-        counts[kind] = counts.get(kind, 0) + 1
-    return counts
 
 
 def _norm_names(model: nn.Module) -> dict[str, nn.Module]:
