@@ -181,3 +181,18 @@ def test_layers_no_window_covers_are_announced_loudly():
         get_peft_model(
             tiny_model("llama", 8), EdgeLLMConfig(target_modules=["q_proj"], exit_layers=[5], backprop_depth=2)
         )
+
+
+def test_layers_without_the_adapter_are_not_announced_as_untrained(recwarn):
+    from peft import get_peft_model
+    from tiny_models import tiny_model
+
+    window = [4, 5]  # exit 5's window of 2
+    config = EdgeLLMConfig(target_modules=["q_proj"], exit_layers=[5], backprop_depth=2, layers_to_transform=window)
+    model = get_peft_model(tiny_model("llama", 8), config)
+    assert not [w for w in recwarn if "no exit's window" in str(w.message)]
+    adapted = {int(n.split("layers.")[1].split(".")[0]) for n, _ in model.named_parameters() if "lora_A" in n}
+    assert adapted == set(window)
+    with pytest.warns(UserWarning, match=r"layers \[3\] \(1 of 8\) are in no exit's window"):
+        config = EdgeLLMConfig(target_modules=["q_proj"], exit_layers=[5], backprop_depth=2, layers_to_transform=[3, 4])
+        get_peft_model(tiny_model("llama", 8), config)

@@ -259,12 +259,14 @@ def _tune(model: Any, tokenizer: Any, steps: int, seed: int, seq_len: int, repor
     report.samples[f"before tuning: {prompt}"] = _continue(model, tokenizer, prompt)
     # The setting the results recommend: one exit at the top, a window of two thirds of the layers.
     layers = model.config.num_hidden_layers
+    depth = -(-2 * layers // 3)
     config = EdgeLLMConfig(
         r=8,
         lora_alpha=16,
         target_modules=TARGETS,
         exit_layers=[layers - 1],
-        backprop_depth=-(-2 * layers // 3),
+        backprop_depth=depth,
+        layers_to_transform=list(range(layers - depth, layers)),  # adapters only where the window trains
         voting="last",
     )
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token

@@ -105,9 +105,10 @@ class EdgeLLMModel(LoraModel):
         )
         heads.requires_grad_(not config.inference_mode)
         self.exit_heads[adapter_name] = heads
-        uncovered = sorted(
-            set(range(num_layers)) - {i for e in config.exit_layers for i in window(e, config.backprop_depth)}
-        )
+        # Layers that carry this adapter (LoRA's `layers_to_transform`, else all) but no window trains.
+        chosen = config.layers_to_transform
+        adapted = set(range(num_layers)) if chosen is None else {chosen} if isinstance(chosen, int) else set(chosen)
+        uncovered = sorted(adapted - {i for e in config.exit_layers for i in window(e, config.backprop_depth)})
         logger.info(
             "Edge-LLM adapter %r: exits %s, backprop depth %d, voting %r",
             adapter_name,
