@@ -401,14 +401,15 @@ def _response_perplexity(model: Any, tokenizer: Any, pairs: list[dict[str, str]]
 def _continue(model: Any, tokenizer: Any, prompt: str) -> str:
     """The model's greedy continuation of `prompt` (as training formats it), `SAMPLE_TOKENS` long."""
     ids = tokenizer(prompt + "\n", return_tensors="pt").input_ids
-    start = ids.shape[1]
     with torch.no_grad():
-        for _ in range(SAMPLE_TOKENS):
-            following = model(input_ids=ids).logits[0, -1].argmax()
-            if following.item() == tokenizer.eos_token_id:
-                break
-            ids = torch.cat([ids, following.view(1, 1)], dim=1)
-    return tokenizer.decode(ids[0, start:], skip_special_tokens=True).strip()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=SAMPLE_TOKENS,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def _cache() -> Path:
