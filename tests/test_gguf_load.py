@@ -121,6 +121,13 @@ def test_float_tensors_of_a_dense_file_load_as_float_layers(tmp_path):
         assert torch.allclose(loaded(input_ids=x).logits, reference, atol=1e-4)
 
 
+def _with_nan(data):
+    """An F16 tensor with one value NaN."""
+    data = data.copy()
+    data.view(np.uint16).reshape(-1)[5] = 0x7E00
+    return data
+
+
 def _rewrite(source, target, edit):
     """A copy of the GGUF `source` with its tensors passed through `edit(name, data, type) -> list`."""
     reader = gguf.GGUFReader(str(source))
@@ -163,8 +170,12 @@ def _rewrite(source, target, edit):
             ),
             r"blk.0.ffn_down.weight is IQ2_XXS, a type edge-llm cannot compute with",
         ),
+        (
+            lambda n, d, t: [(n, _with_nan(d), t)] if n == "blk.1.attn_v.weight" else [(n, d, t)],
+            r"blk.1.attn_v.weight holds NaN or infinite weights",
+        ),
     ],
-    ids=["missing", "unknown", "shape", "type"],
+    ids=["missing", "unknown", "shape", "type", "nan"],
 )
 def test_a_file_that_does_not_hold_the_model_is_refused_naming_the_tensor(tmp_path, edit, message):
     source = write_gguf(tied_gguf_llama(), tmp_path / "f16.gguf", tokenizer=ToyTokenizer())

@@ -15,7 +15,9 @@ that are no longer the file's once saved again. The config and the tokenizer do 
 transformers' GGUF support (`AutoConfig` / `AutoTokenizer` with `gguf_file=`).
 
 Float weight tensors (F32, BF16: a dense conversion) load as plain float layers; other llama.cpp
-types (IQ2/IQ3, ternary) are refused by name.
+types (IQ2/IQ3, ternary) are refused by name. Every tensor is decoded once while loading (a row
+block at a time) and refused if it holds NaN or infinity: a damaged file fails here, by name, not
+as NaN logits later.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ import torch
 from torch import nn
 
 from edge_llm.export.gguf import LLAMA_TENSORS, block_tensor_name, gguf_tensor_names, unpermute_rotary
-from edge_llm.luc.ggml import BLOCK_TYPES
-from edge_llm.luc.ggml_linear import GGMLEmbedding, GGMLLinear
+from edge_llm.luc.ggml import BLOCK_TYPES, dequantize
+from edge_llm.luc.ggml_linear import DECODE_BLOCK, GGMLEmbedding, GGMLLinear
 from edge_llm.luc.gguf_policy import EMBEDDING, GGUFPolicy, weight_tensors
 from edge_llm.modeling import find_decoder_parts
 
@@ -139,16 +141,30 @@ def _data(file: Path, tensor: Any, rows: int, columns: int) -> tuple[str, np.nda
     if kind in BLOCK_TYPES:
         if not BLOCK_TYPES[kind].fits(columns):
             raise ValueError(f"{file}: tensor {tensor.name} ({kind}) has rows of {columns}, not whole blocks.")
-        return kind, np.asarray(tensor.data).view(np.uint8).reshape(rows, -1)
+        data = np.asarray(tensor.data).view(np.uint8).reshape(rows, -1)
+        step = max(1, DECODE_BLOCK // columns)  # decoded a row block at a time: one copy of that size
+        finite = all(
+            np.isfinite(dequantize(data[start : start + step], BLOCK_TYPES[kind], columns)).all()
+            for start in range(0, rows, step)
+        )
+        return kind, _finite(file, tensor.name, data, finite)
     if kind == "F32":
-        return kind, np.asarray(tensor.data, dtype=np.float32).reshape(rows, columns)
+        data = np.asarray(tensor.data, dtype=np.float32).reshape(rows, columns)
+        return kind, _finite(file, tensor.name, data, bool(np.isfinite(data).all()))
     if kind == "BF16":  # the high half of a float32
         words = np.asarray(tensor.data).view(np.uint16).reshape(rows, columns).astype(np.uint32) << 16
-        return kind, words.view(np.float32)
+        data = words.view(np.float32)
+        return kind, _finite(file, tensor.name, data, bool(np.isfinite(data).all()))
     raise ValueError(
         f"{file}: tensor {tensor.name} is {kind}, a type edge-llm cannot compute with; load files whose weights are "
         f"in {', '.join(BLOCK_TYPES)}, F32 or BF16 (re-quantize with llama-quantize to one of these)."
     )
+
+
+def _finite(file: Path, name: str, data: np.ndarray, finite: bool) -> np.ndarray:
+    if not finite:
+        raise ValueError(f"{file}: tensor {name} holds NaN or infinite weights; the file is damaged (write it again).")
+    return data
 
 
 def _load_weights(
@@ -217,6 +233,7 @@ def _load_norms(file: Path, model: nn.Module, tensors: dict[str, Any], dtype: to
                 f"{file}: norm {name} is {tensor.tensor_type.name} of {values.size} values; the model needs "
                 f"{norm.weight.numel()} F32 values."
             )
+        _finite(file, name, values, bool(np.isfinite(values).all()))
         norm.weight = nn.Parameter(torch.from_numpy(values.astype(np.float32)).to(dtype), requires_grad=False)
 
 
