@@ -247,3 +247,15 @@ def test_the_cost_model_counts_a_llama_cpp_base_as_its_blocks(tied):
     assert sum(layer.packed_bytes() for layer in spec.layers) + spec.other_bytes == stored + final_norm
     plan = schedule(model, builtin_device("raspberry-pi-5-8gb"), Workload(prompt_tokens=32, decode_tokens=8))
     assert plan.memory_bytes >= stored and all(p.kernel.startswith("dequant_int") for p in plan.layers)
+
+
+def test_a_llama_cpp_base_lowers_for_executorch_from_the_weights_it_computes_with():
+    """ExecuTorch's lowering starts from a float copy of the model: for a llama.cpp base, the
+    blocks decoded (the token table too), computing exactly as the model."""
+    from edge_llm.export.executorch import _float_copy
+
+    model = luc_base(tied=True)
+    plain = _float_copy(model, adapted=set())
+    x = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=x).logits, model(input_ids=x).logits, atol=1e-5)

@@ -50,6 +50,7 @@ from edge_llm._io import atomic_write_bytes
 from edge_llm._warnings import EXECUTORCH_LOWERING, quiet_upstream_warnings
 from edge_llm.export.weights import adapted_layers, base_layer, effective_weight, folded_adapters
 from edge_llm.luc.facts import layer_setting
+from edge_llm.luc.ggml_linear import GGMLEmbedding
 from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.tuner.model import edge_config_of
@@ -190,6 +191,8 @@ def _float_copy(base: nn.Module, adapted: set[int]) -> nn.Module:
                 f"{owner} is a {type(plain.get_submodule(owner)).__name__} there. Merge the adapter first "
                 "(merge_and_unload()), or export to GGUF."
             )
+        elif isinstance(original, GGMLEmbedding):  # a token table in llama.cpp blocks
+            state[name] = original.dense_weight()
         else:
             state[name] = getattr(original, attribute).detach().float()
     plain.load_state_dict(state, strict=True)

@@ -166,6 +166,10 @@ class GGMLEmbedding(nn.Module):
     def kind(self) -> BlockType:
         return block_type(self.weight_type)
 
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole table as floats (vocabulary x dimension), as a lookup decodes its rows."""
+        return _decoded(self.weight, self.kind, self.embedding_dim, dtype)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = self.weight.index_select(0, input_ids.reshape(-1))
         values = _decoded(rows, self.kind, self.embedding_dim, self.output_dtype)
