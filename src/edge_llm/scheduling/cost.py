@@ -106,7 +106,7 @@ class ModelSpec:
             for p in {id(p): p for p in base.parameters()}.values()
             if id(p) not in layer_param_ids
         )
-        # Llama.cpp blocks outside the layers (the token table, a head: buffers), a tied pair once.
+        # llama.cpp blocks outside the layers (the token table, a head: buffers), a tied pair once.
         in_layers = {id(m) for layer in decoder_layers for m in layer.modules()}
         blocks = {
             id(m.weight): m.weight.numel()
