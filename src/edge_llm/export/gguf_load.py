@@ -186,6 +186,7 @@ def _load_weights(
             else:
                 table = nn.Embedding(module.num_embeddings, module.embedding_dim, dtype=dtype)
                 table.weight.data.copy_(_tensor(data))
+                table.weight.requires_grad_(False)  # frozen, as every weight of the loaded base
             model.set_input_embeddings(table)
             if parts.head_path not in names:  # tied: the head reads the table
                 head = GGMLLinear.tied_to(table) if kind in BLOCK_TYPES else _tied_float_head(table)
