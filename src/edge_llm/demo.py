@@ -202,7 +202,7 @@ def _compress_for_llama_cpp(model: Any, tokenizer: Any, test: torch.Tensor, seq_
     from edge_llm.luc.ggml import llama_quantize
     from edge_llm.luc.integration import apply_luc
 
-    title = "held-out perplexity in llama.cpp (1,024 tokens of sonnets 131-154), by GGUF file size"
+    title = f"held-out perplexity in llama.cpp ({test.numel():,} tokens of sonnets 131-154), by GGUF file size"
     with tempfile.TemporaryDirectory(prefix="edge-llm-demo-") as scratch:
         dense = write_gguf(model, Path(scratch) / "f16.gguf", tokenizer)
         theirs = llama_quantize(dense, Path(scratch) / "q4_k_m.gguf", "Q4_K_M")
@@ -228,7 +228,7 @@ def _compress_in_pytorch(model: Any, test: torch.Tensor, report: DemoReport) -> 
     from edge_llm.evaluation import perplexity
     from edge_llm.luc import CompressionMethod, compress_model
 
-    title = "held-out perplexity in PyTorch (1,024 tokens of sonnets 131-154)"
+    title = f"held-out perplexity in PyTorch ({test.numel():,} tokens of sonnets 131-154)"
     report.measure(title, "original", f"{perplexity(model, test)['model']:.2f}")
     layers = model.config.num_hidden_layers
     compress_model(model, [(4, 0.0)] * layers, CompressionMethod(group_size=32), progress=False)
