@@ -53,7 +53,9 @@ class LUCConfig(QuantizationConfigMixin):
         metric: sensitivity metric, `"kl"` or `"output_mse"`.
         num_samples, seq_len: calibration windows drawn from `dataset`.
         targets: names of the Linear modules to compress in each decoder layer (None: all).
-        profile_cache_dir: where sensitivity profiles are cached (default: the edge-llm cache).
+        profile_cache_dir: where sensitivity profiles are cached (default: the edge-llm cache); for
+            `target="gguf"` the measured damage table and importance vectors, so another budget
+            over the same model, calibration and types is searched without measuring again.
         target: `"pytorch"` (default: LUC's packed layers, per-layer bits and sparsity) or `"gguf"`:
             every weight tensor, the token embedding included, gets one of llama.cpp's types
             (`gguf_types`), quantized by llama.cpp's quantizer with an importance matrix, chosen

@@ -25,6 +25,7 @@ its gradient (hence its Fisher information) holds both uses.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_llm._io import check_schema, load_schema, save_json
+from edge_llm._io import atomic_file, atomic_write_text, check_schema, load_schema, save_json
 from edge_llm._memory import release_freed_memory
 from edge_llm.luc.calibration import iterate
 from edge_llm.luc.ggml import BlockType, block_type, dequantize, quantize, types_for_row
@@ -396,6 +397,89 @@ def budget_bytes(model: nn.Module, avg_bits: float | None, weight_budget_bytes: 
     return min(budgets)
 
 
+# Part of the key of a kept profile: raise it when what `calibrate` or `damage_table` measure changes.
+GGUF_PROFILE_VERSION = 1
+
+
+def measured_table(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    types: tuple[str, ...] | None,
+    progress: bool,
+    cache_dir: str | Path | None,
+) -> tuple[dict[str, list[Candidate]], Statistics]:
+    """The damage table and the importance vectors of `model` on `tokens` (`calibrate`, then
+    `damage_table`), read from `cache_dir` when measured before: keyed by the model's values, the
+    tokens and the candidate types; a damaged or foreign entry is measured again. The Fisher
+    diagonals are not kept: the table holds what they were for."""
+    from edge_llm.luc.profile import cache_folder, weights_fingerprint
+
+    settings = {"kind": "gguf-fisher", "types": types, "rows": MAX_MEASURED_ROWS, "version": GGUF_PROFILE_VERSION}
+    stem = None
+    if cache_dir is not None:
+        stem = cache_folder(cache_dir) / f"gguf-profile-{weights_fingerprint(model, tokens, settings)[:24]}"
+        cached = _read_profile(stem, model, types)
+        if cached is not None:
+            logger.info("Using the cached profile for llama.cpp %s.json", stem)
+            return cached
+    statistics = calibrate(model, tokens, progress, fisher=True)
+    table = damage_table(model, statistics, types, progress)
+    statistics.fisher.clear()  # one float per weight
+    if stem is not None:
+        _write_profile(stem, table, statistics)
+    return table, statistics
+
+
+def _write_profile(stem: Path, table: dict[str, list[Candidate]], statistics: Statistics) -> None:
+    from safetensors.numpy import save_file
+
+    with atomic_file(stem.with_suffix(".safetensors")) as temporary:
+        vectors = {
+            n: np.ascontiguousarray(v, dtype=np.float32) for n, v in statistics.importance.items() if v is not None
+        }
+        save_file(vectors, str(temporary))
+    rows = {name: [[c.kind.name, c.nbytes, c.damage] for c in candidates] for name, candidates in table.items()}
+    atomic_write_text(stem.with_suffix(".json"), json.dumps({"version": GGUF_PROFILE_VERSION, "tensors": rows}))
+
+
+def _read_profile(
+    stem: Path, model: nn.Module, types: tuple[str, ...] | None
+) -> tuple[dict[str, list[Candidate]], Statistics] | None:
+    """The cached table and importance if both files are there and describe `model`'s tensors
+    with finite values; else None (and a warning when something was there but not usable)."""
+    from safetensors.numpy import load_file
+
+    json_path, vectors_path = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+    if not (json_path.is_file() and vectors_path.is_file()):
+        return None
+    try:
+        data = json.loads(json_path.read_text())
+        vectors = load_file(str(vectors_path))
+        tensors = weight_tensors(model)
+        if data.get("version") != GGUF_PROFILE_VERSION or set(data["tensors"]) != set(tensors):
+            raise ValueError("it describes other tensors")
+        table = {}
+        for name, module in tensors.items():
+            rows, columns = tensor_shape(module)
+            expected = {kind.name for kind in candidate_types(columns, types)}
+            entries = data["tensors"][name]
+            if {entry[0] for entry in entries} != expected or len(entries) != len(expected):
+                raise ValueError(f"{name} has other candidate types")
+            table[name] = [Candidate(block_type(kind), int(nbytes), float(damage)) for kind, nbytes, damage in entries]
+            if not all(np.isfinite(c.damage) and c.damage >= 0 for c in table[name]):
+                raise ValueError(f"{name} has a damage that is not a finite number >= 0")
+            if any(c.nbytes != aligned(c.kind.tensor_bytes(rows, columns)) for c in table[name]):
+                raise ValueError(f"{name} has sizes of another shape")
+            vector = vectors.get(name)
+            if vector is not None and (vector.shape != (columns,) or not np.isfinite(vector).all()):
+                raise ValueError(f"{name}'s importance vector does not fit")
+        importance = {name: vectors.get(name) for name in tensors}
+    except (ValueError, KeyError, TypeError, IndexError, OSError) as error:
+        logger.warning("Ignoring the cached profile for llama.cpp %s (%s); measuring again.", json_path, error)
+        return None
+    return table, Statistics(importance, {})
+
+
 def compress_for_gguf(
     model: nn.Module,
     tokens: torch.Tensor | None,
@@ -406,6 +490,7 @@ def compress_for_gguf(
     progress: bool = True,
     speed: Any = None,
     max_slowdown: float | None = None,
+    cache_dir: str | Path | None = None,
 ) -> GGUFPolicy:
     """Choose (unless `policy` is given) and apply one llama.cpp type per tensor of `model` within
     `budget` bytes of those tensors in the GGUF file. `tokens`: calibration windows (importance
@@ -413,17 +498,21 @@ def compress_for_gguf(
     importance matrix. `speed`: a `gguf_speed.GGUFSpeedProfile` of `model` on the device; with it,
     a request (the profile's prompt, then its generated tokens) is also at most `max_slowdown`
     (required with `speed`; `LUCConfig.gguf_max_slowdown` owns the default) slower in llama.cpp
-    than with the fastest types within the budget."""
+    than with the fastest types within the budget. `cache_dir`: where the measured profile (the
+    damage table and the importance vectors) is kept, so that another budget over the same model,
+    calibration and types searches again without measuring (None: not kept)."""
     if speed is not None and max_slowdown is None:
         raise ValueError("compress_for_gguf(speed=...) needs max_slowdown: how much slower than the fastest types.")
     measured = policy is None and sensitivity == "fisher"
-    statistics = calibrate(model, tokens, progress, fisher=measured) if tokens is not None else None
+    if measured and tokens is None:
+        raise ValueError("The measured (Fisher) sensitivity needs calibration data.")
+    table = None
+    if measured:
+        table, statistics = measured_table(model, tokens, types, progress, cache_dir)
+    else:
+        statistics = calibrate(model, tokens, progress, fisher=False) if tokens is not None else None
     if policy is None:
-        if sensitivity == "fisher":
-            if statistics is None:
-                raise ValueError("The measured (Fisher) sensitivity needs calibration data.")
-            table = damage_table(model, statistics, types, progress)
-        else:
+        if table is None:
             table = structural_table(model, types)
         max_seconds = None
         if speed is not None:

@@ -183,8 +183,9 @@ def apply_gguf_luc(model: nn.Module, config: LUCConfig, progress: bool = True) -
     types = tuple(config.gguf_types) if config.gguf_types else None
     speed = _gguf_speed(model, config, progress) if policy is None else None
     try:
+        slowdown, profiles = config.gguf_max_slowdown, config.profile_cache_dir or cache_dir() / "luc-profiles"
         policy = compress_for_gguf(
-            model, tokens, budget, config.sensitivity, types, policy, progress, speed, config.gguf_max_slowdown
+            model, tokens, budget, config.sensitivity, types, policy, progress, speed, slowdown, profiles
         )
     except BudgetTooSmall as error:
         smallest_bits = 8 * error.smallest / weight_count(model)

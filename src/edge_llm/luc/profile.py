@@ -101,7 +101,7 @@ class SensitivityProfile:
 _NOT_FINGERPRINTED = ("dtype", "torch_dtype", "_name_or_path", "transformers_version", "quantization_config")
 
 
-def _fingerprint(model: nn.Module, tokens: torch.Tensor, settings: dict) -> str:
+def weights_fingerprint(model: nn.Module, tokens: torch.Tensor, settings: dict) -> str:
     """The model's values, not its dtype or path: the same checkpoint loaded in bfloat16 or float32
     (an exact upcast), from any folder, under any budget, finds the same cached profile."""
     digest = hashlib.blake2b(digest_size=20)
@@ -203,8 +203,8 @@ def profile_sensitivity(
         check_sparsity(s, method.prune_structure)
     candidates = [(int(b), float(s)) for b in bits for s in sparsities]
     settings = {"candidates": candidates, "method": asdict(method), "metric": metric, "targets": targets}
-    fingerprint = _fingerprint(model, tokens, settings | {"version": _PROFILE_VERSION})
-    cache_file = _cache_folder(cache_dir) / f"luc-profile-{fingerprint[:24]}.json" if cache_dir is not None else None
+    fingerprint = weights_fingerprint(model, tokens, settings | {"version": _PROFILE_VERSION})
+    cache_file = cache_folder(cache_dir) / f"luc-profile-{fingerprint[:24]}.json" if cache_dir is not None else None
     if cache_file is not None and cache_file.exists():
         try:
             cached = _plausible(SensitivityProfile.from_json(cache_file.read_text()))
@@ -225,7 +225,7 @@ def profile_sensitivity(
     return profile
 
 
-def _cache_folder(cache_dir: str | Path) -> Path:
+def cache_folder(cache_dir: str | Path) -> Path:
     """The profile cache folder, made and checked writable before any profiling (not after it)."""
     folder = Path(cache_dir).expanduser()
     if folder.exists() and not folder.is_dir():
