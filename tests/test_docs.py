@@ -28,6 +28,7 @@ def _api_callables() -> dict:
     import edge_llm
     from edge_llm.export import bundle, executorch, gguf, gguf_lora
     from edge_llm.luc import calibration_tokens, compress_model, profile_sensitivity
+    from edge_llm.luc.ggml import llama_quantize
     from edge_llm.runtime import load_bundle
     from edge_llm.scheduling import Workload, profile_this_machine, schedule
     from edge_llm.tuner.planning import plan_training
@@ -48,6 +49,7 @@ def _api_callables() -> dict:
         "write_gguf": gguf.write_gguf,
         "write_gguf_lora": gguf_lora.write_gguf_lora,
         "load_gguf": edge_llm.export.load_gguf,
+        "llama_quantize": llama_quantize,
         "gguf_fixed_bytes": gguf.gguf_fixed_bytes,
         "write_pte": executorch.write_pte,
         "write_program": executorch.write_program,
