@@ -72,18 +72,23 @@ class ModelSpec:
         layers = []
         float_linear_bytes = 0
         for index, layer in enumerate(decoder_layers):
-            if any(isinstance(m, GGMLLinear) for m in layer.modules()):  # compressed for llama.cpp
-                layers.append(_ggml_layer_spec(index, layer, config, head_dim))
-                continue
+            blocks = [m for m in layer.modules() if isinstance(m, GGMLLinear)]
             compressed = [m for m in layer.modules() if isinstance(m, LUCLinear)]
-            linears, left_in_float = _layer_linears(layer, compressed, policy.targets if policy is not None else None)
-            float_linear_bytes += sum(o * i for o, i in left_in_float) * FP16_BYTES
-            if policy is not None:
-                bits, sparsity = policy.layers[index]
-                structure, group_size = policy.method.prune_structure, policy.method.group_size
-            else:
+            stored = None
+            if blocks:  # compressed for llama.cpp: the blocks' bytes exactly, the width `layer_setting` gives
+                linears = tuple((m.out_features, m.in_features) for m in blocks)
                 (bits, sparsity), structure = layer_setting(layer), "unstructured"
-                group_size = compressed[0].group_size if compressed else 128
+                group_size, stored = min(m.kind.block for m in blocks), sum(m.weight.numel() for m in blocks)
+            else:
+                targets = policy.targets if policy is not None else None
+                linears, left_in_float = _layer_linears(layer, compressed, targets)
+                float_linear_bytes += sum(o * i for o, i in left_in_float) * FP16_BYTES
+                if policy is not None:
+                    bits, sparsity = policy.layers[index]
+                    structure, group_size = policy.method.prune_structure, policy.method.group_size
+                else:
+                    (bits, sparsity), structure = layer_setting(layer), "unstructured"
+                    group_size = compressed[0].group_size if compressed else 128
             layers.append(
                 LayerSpec(
                     index=index,
@@ -97,7 +102,8 @@ class ModelSpec:
                     num_heads=config.num_attention_heads,
                     num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
                     head_dim=head_dim,
-                    luc=policy is not None or bool(compressed),
+                    luc=policy is not None or bool(compressed or blocks),
+                    stored_bytes=stored,
                 )
             )
         layer_param_ids = {id(p) for layer in decoder_layers for p in layer.parameters()}
@@ -133,27 +139,6 @@ class ModelSpec:
                 lora_params=lora,
             )
         return cls(**spec)
-
-
-def _ggml_layer_spec(index: int, layer: nn.Module, config: object, head_dim: int) -> LayerSpec:
-    """A decoder layer whose Linears hold llama.cpp blocks: their bytes exactly, and the kernel width
-    `layer_setting` gives them."""
-    blocks = [m for m in layer.modules() if isinstance(m, GGMLLinear)]
-    bits, sparsity = layer_setting(layer)
-    return LayerSpec(
-        index=index,
-        linears=tuple((m.out_features, m.in_features) for m in blocks),
-        bits=bits,
-        sparsity=sparsity,
-        structure="unstructured",
-        group_size=min(m.kind.block for m in blocks),
-        hidden_size=config.hidden_size,
-        intermediate_size=getattr(config, "intermediate_size", None) or 4 * config.hidden_size,
-        num_heads=config.num_attention_heads,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-        head_dim=head_dim,
-        stored_bytes=sum(m.weight.numel() for m in blocks),
-    )
 
 
 def _layer_linears(
