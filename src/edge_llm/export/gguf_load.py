@@ -23,6 +23,7 @@ as NaN logits later.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -143,28 +144,26 @@ def _data(file: Path, tensor: Any, rows: int, columns: int) -> tuple[str, np.nda
             raise ValueError(f"{file}: tensor {tensor.name} ({kind}) has rows of {columns}, not whole blocks.")
         data = np.asarray(tensor.data).view(np.uint8).reshape(rows, -1)
         step = max(1, DECODE_BLOCK // columns)  # decoded a row block at a time: one copy of that size
-        finite = all(
-            np.isfinite(dequantize(data[start : start + step], BLOCK_TYPES[kind], columns)).all()
-            for start in range(0, rows, step)
-        )
-        return kind, _finite(file, tensor.name, data, finite)
-    if kind == "F32":
+        values = (dequantize(data[i : i + step], BLOCK_TYPES[kind], columns) for i in range(0, rows, step))
+    elif kind == "F32":
         data = np.asarray(tensor.data, dtype=np.float32).reshape(rows, columns)
-        return kind, _finite(file, tensor.name, data, bool(np.isfinite(data).all()))
-    if kind == "BF16":  # the high half of a float32
+        values = [data]
+    elif kind == "BF16":  # the high half of a float32
         words = np.asarray(tensor.data).view(np.uint16).reshape(rows, columns).astype(np.uint32) << 16
         data = words.view(np.float32)
-        return kind, _finite(file, tensor.name, data, bool(np.isfinite(data).all()))
-    raise ValueError(
-        f"{file}: tensor {tensor.name} is {kind}, a type edge-llm cannot compute with; load files whose weights are "
-        f"in {', '.join(BLOCK_TYPES)}, F32 or BF16 (re-quantize with llama-quantize to one of these)."
-    )
+        values = [data]
+    else:
+        raise ValueError(
+            f"{file}: tensor {tensor.name} is {kind}, a type edge-llm cannot compute with; load files whose weights "
+            f"are in {', '.join(BLOCK_TYPES)}, F32 or BF16 (re-quantize with llama-quantize to one of these)."
+        )
+    _check_finite(file, tensor.name, values)
+    return kind, data
 
 
-def _finite(file: Path, name: str, data: np.ndarray, finite: bool) -> np.ndarray:
-    if not finite:
+def _check_finite(file: Path, name: str, values: Iterable[np.ndarray]) -> None:
+    if not all(np.isfinite(part).all() for part in values):
         raise ValueError(f"{file}: tensor {name} holds NaN or infinite weights; the file is damaged (write it again).")
-    return data
 
 
 def _load_weights(
@@ -234,7 +233,7 @@ def _load_norms(file: Path, model: nn.Module, tensors: dict[str, Any], dtype: to
                 f"{file}: norm {name} is {tensor.tensor_type.name} of {values.size} values; the model needs "
                 f"{norm.weight.numel()} F32 values."
             )
-        _finite(file, name, values, bool(np.isfinite(values).all()))
+        _check_finite(file, name, [values])
         norm.weight = nn.Parameter(torch.from_numpy(values.astype(np.float32)).to(dtype), requires_grad=False)
 
 
