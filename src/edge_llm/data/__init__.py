@@ -12,23 +12,25 @@ SONNET_SPLITS = {"train": slice(0, 120), "validation": slice(120, 130), "test": 
 def sonnets(split: str | None = None) -> list[str]:
     """Shakespeare's 154 sonnets (public domain), one string each, in order; `split`: only the
     sonnets of "train", "validation" or "test" (`SONNET_SPLITS`)."""
-    if split is not None and split not in SONNET_SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SONNET_SPLITS)} or None, got {split!r}.")
+    chosen = _split(split)
     text = files(__package__).joinpath("sonnets.txt").read_text(encoding="utf-8")
     # Each sonnet is headed by its Roman numeral on a line of its own.
     parts = re.split(r"\n\s*[IVXLC]+\s*\n", text)
-    texts = [part.strip() for part in parts[1:] if part.strip()]
-    return texts if split is None else texts[SONNET_SPLITS[split]]
+    return [part.strip() for part in parts[1:] if part.strip()][chosen]
+
+
+def _split(split: str | None) -> slice:
+    """The sonnets of `split` (all for None), the name checked."""
+    if split is not None and split not in SONNET_SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SONNET_SPLITS)} or None, got {split!r}.")
+    return slice(None) if split is None else SONNET_SPLITS[split]
 
 
 def sonnet_instructions(split: str | None = None) -> list[dict[str, str]]:
     """Instruction/response pairs from the sonnets: given a quatrain, continue with the next one
     (the third quatrain is answered with the closing couplet). Three pairs per sonnet; `split`:
     only those of the sonnets of that split (`SONNET_SPLITS`)."""
-    numbered = list(enumerate(sonnets(), start=1))
-    if split is not None:
-        sonnets(split)  # checks the name
-        numbered = numbered[SONNET_SPLITS[split]]
+    numbered = list(enumerate(sonnets(), start=1))[_split(split)]
     pairs = []
     for number, sonnet in numbered:
         lines = [line.strip() for line in sonnet.splitlines() if line.strip()]
