@@ -309,8 +309,8 @@ def _export(args: argparse.Namespace) -> int:
             from edge_llm.assets import smollm2_135m_gguf
 
             options["gguf"]["reference_gguf"] = smollm2_135m_gguf()
-        elif gguf_model_file(args.model) is not None:  # its tokenizer copied as the file holds it
-            options["gguf"]["reference_gguf"] = gguf_model_file(args.model)
+        elif (file := gguf_model_file(args.model)) is not None:  # its tokenizer copied as the file holds it
+            options["gguf"]["reference_gguf"] = file
     export(
         model,
         plan,
