@@ -528,7 +528,7 @@ def compress_for_gguf(
                 speed.machine,
             )
     apply_types(model, policy.tensors, statistics)
-    del statistics  # the Fisher diagonal: one float per weight
+    del statistics  # the importance vectors (measured_table dropped the Fisher diagonals already)
     release_freed_memory()
     logger.info(
         "LUC for llama.cpp: %s; %.1f MiB of weights", policy.summary(), policy_bytes(model, policy.tensors) / 2**20
