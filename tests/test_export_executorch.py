@@ -9,6 +9,8 @@ from tiny_models import VOCAB, tiny_model
 import edge_llm
 from edge_llm.export import export, verify_bundle
 from edge_llm.luc import CompressionMethod, compress_model
+from edge_llm.luc.linear import LUCLinear
+from edge_llm.luc.quantize import quantize_rtn
 from edge_llm.scheduling import Workload, schedule
 
 
@@ -26,7 +28,7 @@ def test_luc_layers_go_into_executorch_int4_exactly(bits, sparsity, grid):
     pytest.importorskip("torchao")
     from collections import Counter
 
-    from edge_llm.export.executorch import ZeroPointLinear, int4_block, int4_linear
+    from edge_llm.export.executorch import ZeroPointLinear, int4_block, int_linear
 
     model = gguf_llama()
     method = CompressionMethod(64, "rtn", "magnitude", grid=grid)
@@ -34,7 +36,7 @@ def test_luc_layers_go_into_executorch_int4_exactly(bits, sparsity, grid):
     luc = model.model.layers[0].mlp.down_proj  # 256 rows of 512: 8 groups each
     counts = Counter()
     block = int4_block(luc, 512)
-    lowered = int4_linear(torch.nn.Linear(512, 256, bias=False), luc, False, block, counts)
+    lowered = int_linear(torch.nn.Linear(512, 256, bias=False), luc, False, 4, block, counts)
     assert block == 64 and counts["int4 blocks holding LUC's codes"] == 256 * 8
     # 2-3-bit codes fit int4 as `code - zero_point`; asymmetric 4-bit codes span 16 levels around
     # the zero-point, so the zero-points ride in per-block offsets; symmetric ones are int4's own.
@@ -46,6 +48,50 @@ def test_luc_layers_go_into_executorch_int4_exactly(bits, sparsity, grid):
     x = torch.randn(3, 512)
     reference = luc.dequantize_weight(torch.float32)
     torch.testing.assert_close(lowered(x), x @ reference.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("group", "held"), [(512, True), (64, False)])
+def test_8bit_luc_layers_go_into_executorch_int8_exactly_when_one_group_spans_the_row(group, held):
+    pytest.importorskip("torchao")
+    from edge_llm.export.executorch import quantize_for_xnnpack
+
+    # XNNPACK's int8 kernel has one scale per output channel: a symmetric 8-bit layer with one
+    # group per row is that kernel's weight (`code - 128`); groups of 64 are re-quantized per row.
+    model = gguf_llama()
+    compress_model(model, [(8, 0.0)] * 4, CompressionMethod(group, "rtn", grid="symmetric"), progress=False)
+    plain, counts = quantize_for_xnnpack(model)
+    rows = sum(m.out_features for m in model.model.layers.modules() if isinstance(m, LUCLinear))
+    assert counts["int8 Linears"] == 4 * 7 and counts["int4 Linears"] == 0
+    assert counts["int8 blocks holding LUC's codes" if held else "int8 blocks re-quantized"] == rows
+    luc, lowered = model.model.layers[1].mlp.down_proj, plain.model.layers[1].mlp.down_proj
+    weight = lowered.weight.qdata.float() * lowered.weight.scale
+    reference = luc.dequantize_weight(torch.float32)
+    assert torch.equal(weight, reference) == held
+    if not held:
+        torch.testing.assert_close(weight, reference, atol=0.01, rtol=0.0)
+
+
+def test_each_linear_goes_into_executorch_by_its_own_setting():
+    pytest.importorskip("torchao")
+    from edge_llm.export.executorch import quantize_for_xnnpack
+
+    # Linears of one decoder layer with different settings (a 4-bit attention, an 8-bit MLP with one
+    # group per row) each keep theirs.
+    model = gguf_llama()
+    compress_model(model, [(4, 0.0)] * 4, CompressionMethod(64, "rtn", grid="symmetric"), progress=False)
+    layer = model.model.layers[0]
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        linear = layer.mlp.get_submodule(name)
+        dense = torch.nn.Linear(linear.in_features, linear.out_features, bias=False)
+        dense.weight.data = linear.dequantize_weight(torch.float32)
+        codes = quantize_rtn(dense.weight.data, 8, linear.in_features, None, True)
+        layer.mlp.set_submodule(name, LUCLinear.from_linear(dense, 8, 0.0, linear.in_features, codes))
+    plain, counts = quantize_for_xnnpack(model)
+    assert counts["int8 Linears"] == 3 and counts["int4 Linears"] == 4 * 7 - 3
+    assert counts["int4 blocks re-quantized"] == counts["int8 blocks re-quantized"] == 0
+    target = plain.model.layers[0]
+    assert target.mlp.up_proj.weight.block_size == (1, target.mlp.up_proj.in_features)
+    assert target.self_attn.q_proj.weight.block_size == (1, 64)
 
 
 @pytest.mark.parametrize("grid", ["asymmetric", "symmetric"])

@@ -18,8 +18,11 @@ per group or 8-bit per output channel, and quantize activations to int8 per toke
   weights sit at the zero-point and stay exact zeros (blocks whose zero-point lies outside the
   codes are re-quantized, as are layers with a LoRA update folded in). XNNPACK stores the scales in
   bfloat16 (LUC's are float16), which rounds them by up to 2^-9.
-- 5-8-bit layers -> int8 per output channel ("8da8w"), re-quantized: XNNPACK has no grouped 8-bit
-  kernel.
+- 5-8-bit layers -> int8 per output channel ("8da8w"): XNNPACK has no grouped 8-bit kernel, so a
+  layer holds LUC's codes only where one group spans each row (`group_size` >= the row, symmetric
+  8-bit: `code - 128`); others are re-quantized.
+Each Linear is mapped by its own setting, so a model whose Linears differ within a decoder layer
+goes in as it is.
 - Layers LUC left in float, and norms -> float32; the LM head -> int8 per output channel and the
   embedding table -> int8 per row by default (`head_bits=None`: float32; `embedding_bits=16` or
   32: float16 or float32), since a program stores a tied table twice. The int8 table is torchao's
@@ -58,7 +61,6 @@ from edge_llm.tuner.model import edge_config_of
 logger = logging.getLogger(__name__)
 
 XNNPACK_BLOCK = 32  # XNNPACK's 4-bit blockwise kernel takes blocks that are multiples of 32
-INT4_RANGE = (-8, 7)
 
 
 def require_executorch() -> None:
@@ -78,6 +80,14 @@ def int4_block(layer: nn.Module, columns: int) -> int | None:
     group = layer.group_size if isinstance(layer, LUCLinear) else XNNPACK_BLOCK
     block = math.gcd(group, columns)
     return block if block % XNNPACK_BLOCK == 0 else None
+
+
+def xnnpack_layout(layer: nn.Module, columns: int) -> tuple[int, int]:
+    """(bits of the kernel, block length) a Linear goes to: int4 per block (`int4_block`) for
+    2-4-bit LUC layers whose groups allow one, else int8 per output channel (the whole row)."""
+    bits, _ = layer_setting(layer)
+    block = int4_block(layer, columns) if bits <= 4 else None
+    return (4, block) if block is not None else (8, columns)
 
 
 def _activation_quantization():
@@ -132,27 +142,44 @@ def requantized(module: nn.Module, with_adapter: bool, block: int, bits: int) ->
 
 
 @torch.no_grad()
-def int4_linear(linear: nn.Linear, module: nn.Module, with_adapter: bool, block: int, counts: Counter) -> nn.Module:
-    """`linear` (holding `module`'s float weight) with a torchao int4 weight (symmetric, per block
-    of `block` columns, int8 activations). A LUC layer keeps its codes: unchanged where
-    `code - zero_point` fits int4's [-8, 7] (every 2- and 3-bit layer), else as a `ZeroPointLinear`.
-    Blocks whose pruned weights sit on a zero-point outside the codes, and layers with a LoRA update
-    folded in, are re-quantized from the float weight. Counts blocks in `counts`."""
+def int_linear(
+    linear: nn.Linear, module: nn.Module, with_adapter: bool, bits: int, block: int, counts: Counter
+) -> nn.Module:
+    """`linear` (holding `module`'s float weight) with a torchao `bits`-bit weight (4: int4 per
+    block of `block` columns; 8: int8 per output channel; symmetric, int8 activations). A LUC layer
+    keeps its codes: unchanged where `code - zero_point` fits the kernel's signed range (every 2-
+    and 3-bit layer in int4, symmetric grids), else (int4 only) as a `ZeroPointLinear`. Blocks whose
+    pruned weights sit on a zero-point outside the codes, layers with a LoRA update folded in, and
+    layers whose groups the kernel's blocks cannot hold are re-quantized from the float weight.
+    Counts blocks in `counts`."""
     layer = base_layer(module)
-    if not isinstance(layer, LUCLinear) or folded_adapters(module, with_adapter) or layer.bits > 4:
-        linear.weight = nn.Parameter(requantized(module, with_adapter, block, 4), requires_grad=False)
-        counts["int4 blocks re-quantized"] += linear.weight.scale.numel()
+    kind = f"int{bits} blocks"
+    held = (
+        isinstance(layer, LUCLinear)
+        and not folded_adapters(module, with_adapter)
+        and layer.bits <= bits
+        and layer.group_size % block == 0
+    )
+    if not held:
+        linear.weight = nn.Parameter(requantized(module, with_adapter, block, bits), requires_grad=False)
+        counts[f"{kind} re-quantized"] += linear.weight.scale.numel()
         return linear
     rows, blocks = layer.out_features, layer.in_features // block
-    # Pruned weights are 0: their code is the zero-point, which a group may put outside [0, 15].
+    low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    # Pruned weights are 0: their code is the zero-point, which a group may put outside the codes.
     luc = layer.code_blocks(block)
     zero, scale = luc.zeros, luc.scales
     codes = luc.codes.float().view(rows, blocks, block)
     centered = codes - zero[..., None]
-    if ((centered >= INT4_RANGE[0]) & (centered <= INT4_RANGE[1])).all():
-        # int4 holds `code - zero_point` itself: LUC's weight with no offsets.
-        linear.weight = nn.Parameter(_int_weight(centered.view(rows, -1).to(torch.int8), scale, 4), requires_grad=False)
-        counts["int4 blocks holding LUC's codes"] += rows * blocks
+    if ((centered >= low) & (centered <= high)).all():
+        # The kernel's codes hold `code - zero_point` itself: LUC's weight with no offsets.
+        weight = _int_weight(centered.view(rows, -1).to(torch.int8), scale, bits)
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        counts[f"{kind} holding LUC's codes"] += rows * blocks
+        return linear
+    if bits != 4:  # 16 levels around a zero-point fit int4 as `code - 8`; wider codes are re-quantized
+        linear.weight = nn.Parameter(requantized(module, with_adapter, block, bits), requires_grad=False)
+        counts[f"{kind} re-quantized"] += rows * blocks
         return linear
     on_grid = luc.pruned_on_grid(16)
     codes = codes - 8
@@ -162,8 +189,8 @@ def int4_linear(linear: nn.Linear, module: nn.Module, with_adapter: bool, block:
         scale = torch.where(on_grid, scale, fallback.scale)
     linear.weight = nn.Parameter(_int_weight(codes.view(rows, -1).to(torch.int8), scale, 4), requires_grad=False)
     offsets = torch.where(on_grid, (8 - zero) * scale, torch.zeros_like(scale))
-    counts["int4 blocks holding LUC's codes"] += int(on_grid.sum())
-    counts["int4 blocks re-quantized"] += int((~on_grid).sum())
+    counts[f"{kind} holding LUC's codes"] += int(on_grid.sum())
+    counts[f"{kind} re-quantized"] += int((~on_grid).sum())
     return ZeroPointLinear(linear, offsets)
 
 
@@ -256,21 +283,16 @@ def quantize_for_xnnpack(
     plain = _float_copy(base, adapted)
     counts: Counter[str] = Counter()
     for index, (layer, target) in enumerate(zip(layers, find_decoder_parts(plain).layers(plain), strict=True)):
-        bits, _ = layer_setting(layer)
         for name, linear in list(target.named_modules()):
-            if not isinstance(linear, nn.Linear) or bits == UNQUANTIZED_BITS:
-                counts["float32 Linears"] += isinstance(linear, nn.Linear)
+            if not isinstance(linear, nn.Linear):
                 continue
             module = layer.get_submodule(name)
-            block = int4_block(base_layer(module), linear.in_features)
-            if bits <= 4 and block is not None:
-                target.set_submodule(name, int4_linear(linear, module, index in adapted, block, counts))
-                counts["int4 Linears"] += 1
-            else:
-                linear.weight = nn.Parameter(
-                    requantized(module, index in adapted, linear.in_features, 8), requires_grad=False
-                )
-                counts["int8 Linears"] += 1
+            if layer_setting(base_layer(module))[0] == UNQUANTIZED_BITS:
+                counts["float32 Linears"] += 1
+                continue
+            bits, block = xnnpack_layout(base_layer(module), linear.in_features)
+            target.set_submodule(name, int_linear(linear, module, index in adapted, bits, block, counts))
+            counts[f"int{bits} Linears"] += 1
     head = plain.get_output_embeddings()
     if head_bits == 8 and isinstance(head, nn.Linear):
         # A new parameter: unties the head from the embedding table.
