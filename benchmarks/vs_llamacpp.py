@@ -116,7 +116,7 @@ def llama_sciq(path: Path, tokenizer, items) -> float:
 def gguf_importance(model, statistics) -> dict[str, np.ndarray]:
     """edge-llm's importance vectors under llama.cpp's tensor names (what `llama-imatrix` writes)."""
     from edge_llm.export.gguf import gguf_tensor_names
-    from edge_llm.luc.gguf_policy import EMBEDDING
+    from edge_llm.luc.gguf_sensitivity import EMBEDDING
 
     names = gguf_tensor_names(model)
     # A tied table's importance is the head's (a matmul over the final hidden state): llama.cpp
@@ -222,15 +222,8 @@ def main() -> None:
     from edge_llm.evaluation import task_items
     from edge_llm.export import write_gguf
     from edge_llm.luc import calibration_tokens
-    from edge_llm.luc.gguf_policy import (
-        apply_types,
-        calibrate,
-        damage_table,
-        policy_bytes,
-        search_types,
-        structural_table,
-        weight_tensors,
-    )
+    from edge_llm.luc.gguf_policy import apply_types, policy_bytes, search_types
+    from edge_llm.luc.gguf_sensitivity import calibrate, damage_table, structural_table, weight_tensors
     from edge_llm.luc.gguf_speed import GGUFSpeedProfile, measure_gguf_speed
 
     original, tokenizer = load_model("smollm2", torch.float32, "cpu")

@@ -20,7 +20,7 @@ from edge_llm.luc import LUCConfig
 from edge_llm.luc.facts import compression_of, gguf_policy_of
 from edge_llm.luc.ggml import llama_quantize
 from edge_llm.luc.ggml_linear import GGMLEmbedding, GGMLLinear
-from edge_llm.luc.gguf_policy import weight_tensors
+from edge_llm.luc.gguf_sensitivity import weight_tensors
 from edge_llm.luc.integration import apply_luc
 
 TYPES = ("Q4_K", "Q6_K", "Q4_0", "Q8_0", "Q5_K", "IQ4_NL", "Q5_1", "F16")

@@ -13,7 +13,8 @@ from edge_llm import EdgeLLMConfig
 from edge_llm.export import write_gguf
 from edge_llm.export.gguf_lora import write_gguf_lora
 from edge_llm.luc.ggml_linear import GGMLLinear
-from edge_llm.luc.gguf_policy import apply_types, weight_tensors
+from edge_llm.luc.gguf_policy import apply_types
+from edge_llm.luc.gguf_sensitivity import weight_tensors
 from edge_llm.luc.lora import CUSTOM_MODULES, CompressedLoraLinear
 
 pytest.importorskip("llama_cpp")

@@ -13,14 +13,12 @@ from edge_llm.export import write_gguf
 from edge_llm.export.gguf import gguf_tensor_names
 from edge_llm.luc import ggml
 from edge_llm.luc.ggml_linear import GGMLEmbedding, GGMLLinear
-from edge_llm.luc.gguf_policy import (
+from edge_llm.luc.gguf_policy import apply_types, policy_bytes, search_types
+from edge_llm.luc.gguf_sensitivity import (
     EMBEDDING,
     Candidate,
-    apply_types,
     calibrate,
     damage_table,
-    policy_bytes,
-    search_types,
     structural_table,
     weight_count,
     weight_tensors,
@@ -317,28 +315,28 @@ def test_without_llama_cpp_python_the_error_says_what_to_install(monkeypatch):
 def test_a_measured_profile_is_kept_and_a_second_budget_measures_nothing(tmp_path, monkeypatch, caplog):
     import logging
 
-    from edge_llm.luc import gguf_policy
+    from edge_llm.luc import gguf_sensitivity
 
     tokens = torch.randint(1, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
-    first = gguf_policy.measured_table(tied_gguf_llama(), tokens, ("Q4_0", "Q8_0", "Q4_K"), False, tmp_path)
+    first = gguf_sensitivity.measured_table(tied_gguf_llama(), tokens, ("Q4_0", "Q8_0", "Q4_K"), False, tmp_path)
 
     def no_measuring(*args, **kwargs):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(gguf_policy, "calibrate", no_measuring)
-    again = gguf_policy.measured_table(tied_gguf_llama(), tokens, ("Q4_0", "Q8_0", "Q4_K"), False, tmp_path)
+    monkeypatch.setattr(gguf_sensitivity, "calibrate", no_measuring)
+    again = gguf_sensitivity.measured_table(tied_gguf_llama(), tokens, ("Q4_0", "Q8_0", "Q4_K"), False, tmp_path)
     (table, statistics), (cached, kept) = first, again
     entries = {n: [(c.kind.name, c.nbytes, c.damage) for c in cs] for n, cs in table.items()}
     assert entries == {n: [(c.kind.name, c.nbytes, c.damage) for c in cs] for n, cs in cached.items()}
     assert all(np.array_equal(statistics.importance[n], kept.importance[n]) for n in table)
     # another model, other tokens or other types are another entry
     with pytest.raises(AssertionError, match="measured again"):
-        gguf_policy.measured_table(tied_gguf_llama(), tokens[:1], ("Q4_0", "Q8_0", "Q4_K"), False, tmp_path)
+        gguf_sensitivity.measured_table(tied_gguf_llama(), tokens[:1], ("Q4_0", "Q8_0", "Q4_K"), False, tmp_path)
     with pytest.raises(AssertionError, match="measured again"):
-        gguf_policy.measured_table(tied_gguf_llama(), tokens, ("Q4_0", "Q8_0"), False, tmp_path)
+        gguf_sensitivity.measured_table(tied_gguf_llama(), tokens, ("Q4_0", "Q8_0"), False, tmp_path)
     # a damaged entry is measured again, with a warning
     (entry,) = tmp_path.glob("gguf-profile-*.json")
     entry.write_text(entry.read_text().replace('"Q8_0"', '"Q5_0"', 1))
     with caplog.at_level(logging.WARNING), pytest.raises(AssertionError, match="measured again"):
-        gguf_policy.measured_table(tied_gguf_llama(), tokens, ("Q4_0", "Q8_0", "Q4_K"), False, tmp_path)
+        gguf_sensitivity.measured_table(tied_gguf_llama(), tokens, ("Q4_0", "Q8_0", "Q4_K"), False, tmp_path)
     assert "Ignoring the cached profile for llama.cpp" in caplog.text

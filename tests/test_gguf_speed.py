@@ -10,14 +10,8 @@ from export_models import ToyTokenizer
 from test_gguf_policy import tied_gguf_llama
 
 from edge_llm.luc import ggml
-from edge_llm.luc.gguf_policy import (
-    Candidate,
-    fastest_seconds,
-    search_types,
-    structural_table,
-    weight_count,
-    weight_tensors,
-)
+from edge_llm.luc.gguf_policy import fastest_seconds, search_types
+from edge_llm.luc.gguf_sensitivity import Candidate, structural_table, weight_count, weight_tensors
 from edge_llm.luc.gguf_speed import (
     PHASES,
     REFERENCE,

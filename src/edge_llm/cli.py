@@ -24,7 +24,7 @@ from edge_llm.export.gguf_load import gguf_model_file, load_gguf
 from edge_llm.export.targets import EXPORT_TARGETS, GGUF_ADAPTERS
 from edge_llm.luc.config import TARGETS as LUC_TARGETS
 from edge_llm.luc.config import LUCConfig
-from edge_llm.luc.gguf_policy import SENSITIVITIES
+from edge_llm.luc.gguf_sensitivity import SENSITIVITIES
 from edge_llm.luc.method import GRIDS
 from edge_llm.luc.profile import METRICS
 from edge_llm.luc.prune import PRUNE_STRUCTURES, PRUNERS

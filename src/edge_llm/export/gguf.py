@@ -67,10 +67,10 @@ def block_tensor_name(index: int, suffix: str) -> str:
 
 def gguf_tensor_names(model: nn.Module) -> dict[str, str]:
     """llama.cpp's name of every tensor a GGUF policy covers, by the policy's key
-    (`gguf_policy.weight_tensors`: module paths, `EMBEDDING` for the token table): the names
+    (`gguf_sensitivity.weight_tensors`: module paths, `EMBEDDING` for the token table): the names
     `write_gguf` writes, for whatever must name those tensors in a file (per-tensor types read back,
     an importance matrix)."""
-    from edge_llm.luc.gguf_policy import EMBEDDING, weight_tensors
+    from edge_llm.luc.gguf_sensitivity import EMBEDDING, weight_tensors
 
     layers_path = find_decoder_parts(model).layers_path + "."
     names = {}
@@ -399,7 +399,8 @@ def gguf_fixed_bytes(model: nn.Module, tokenizer: Any = None, reference_gguf: st
     F16 to a temporary file, whose size less those weights' bytes is the answer."""
     import tempfile
 
-    from edge_llm.luc.gguf_policy import policy_bytes, weight_tensors
+    from edge_llm.luc.gguf_policy import policy_bytes
+    from edge_llm.luc.gguf_sensitivity import weight_tensors
 
     with tempfile.TemporaryDirectory() as tmp:
         size = write_gguf(model, Path(tmp) / "skeleton.gguf", tokenizer, reference_gguf).stat().st_size

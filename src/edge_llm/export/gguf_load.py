@@ -34,7 +34,8 @@ from torch import nn
 from edge_llm.export.gguf import LLAMA_TENSORS, block_tensor_name, gguf_tensor_names, unpermute_rotary
 from edge_llm.luc.ggml import BLOCK_TYPES, dequantize
 from edge_llm.luc.ggml_linear import DECODE_BLOCK, GGMLEmbedding, GGMLLinear
-from edge_llm.luc.gguf_policy import EMBEDDING, GGUFPolicy, weight_tensors
+from edge_llm.luc.gguf_policy import GGUFPolicy
+from edge_llm.luc.gguf_sensitivity import EMBEDDING, weight_tensors
 from edge_llm.modeling import find_decoder_parts
 
 logger = logging.getLogger(__name__)

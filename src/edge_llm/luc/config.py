@@ -188,7 +188,7 @@ class LUCConfig(QuantizationConfigMixin):
 
     def _check_gguf(self) -> None:
         from edge_llm.luc.ggml import block_type
-        from edge_llm.luc.gguf_policy import SENSITIVITIES
+        from edge_llm.luc.gguf_sensitivity import SENSITIVITIES
 
         if self.sensitivity not in SENSITIVITIES:
             raise ValueError(f"LUCConfig.sensitivity must be one of {SENSITIVITIES}, got {self.sensitivity!r}.")

@@ -42,15 +42,8 @@ from torch import nn
 from edge_llm._io import check_schema, load_json, load_schema, save_json
 from edge_llm.luc.calibration import iterate
 from edge_llm.luc.ggml import BLOCK_TYPES, block_type
-from edge_llm.luc.gguf_policy import (
-    EMBEDDING,
-    Candidate,
-    apply_types,
-    fastest_seconds,
-    tensor_shape,
-    weight_count,
-    weight_tensors,
-)
+from edge_llm.luc.gguf_policy import apply_types, fastest_seconds
+from edge_llm.luc.gguf_sensitivity import EMBEDDING, Candidate, tensor_shape, weight_count, weight_tensors
 from edge_llm.modeling import find_decoder_parts
 
 logger = logging.getLogger(__name__)

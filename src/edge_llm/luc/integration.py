@@ -29,7 +29,8 @@ from edge_llm.luc.compress import compress_layers
 from edge_llm.luc.config import LUCConfig, config_policy
 from edge_llm.luc.facts import QUANT_METHOD
 from edge_llm.luc.ggml_linear import GGMLEmbedding, GGMLLinear
-from edge_llm.luc.gguf_policy import BudgetTooSmall, GGUFPolicy, budget_bytes, compress_for_gguf, weight_count
+from edge_llm.luc.gguf_policy import BudgetTooSmall, GGUFPolicy, budget_bytes, compress_for_gguf
+from edge_llm.luc.gguf_sensitivity import weight_count
 from edge_llm.luc.gguf_speed import GGUFSpeedProfile, gguf_speed_cache_path, measure_gguf_speed
 from edge_llm.luc.linear import LUCLinear
 from edge_llm.luc.policy import LUCPolicy
