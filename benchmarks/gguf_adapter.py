@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import tempfile
 from pathlib import Path
@@ -32,19 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import load_model, machine, training_arguments
 from methods import GC
-from runtime_agreement import LlamaCpp
 from tuning import token_data
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def perplexity_and_argmax(logits_of, windows: torch.Tensor) -> tuple[float, torch.Tensor]:
-    nll, argmax = 0.0, []
-    for window in windows:
-        logp = logits_of(window).float().log_softmax(-1)
-        nll -= logp[:-1].gather(-1, window[1:, None]).sum().item()
-        argmax.append(logp.argmax(-1))
-    return math.exp(nll / (windows.numel() - len(windows))), torch.stack(argmax)
 
 
 def same_tensors(first: Path, second: Path) -> bool:
@@ -59,11 +48,9 @@ def same_tensors(first: Path, second: Path) -> bool:
 
 
 def in_llama_cpp(path: Path, windows: torch.Tensor, lora: Path | None = None) -> tuple[float, torch.Tensor]:
-    runner = LlamaCpp(path, lora)
-    try:
-        return perplexity_and_argmax(runner.logits, windows)
-    finally:
-        runner.close()
+    from edge_llm.export.gguf_run import perplexity_in_llama_cpp
+
+    return perplexity_in_llama_cpp(path, windows, lora, threads=2)[:2]
 
 
 def main() -> None:
@@ -85,6 +72,7 @@ def main() -> None:
     from edge_llm.data import sonnets
     from edge_llm.export import load_gguf, write_gguf
     from edge_llm.export.gguf_lora import write_gguf_lora
+    from edge_llm.export.gguf_run import score_windows
     from edge_llm.luc import calibration_tokens
     from edge_llm.luc.facts import gguf_policy_of
     from edge_llm.luc.ggml import llama_quantize
@@ -127,9 +115,9 @@ def main() -> None:
             print(f"base written = the {args.base_mix} file, tensor for tensor: {result['base_is_the_given_file']}")
         adapter = write_gguf_lora(model, folder / "adapter.gguf")
         merged = write_gguf(model, folder / "merged.gguf", tokenizer)
-        ours_ppl, ours = perplexity_and_argmax(pytorch, windows)
+        ours_ppl, ours = score_windows(pytorch, windows)
         with model.disable_adapter():
-            base_ppl, ours_base = perplexity_and_argmax(pytorch, windows)
+            base_ppl, ours_base = score_windows(pytorch, windows)
         runs = {
             "llama.cpp base + adapter GGUF": in_llama_cpp(base, windows, adapter),
             "llama.cpp merged (re-rounded)": in_llama_cpp(merged, windows),

@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -38,36 +37,22 @@ PROMPT, DECODE = 128, 32
 
 
 class LlamaCpp:
-    """A GGUF file in llama.cpp (llama-cpp-python), 2 threads."""
+    """A GGUF file in llama.cpp (`edge_llm.export.gguf_run`), 2 threads, as the runners here are used."""
 
     def __init__(self, path: Path, lora_path: Path | None = None) -> None:
-        import llama_cpp
+        from edge_llm.export.gguf_run import LlamaCppModel
 
-        self.runtime = llama_cpp.Llama(
-            model_path=str(path),
-            lora_path=None if lora_path is None else str(lora_path),
-            n_ctx=SEQ_LEN,
-            logits_all=True,
-            verbose=False,
-            n_threads=2,
-        )
+        self.model = LlamaCppModel(path, lora_path, context=SEQ_LEN, threads=2)
 
     def logits(self, window: torch.Tensor) -> torch.Tensor:
-        self.runtime.reset()
-        self.runtime.eval(window.tolist())
-        return torch.from_numpy(np.array(self.runtime.scores[: len(window)], dtype=np.float32))
+        return self.model.logits(window)
 
     def decode(self, prompt: torch.Tensor, tokens: torch.Tensor) -> float:
         """Seconds to feed `tokens` one by one after `prompt`."""
-        self.runtime.reset()
-        self.runtime.eval(prompt.tolist())
-        start = time.perf_counter()
-        for token in tokens.tolist():
-            self.runtime.eval([token])
-        return time.perf_counter() - start
+        return self.model.time(prompt.tolist(), tokens.tolist())["decode"]
 
     def close(self) -> None:
-        self.runtime.close()
+        self.model.close()
 
 
 class ExecuTorch:

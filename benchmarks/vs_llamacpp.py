@@ -32,7 +32,6 @@ import copy
 import gzip
 import json
 import logging
-import math
 import sys
 import tempfile
 import time
@@ -44,7 +43,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import load_model, machine, spread
-from runtime_agreement import LlamaCpp
 
 from edge_llm.luc.ggml import llama_quantize
 
@@ -78,21 +76,18 @@ def windows_of(tokenizer, texts: list[str], count: int) -> torch.Tensor:
 
 
 def llama_perplexity(path: Path, windows: torch.Tensor) -> float:
-    runner = LlamaCpp(path)
-    nll = 0.0
-    for window in windows:
-        logp = runner.logits(window).log_softmax(-1)
-        nll -= logp[:-1].gather(-1, window[1:, None]).sum().item()
-    runner.close()
-    return math.exp(nll / (windows.numel() - len(windows)))
+    from edge_llm.export.gguf_run import perplexity_in_llama_cpp
+
+    return perplexity_in_llama_cpp(path, windows, threads=2)[0]
 
 
 def llama_sciq(path: Path, tokenizer, items) -> float:
     """SciQ accuracy from llama.cpp's logits, scored as `edge_llm.evaluation` scores it
     (lm-evaluation-harness's acc_norm: summed log-probability of each choice per character)."""
-    import llama_cpp
+    from edge_llm.export.gguf_run import LlamaCppModel
 
-    runtime = llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2)
+    runner = LlamaCppModel(path, context=512, threads=2)
+    runtime = runner.runtime
     correct = 0
     for item in items:
         context = tokenizer(item.context, add_special_tokens=False).input_ids[-400:]
@@ -109,7 +104,7 @@ def llama_sciq(path: Path, tokenizer, items) -> float:
             total = logp.gather(-1, torch.tensor(continuation)[:, None]).sum().item()
             scores.append(total / max(len(choice), 1))
         correct += int(np.argmax(scores) == item.gold)
-    runtime.close()
+    runner.close()
     return correct / len(items)
 
 
@@ -161,16 +156,15 @@ def file_types(path: Path, model) -> dict[str, str]:
 
 def time_requests(files: dict[str, Path], prompt: list[int], generated: list[int], rounds: int) -> dict:
     """Seconds of each phase of a request, per file, in interleaved rounds (llama.cpp, 2 threads)."""
-    from edge_llm.luc.gguf_speed import RequestTimer
+    from edge_llm.export.gguf_run import LlamaCppModel
 
     times: dict[str, dict[str, list[float]]] = {name: {"prefill": [], "decode": []} for name in files}
     for _ in range(rounds):
         for name, file in files.items():
-            timer = RequestTimer(file, 2, len(prompt), len(generated))
-            timer.time(prompt[:8], generated[:1])  # warm-up: page the weights in, repack
-            for phase, seconds in timer.time(prompt, generated).items():
-                times[name][phase].append(seconds)
-            timer.close()
+            with LlamaCppModel.for_requests(file, len(prompt), len(generated), threads=2) as timer:
+                timer.time(prompt[:8], generated[:1])  # warm-up: page the weights in, repack
+                for phase, seconds in timer.time(prompt, generated).items():
+                    times[name][phase].append(seconds)
     return times
 
 

@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import torch
 from peft import get_peft_model
 from tiny_models import VOCAB, tiny_model
@@ -100,22 +99,11 @@ def adapted_gguf_llama(policy, grid="asymmetric"):
 def llama_cpp_and_pytorch_logits(model, path, seed: int, lora_path=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits of llama.cpp running the GGUF at `path` (with the adapter GGUF at `lora_path`) and
     of `model`, on 48 seeded tokens."""
-    import llama_cpp
+    from edge_llm.export.gguf_run import LlamaCppModel
 
-    runtime = llama_cpp.Llama(
-        model_path=str(path),
-        lora_path=None if lora_path is None else str(lora_path),
-        n_ctx=64,
-        logits_all=True,
-        verbose=False,
-        n_threads=2,
-    )
-    try:
-        tokens = torch.randint(1, VOCAB, (48,), generator=torch.Generator().manual_seed(seed)).tolist()
-        runtime.eval(tokens)
-        theirs = torch.tensor(np.array(runtime.scores[: len(tokens)]))
-    finally:
-        runtime.close()
+    tokens = torch.randint(1, VOCAB, (48,), generator=torch.Generator().manual_seed(seed))
+    with LlamaCppModel(path, lora_path, context=64, threads=2) as runtime:
+        theirs = runtime.logits(tokens)
     with torch.no_grad():
-        ours = model(input_ids=torch.tensor([tokens])).logits[0]
+        ours = model(input_ids=tokens[None]).logits[0]
     return theirs, ours

@@ -26,7 +26,7 @@ def test_relative_links_and_images_resolve(page):
 # be the callable's, and every default it states must be the code's. The callables it documents:
 def _api_callables() -> dict:
     import edge_llm
-    from edge_llm.export import bundle, executorch, gguf, gguf_lora
+    from edge_llm.export import bundle, executorch, gguf, gguf_lora, gguf_run
     from edge_llm.luc import calibration_tokens, compress_model, profile_sensitivity
     from edge_llm.luc.ggml import llama_quantize
     from edge_llm.runtime import load_bundle
@@ -51,6 +51,8 @@ def _api_callables() -> dict:
         "load_gguf": edge_llm.export.load_gguf,
         "llama_quantize": llama_quantize,
         "gguf_fixed_bytes": gguf.gguf_fixed_bytes,
+        "perplexity_in_llama_cpp": gguf_run.perplexity_in_llama_cpp,
+        "LlamaCppModel": gguf_run.LlamaCppModel,
         "write_pte": executorch.write_pte,
         "write_program": executorch.write_program,
         "load_bundle": load_bundle,

@@ -12,7 +12,7 @@ from export_models import (
     llama_cpp_and_pytorch_logits,
 )
 from peft import get_peft_model
-from tiny_models import tiny_model
+from tiny_models import VOCAB, tiny_model
 
 import edge_llm
 from edge_llm.export import write_gguf
@@ -117,3 +117,30 @@ def test_llama_cpp_loads_the_gguf_and_agrees_with_pytorch(tmp_path):
         theirs.log_softmax(-1), ours.log_softmax(-1), log_target=True, reduction="batchmean"
     ).item()
     assert agreement >= 0.9 and kl < 1e-3, (agreement, kl)
+
+
+def test_perplexity_in_llama_cpp_is_the_perplexity_of_the_files_logits(tmp_path):
+    pytest.importorskip("llama_cpp")
+    import math
+
+    from edge_llm.export.gguf_run import LlamaCppModel, perplexity_in_llama_cpp, score_windows
+
+    # The one function the demo and the benchmarks score a GGUF with: its perplexity and next-token
+    # choices are those of the logits llama.cpp gives for each window from an empty context, and
+    # close to PyTorch's on the model written (F16 weights).
+    model = gguf_llama()
+    path = write_gguf(model, tmp_path / "model.gguf", tokenizer=ToyTokenizer())
+    windows = torch.randint(1, VOCAB, (3, 24), generator=torch.Generator().manual_seed(3))
+    perplexity, argmax, speed = perplexity_in_llama_cpp(path, windows, threads=2)
+    with LlamaCppModel(path, context=24, threads=2) as runner:
+        rows = [runner.logits(window).log_softmax(-1) for window in windows]
+    nll = -sum(r[:-1].gather(-1, w[1:, None]).sum().item() for r, w in zip(rows, windows, strict=True))
+    assert perplexity == pytest.approx(math.exp(nll / (3 * 23)), rel=1e-6)
+    assert torch.equal(argmax, torch.stack([r.argmax(-1) for r in rows])) and speed > 0
+    with torch.no_grad():
+        reference, ours = score_windows(lambda w: model(input_ids=w[None]).logits[0], windows)
+    assert perplexity == pytest.approx(reference, rel=0.01)
+    assert (ours == argmax).float().mean() >= 0.95
+    with LlamaCppModel.for_requests(path, 8, 4, threads=2) as runner:
+        seconds = runner.time(windows[0, :8].tolist(), windows[0, 8:12].tolist())
+    assert set(seconds) == {"prefill", "decode"} and min(seconds.values()) > 0

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from edge_llm._io import atomic_write_text
-from edge_llm._warnings import quiet_native_output, quiet_upstream_warnings
+from edge_llm._warnings import quiet_upstream_warnings
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +198,7 @@ def _compress_for_llama_cpp(model: Any, tokenizer: Any, test: torch.Tensor, seq_
     """llama-quantize's Q4_K_M and LUC at the same file size, beside the original, in llama.cpp."""
     from edge_llm.data import sonnets
     from edge_llm.export import write_gguf
+    from edge_llm.export.gguf_run import perplexity_in_llama_cpp
     from edge_llm.luc import LUCConfig
     from edge_llm.luc.ggml import llama_quantize
     from edge_llm.luc.integration import apply_luc
@@ -206,8 +207,11 @@ def _compress_for_llama_cpp(model: Any, tokenizer: Any, test: torch.Tensor, seq_
     with tempfile.TemporaryDirectory(prefix="edge-llm-demo-") as scratch:
         dense = write_gguf(model, Path(scratch) / "f16.gguf", tokenizer)
         theirs = llama_quantize(dense, Path(scratch) / "q4_k_m.gguf", "Q4_K_M")
-        report.measure(title, f"original (F16, {_mib(dense)})", f"{_in_llama_cpp(dense, test)[0]:.2f}")
-        report.measure(title, f"llama-quantize Q4_K_M ({_mib(theirs)})", f"{_in_llama_cpp(theirs, test)[0]:.2f}")
+        for label, path in (
+            (f"original (F16, {_mib(dense)})", dense),
+            (f"llama-quantize Q4_K_M ({_mib(theirs)})", theirs),
+        ):
+            report.measure(title, label, f"{perplexity_in_llama_cpp(path, test)[0]:.2f}")
         config = LUCConfig(
             target="gguf",
             avg_bits=None,  # the file's bytes are the budget
@@ -220,7 +224,7 @@ def _compress_for_llama_cpp(model: Any, tokenizer: Any, test: torch.Tensor, seq_
         )
         policy = apply_luc(model, config)
         ours = write_gguf(model, Path(scratch) / "luc.gguf", tokenizer)
-        report.measure(title, f"LUC, measured types ({_mib(ours)})", f"{_in_llama_cpp(ours, test)[0]:.2f}")
+        report.measure(title, f"LUC, measured types ({_mib(ours)})", f"{perplexity_in_llama_cpp(ours, test)[0]:.2f}")
     report.add("LUC for llama.cpp", f"the file size of Q4_K_M, chosen per tensor: {policy.summary()}")
 
 
@@ -312,6 +316,7 @@ def _ship(
 ) -> None:
     """Schedule for the device, export the bundle and run what it ships."""
     from edge_llm.export import export
+    from edge_llm.export.gguf_run import perplexity_in_llama_cpp
     from edge_llm.runtime import load_bundle
     from edge_llm.scheduling import Workload, builtin_device, schedule
 
@@ -331,7 +336,7 @@ def _ship(
     ours = logp.argmax(-1)
     tuned = math.exp(-logp[:, :-1].gather(-1, test[:, 1:, None]).mean().item())
     if llama_cpp:
-        ppl, theirs, speed = _in_llama_cpp(bundle / "model.gguf", test, bundle / "adapter-default.gguf")
+        ppl, theirs, speed = perplexity_in_llama_cpp(bundle / "model.gguf", test, bundle / "adapter-default.gguf")
         where = f"llama.cpp runs model.gguf + adapter-default.gguf ({speed:.0f} prompt tokens/s here)"
     else:
         runner = load_bundle(bundle, dtype=torch.float32)
@@ -346,35 +351,6 @@ def _ship(
         f"{where}: same next token as the tuned model on {agreement:.1%} of held-out tokens"
         + (f"; perplexity {ppl:.2f} there, {tuned:.2f} in PyTorch" if llama_cpp else ""),
     )
-
-
-def _in_llama_cpp(path: Path, windows: torch.Tensor, lora: Path | None = None) -> tuple[float, torch.Tensor, float]:
-    """(perplexity, next-token argmax per position, prompt tokens/s) of the GGUF at `path` (with
-    the adapter at `lora`) in llama.cpp, on `windows`."""
-    import llama_cpp
-    import numpy as np
-
-    with quiet_native_output(logger):  # a line per adapter tensor it places
-        runtime = llama_cpp.Llama(
-            model_path=str(path),
-            lora_path=None if lora is None else str(lora),
-            n_ctx=windows.shape[1],
-            logits_all=True,
-            verbose=False,
-            n_threads=torch.get_num_threads(),
-        )
-    nll, argmax, began = 0.0, [], time.perf_counter()
-    try:
-        for window in windows:
-            runtime.reset()
-            runtime.eval(window.tolist())
-            logp = torch.from_numpy(np.array(runtime.scores[: len(window)], dtype=np.float32)).log_softmax(-1)
-            nll -= logp[:-1].gather(-1, window[1:, None]).sum().item()
-            argmax.append(logp.argmax(-1))
-    finally:
-        runtime.close()
-    seconds = time.perf_counter() - began
-    return math.exp(nll / (windows.numel() - len(windows))), torch.stack(argmax), windows.numel() / seconds
 
 
 def _response_perplexity(model: Any, tokenizer: Any, pairs: list[dict[str, str]], seq_len: int) -> float:

@@ -31,7 +31,6 @@ import logging
 import math
 import statistics
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -215,41 +214,19 @@ def _files_to_time(model: nn.Module, types: tuple[str, ...]) -> dict[tuple[str, 
     return files
 
 
-class RequestTimer:
-    """One GGUF file in llama.cpp; `time` runs a request (a prompt, then tokens one at a time) and
-    returns the seconds of each phase."""
+def _request_runner(path: Path, prompt_tokens: int, decode_tokens: int, threads: int) -> Any:
+    # Imported here: the export package imports LUC's modules.
+    from edge_llm.export.gguf_run import LlamaCppModel
 
-    def __init__(self, path: Path, threads: int, prompt_tokens: int, decode_tokens: int) -> None:
-        import llama_cpp
+    return LlamaCppModel.for_requests(path, prompt_tokens, decode_tokens, threads)
 
-        self.runtime = llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=prompt_tokens + decode_tokens,
-            n_batch=prompt_tokens,
-            n_threads=threads,
-            n_threads_batch=threads,
-            verbose=False,
-        )
 
-    def time(self, prompt: list[int], decode: list[int]) -> dict[str, float]:
-        self.runtime.reset()
-        start = time.perf_counter()
-        self.runtime.eval(prompt)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        for token in decode:
-            self.runtime.eval([token])
-        return {"prefill": prefill, "decode": time.perf_counter() - start}
-
-    def fastest(self, prompt: list[int], decode: list[int], requests: int = REQUESTS) -> dict[str, float]:
-        """After a short warm-up (paging the weights in, repacking them), the fastest of `requests`
-        requests, per phase."""
-        self.time(prompt[:8], decode[:1])
-        measured = [self.time(prompt, decode) for _ in range(requests)]
-        return {phase: min(m[phase] for m in measured) for phase in PHASES}
-
-    def close(self) -> None:
-        self.runtime.close()
+def _fastest(runner: Any, prompt: list[int], decode: list[int], requests: int = REQUESTS) -> dict[str, float]:
+    """After a short warm-up (paging the weights in, repacking them), the fastest of `requests`
+    requests, per phase."""
+    runner.time(prompt[:8], decode[:1])
+    measured = [runner.time(prompt, decode) for _ in range(requests)]
+    return {phase: min(m[phase] for m in measured) for phase in PHASES}
 
 
 def measure_gguf_speed(
@@ -307,9 +284,8 @@ def measure_gguf_speed(
         times: dict[tuple[str, str], list[dict[str, float]]] = {key: [] for key in paths}
         for _ in iterate(range(rounds), rounds, "llama.cpp speed rounds", progress):
             for key, path in paths.items():  # interleaved: the machine's drift hits every file alike
-                runner = RequestTimer(path, threads, prompt_tokens, decode_tokens)
-                times[key].append(runner.fastest(prompt, decode))
-                runner.close()
+                with _request_runner(path, prompt_tokens, decode_tokens, threads) as runner:
+                    times[key].append(_fastest(runner, prompt, decode))
         reference = times[("reference", REFERENCE)]
         if layers < len(find_decoder_parts(model).layers(model)):
             reference_seconds = _full_reference(model, tokenizer, reference_gguf, tmp, threads, prompt, decode, rounds)
@@ -358,7 +334,6 @@ def _full_reference(
     apply_types(full, dict.fromkeys(weight_tensors(full), REFERENCE))
     path = write_gguf(full, Path(folder) / "reference-full.gguf", tokenizer, reference_gguf)
     del full
-    runner = RequestTimer(path, threads, len(prompt), len(decode))
-    measured = [runner.fastest(prompt, decode) for _ in range(rounds)]
-    runner.close()
+    with _request_runner(path, len(prompt), len(decode), threads) as runner:
+        measured = [_fastest(runner, prompt, decode) for _ in range(rounds)]
     return {p: statistics.median(m[p] for m in measured) for p in PHASES}
