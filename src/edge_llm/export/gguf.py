@@ -10,8 +10,8 @@ up to 8). Q4_1 and Q5_1 compute `d * q + m` per block of 32, which is LUC's `(q 
 LUC's codes go into them unchanged (`luc_blocks`), so llama.cpp computes with the very weights
 PyTorch does. Layers that carry a LoRA update, and 8-bit layers, are re-quantized from the float
 weights they compute with. `k_quants=True` trades fidelity for size: 2/3-bit layers become Q2_K /
-Q3_K (encoded here; gguf-py only decodes them), re-quantized, at 2.6 / 3.4 bits per weight
-instead of 5.
+Q3_K, re-quantized by llama.cpp's own quantizer (needs llama-cpp-python), at 2.6 / 3.4 bits per
+weight instead of 5.
 
 What llama.cpp cannot use: pruning (GGUF has no sparse tensor types, so pruned weights are stored
 as zeros and save no space — N:M patterns would need a runtime with sparse kernels), and exits
@@ -23,6 +23,7 @@ policy and the schedule are kept in the key-value metadata under `edge_llm.*`.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from collections import Counter
@@ -36,7 +37,7 @@ from torch import nn
 from edge_llm._io import atomic_file
 from edge_llm.export.weights import adapted_layers, base_layer, effective_weight, folded_adapters
 from edge_llm.luc.facts import layer_setting, policy_of
-from edge_llm.luc.ggml import quantize
+from edge_llm.luc.ggml import INSTALL_HINT, block_type, quantize
 from edge_llm.luc.ggml_linear import GGMLEmbedding, GGMLLinear
 from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
 from edge_llm.modeling import find_decoder_parts
@@ -44,7 +45,6 @@ from edge_llm.tuner.model import edge_config_of
 
 logger = logging.getLogger(__name__)
 
-QK_K = 256
 LLAMA_TENSORS = {
     "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k",
@@ -107,75 +107,16 @@ def gguf_type_for_bits(
     return T.F16
 
 
-# --------------------------------------------------------------------------- K-quant encoders
-
-
-def _pack_2bit_groups(q: np.ndarray) -> np.ndarray:
-    """(blocks, 256) values in [0, 3] -> (blocks, 64) bytes in the Q2_K/Q3_K `qs` layout."""
-    n = q.shape[0]
-    q = q.reshape(n, 2, 4, 32).astype(np.uint8)  # value index = half*128 + shift*32 + byte
-    return (q << np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)).sum(axis=2, dtype=np.uint8).reshape(n, 64)
-
-
-def quantize_q2_k(blocks: np.ndarray) -> np.ndarray:
-    """Encode (blocks, 256) float32 values as Q2_K: 16 sub-blocks of 16 with 4-bit scale and min."""
-    n = blocks.shape[0]
-    sub = blocks.reshape(n, 16, 16)
-    low = np.minimum(sub.min(axis=2), 0.0)  # Q2_K offsets are non-positive
-    high = sub.max(axis=2)
-    scale, offset = (high - low) / 3.0, -low
-    d = scale.max(axis=1, keepdims=True) / 15.0
-    dmin = offset.max(axis=1, keepdims=True) / 15.0
-    d16, dmin16 = d.astype(np.float16), dmin.astype(np.float16)
-    sc = np.clip(np.rint(np.divide(scale, d16.astype(np.float32), out=np.zeros_like(scale), where=d16 > 0)), 0, 15)
-    m = np.clip(
-        np.rint(np.divide(offset, dmin16.astype(np.float32), out=np.zeros_like(offset), where=dmin16 > 0)), 0, 15
-    )
-    step = (d16.astype(np.float32) * sc)[..., None]
-    base = (dmin16.astype(np.float32) * m)[..., None]
-    q = np.clip(np.rint(np.divide(sub + base, step, out=np.zeros_like(sub), where=step > 0)), 0, 3)
-    scales = (sc.astype(np.uint8) | (m.astype(np.uint8) << 4)).astype(np.uint8)
-    return np.concatenate(
-        [scales, _pack_2bit_groups(q.reshape(n, QK_K)), d16.view(np.uint8), dmin16.view(np.uint8)], axis=1
-    )
-
-
-def quantize_q3_k(blocks: np.ndarray) -> np.ndarray:
-    """Encode (blocks, 256) float32 values as Q3_K: 16 sub-blocks of 16, signed 6-bit scales."""
-    n = blocks.shape[0]
-    sub = blocks.reshape(n, 16, 16)
-    index = np.abs(sub).argmax(axis=2)
-    extreme = np.take_along_axis(sub, index[..., None], axis=2)[..., 0]
-    scale = extreme / -4.0  # the largest magnitude maps to code -4
-    largest = np.take_along_axis(scale, np.abs(scale).argmax(axis=1)[:, None], axis=1)
-    d = (largest / -32.0).astype(np.float16)
-    d32 = d.astype(np.float32)
-    sc = np.clip(np.rint(np.divide(scale, d32, out=np.zeros_like(scale), where=d32 != 0)), -32, 31)
-    step = (d32 * sc)[..., None]
-    q = np.clip(np.rint(np.divide(sub, step, out=np.zeros_like(sub), where=step != 0)), -4, 3).astype(np.int8)
-    biased = (q + 4).astype(np.uint8).reshape(n, QK_K)  # 3-bit code: low 2 bits in qs, high bit in hmask
-    high = (biased >> 2).reshape(n, 8, 32)
-    hmask = (high << np.arange(8, dtype=np.uint8).reshape(1, 8, 1)).sum(axis=1, dtype=np.uint8)
-    stored = (sc + 32).astype(np.uint8)  # (n, 16)
-    low_nibbles = stored & 0x0F
-    lscales = low_nibbles[:, :8] | (low_nibbles[:, 8:] << 4)
-    high_bits = (stored >> 4).reshape(n, 4, 4)
-    hscales = (high_bits << np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)).sum(axis=1, dtype=np.uint8)
-    return np.concatenate([hmask, _pack_2bit_groups(biased & 3), lscales, hscales, d.view(np.uint8)], axis=1)
-
-
 def quantize_tensor(values: np.ndarray, qtype) -> np.ndarray:
-    """Quantize a 2-D float32 array (rows of a multiple of the block size) to GGUF bytes."""
+    """Quantize a 2-D float32 array (rows of a multiple of the block size) to GGUF bytes: F16 and
+    the 32-blocks by gguf-py, the K-quants by llama.cpp's own quantizer (`luc.ggml.quantize`, the
+    scale and min search `llama-quantize` runs; needs llama-cpp-python)."""
     import gguf
 
     if qtype == gguf.GGMLQuantizationType.F16:
         return values.astype(np.float16)
     if qtype in (gguf.GGMLQuantizationType.Q2_K, gguf.GGMLQuantizationType.Q3_K):
-        rows, columns = values.shape
-        if columns % QK_K:
-            raise ValueError(f"{qtype.name} needs rows of a multiple of {QK_K} values, got {columns}.")
-        encode = quantize_q2_k if qtype == gguf.GGMLQuantizationType.Q2_K else quantize_q3_k
-        return encode(values.reshape(-1, QK_K).astype(np.float32)).reshape(rows, -1)
+        return quantize(values.astype(np.float32), block_type(qtype.name))
     return gguf.quants.quantize(values.astype(np.float32), qtype)
 
 
@@ -304,14 +245,17 @@ def write_gguf(
         reference_gguf: a GGUF of the same base model whose tokenizer metadata is copied verbatim
             (the most faithful way to carry a tokenizer over).
         schedule: a `Schedule` to store in the metadata.
-        k_quants: store 2/3-bit layers as Q2_K/Q3_K (smaller, but re-quantized: error the LUC
-            policy did not budget for) instead of Q4_1 holding LUC's codes unchanged.
+        k_quants: store 2/3-bit layers as Q2_K/Q3_K (smaller, but re-quantized by llama.cpp's
+            quantizer: error the LUC policy did not budget for) instead of Q4_1 holding LUC's codes
+            unchanged. Needs llama-cpp-python.
         fold_adapters: False writes the base alone, its stored codes unchanged, for an adapter
             written beside it by `gguf_lora.write_gguf_lora` (llama.cpp's `--lora`): what ships is
             then exactly what was tuned, and one base serves several adapters.
     """
     import gguf
 
+    if k_quants and importlib.util.find_spec("llama_cpp") is None:
+        raise ImportError(f"write_gguf(k_quants=True) quantizes with llama.cpp's own quantizer: {INSTALL_HINT}.")
     edge_config = edge_config_of(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
