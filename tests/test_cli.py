@@ -345,3 +345,57 @@ def test_a_model_compressed_for_llama_cpp_is_tuned_and_shipped_as_its_own_file(
     assert (bundle / "adapter-default.gguf").exists()
     assert run("compress", base, "--avg-bits", "4", "--out", tmp_path / "again") == 2
     assert "already compressed" in capsys.readouterr().err
+
+
+def test_tune_plan_only_prints_the_plan_or_the_smallest_memory_that_fits(tiny_dir, small_instructions, capsys):
+    tune = ["--data", small_instructions, "--batch", "2", "--seq-len", "64", "--exits", "1"]
+    assert run("tune", tiny_dir, *tune, "--memory", "16GiB", "--plan-only") == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert "window" in plan["plan"] and 0 < plan["estimated_peak_bytes"] < 16 * 2**30
+    assert run("tune", tiny_dir, *tune, "--memory", "64MiB", "--plan-only") == 2
+    assert "The smallest budget that fits is" in capsys.readouterr().err
+    assert run("tune", tiny_dir, *tune, "--plan-only") == 2
+    assert "--plan-only plans to a memory budget: pass --memory" in capsys.readouterr().err
+    assert run("tune", tiny_dir, *tune) == 2
+    assert "--out is required" in capsys.readouterr().err
+
+
+def test_tune_compress_to_fit_takes_the_most_bits_whose_plan_fits_and_ships_that_base(
+    tiny_dir, small_instructions, tmp_path, capsys, monkeypatch
+):
+    pytest.importorskip("llama_cpp")
+    from edge_llm import cli
+    from edge_llm.export import load_gguf
+    from edge_llm.luc.gguf_policy import policy_bytes
+    from edge_llm.luc.gguf_sensitivity import weight_count
+
+    # Each try runs in a process of its own; here the plan over the largest base is refused
+    # (a tiny model's bases differ by less than the noise of a process's memory), the rest is real.
+    tries, real_child = [], cli._child
+
+    def child(args, argv, check=True):
+        if "--plan-only" in argv:
+            bits = float(argv[argv.index("tune") + 1].split("/")[-2].split("-")[0])
+            tries.append(bits)
+            if bits > 6.5:
+                return cli.subprocess.CompletedProcess(argv, 2, "", "edge-llm tune: error: A memory budget ...")
+        return real_child(args, argv, check)
+
+    monkeypatch.setattr(cli, "_child", child)
+    out = tmp_path / "fitted"
+    tune = ["--data", small_instructions, "--steps", "2", "--batch", "2", "--seq-len", "64", "--exits", "1"]
+    assert run("tune", tiny_dir, *tune, "--memory", "16GiB", "--compress-to-fit", "--out", out) == 0
+    assert tries == [8.5, 6.5] and "with the base it was tuned over" in capsys.readouterr().out
+    base = load_gguf(out / "model.gguf")
+    policy = json.loads((out / "gguf_policy.json").read_text())
+    assert len(policy["tensors"]) == len(base.model.layers) * 7 + 1
+    assert 8 * policy_bytes(base, policy["tensors"]) <= 6.5 * weight_count(base)  # the 6.5-bit base
+    # the folder is an adapter over the base beside it: the CLI takes it as both
+    assert run("evaluate", out, "--adapter", out, "--perplexity", "sonnets", "--samples", "1", "--seq-len", "32") == 0
+
+    # and when no base fits, the last refusal is said
+    monkeypatch.setattr(
+        cli, "_child", lambda args, argv, check=True: cli.subprocess.CompletedProcess(argv, 2, "", "no room\n")
+    )
+    assert run("tune", tiny_dir, *tune, "--memory", "16GiB", "--compress-to-fit", "--out", tmp_path / "x") == 2
+    assert "not even a 4.5-bit base fits --memory: no room" in capsys.readouterr().err

@@ -11,6 +11,8 @@ import importlib.util
 import inspect
 import json
 import logging
+import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -107,7 +109,14 @@ def _luc_config(args: argparse.Namespace, texts: list[str], tokenizer: Any, **bu
 # earlier output drops them; any other file there is the user's and is carried over.
 _OWNED_FILES = {
     "compress": ("luc_policy.json", "gguf_policy.json", "model.gguf"),
-    "tune": ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"),
+    "tune": (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "adapter_model.bin",
+        "README.md",
+        "model.gguf",
+        "gguf_policy.json",
+    ),
 }
 
 
@@ -205,6 +214,16 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
+    if not args.compress_to_fit:
+        return _tune_over(args, None)
+    with tempfile.TemporaryDirectory(prefix="edge-llm-fit-") as tries:
+        base = _base_that_fits(args, Path(tries))
+        return _tune_over(argparse.Namespace(**{**vars(args), "model": str(base / "model.gguf")}), base)
+
+
+def _tune_over(args: argparse.Namespace, base: Path | None) -> int:
+    """`tune` over `args.model`; `base`: the folder of the base `--compress-to-fit` chose, whose
+    model.gguf and gguf_policy.json go into --out beside the adapter."""
     import torch
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
@@ -253,15 +272,93 @@ def _tune(args: argparse.Namespace) -> int:
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
         memory_budget_bytes=args.memory,
     )
+    if args.plan_only:
+        with scratch:
+            plan = trainer.plan_memory()
+        print(json.dumps({"plan": plan.describe(), "estimated_peak_bytes": plan.estimated_peak_bytes}))
+        return 0
     with scratch:
         trainer.train()
         metrics = trainer.evaluate()
     with _output_folder(args) as staging:  # an interrupted save leaves --out as it was
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if base is not None:  # the base tuned over, to ship beside the adapter
+            for name in ("model.gguf", "gguf_policy.json"):
+                shutil.copyfile(base / name, staging / name)
     print(json.dumps({k: round(v, 4) for k, v in metrics.items() if "loss" in k or "accuracy" in k}, indent=1))
-    print(f"adapter -> {args.out}")
+    print(f"adapter -> {args.out}" + (" (with the base it was tuned over: model.gguf)" if base is not None else ""))
     return 0
+
+
+# Bits per weight `tune --compress-to-fit` tries for the base, most first: about Q8_0's down to
+# Q4_0's (a small model's rows leave llama.cpp little below that). Measured: a 6-bit base planned to
+# a budget reached LoRA's accuracy, a 4.5-bit one 2.5 points below (docs/results.md, "Planned to a
+# budget"), so the most bits that fit is the choice.
+FIT_BITS = (8.5, 6.5, 5.5, 4.5)
+
+
+def _base_that_fits(args: argparse.Namespace, folder: Path) -> Path:
+    """The folder (model.gguf, gguf_policy.json) of `args.model` compressed by LUC for llama.cpp
+    at the most of `FIT_BITS` whose tuning plan fits `args.memory`. Each try compresses and plans
+    in a process of its own: this one must hold nothing but the run it plans, and the compression
+    (calibration, the float model) is no part of the device's process. LUC's measured profile is
+    kept in its cache, so every try after the first searches without measuring again."""
+    _check_uncompressed(args)
+    refusal = ""
+    for bits in FIT_BITS:
+        out = folder / f"{bits:g}-bits"
+        logger.info(
+            "--compress-to-fit: LUC for llama.cpp at %g bits per weight, then a plan to %d MiB",
+            bits,
+            args.memory // 2**20,
+        )
+        compress = ["compress", args.model, "--target", "gguf", "--avg-bits", f"{bits:g}", "--data", args.data]
+        _child(args, [*compress, "--out", str(out)])
+        changes = {"model": str(out / "model.gguf"), "out": None, "plan_only": True, "compress_to_fit": False}
+        planned = _child(args, _argv_of(args, changes), check=False)
+        if planned.returncode == 0:
+            logger.info("--compress-to-fit: %g bits per weight fit: %s", bits, json.loads(planned.stdout)["plan"])
+            return out
+        refusal = _last_line(planned.stderr)
+        shutil.rmtree(out, ignore_errors=True)
+    raise ValueError(f"--compress-to-fit: not even a {FIT_BITS[-1]:g}-bit base fits --memory: {refusal}")
+
+
+def _child(args: argparse.Namespace, argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    """`edge-llm ARGV` in a process of its own (its output captured); with `check`, its error line
+    raised as a ValueError."""
+    command = [sys.executable, "-m", "edge_llm_cli", *(["--verbose"] if args.verbose else []), *argv]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise ValueError(f"{' '.join(argv[:2])}: {_last_line(done.stderr)}")
+    return done
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def _argv_of(args: argparse.Namespace, changes: dict[str, Any]) -> list[str]:
+    """The command line that parses to `args` with `changes`: every option of its command as the
+    parser defines it, so a flag added there travels to the child without a list here."""
+    from edge_llm_cli import build_parser
+
+    values = {**vars(args), **changes}
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    argv = [args.command]
+    for action in commands.choices[args.command]._actions:
+        value = values.get(action.dest)
+        if isinstance(action, argparse._HelpAction) or value is None or value is False:
+            continue
+        if not action.option_strings:  # the model
+            argv.append(str(value))
+        elif value is True:
+            argv.append(action.option_strings[-1])
+        else:
+            argv += [action.option_strings[-1], *map(str, value if isinstance(value, list) else [value])]
+    return argv
 
 
 def _evaluate(args: argparse.Namespace) -> int:

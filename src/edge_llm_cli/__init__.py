@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune = commands.add_parser("tune", formatter_class=_HELP, help="Edge-LLM adaptive layer tuning with EdgeTrainer")
     tune.add_argument("model")
     tune.add_argument("--data", default="sonnet-instructions", help="training data (sonnet-instructions: bundled)")
-    tune.add_argument("--out", required=True, help="folder for the adapter")
+    tune.add_argument("--out", help="folder for the adapter (required unless --plan-only)")
     tune.add_argument("--steps", type=POSITIVE_INT, default=200, help="optimizer steps")
     tune.add_argument("--batch", type=POSITIVE_INT, default=8, help="sequences per step")
     tune.add_argument("--seq-len", type=POSITIVE_INT, default=256, help="tokens per sequence at most")
@@ -230,6 +230,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=memory_size,
         help="the device's memory for the whole process (1GiB, 800MiB): plans the window, gradient checkpointing "
         "and micro-batches to fit, or says the smallest that fits",
+    )
+    tune.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="with --memory: load the model and data, plan the run to fit, print the plan (or the smallest memory "
+        "that fits) and stop without training",
+    )
+    tune.add_argument(
+        "--compress-to-fit",
+        action="store_true",
+        help="with --memory and an original (transformers) model: compress it for llama.cpp with LUC to the most "
+        "bits per weight (8.5, 6.5, 5.5, 4.5) whose tuning plan fits, tune over that base and write it beside the "
+        "adapter as model.gguf (minutes: each try compresses and plans in a process of its own)",
     )
 
     evaluate = commands.add_parser(
@@ -406,6 +419,8 @@ def check(args: argparse.Namespace) -> None:
             raise ValueError("--gguf-speed is for --target gguf (llama.cpp's speed of its weight types).")
         if speed != "measure":
             _check_file(speed, "--gguf-speed")
+    if args.command == "tune":
+        _check_tune_flags(args)
     if args.command == "evaluate":
         if not args.perplexity and not args.task:
             raise ValueError("Nothing to evaluate: pass --perplexity DATA and/or --task TASK.")
@@ -422,6 +437,18 @@ def check(args: argparse.Namespace) -> None:
                 f"Unknown device {device!r}; use one of {', '.join(CHOICES['devices'])}, a device profile JSON or "
                 "'this'."
             )
+
+
+def _check_tune_flags(args: argparse.Namespace) -> None:
+    for flag in ("plan_only", "compress_to_fit"):
+        if getattr(args, flag) and args.memory is None:
+            raise ValueError(f"--{flag.replace('_', '-')} plans to a memory budget: pass --memory too (e.g. 1GiB).")
+    if args.plan_only and args.compress_to_fit:
+        raise ValueError(
+            "--plan-only plans over the model given; --compress-to-fit chooses the base and trains: use one."
+        )
+    if args.out is None and not args.plan_only:
+        raise ValueError("--out is required: the folder for the adapter.")
 
 
 def main(argv: list[str] | None = None) -> int:
