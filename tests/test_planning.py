@@ -127,6 +127,27 @@ def test_edge_trainer_runs_the_plan_for_its_budget_and_reports_the_peak(tmp_path
     assert output.metrics["train_peak_resident_bytes"] > 0
 
 
+def test_edge_trainer_plans_without_training_as_train_would_after_keeping_the_exits_that_predict(tmp_path):
+    # With exit_layers="auto", train() keeps the exits that predict before it plans; plan() answers
+    # for that run, not for the exits asked for (whose windows would all hold optimizer moments).
+    model = edge_model(exit_layers="auto", backprop_depth=None)
+    asked = list(model.peft_config["default"].exit_layers)
+    trainer = EdgeTrainer(
+        model=model,
+        args=training_args(tmp_path, max_steps=1),
+        train_dataset=counting_dataset(),
+        memory_budget_bytes=2**34,
+    )
+    plan = trainer.plan()
+    kept = model.peft_config["default"].exit_layers
+    assert len(asked) > 1 and len(kept) < len(asked) and trainer.memory_plan is plan
+    assert plan.backprop_depth == kept[-1] + 1  # a generous budget: the deepest window below the top exit
+    trainer.train()
+    assert trainer.memory_plan == plan
+    with pytest.raises(ValueError, match="memory_budget_bytes"):
+        EdgeTrainer(model=model, args=training_args(tmp_path), train_dataset=counting_dataset()).plan()
+
+
 def test_a_budget_given_after_the_allocator_kept_freed_memory_warns_how_to_bound_it(tmp_path, monkeypatch):
     model, args = edge_model(exit_layers=[7], backprop_depth=2), training_args(tmp_path)
     monkeypatch.setattr(edge_memory, "_limited", False)

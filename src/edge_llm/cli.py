@@ -274,8 +274,10 @@ def _tune_over(args: argparse.Namespace, base: Path | None) -> int:
     )
     if args.plan_only:
         with scratch:
-            plan = trainer.plan_memory()
-        print(json.dumps({"plan": plan.describe(), "estimated_peak_bytes": plan.estimated_peak_bytes}))
+            plan = trainer.plan()
+        layers = model.get_base_model().config.num_hidden_layers
+        answer = {"plan": plan.describe(), "estimated_peak_bytes": plan.estimated_peak_bytes}
+        print(json.dumps({**answer, "backprop_depth": plan.backprop_depth, "layers": layers}))
         return 0
     with scratch:
         trainer.train()
@@ -292,20 +294,25 @@ def _tune_over(args: argparse.Namespace, base: Path | None) -> int:
 
 
 # Bits per weight `tune --compress-to-fit` tries for the base, most first: about Q8_0's down to
-# Q4_0's (a small model's rows leave llama.cpp little below that). Measured: a 6-bit base planned to
-# a budget reached LoRA's accuracy, a 4.5-bit one 2.5 points below (docs/results.md, "Planned to a
-# budget"), so the most bits that fit is the choice.
+# Q4_0's (a small model's rows leave llama.cpp little below that).
 FIT_BITS = (8.5, 6.5, 5.5, 4.5)
+# What the measurements rank (docs/results.md, "the frontier" and "Planned to a budget"): the
+# gradient window first — 8 of SmolLM2's 30 layers 0.635 on SciQ, 20 layers 0.725, all 30 0.730 —
+# then the base's bits (a 6-bit base reached LoRA's 0.730, a 4.5-bit one 0.705). So the base is the
+# one with the most bits whose plan trains at least this share of the layers; if none does, the
+# one whose plan trains the most layers.
+FIT_DEPTH = (2, 3)
 
 
 def _base_that_fits(args: argparse.Namespace, folder: Path) -> Path:
-    """The folder (model.gguf, gguf_policy.json) of `args.model` compressed by LUC for llama.cpp
-    at the most of `FIT_BITS` whose tuning plan fits `args.memory`. Each try compresses and plans
-    in a process of its own: this one must hold nothing but the run it plans, and the compression
-    (calibration, the float model) is no part of the device's process. LUC's measured profile is
-    kept in its cache, so every try after the first searches without measuring again."""
+    """The folder (model.gguf, gguf_policy.json) of `args.model` compressed by LUC for llama.cpp at
+    the bits of `FIT_BITS` whose tuning plan within `args.memory` is best by `FIT_DEPTH`'s rule.
+    Each try compresses and plans in a process of its own: this one must hold nothing but the run
+    it plans, and the compression (calibration, the float model) is no part of the device's
+    process. LUC's measured profile is kept in its cache, so every try after the first searches
+    without measuring again."""
     _check_uncompressed(args)
-    refusal = ""
+    refusal, fitting = "", {}  # bits -> (folder, window depth)
     for bits in FIT_BITS:
         out = folder / f"{bits:g}-bits"
         logger.info(
@@ -317,12 +324,22 @@ def _base_that_fits(args: argparse.Namespace, folder: Path) -> Path:
         _child(args, [*compress, "--out", str(out)])
         changes = {"model": str(out / "model.gguf"), "out": None, "plan_only": True, "compress_to_fit": False}
         planned = _child(args, _argv_of(args, changes), check=False)
-        if planned.returncode == 0:
-            logger.info("--compress-to-fit: %g bits per weight fit: %s", bits, json.loads(planned.stdout)["plan"])
+        if planned.returncode != 0:
+            refusal = _last_line(planned.stderr)
+            logger.info("--compress-to-fit: %g bits per weight do not fit: %s", bits, refusal)
+            shutil.rmtree(out, ignore_errors=True)
+            continue
+        answer = json.loads(planned.stdout)
+        logger.info("--compress-to-fit: %g bits per weight fit: %s", bits, answer["plan"])
+        fitting[bits] = (out, answer["backprop_depth"])
+        part, whole = FIT_DEPTH
+        if answer["backprop_depth"] * whole >= part * answer["layers"]:
             return out
-        refusal = _last_line(planned.stderr)
-        shutil.rmtree(out, ignore_errors=True)
-    raise ValueError(f"--compress-to-fit: not even a {FIT_BITS[-1]:g}-bit base fits --memory: {refusal}")
+    if not fitting:
+        raise ValueError(f"--compress-to-fit: not even a {FIT_BITS[-1]:g}-bit base fits --memory: {refusal}")
+    bits = max(fitting, key=lambda b: (fitting[b][1], b))
+    logger.info("--compress-to-fit: no base leaves a window of two thirds of the layers; the deepest: %g bits", bits)
+    return fitting[bits][0]
 
 
 def _child(args: argparse.Namespace, argv: list[str], check: bool = True) -> subprocess.CompletedProcess:

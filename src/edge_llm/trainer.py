@@ -135,8 +135,7 @@ class EdgeTrainer(Trainer):
         super().log(logs, start_time)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        if self.tuner.active_edge_config.select_exits:
-            self.select_exits()
+        self._keep_predicting_exits()
         # The peak counts planning's probe passes too: they run in this process.
         measured = self.memory_budget_bytes is not None and reset_peak_resident()
         if self.memory_budget_bytes is not None:
@@ -171,6 +170,18 @@ class EdgeTrainer(Trainer):
         `num_batches` training batches; `train()` calls this before the first step."""
         batches = (self._prepare_inputs(b) for b in islice(self.get_train_dataloader(), num_batches))
         return self._in_eval_mode(self.tuner.select_exits, batches)
+
+    def _keep_predicting_exits(self) -> None:
+        if self.tuner.active_edge_config.select_exits:
+            self.select_exits()
+
+    def plan(self) -> TrainingPlan:
+        """The plan `train()` would run to `memory_budget_bytes`, without training: the exits that
+        predict kept first (with `exit_layers="auto"`), as `train()` does, then `plan_memory`."""
+        if self.memory_budget_bytes is None:
+            raise ValueError("EdgeTrainer.plan() plans to a memory budget: pass EdgeTrainer(memory_budget_bytes=...).")
+        self._keep_predicting_exits()
+        return self.plan_memory()
 
     def plan_memory(self) -> TrainingPlan:
         """Plan the run so that the whole process fits `memory_budget_bytes` (see
