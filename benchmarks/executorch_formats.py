@@ -46,8 +46,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine
-from vs_llamacpp import lambada_texts, windows_of
+from common import load_model, machine
+from vs_llamacpp import held_out_windows
 
 BLOCKS = (32, 64, 96, 128, 192, 256)  # int4 blocks XNNPACK takes (multiples of 32), where they divide the row
 ESTIMATES = ("fisher", "importance", "fisher marginals")
@@ -172,22 +172,15 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from edge_llm.assets import smollm2_135m
     from edge_llm.data import sonnets
     from edge_llm.luc import calibration_tokens
     from edge_llm.luc.gguf_policy import search_types
     from edge_llm.luc.gguf_sensitivity import calibrate
 
     torch.manual_seed(0)
-    path = smollm2_135m()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    original = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    windows = {
-        "sonnets": windows_of(tokenizer, sonnets("test"), args.windows),
-        "LAMBADA": windows_of(tokenizer, lambada_texts(400), args.windows),
-    }
+    original, tokenizer = load_model("smollm2", torch.float32, "cpu")
+    original.eval()
+    windows = held_out_windows(tokenizer, args.windows)
     start = time.perf_counter()
     statistics = calibrate(original, calibration_tokens(sonnets("train"), tokenizer, 16, 256), progress=False)
     tables = damage_tables(original, statistics)

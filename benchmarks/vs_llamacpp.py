@@ -75,6 +75,17 @@ def windows_of(tokenizer, texts: list[str], count: int) -> torch.Tensor:
     return ids[: (len(ids) // SEQ_LEN) * SEQ_LEN].view(-1, SEQ_LEN)[:count]
 
 
+def held_out_windows(tokenizer, count: int) -> dict[str, torch.Tensor]:
+    """`count` windows of each held-out text the runtime benchmarks score: sonnets 131-154 and
+    LAMBADA passages (not calibration text)."""
+    from edge_llm.data import sonnets
+
+    return {
+        "sonnets": windows_of(tokenizer, sonnets("test"), count),
+        "LAMBADA": windows_of(tokenizer, lambada_texts(400), count),
+    }
+
+
 def llama_perplexity(path: Path, windows: torch.Tensor) -> float:
     from edge_llm.export.gguf_run import perplexity_in_llama_cpp
 
@@ -222,10 +233,7 @@ def main() -> None:
 
     original, tokenizer = load_model("smollm2", torch.float32, "cpu")
     original.eval()
-    texts = {
-        "sonnets": windows_of(tokenizer, sonnets("test"), args.windows),
-        "lambada": windows_of(tokenizer, lambada_texts(400), args.windows),
-    }
+    texts = {name.lower(): windows for name, windows in held_out_windows(tokenizer, args.windows).items()}
     calibration = calibration_tokens(sonnets("train"), tokenizer, args.samples, SEQ_LEN)
     sciq = task_items("sciq", limit=args.sciq) if args.sciq else []
 

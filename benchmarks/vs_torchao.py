@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, spread
+from common import load_model, machine, spread
 from runtime_agreement import SEQ_LEN, ExecuTorch, compare, time_and_close
-from vs_llamacpp import lambada_texts, windows_of
+from vs_llamacpp import held_out_windows
 
 
 def torchao_program(original, head: str, choice: str = "default") -> torch.nn.Module:
@@ -91,20 +91,13 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from edge_llm.assets import smollm2_135m
     from edge_llm.data import sonnets
     from edge_llm.export.executorch import quantize_for_xnnpack, write_program
     from edge_llm.luc import CompressionMethod, calibration_tokens
 
-    path = smollm2_135m()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    original = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    windows = {
-        "sonnets": windows_of(tokenizer, sonnets("test"), args.windows),
-        "LAMBADA": windows_of(tokenizer, lambada_texts(400), args.windows),
-    }
+    original, tokenizer = load_model("smollm2", torch.float32, "cpu")
+    original.eval()
+    windows = held_out_windows(tokenizer, args.windows)
     calibration = calibration_tokens(sonnets("train"), tokenizer, 64, 256)
 
     # name -> the float model whose torchao weights the program holds, and the PyTorch model it computes
