@@ -323,7 +323,7 @@ def _base_that_fits(args: argparse.Namespace, folder: Path) -> Path:
         compress = ["compress", args.model, "--target", "gguf", "--avg-bits", f"{bits:g}", "--data", args.data]
         _child(args, [*compress, "--out", str(out)])
         changes = {"model": str(out / "model.gguf"), "out": None, "plan_only": True, "compress_to_fit": False}
-        planned = _child(args, _argv_of(args, changes), check=False)
+        planned = _child(args, args.command_line(changes), check=False)
         if planned.returncode != 0:
             refusal = _last_line(planned.stderr)
             logger.info("--compress-to-fit: %g bits per weight do not fit: %s", bits, refusal)
@@ -355,27 +355,6 @@ def _child(args: argparse.Namespace, argv: list[str], check: bool = True) -> sub
 def _last_line(text: str) -> str:
     lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else "no output"
-
-
-def _argv_of(args: argparse.Namespace, changes: dict[str, Any]) -> list[str]:
-    """The command line that parses to `args` with `changes`: every option of its command as the
-    parser defines it, so a flag added there travels to the child without a list here."""
-    from edge_llm_cli import build_parser
-
-    values = {**vars(args), **changes}
-    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    argv = [args.command]
-    for action in commands.choices[args.command]._actions:
-        value = values.get(action.dest)
-        if isinstance(action, argparse._HelpAction) or value is None or value is False:
-            continue
-        if not action.option_strings:  # the model
-            argv.append(str(value))
-        elif value is True:
-            argv.append(action.option_strings[-1])
-        else:
-            argv += [action.option_strings[-1], *map(str, value if isinstance(value, list) else [value])]
-    return argv
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ package, offline). Data is a JSON/JSONL/CSV/parquet/text file, a `datasets` name
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -451,11 +452,32 @@ def _check_tune_flags(args: argparse.Namespace) -> None:
         raise ValueError("--out is required: the folder for the adapter.")
 
 
+def command_line(args: argparse.Namespace, changes: dict[str, Any]) -> list[str]:
+    """The arguments of `args.command` that parse to `args` with `changes` (for a child process):
+    every option as the parser defines it, so a flag added there travels without a list elsewhere."""
+    values = {**vars(args), **changes}
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    argv = [args.command]
+    for action in commands.choices[args.command]._actions:
+        value = values.get(action.dest)
+        if isinstance(action, argparse._HelpAction) or value is None or value is False:
+            continue
+        if not action.option_strings:  # the model
+            argv.append(str(value))
+        elif value is True:
+            argv.append(action.option_strings[-1])
+        else:
+            argv += [action.option_strings[-1], *map(str, value if isinstance(value, list) else [value])]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (2: a mistake in the arguments, one line)."""
     try:
         args = build_parser().parse_args(argv)
         check(args)
+        # The commands spell their arguments for child processes through the parser that owns them.
+        args.command_line = functools.partial(command_line, args)
     except UsageError as error:
         print(f"{error.prog}: error: {error}", file=sys.stderr)
         return 2
