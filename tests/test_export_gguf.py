@@ -16,7 +16,7 @@ from tiny_models import VOCAB, tiny_model
 
 import edge_llm
 from edge_llm.export import write_gguf
-from edge_llm.export.gguf import quantize_tensor
+from edge_llm.export.gguf_blocks import quantize_tensor
 from edge_llm.luc import CompressionMethod, compress_model
 
 
@@ -40,7 +40,7 @@ def test_gguf_encoders_produce_blocks_gguf_decodes(qtype_name):
 def test_luc_codes_go_into_gguf_blocks_unchanged(bits, sparsity, type_name):
     import gguf
 
-    from edge_llm.export.gguf import luc_blocks, pack_q4_1, pack_q5_1
+    from edge_llm.export.gguf_blocks import luc_blocks, pack_q4_1, pack_q5_1
 
     model = tiny_model("llama", 1)
     compress_model(model, [(bits, sparsity)], CompressionMethod(64, "rtn", "magnitude"), progress=False)
@@ -59,7 +59,7 @@ def test_luc_codes_go_into_gguf_blocks_unchanged(bits, sparsity, type_name):
 
 
 def test_luc_codes_that_do_not_fit_a_gguf_type_are_refused():
-    from edge_llm.export.gguf import luc_blocks
+    from edge_llm.export.gguf_blocks import luc_blocks
 
     model = tiny_model("llama", 1)
     compress_model(model, [(8, 0.0)], CompressionMethod(64, "rtn", "magnitude"), progress=False)

@@ -7,8 +7,8 @@ token embedding included. What follows is for LUC's own packed layers (`target="
 Each decoder layer's tensors get the GGUF type of its LUC bit-width: 2 to 4 bits -> Q4_1, 5 -> Q5_1,
 6-8 -> Q8_0, unquantized -> F16 (GGUF has no 6/7-bit type that gguf-py can write, so those round
 up to 8). Q4_1 and Q5_1 compute `d * q + m` per block of 32, which is LUC's `(q - zero) * scale`:
-LUC's codes go into them unchanged (`luc_blocks`), so llama.cpp computes with the very weights
-PyTorch does. Layers that carry a LoRA update, and 8-bit layers, are re-quantized from the float
+LUC's codes go into them unchanged (`gguf_blocks.luc_blocks`), so llama.cpp computes with the
+very weights PyTorch does. Layers that carry a LoRA update, and 8-bit layers, are re-quantized from the float
 weights they compute with. `k_quants=True` trades fidelity for size: 2/3-bit layers become Q2_K /
 Q3_K, re-quantized by llama.cpp's own quantizer (needs llama-cpp-python), at 2.6 / 3.4 bits per
 weight instead of 5.
@@ -31,15 +31,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from edge_llm._io import atomic_file
+from edge_llm.export.gguf_blocks import (
+    gguf_type_for_bits,
+    luc_blocks,
+    pack_q4_1,
+    pack_q5_1,
+    permute_rotary,
+    quantize_tensor,
+)
 from edge_llm.export.weights import adapted_layers, base_layer, effective_weight, folded_adapters
 from edge_llm.luc.facts import layer_setting, policy_of
-from edge_llm.luc.ggml import INSTALL_HINT, block_type, quantize
+from edge_llm.luc.ggml import INSTALL_HINT, quantize
 from edge_llm.luc.ggml_linear import GGMLEmbedding, GGMLLinear
-from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
+from edge_llm.luc.linear import LUCLinear
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.tuner.model import edge_config_of
 
@@ -85,103 +92,7 @@ def gguf_tensor_names(model: nn.Module) -> dict[str, str]:
     return names
 
 
-def gguf_type_for_bits(
-    bits: int, row_length: int | None = None, k_quants: bool = False
-):  # -> gguf.GGMLQuantizationType
-    """The GGUF type of a LUC bit-width; rows that do not fill its blocks fall back to the next
-    type that fits (K-quants need multiples of 256, the others of 32), as llama.cpp's converter does.
-
-    2- and 3-bit layers go to Q4_1, which holds their codes exactly, unless `k_quants=True` asks for
-    the smaller Q2_K / Q3_K (2.6 / 3.4 bits per weight instead of 5), into which they must be
-    re-quantized."""
-    from gguf import GGML_QUANT_SIZES
-    from gguf import GGMLQuantizationType as T
-
-    if bits == UNQUANTIZED_BITS:
-        return T.F16
-    low_bit = {2: T.Q2_K, 3: T.Q3_K} if k_quants else {2: T.Q4_1, 3: T.Q4_1}
-    preferred = {**low_bit, 4: T.Q4_1, 5: T.Q5_1}.get(bits, T.Q8_0)
-    for qtype in (preferred, T.Q4_1 if bits <= 4 else T.Q5_1, T.Q8_0, T.F16):
-        if row_length is None or row_length % GGML_QUANT_SIZES[qtype][0] == 0:
-            return qtype
-    return T.F16
-
-
-def quantize_tensor(values: np.ndarray, qtype) -> np.ndarray:
-    """Quantize a 2-D float32 array (rows of a multiple of the block size) to GGUF bytes: F16 and
-    the 32-blocks by gguf-py, the K-quants by llama.cpp's own quantizer (`luc.ggml.quantize`, the
-    scale and min search `llama-quantize` runs; needs llama-cpp-python)."""
-    import gguf
-
-    if qtype == gguf.GGMLQuantizationType.F16:
-        return values.astype(np.float16)
-    if qtype in (gguf.GGMLQuantizationType.Q2_K, gguf.GGMLQuantizationType.Q3_K):
-        return quantize(values.astype(np.float32), block_type(qtype.name))
-    return gguf.quants.quantize(values.astype(np.float32), qtype)
-
-
-# --------------------------------------------------------------------------- LUC codes, unchanged
-
-GGUF_BLOCK = 32  # Q4_1 / Q5_1 block length
-
-
-def luc_blocks(layer: LUCLinear, type_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """`layer`'s own codes as Q4_1/Q5_1 blocks (`type_bits` 4 or 5), with nothing re-quantized.
-
-    Both formats compute `d * q + m` per block of 32; LUC computes `(q - zero) * scale` per group, so
-    `d = scale`, `m = -zero * scale` (float16-rounded) and `q` = LUC's code hold the same weights.
-    Returns (d, m) as float16 (rows x blocks) and q as uint8 (rows x columns), or None where that
-    cannot hold: more bits than the type has, groups that are not whole blocks, or a pruned weight
-    in a group whose zero-point has no code (its zero would not be exactly zero).
-    """
-    if layer.bits > type_bits or layer.group_size % GGUF_BLOCK or layer.in_features % GGUF_BLOCK:
-        return None
-    blocks = layer.code_blocks(GGUF_BLOCK)  # pruned weights on the zero code: d * zero + m = 0
-    if not blocks.pruned_on_grid(1 << type_bits).all():
-        return None
-    d = blocks.scales.to(torch.float16)
-    m = (-blocks.zeros * blocks.scales).to(torch.float16)
-    return d.numpy(), m.numpy(), blocks.codes.to(torch.uint8).numpy()
-
-
-def pack_q4_1(d: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """(d, m, q) from `luc_blocks` -> Q4_1 bytes (rows x 20 * blocks): d, m, 16 bytes of nibbles."""
-    rows = q.shape[0]
-    values = q.reshape(-1, GGUF_BLOCK).astype(np.uint8)
-    nibbles = values[:, :16] | (values[:, 16:] << 4)
-    return np.concatenate([d.reshape(-1, 1).view(np.uint8), m.reshape(-1, 1).view(np.uint8), nibbles], axis=1).reshape(
-        rows, -1
-    )
-
-
-def pack_q5_1(d: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """(d, m, q) from `luc_blocks` -> Q5_1 bytes (rows x 24 * blocks): d, m, the fifth bits, nibbles."""
-    rows = q.shape[0]
-    values = q.reshape(-1, GGUF_BLOCK).astype(np.uint32)
-    high = ((values >> 4) & 1) << np.arange(GGUF_BLOCK, dtype=np.uint32)
-    high_bits = high.sum(axis=1, dtype=np.uint32).astype("<u4").reshape(-1, 1).view(np.uint8)
-    nibbles = ((values[:, :16] & 0xF) | ((values[:, 16:] & 0xF) << 4)).astype(np.uint8)
-    return np.concatenate(
-        [d.reshape(-1, 1).view(np.uint8), m.reshape(-1, 1).view(np.uint8), high_bits, nibbles], axis=1
-    ).reshape(rows, -1)
-
-
 # --------------------------------------------------------------------------- writer
-
-
-def permute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
-    """transformers' rotate-half rotary layout -> llama.cpp's interleaved one (as convert_hf_to_gguf)."""
-    return (
-        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-    )
-
-
-def unpermute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's interleaved rotary layout -> transformers' rotate-half one (`permute_rotary`
-    undone); rows move whole, so blocks of a quantized weight move unchanged."""
-    return (
-        weight.reshape(heads, weight.shape[0] // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-    )
 
 
 def _tensor_bytes(

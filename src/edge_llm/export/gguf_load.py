@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_llm.export.gguf import LLAMA_TENSORS, block_tensor_name, gguf_tensor_names, unpermute_rotary
+from edge_llm.export.gguf import LLAMA_TENSORS, block_tensor_name, gguf_tensor_names
+from edge_llm.export.gguf_blocks import unpermute_rotary
 from edge_llm.luc.ggml import BLOCK_TYPES, dequantize
 from edge_llm.luc.ggml_linear import DECODE_BLOCK, GGMLEmbedding, GGMLLinear
 from edge_llm.luc.gguf_policy import GGUFPolicy

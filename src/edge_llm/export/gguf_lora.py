@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_llm.export.gguf import LLAMA_TENSORS, SUPPORTED_MODEL_TYPES, block_tensor_name, permute_rotary, write_file
+from edge_llm.export.gguf import LLAMA_TENSORS, SUPPORTED_MODEL_TYPES, block_tensor_name, write_file
+from edge_llm.export.gguf_blocks import permute_rotary
 from edge_llm.export.weights import adapted_layers, adapter_names
 from edge_llm.modeling import find_decoder_parts
 from edge_llm.tuner.config import EdgeLLMConfig
