@@ -122,7 +122,7 @@ _OWNED_FILES = {
 
 def _output_folder(args: argparse.Namespace) -> Any:
     """`atomic_directory(args.out)` keeping the files of an earlier output that this command does not own."""
-    from edge_llm.luc.integration import owned_by_model_save
+    from edge_llm.luc.saving import owned_by_model_save
 
     owned = _OWNED_FILES[args.command]
     return atomic_directory(args.out, carry_over=lambda name: not (owned_by_model_save(name) or name in owned))

@@ -1,6 +1,6 @@
 """The module surgery of LUC in a transformers model: compress it (`apply_luc`), build empty
-compressed layers for a checkpoint to load into, and save it as a whole folder (reading the policy
-back is `facts.policy_of`).
+compressed layers for a checkpoint to load into, and record what it holds (reading the policy back
+is `facts.policy_of`; saving it as a whole folder is `saving.saves_whole_folders`).
 
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=LUCConfig(
         avg_bits=3.0, avg_sparsity=0.25, dataset=texts, tokenizer=tokenizer))
@@ -11,8 +11,6 @@ back is `facts.policy_of`).
 from __future__ import annotations
 
 import functools
-import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,6 @@ from torch import nn
 from transformers import AutoTokenizer
 from transformers.quantizers.auto import AutoHfQuantizer
 
-from edge_llm._io import atomic_directory
 from edge_llm._memory import release_freed_memory
 from edge_llm.assets import cache_dir
 from edge_llm.luc.calibration import calibration_tokens, target_linears
@@ -35,6 +32,7 @@ from edge_llm.luc.gguf_speed import GGUFSpeedProfile, gguf_speed_cache_path, mea
 from edge_llm.luc.linear import LUCLinear
 from edge_llm.luc.policy import LUCPolicy
 from edge_llm.luc.profile import profile_sensitivity
+from edge_llm.luc.saving import saves_whole_folders
 from edge_llm.modeling import find_decoder_parts
 
 
@@ -57,41 +55,6 @@ def replace_with_luc_shells(model: nn.Module, policy: LUCPolicy) -> None:
                 device=linear.weight.device,
             )
             layer.set_submodule(name, shell)
-
-
-def saves_whole_folders(model: nn.Module) -> None:
-    """Make `model.save_pretrained(folder)` switch `folder` over as a whole (see `_save_whole`).
-
-    A `partial` holding the model, not a closure: `copy.deepcopy(model)` then gives a copy whose
-    `save_pretrained` saves the copy."""
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained = functools.partial(_save_whole, model)
-
-
-# What a model's `save_pretrained` writes (config, generation config, weights and their shards, in
-# either format); any other file in the folder is the user's and is kept.
-_MODEL_FILES = re.compile(
-    r"(config|generation_config)\.json"
-    r"|(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)"
-    r"|(model\.safetensors|pytorch_model\.bin)\.index\.json"
-)
-
-
-def owned_by_model_save(name: str) -> bool:
-    """Whether `save_pretrained` of a transformers model writes a file of this name."""
-    return _MODEL_FILES.fullmatch(name) is not None
-
-
-def _save_whole(model: nn.Module, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
-    """`save_pretrained` that writes into a new folder beside `save_directory` and swaps it in
-    when complete: a save killed midway leaves the previous checkpoint loadable. Every file there
-    the model save does not own (a tokenizer, an adapter, training arguments, other weights) is
-    carried over as a hard link."""
-    out = Path(save_directory)
-    if kwargs.get("push_to_hub") and "repo_id" not in kwargs:
-        kwargs["repo_id"] = out.name  # transformers names the repository after the folder it saves to
-    with atomic_directory(out, carry_over=lambda name: not owned_by_model_save(name)) as staging:
-        type(model).save_pretrained(model, staging, *args, **kwargs)
 
 
 @functools.wraps(compress_layers, assigned=("__annotations__",))

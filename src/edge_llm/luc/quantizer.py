@@ -14,7 +14,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from edge_llm.luc.checks import check_checkpoint_files, check_loaded_layers
 from edge_llm.luc.config import LUCConfig, config_policy
 from edge_llm.luc.facts import QUANT_METHOD
-from edge_llm.luc.integration import apply_luc, replace_with_luc_shells, saves_whole_folders
+from edge_llm.luc.integration import apply_luc, replace_with_luc_shells
+from edge_llm.luc.saving import saves_whole_folders
 
 logger = logging.getLogger(__name__)
 
