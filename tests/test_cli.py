@@ -352,7 +352,7 @@ def test_tune_plan_only_prints_the_plan_or_the_smallest_memory_that_fits(tiny_di
     assert run("tune", tiny_dir, *tune, "--memory", "16GiB", "--plan-only") == 0
     plan = json.loads(capsys.readouterr().out)
     assert "window" in plan["plan"] and 0 < plan["estimated_peak_bytes"] < 16 * 2**30
-    assert run("tune", tiny_dir, *tune, "--memory", "64MiB", "--plan-only") == 2
+    assert run("tune", tiny_dir, *tune, "--memory", "64MiB", "--plan-only") == 3  # an answer: nothing fits
     assert "The smallest budget that fits is" in capsys.readouterr().err
     assert run("tune", tiny_dir, *tune, "--plan-only") == 2
     assert "--plan-only plans to a memory budget: pass --memory" in capsys.readouterr().err
@@ -364,21 +364,23 @@ def test_tune_compress_to_fit_takes_the_most_bits_whose_plan_fits_and_ships_that
     tiny_dir, small_instructions, tmp_path, capsys, monkeypatch
 ):
     pytest.importorskip("llama_cpp")
-    from edge_llm import cli
-    from edge_llm.export import load_gguf
-    from edge_llm.luc.gguf_policy import policy_bytes
-    from edge_llm.luc.gguf_sensitivity import weight_count
+    import gguf
 
-    # Each try runs in a process of its own; here the plan over the largest base is refused
-    # (a tiny model's bases differ by less than the noise of a process's memory), the rest is real.
+    from edge_llm import cli
+
+    # Each try runs in a process of its own; here the plan over the largest base is refused (a
+    # tiny model's bases differ by less than the noise of a process's memory) and the compressions
+    # run in this process (the same command, without a second start of Python); the plan that fits
+    # is a real child process.
     tries, real_child = [], cli._child
 
     def child(args, argv, check=True):
-        if "--plan-only" in argv:
-            bits = float(argv[argv.index("tune") + 1].split("/")[-2].split("-")[0])
-            tries.append(bits)
-            if bits > 6.5:
-                return cli.subprocess.CompletedProcess(argv, 2, "", "edge-llm tune: error: A memory budget ...")
+        if argv[0] == "compress":
+            return cli.subprocess.CompletedProcess(argv, run(*argv), "", "")
+        bits = float(argv[argv.index("tune") + 1].split("/")[-2].split("-")[0])
+        tries.append(bits)
+        if bits > 6.5:
+            return cli.subprocess.CompletedProcess(argv, cli.PLAN_DOES_NOT_FIT, "", "edge-llm tune: A memory ...")
         return real_child(args, argv, check)
 
     monkeypatch.setattr(cli, "_child", child)
@@ -386,16 +388,22 @@ def test_tune_compress_to_fit_takes_the_most_bits_whose_plan_fits_and_ships_that
     tune = ["--data", small_instructions, "--steps", "2", "--batch", "2", "--seq-len", "64", "--exits", "1"]
     assert run("tune", tiny_dir, *tune, "--memory", "16GiB", "--compress-to-fit", "--out", out) == 0
     assert tries == [8.5, 6.5] and "with the base it was tuned over" in capsys.readouterr().out
-    base = load_gguf(out / "model.gguf")
+    weights = [t for t in gguf.GGUFReader(str(out / "model.gguf")).tensors if len(t.shape) == 2]
     policy = json.loads((out / "gguf_policy.json").read_text())
-    assert len(policy["tensors"]) == len(base.model.layers) * 7 + 1
-    assert 8 * policy_bytes(base, policy["tensors"]) <= 6.5 * weight_count(base)  # the 6.5-bit base
-    # the folder is an adapter over the base beside it: the CLI takes it as both
-    assert run("evaluate", out, "--adapter", out, "--perplexity", "sonnets", "--samples", "1", "--seq-len", "32") == 0
+    assert len(policy["tensors"]) == len(weights) == 4 * 7 + 1  # every Linear and the (tied) table
+    assert 8 * sum(int(t.n_bytes) for t in weights) <= 6.5 * sum(int(t.n_elements) for t in weights)
+    # the folder is an adapter over the base beside it: the CLI takes it as both (as after `compress`)
+    assert cli.gguf_model_file(out) == out / "model.gguf" and (out / "adapter_config.json").is_file()
 
-    # and when no base fits, the last refusal is said
-    monkeypatch.setattr(
-        cli, "_child", lambda args, argv, check=True: cli.subprocess.CompletedProcess(argv, 2, "", "no room\n")
-    )
-    assert run("tune", tiny_dir, *tune, "--memory", "16GiB", "--compress-to-fit", "--out", tmp_path / "x") == 2
-    assert "not even a 4.5-bit base fits --memory: no room" in capsys.readouterr().err
+    # when no base fits, the last refusal is said; a plan that fails otherwise stops the tries
+    for status, said in (
+        (cli.PLAN_DOES_NOT_FIT, "not even a 4.5-bit base fits --memory: no room"),
+        (2, "tune --plan-only over the 8.5-bit base: no room"),
+    ):
+
+        def refuse(args, argv, check=True, status=status):
+            return cli.subprocess.CompletedProcess(argv, 0 if "compress" in argv else status, "", "no room\n")
+
+        monkeypatch.setattr(cli, "_child", refuse)
+        assert run("tune", tiny_dir, *tune, "--memory", "16GiB", "--compress-to-fit", "--out", tmp_path / "x") == 2
+        assert said in capsys.readouterr().err

@@ -35,6 +35,7 @@ from edge_llm.scheduling.devices import BUILTIN_DEVICES
 from edge_llm.tuner.config import WINDOW_INPUTS, EdgeLLMConfig
 from edge_llm.tuner.exits import EXIT_SAMPLERS
 from edge_llm.tuner.heads import EXIT_HEADS
+from edge_llm.tuner.planning import PlanDoesNotFit
 from edge_llm.tuner.voting import VOTING_RULES
 
 logger = logging.getLogger("edge_llm.cli")
@@ -274,7 +275,11 @@ def _tune_over(args: argparse.Namespace, base: Path | None) -> int:
     )
     if args.plan_only:
         with scratch:
-            plan = trainer.plan()
+            try:
+                plan = trainer.plan()
+            except PlanDoesNotFit as error:  # an answer, not a failure: said with its own status
+                print(f"edge-llm tune: {error}", file=sys.stderr)
+                return PLAN_DOES_NOT_FIT
         layers = model.get_base_model().config.num_hidden_layers
         answer = {"plan": plan.describe(), "estimated_peak_bytes": plan.estimated_peak_bytes}
         print(json.dumps({**answer, "backprop_depth": plan.backprop_depth, "layers": layers}))
@@ -293,6 +298,8 @@ def _tune_over(args: argparse.Namespace, base: Path | None) -> int:
     return 0
 
 
+# `tune --plan-only`'s exit status when nothing fits the budget (2: a mistake or a failure).
+PLAN_DOES_NOT_FIT = 3
 # Bits per weight `tune --compress-to-fit` tries for the base, most first: about Q8_0's down to
 # Q4_0's (a small model's rows leave llama.cpp little below that).
 FIT_BITS = (8.5, 6.5, 5.5, 4.5)
@@ -324,12 +331,14 @@ def _base_that_fits(args: argparse.Namespace, folder: Path) -> Path:
         _child(args, [*compress, "--out", str(out)])
         changes = {"model": str(out / "model.gguf"), "out": None, "plan_only": True, "compress_to_fit": False}
         planned = _child(args, args.command_line(changes), check=False)
-        if planned.returncode != 0:
+        if planned.returncode == PLAN_DOES_NOT_FIT:
             refusal = _last_line(planned.stderr)
             logger.info("--compress-to-fit: %g bits per weight do not fit: %s", bits, refusal)
             shutil.rmtree(out, ignore_errors=True)
             continue
-        answer = json.loads(planned.stdout)
+        if planned.returncode != 0:
+            raise ValueError(f"tune --plan-only over the {bits:g}-bit base: {_last_line(planned.stderr)}")
+        answer = json.loads(_last_line(planned.stdout))
         logger.info("--compress-to-fit: %g bits per weight fit: %s", bits, answer["plan"])
         fitting[bits] = (out, answer["backprop_depth"])
         part, whole = FIT_DEPTH

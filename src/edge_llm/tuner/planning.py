@@ -67,6 +67,10 @@ OPTIMIZER_STATES = 2
 HEADROOM = (1, 50)  # 2%
 
 
+class PlanDoesNotFit(ValueError):
+    """No window, checkpointing or micro-batch fits the budget (the message names the smallest that would)."""
+
+
 def usable(budget_bytes: int) -> int:
     """What of `budget_bytes` a plan may take: all but `HEADROOM`."""
     part, whole = HEADROOM
@@ -232,7 +236,8 @@ def plan_training(peft_model: nn.Module, budget_bytes: int, batch_size: int, seq
     measured and counts against the budget.
 
     Raises:
-        ValueError: when no window, checkpointing or micro-batch fits, naming the smallest budget that would.
+        PlanDoesNotFit (a ValueError): when no window, checkpointing or micro-batch fits, naming the
+            smallest budget that would.
     """
     if not isinstance(budget_bytes, int) or isinstance(budget_bytes, bool) or budget_bytes < 1:
         raise ValueError(f"memory budget must be a positive number of bytes, got {budget_bytes!r}.")
@@ -255,7 +260,7 @@ def plan_training(peft_model: nn.Module, budget_bytes: int, batch_size: int, seq
         smallest = min(plans, key=lambda plan: plan.estimated_peak_bytes)
         more = smallest.estimated_peak_bytes - resident
         needed = smallest_budget(smallest.estimated_peak_bytes)
-        raise ValueError(
+        raise PlanDoesNotFit(
             f"A memory budget of {budget_bytes:,} bytes ({budget_bytes / MIB:.0f} MiB) cannot hold this run: the "
             f"process holds {resident / MIB:.0f} MiB before training (runtime, weights, data) and the smallest plan "
             f"({smallest.describe()}) needs {more / MIB:.0f} MiB more, and 2% of the budget is kept free for what "
