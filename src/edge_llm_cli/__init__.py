@@ -241,9 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument(
         "--compress-to-fit",
         action="store_true",
-        help="with --memory and an original (transformers) model: compress it for llama.cpp with LUC to the most "
-        "bits per weight (8.5, 6.5, 5.5, 4.5) whose tuning plan fits, tune over that base and write it beside the "
-        "adapter as model.gguf (minutes: each try compresses and plans in a process of its own)",
+        help="with --memory and an original (transformers) model: compress it for llama.cpp with LUC at 8.5, 6.5, "
+        "5.5 and 4.5 bits per weight, keep the most bits whose plan trains two thirds of the layers (else the "
+        "deepest window), tune over that base and write it beside the adapter as model.gguf (minutes: each try "
+        "compresses and plans in a process of its own)",
     )
 
     evaluate = commands.add_parser(
