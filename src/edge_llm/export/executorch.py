@@ -82,10 +82,13 @@ def int4_block(layer: nn.Module, columns: int) -> int | None:
     return block if block % XNNPACK_BLOCK == 0 else None
 
 
-def xnnpack_layout(layer: nn.Module, columns: int) -> tuple[int, int]:
+def xnnpack_layout(layer: nn.Module, columns: int) -> tuple[int, int] | None:
     """(bits of the kernel, block length) a Linear goes to: int4 per block (`int4_block`) for
-    2-4-bit LUC layers whose groups allow one, else int8 per output channel (the whole row)."""
+    2-4-bit LUC layers whose groups allow one, else int8 per output channel (the whole row); None
+    for a layer left in float (it stays float32)."""
     bits, _ = layer_setting(layer)
+    if bits == UNQUANTIZED_BITS:
+        return None
     block = int4_block(layer, columns) if bits <= 4 else None
     return (4, block) if block is not None else (8, columns)
 
@@ -161,9 +164,7 @@ def int_linear(
         and layer.group_size % block == 0
     )
     if not held:
-        linear.weight = nn.Parameter(requantized(module, with_adapter, block, bits), requires_grad=False)
-        counts[f"{kind} re-quantized"] += linear.weight.scale.numel()
-        return linear
+        return _requantized_linear(linear, module, with_adapter, bits, block, counts)
     rows, blocks = layer.out_features, layer.in_features // block
     low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     # Pruned weights are 0: their code is the zero-point, which a group may put outside the codes.
@@ -178,9 +179,7 @@ def int_linear(
         counts[f"{kind} holding LUC's codes"] += rows * blocks
         return linear
     if bits != 4:  # 16 levels around a zero-point fit int4 as `code - 8`; wider codes are re-quantized
-        linear.weight = nn.Parameter(requantized(module, with_adapter, block, bits), requires_grad=False)
-        counts[f"{kind} re-quantized"] += rows * blocks
-        return linear
+        return _requantized_linear(linear, module, with_adapter, bits, block, counts)
     on_grid = luc.pruned_on_grid(16)
     codes = codes - 8
     if not on_grid.all():  # re-quantize only the blocks LUC's codes cannot hold
@@ -192,6 +191,15 @@ def int_linear(
     counts[f"{kind} holding LUC's codes"] += int(on_grid.sum())
     counts[f"{kind} re-quantized"] += int((~on_grid).sum())
     return ZeroPointLinear(linear, offsets)
+
+
+def _requantized_linear(
+    linear: nn.Linear, module: nn.Module, with_adapter: bool, bits: int, block: int, counts: Counter
+) -> nn.Linear:
+    """`linear` with `module`'s float weight re-quantized by torchao (`requantized`), its blocks counted."""
+    linear.weight = nn.Parameter(requantized(module, with_adapter, block, bits), requires_grad=False)
+    counts[f"int{bits} blocks re-quantized"] += linear.weight.scale.numel()
+    return linear
 
 
 def _float_copy(base: nn.Module, adapted: set[int]) -> nn.Module:
@@ -287,10 +295,11 @@ def quantize_for_xnnpack(
             if not isinstance(linear, nn.Linear):
                 continue
             module = layer.get_submodule(name)
-            if layer_setting(base_layer(module))[0] == UNQUANTIZED_BITS:
+            layout = xnnpack_layout(base_layer(module), linear.in_features)
+            if layout is None:
                 counts["float32 Linears"] += 1
                 continue
-            bits, block = xnnpack_layout(base_layer(module), linear.in_features)
+            bits, block = layout
             target.set_submodule(name, int_linear(linear, module, index in adapted, bits, block, counts))
             counts[f"int{bits} Linears"] += 1
     head = plain.get_output_embeddings()
