@@ -84,13 +84,26 @@ def compress_layers(
             f"The policy has {len(settings)} layer settings but the model has {len(layers)} decoder layers."
         )
     for index in iterate(range(len(layers)), len(layers), "LUC compress", progress):
-        bits, sparsity = settings[index]
-        linears = target_linears(layers[index], targets)
-        hessians = input_hessians(runner, index, linears) if runner is not None else {}
-        for name, linear in linears.items():
-            quantized, mask = compress_weight(linear.weight, bits, sparsity, method, hessians.get(name))
-            compressed = LUCLinear.from_linear(linear, bits, sparsity, method.group_size, quantized, mask)
-            layers[index].set_submodule(name, compressed)
-        if runner is not None:
-            runner.advance(index)
+        compress_layer(runner, layers, index, settings[index], method, targets)
     return LUCPolicy(list(settings), method, targets)
+
+
+def compress_layer(
+    runner: LayerRunner | None,
+    layers: nn.ModuleList | list[nn.Module],
+    index: int,
+    setting: tuple[int, float],
+    method: CompressionMethod,
+    targets: list[str] | None,
+) -> None:
+    """Replace the target Linears of decoder layer `index` by `LUCLinear`s with `setting`; with a
+    runner, calibrated on what the layer receives now, and its output passed on to the next layer."""
+    bits, sparsity = setting
+    linears = target_linears(layers[index], targets)
+    hessians = input_hessians(runner, index, linears) if runner is not None else {}
+    for name, linear in linears.items():
+        quantized, mask = compress_weight(linear.weight, bits, sparsity, method, hessians.get(name))
+        compressed = LUCLinear.from_linear(linear, bits, sparsity, method.group_size, quantized, mask)
+        layers[index].set_submodule(name, compressed)
+    if runner is not None:
+        runner.advance(index)

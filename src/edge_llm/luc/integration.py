@@ -94,7 +94,7 @@ def _config_tokenizer(config: LUCConfig) -> Any:
     return AutoTokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
 
 
-def _config_tokens(config: LUCConfig):
+def config_tokens(config: LUCConfig):
     return calibration_tokens(config.dataset, _config_tokenizer(config), config.num_samples, config.seq_len)
 
 
@@ -142,7 +142,7 @@ def _gguf_speed(model: nn.Module, config: LUCConfig, progress: bool) -> GGUFSpee
 def apply_gguf_luc(model: nn.Module, config: LUCConfig, progress: bool = True) -> GGUFPolicy:
     """`LUCConfig(target="gguf")`: one llama.cpp type per tensor (see `luc/gguf_policy.py`)."""
     policy = GGUFPolicy.from_dict(config.policy) if config.policy is not None else None
-    tokens = _config_tokens(config) if config.dataset is not None else None
+    tokens = config_tokens(config) if config.dataset is not None else None
     budget = None if policy is not None else _gguf_budget(model, config)
     types = tuple(config.gguf_types) if config.gguf_types else None
     speed = _gguf_speed(model, config, progress) if policy is None else None
@@ -175,7 +175,7 @@ def apply_luc(model: nn.Module, config: LUCConfig, progress: bool = True) -> LUC
     # A given policy carries its own compression method, and needs data only where it uses it.
     given = config_policy(config) if config.policy is not None else None
     needs_data = given is None or given.method.needs_calibration_for(s for _, s in given.layers)
-    tokens = _config_tokens(config) if needs_data else None
+    tokens = config_tokens(config) if needs_data else None
     if given is not None:
         policy = given
     else:

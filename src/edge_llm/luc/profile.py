@@ -261,25 +261,39 @@ def _measure(model, tokens, candidates, method, metric, targets, fingerprint, pr
     for layer in steps:
         if layer == 1:
             _warn_if_long(time.perf_counter() - start, num_layers, len(candidates), scorer)
-        linears = target_linears(runner.layers[layer], targets)
-        hessians = input_hessians(runner, layer, linears) if method.needs_calibration else {}
-        originals = {name: m.weight.data.clone() for name, m in linears.items()}
-        layer_params.append(sum(m.weight.numel() for m in linears.values()))
-        shapes = [(m.out_features, m.in_features) for m in linears.values()]
-        layer_bytes.append(
-            [sum(linear_storage_bytes(o, i, b, s, method.group_size) for o, i in shapes) for b, s in candidates]
-        )
-        row = []
-        try:
-            for b, s in candidates:
-                for name, module in linears.items():
-                    module.weight.data = compressed_dense_weight(originals[name], b, s, method, hessians.get(name))
-                row.append(_damage(runner, layer, scorer, reference))
-        finally:
-            for name, module in linears.items():
-                module.weight.data = originals[name]
+        row, params, nbytes = measure_layer(runner, layer, candidates, method, targets, scorer, reference)
         damage.append(row)
+        layer_params.append(params)
+        layer_bytes.append(nbytes)
     return SensitivityProfile(candidates, damage, layer_params, layer_bytes, metric, method, targets, fingerprint)
+
+
+def measure_layer(
+    runner: LayerRunner,
+    layer: int,
+    candidates: list[tuple[int, float]],
+    method: CompressionMethod,
+    targets: list[str] | None,
+    scorer: SensitivityMetric,
+    reference: list[torch.Tensor],
+) -> tuple[list[float], int, list[int]]:
+    """Damage of every candidate setting of decoder layer `layer` alone, its compressed
+    parameters and its storage bytes under each candidate; the layer is left as it was."""
+    linears = target_linears(runner.layers[layer], targets)
+    hessians = input_hessians(runner, layer, linears) if method.needs_calibration else {}
+    originals = {name: m.weight.data.clone() for name, m in linears.items()}
+    shapes = [(m.out_features, m.in_features) for m in linears.values()]
+    nbytes = [sum(linear_storage_bytes(o, i, b, s, method.group_size) for o, i in shapes) for b, s in candidates]
+    row = []
+    try:
+        for b, s in candidates:
+            for name, module in linears.items():
+                module.weight.data = compressed_dense_weight(originals[name], b, s, method, hessians.get(name))
+            row.append(_damage(runner, layer, scorer, reference))
+    finally:
+        for name, module in linears.items():
+            module.weight.data = originals[name]
+    return row, sum(m.weight.numel() for m in linears.values()), nbytes
 
 
 def _warn_if_long(first_layer_s: float, num_layers: int, num_candidates: int, scorer: SensitivityMetric) -> None:
