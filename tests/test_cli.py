@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from edge_llm_cli import main
@@ -40,6 +41,18 @@ def test_profile_and_compress(tiny_dir, tmp_path, capsys):
     args = ("--avg-bits", "3", "--avg-sparsity", "0.25", "--profile", tmp_path / "profile.json", "--out", reused)
     assert run("compress", tiny_dir, *FAST_LUC, *args) == 0
     assert json.loads((reused / "luc_policy.json").read_text()) == policy
+    # Layer by layer (a model larger than memory): the same tensors, sharded one layer per file.
+    streamed = tmp_path / "layer-by-layer"
+    budget = ("--avg-bits", "3", "--avg-sparsity", "0.25", "--out", streamed)
+    assert run("compress", tiny_dir, *FAST_LUC, *budget, "--layer-by-layer") == 0
+    assert json.loads((streamed / "luc_policy.json").read_text()) == policy
+    assert (streamed / "tokenizer.json").exists() and (streamed / "model-00005-of-00005.safetensors").exists()
+    expected, got = model.state_dict(), AutoModelForCausalLM.from_pretrained(streamed).state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert run("compress", tiny_dir, "--layer-by-layer", "--out", tmp_path / "kl") == 2
+    assert "pass --metric output_mse, or a --policy or --profile" in capsys.readouterr().err
+    assert run("compress", tiny_dir, "--layer-by-layer", "--target", "gguf", "--out", tmp_path / "g") == 2
+    assert "--layer-by-layer is for --target pytorch" in capsys.readouterr().err
 
 
 def test_tune_evaluate_export(tiny_dir, small_instructions, tmp_path, capsys):

@@ -55,25 +55,33 @@ def _load(
 ) -> tuple[Any, Any]:
     """The model (with `adapter`) and its tokenizer; without `tokenizer_needed`, None when the
     folder has none."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = _model_path(spec)
     file = gguf_model_file(path)  # a llama.cpp file: its blocks kept as they are, the tokenizer from it
-    try:
-        if file is None:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
-    except (OSError, ValueError, TypeError):
-        if tokenizer_needed:
-            raise
-        tokenizer = None
+    tokenizer = _tokenizer(path, tokenizer_needed)
     model = AutoModelForCausalLM.from_pretrained(path) if file is None else load_gguf(file)
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
     return model.eval(), tokenizer
+
+
+def _tokenizer(path: str | Path, needed: bool = True) -> Any:
+    """The tokenizer of the model at `path` (a llama.cpp file's from the file); without `needed`,
+    None when there is none."""
+    from transformers import AutoTokenizer
+
+    file = gguf_model_file(path)
+    try:
+        if file is None:
+            return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    except (OSError, ValueError, TypeError):
+        if needed:
+            raise
+        return None
 
 
 def _check_uncompressed(args: argparse.Namespace) -> None:
@@ -182,6 +190,7 @@ def _compress_for_llama_cpp(args: argparse.Namespace) -> int:
 def _compress(args: argparse.Namespace) -> int:
     from edge_llm.data.loading import load_rows, texts_of
     from edge_llm.luc import LUCPolicy, LUCQuantizer, SensitivityProfile
+    from edge_llm.luc.streaming import compress_checkpoint
 
     _check_uncompressed(args)
     if args.target == "gguf":
@@ -190,7 +199,10 @@ def _compress(args: argparse.Namespace) -> int:
     # A given policy that needs no calibration (RTN without pruning, or with magnitude pruning)
     # needs no tokenizer either.
     needs_data = given is None or given.method.needs_calibration_for(s for _, s in given.layers)
-    model, tokenizer = _load(args.model, tokenizer_needed=needs_data)
+    if args.layer_by_layer:
+        model, tokenizer = None, _tokenizer(_model_path(args.model), needs_data)
+    else:
+        model, tokenizer = _load(args.model, tokenizer_needed=needs_data)
     texts = texts_of(load_rows(args.data)) if args.data and tokenizer is not None else None
     # Only the budgets given on the command line apply; none given: LUCConfig's defaults.
     budget = {"avg_bits": args.avg_bits, "avg_sparsity": args.avg_sparsity}
@@ -205,12 +217,17 @@ def _compress(args: argparse.Namespace) -> int:
         budget = {"policy": profile.search(_luc_config(args, None, None, **budget).budget)}
     config = _luc_config(args, texts, tokenizer, **budget)
     with _output_folder(args) as staging:  # an interrupted run leaves --out as it was
-        LUCQuantizer(model, tokenizer).quantize(save_dir=staging, config=config)
+        if model is None:
+            compress_checkpoint(_model_path(args.model), staging, config)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+        else:
+            LUCQuantizer(model, tokenizer).quantize(save_dir=staging, config=config)
         policy = LUCPolicy.from_dict(config.policy)
         policy.save(staging / "luc_policy.json")
-    size = (Path(args.out) / "model.safetensors").stat().st_size
+    size = sum(file.stat().st_size for file in Path(args.out).glob("model*.safetensors"))
     print(policy.summary())
-    print(f"compressed model -> {args.out} (model.safetensors: {size / 2**20:.1f} MiB; policy: luc_policy.json)")
+    print(f"compressed model -> {args.out} (weights: {size / 2**20:.1f} MiB; policy: luc_policy.json)")
     return 0
 
 

@@ -185,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=CHOICES["luc_defaults"]["gguf_max_slowdown"],
         help="with --gguf-speed: how much slower a request may be than with the fastest types the budget holds",
     )
+    compress.add_argument(
+        "--layer-by-layer",
+        action="store_true",
+        help="read, profile and compress one decoder layer at a time from the model's safetensors files, for a "
+        "model larger than memory (peak: about one layer and the calibration activations; --target pytorch, "
+        "with --metric output_mse or a --policy/--profile)",
+    )
     _method_flags(compress)
 
     tuning = CHOICES["tuning_defaults"]
@@ -421,6 +428,16 @@ def check(args: argparse.Namespace) -> None:
             raise ValueError("--gguf-speed is for --target gguf (llama.cpp's speed of its weight types).")
         if speed != "measure":
             _check_file(speed, "--gguf-speed")
+    if args.command == "compress" and args.layer_by_layer:
+        if args.target != "pytorch":
+            raise ValueError(
+                "--layer-by-layer is for --target pytorch (--target gguf measures through the whole model)."
+            )
+        if args.metric != "output_mse" and not (args.policy or args.profile):
+            raise ValueError(
+                f"--layer-by-layer profiles with --metric output_mse (--metric {args.metric} runs the model above each "
+                "layer for every candidate): pass --metric output_mse, or a --policy or --profile."
+            )
     if args.command == "tune":
         _check_tune_flags(args)
     if args.command == "evaluate":

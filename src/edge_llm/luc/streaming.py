@@ -195,6 +195,7 @@ def _empty_model(folder: Path) -> nn.Module:
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights():  # parameters on meta; buffers (rotary frequencies) real
         model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # done by from_config, but undone by accelerate's meta-device parameter hook
     return model.eval()
 
 
