@@ -10,8 +10,7 @@ from tiny_models import VOCAB, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import edge_llm  # noqa: F401  (registers LUC with transformers)
-from edge_llm.luc import LUCConfig, LUCPolicy
-from edge_llm.luc import streaming
+from edge_llm.luc import LUCConfig, LUCPolicy, streaming
 from edge_llm.luc.streaming import compress_checkpoint
 
 TOKENS = torch.randint(0, VOCAB, (6, 16), generator=torch.Generator().manual_seed(0))
@@ -134,7 +133,9 @@ def test_a_shard_outside_the_folder_a_missing_or_misshapen_tensor_is_refused(sha
     index = json.loads((outside / "model.safetensors.index.json").read_text())
     index["weight_map"]["model.norm.weight"] = "../secret.safetensors"
     (outside / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="names the shard '../secret.safetensors', which is not a file in its folder"):
+    with pytest.raises(
+        ValueError, match=r"names the shard '\.\./secret\.safetensors', which is not a file in its folder"
+    ):
         compress_checkpoint(outside, tmp_path / "out", policy, progress=False)
 
     missing = _copy(sharded, tmp_path / "missing")

@@ -260,7 +260,7 @@ def _measure(model, tokens, candidates, method, metric, targets, fingerprint, pr
     start = time.perf_counter()
     for layer in steps:
         if layer == 1:
-            _warn_if_long(time.perf_counter() - start, num_layers, len(candidates), scorer)
+            warn_if_long(time.perf_counter() - start, num_layers, len(candidates), scorer)
         row, params, nbytes = measure_layer(runner, layer, candidates, method, targets, scorer, reference)
         damage.append(row)
         layer_params.append(params)
@@ -280,8 +280,12 @@ def measure_layer(
     """Damage of every candidate setting of decoder layer `layer` alone, its compressed
     parameters and its storage bytes under each candidate; the layer is left as it was."""
     linears = target_linears(runner.layers[layer], targets)
-    hessians = input_hessians(runner, layer, linears) if method.needs_calibration else {}
-    originals = {name: m.weight.data.clone() for name, m in linears.items()}
+    # Only where a candidate uses them (GPTQ, or Wanda at a sparsity above 0): a 1B model's down
+    # projection alone has a 256 MiB Hessian.
+    needed = method.needs_calibration_for(s for _, s in candidates)
+    hessians = input_hessians(runner, layer, linears) if needed else {}
+    # Compression returns new tensors and leaves these unchanged: kept by reference, not copied.
+    originals = {name: m.weight.data for name, m in linears.items()}
     shapes = [(m.out_features, m.in_features) for m in linears.values()]
     nbytes = [sum(linear_storage_bytes(o, i, b, s, method.group_size) for o, i in shapes) for b, s in candidates]
     row = []
@@ -296,7 +300,20 @@ def measure_layer(
     return row, sum(m.weight.numel() for m in linears.values()), nbytes
 
 
-def _warn_if_long(first_layer_s: float, num_layers: int, num_candidates: int, scorer: SensitivityMetric) -> None:
+# What makes a long in-memory profile faster, said with its time estimate.
+_IN_MEMORY_ADVICE = (
+    "The result is cached for the next run; fewer candidate bits/sparsities, fewer calibration samples or "
+    "metric='output_mse' make it faster."
+)
+
+
+def warn_if_long(
+    first_layer_s: float,
+    num_layers: int,
+    num_candidates: int,
+    scorer: SensitivityMetric,
+    advice: str = _IN_MEMORY_ADVICE,
+) -> None:
     """Say early, with an estimate, when profiling will take long: the first layer's time scaled by
     the decoder layers all measurements run against the first layer's (with "kl" each measurement
     runs the model from its layer to the end, so later layers cost less)."""
@@ -304,12 +321,11 @@ def _warn_if_long(first_layer_s: float, num_layers: int, num_candidates: int, sc
     total = first_layer_s * sum(layers_run) / layers_run[0]
     if total > LONG_PROFILE_S:
         logger.warning(
-            "LUC sensitivity profiling will take about %.0f min here (%d layers x %d candidate settings). The "
-            "result is cached for the next run; fewer candidate bits/sparsities, fewer calibration samples or "
-            "metric='output_mse' make it faster.",
+            "LUC sensitivity profiling will take about %.0f min here (%d layers x %d candidate settings). %s",
             total / 60,
             num_layers,
             num_candidates,
+            advice,
         )
 
 

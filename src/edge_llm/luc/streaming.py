@@ -12,8 +12,8 @@ and the calibration activations, whatever the depth. Two passes over the files: 
 profile (uncompressed inputs, as `profile_sensitivity` measures) and, after the search, the
 compression (each layer calibrated on the compressed layers below it, as `compress_layers` does).
 The result is what in-memory LUC with the same settings saves, tensor for tensor; it is written
-as one shard per decoder layer (and one for the rest), which `from_pretrained` loads as any
-sharded checkpoint.
+as one shard per decoder layer and per tensor outside them (the embedding, the norm, the head),
+which `from_pretrained` loads as any sharded checkpoint.
 
 Written here because no library does it: transformers' quantizers and accelerate's offloading
 load or map the whole model and LUC then holds every compressed layer; `llama-quantize` streams
@@ -45,7 +45,7 @@ from edge_llm.luc.compress import compress_layer
 from edge_llm.luc.config import LUCConfig, config_policy
 from edge_llm.luc.integration import config_tokens, mark_compressed
 from edge_llm.luc.policy import LUCPolicy
-from edge_llm.luc.profile import METRICS, SensitivityProfile, _warn_if_long, measure_layer
+from edge_llm.luc.profile import METRICS, SensitivityProfile, measure_layer, warn_if_long
 from edge_llm.luc.saving import owned_by_model_save
 from edge_llm.modeling import DecoderParts, find_decoder_parts
 
@@ -227,7 +227,8 @@ def profile_checkpoint(
     start = time.perf_counter()
     for layer in iterate(range(num_layers), num_layers, "LUC sensitivity (output_mse, layer by layer)", progress):
         if layer == 1:
-            _warn_if_long(time.perf_counter() - start, num_layers, len(candidates), scorer)
+            advice = "Fewer candidate bits/sparsities or calibration samples make it faster."
+            warn_if_long(time.perf_counter() - start, num_layers, len(candidates), scorer, advice)
         materialize(runner.layers[layer], f"{runner.parts.layers_path}.{layer}.", checkpoint)
         runner.advance(layer)  # the layer's original output: the next layer's input, and the reference
         last = layer + 1 == num_layers
@@ -276,9 +277,12 @@ def compress_checkpoint(
     needs_data = given is None or given.method.needs_calibration_for(s for _, s in given.layers)
     tokens = config_tokens(config) if needs_data else None
     policy = given or profile_checkpoint(model, checkpoint, tokens, config, progress).search(config.budget)
+    # As `compress_layers`: calibrated only where the policy's method uses data.
+    calibrate = policy.method.needs_calibration_for(s for _, s in policy.layers)
     with atomic_directory(Path(out_dir), carry_over=lambda name: not owned_by_model_save(name)) as staging:
-        shards = _Shards(staging, num_layers + 1)
-        runner = StreamingRunner(model, checkpoint, tokens) if tokens is not None else None
+        # One shard per decoder layer and per tensor outside them (an embedding is a layer's size or more).
+        shards = _Shards(staging, num_layers + len(outside))
+        runner = StreamingRunner(model, checkpoint, tokens) if calibrate else None
         layers = parts.layers(model)
         for index in iterate(range(num_layers), num_layers, "LUC compress (layer by layer)", progress):
             prefix = f"{parts.layers_path}.{index}."
@@ -289,9 +293,10 @@ def compress_checkpoint(
             shards.write({prefix + name: tensor for name, tensor in layers[index].state_dict().items()})
             layers[index].to("meta")
         mark_compressed(model, policy, config)
-        rest = checkpoint.read(outside)
         dtypes = {name: tensor.dtype for name, tensor in model.state_dict().items()}
-        shards.write({name: rest[name].to(dtypes[name]) for name in outside} | {MARKER: policy_fingerprint(policy)})
+        for name in outside:
+            tensor = {name: checkpoint.read([name])[name].to(dtypes[name])}
+            shards.write(tensor | ({MARKER: policy_fingerprint(policy)} if name == outside[-1] else {}))
         shards.write_index()
         model.config.save_pretrained(staging)
         if (folder / "generation_config.json").is_file():
