@@ -183,3 +183,18 @@ def test_a_run_that_fails_midway_leaves_the_old_output_and_a_finished_one_keeps_
     assert LUCPolicy.from_dict(json.loads((out / "config.json").read_text())["quantization_config"]["policy"]).layers[
         0
     ] == (8, 0.0)
+
+
+def test_compressed_layers_hold_no_graph_back_to_the_float_weights():
+    """Compressing a layer whose weights require grad (as a loaded model's do) outside no_grad:
+    the LUC buffers carry no autograd graph, which would keep every float weight alive (the
+    layer-by-layer run grew by one float layer per layer before)."""
+    from edge_llm.luc.compress import compress_layer
+    from edge_llm.luc.method import CompressionMethod
+
+    model = tiny_model("llama", 2)
+    assert all(p.requires_grad for p in model.parameters())
+    layers = model.model.layers
+    compress_layer(None, layers, 0, (4, 0.0), CompressionMethod(group_size=16), None)
+    buffers = list(layers[0].buffers())
+    assert buffers and all(b.grad_fn is None and not b.requires_grad for b in buffers)

@@ -88,6 +88,7 @@ def compress_layers(
     return LUCPolicy(list(settings), method, targets)
 
 
+@torch.no_grad()
 def compress_layer(
     runner: LayerRunner | None,
     layers: nn.ModuleList | list[nn.Module],

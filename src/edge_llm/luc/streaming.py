@@ -39,6 +39,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from edge_llm._io import atomic_directory, load_json
+from edge_llm._memory import limit_allocator_reserve
 from edge_llm.luc.calibration import LayerRunner, _LayerCall, iterate
 from edge_llm.luc.checks import MARKER, policy_fingerprint
 from edge_llm.luc.compress import compress_layer
@@ -245,6 +246,7 @@ def profile_checkpoint(
     return SensitivityProfile(candidates, damage, layer_params, layer_bytes, "output_mse", method, targets, fingerprint)
 
 
+@torch.no_grad()  # the compressed tensors must not keep a graph back to the float weights
 def compress_checkpoint(
     model_dir: str | Path, out_dir: str | Path, config: LUCConfig, progress: bool = True
 ) -> LUCPolicy:
@@ -253,7 +255,8 @@ def compress_checkpoint(
 
     `config` is an `LUCConfig` as `from_pretrained` takes it, with `metric="output_mse"` or a
     `policy`. `out_dir` is written as a whole (a killed run leaves it as it was), keeping the files
-    there a model save does not own, as `save_pretrained` of a LUC model does.
+    there a model save does not own, as `save_pretrained` of a LUC model does. Bounds glibc's
+    allocator reserve for the rest of the process (`edge_llm.limit_allocator_reserve`).
     """
     if config.target != "pytorch":
         raise ValueError(
@@ -268,6 +271,9 @@ def compress_checkpoint(
         )
     folder = Path(model_dir)
     checkpoint = Checkpoint(folder)
+    # Each layer frees what the last one allocated; with glibc's defaults its heap keeps that memory
+    # (a 12-layer model's profile grew 0.3 GiB above one layer's need). The point here is a bound.
+    limit_allocator_reserve()
     model = _empty_model(folder)
     parts = find_decoder_parts(model)
     outside = _outside_names(model, parts)
