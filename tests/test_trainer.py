@@ -142,6 +142,15 @@ def test_rejects_models_without_an_edge_llm_adapter_and_ddp_without_unused_param
         EdgeTrainer(model=edge_model(), args=training_args(tmp_path, ddp_find_unused_parameters=False))
 
 
+def test_fsdp_and_deepspeed_are_refused_before_any_work(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="FSDP is not supported yet"):
+        EdgeTrainer(model=edge_model(), args=training_args(tmp_path, fsdp=True))
+    args = training_args(tmp_path)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` with a DeepSpeed config sets
+    with pytest.raises(ValueError, match="DeepSpeed is not supported yet"):
+        EdgeTrainer(model=edge_model(), args=args)
+
+
 def test_ddp_with_two_cpu_processes(tmp_path):
     worker = Path(__file__).with_name("ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

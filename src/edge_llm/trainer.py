@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import os
 from itertools import islice
 from typing import Any
 
@@ -35,6 +36,24 @@ def _warn_uniform_vote(voting: str, exits: list[int], why: str) -> None:
         "trainer.calibrate_exit_weights(dataset), or use voting='last'."
     )
     warn_loudly(logger, message, stacklevel=3)
+
+
+def _refuse_sharding_engines(args: Any) -> None:
+    """FSDP and DeepSpeed, asked for in the arguments or by `accelerate launch`'s environment, are
+    refused before any work: each step changes which adapter weights get gradients, which sharded
+    engines must be told of (or they drop or wait for gradients); that is not built or tested yet."""
+    fsdp = bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    deepspeed = getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in (
+        "1",
+        "true",
+    )
+    if fsdp or deepspeed:
+        engine = "FSDP" if fsdp else "DeepSpeed"
+        raise ValueError(
+            f"EdgeTrainer runs on one device or under DDP (accelerate launch --multi_gpu, or torchrun); {engine} is "
+            "not supported yet: each step changes which adapter weights train, which a sharding engine must be told "
+            "of. Launch without it (docs/scaling-out.md)."
+        )
 
 
 class EdgeTrainer(Trainer):
@@ -85,6 +104,7 @@ class EdgeTrainer(Trainer):
                 "EdgeTrainer needs ddp_find_unused_parameters=True (or unset): each step trains one window, so the "
                 "other layers' adapter weights are unused in that step and DDP would wait for their gradients."
             )
+        _refuse_sharding_engines(args)
         super().__init__(model, args, *more, **kwargs)
         self.tuner: EdgeLLMModel = tuner
         self.memory_budget_bytes = None if memory_budget_bytes is None else _whole_bytes(memory_budget_bytes)
