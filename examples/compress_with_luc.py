@@ -30,7 +30,7 @@ config = edge_llm.LUCConfig(
     sparsities=(0.0, 0.25, 0.5),
 )
 model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config)  # profile, search, compress
-print(edge_llm.LUCPolicy.from_dict(model.config.quantization_config.policy).summary())
+print(model.config.quantization_config.policy.summary())
 model.save_pretrained(args.output)
 tokenizer.save_pretrained(args.output)
 reloaded = AutoModelForCausalLM.from_pretrained(args.output)  # packed weights load back as they are

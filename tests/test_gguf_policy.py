@@ -221,7 +221,7 @@ def test_from_pretrained_with_the_gguf_target_meets_its_bits_budget_and_exports(
         seq_len=32,
     )
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=config)
-    policy = model.config.quantization_config.policy
+    policy = model.config.quantization_config.policy.to_dict()
     assert policy["format"] == "edge-llm/gguf-policy" and policy["sensitivity"] == "fisher"
     tensors = weight_tensors(model)
     weights = sum(
@@ -290,7 +290,7 @@ def test_a_file_budget_is_the_size_of_the_gguf_file_to_the_byte(tiny_dir, tmp_pa
     config = LUCConfig(target="gguf", avg_bits=None, weight_budget_bytes=budget, **data)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=config)
     path = write_gguf(model, tmp_path / "model.gguf", tokenizer)
-    assert path.stat().st_size == fixed + policy_bytes(model, model.config.quantization_config.policy["tensors"])
+    assert path.stat().st_size == fixed + policy_bytes(model, model.config.quantization_config.policy.tensors)
     assert 0.97 * budget <= path.stat().st_size <= budget
     config = LUCConfig(target="gguf", avg_bits=2.0, gguf_types=["Q4_0", "Q8_0"], **data)
     with pytest.raises(ValueError, match=r"the smallest .* 4\.50 bits per weight; raise avg_bits to at least 4\.50"):

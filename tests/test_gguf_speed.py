@@ -211,8 +211,8 @@ def test_from_pretrained_measures_the_speed_once_and_keeps_it(tiny_dir, tmp_path
     second = compress()
     assert len(measured) == 1  # the cached profile
     profile = GGUFSpeedProfile.load(next(tmp_path.glob("gguf-speed-*.json")))
-    policy = first.config.quantization_config.policy["tensors"]
-    assert policy == second.config.quantization_config.policy["tensors"]
+    policy = first.config.quantization_config.policy.tensors
+    assert policy == second.config.quantization_config.policy.tensors
     # gguf_max_slowdown=0: a request as fast as with the fastest types the 6-bit budget holds.
     table = structural_table(first, ("Q4_0", "Q5_0", "Q8_0"))
     profile.time_table(table, first)

@@ -122,7 +122,7 @@ def test_from_pretrained_compresses_and_reloads_bit_identically(base_dir, tmp_pa
     model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=config)
     linears = [m for m in model.modules() if isinstance(m, LUCLinear)]
     assert len(linears) == 4 * 7
-    policy = LUCPolicy.from_dict(model.config.quantization_config.policy)
+    policy = model.config.quantization_config.policy
     params = [
         sum(m.weight_scales.shape[0] * m.in_features for m in layer.modules() if isinstance(m, LUCLinear))
         for layer in model.model.layers

@@ -76,7 +76,7 @@ def test_layer_by_layer_saves_what_in_memory_luc_saves_bit_for_bit(sharded, tmp_
     monkeypatch.setattr(streaming, "compress_layer", watched)
     policy = compress_checkpoint(sharded, tmp_path / "streamed", LUCConfig(**settings), progress=False)
 
-    assert policy == LUCPolicy.from_dict(in_memory.config.quantization_config.policy)
+    assert policy == in_memory.config.quantization_config.policy
     assert len({bits for bits, _ in policy.layers}) > 1  # a mixed policy, not one setting everywhere
     _assert_same_checkpoint(tmp_path / "in_memory", tmp_path / "streamed")
     assert real_layers == [1, 1, 1, 1]  # one decoder layer materialized at a time

@@ -223,7 +223,7 @@ def _compress(args: argparse.Namespace) -> int:
                 tokenizer.save_pretrained(staging)
         else:
             LUCQuantizer(model, tokenizer).quantize(save_dir=staging, config=config)
-        policy = LUCPolicy.from_dict(config.policy)
+        policy = config.policy
         policy.save(staging / "luc_policy.json")
     size = sum(file.stat().st_size for file in Path(args.out).glob("model*.safetensors"))
     print(policy.summary())

@@ -245,4 +245,4 @@ def _mark(model: nn.Module, policy: GGUFPolicy) -> None:
     from edge_llm.luc.config import LUCConfig
     from edge_llm.luc.integration import record_quantization
 
-    record_quantization(model, LUCConfig(target="gguf", policy=policy.to_dict()))
+    record_quantization(model, LUCConfig(target="gguf", policy=policy))

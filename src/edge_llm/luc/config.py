@@ -12,6 +12,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from edge_llm._io import load_json
 from edge_llm.luc.facts import QUANT_METHOD
+from edge_llm.luc.gguf_policy import GGUFPolicy
 from edge_llm.luc.linear import UNQUANTIZED_BITS
 from edge_llm.luc.method import CompressionMethod
 from edge_llm.luc.policy import Budget, LUCPolicy
@@ -111,23 +112,38 @@ class LUCConfig(QuantizationConfigMixin):
                 f"{type(dataset).__name__}."
             )
         self.dataset, self.tokenizer = dataset, tokenizer
-        if isinstance(policy, (str, Path)):
-            policy = load_json(policy, "LUC policy")
-        elif hasattr(policy, "to_dict"):  # an LUCPolicy or a GGUFPolicy
-            policy = policy.to_dict()
-        self.policy = policy
+        self.target = target  # before the policy: it says which kind of policy a dict is
+        self.policy = load_json(policy, "LUC policy") if isinstance(policy, (str, Path)) else policy
         self.group_size = group_size
         self.bits, self.sparsities = _number_list("bits", bits), _number_list("sparsities", sparsities)
         self.quant_algorithm, self.prune_method, self.prune_structure = quant_algorithm, prune_method, prune_structure
         self.quant_grid = quant_grid
         self.metric, self.num_samples, self.seq_len, self.targets = metric, num_samples, seq_len, targets
         self.profile_cache_dir = profile_cache_dir
-        self.target, self.sensitivity = target, sensitivity
+        self.sensitivity = sensitivity
         self.gguf_types = list(gguf_types) if isinstance(gguf_types, (list, tuple)) else gguf_types
         if isinstance(gguf_speed, (str, Path)) and str(gguf_speed) != "measure":
             gguf_speed = load_json(gguf_speed, "llama.cpp speed profile")
         self.gguf_speed, self.gguf_max_slowdown = gguf_speed, gguf_max_slowdown
         self.post_init()
+
+    @property
+    def policy(self) -> LUCPolicy | GGUFPolicy | None:
+        """The policy to apply (skips profiling), or the one applied: an `LUCPolicy`, or a
+        `GGUFPolicy` for `target="gguf"`. Set it to either, to its dict, or to None."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, value: LUCPolicy | GGUFPolicy | dict | None) -> None:
+        kind = GGUFPolicy if getattr(self, "target", "pytorch") == "gguf" else LUCPolicy
+        if isinstance(value, dict):
+            value = kind.from_dict(value)
+        elif value is not None and not isinstance(value, (LUCPolicy, GGUFPolicy)):
+            raise ValueError(
+                "LUCConfig.policy must be an LUCPolicy, a GGUFPolicy, its dict or JSON file, or None; got "
+                f"{type(value).__name__}."
+            )
+        self._policy = value
 
     def post_init(self) -> None:
         """Check every field; errors name the field and what would be valid."""
@@ -167,11 +183,16 @@ class LUCConfig(QuantizationConfigMixin):
                 raise ValueError(f"LUCConfig.{name} must be a positive integer, got {value!r}.")
         if self.target not in TARGETS:
             raise ValueError(f"LUCConfig.target must be one of {TARGETS}, got {self.target!r}.")
+        kind = GGUFPolicy if self.target == "gguf" else LUCPolicy
+        if self.policy is not None and not isinstance(self.policy, kind):
+            raise ValueError(
+                f"LUCConfig.policy is a {type(self.policy).__name__}, but target={self.target!r} takes a "
+                f"{kind.__name__}: pass the policy made for that target."
+            )
         if self.target == "gguf":
             self._check_gguf()
             return
         if self.policy is not None:
-            LUCPolicy.from_dict(self.policy)
             return
         if self.avg_bits is not None and not min(self.bits) <= self.avg_bits <= max(self.bits):
             raise ValueError(
@@ -217,9 +238,6 @@ class LUCConfig(QuantizationConfigMixin):
         if self.avg_sparsity:
             raise ValueError("LUCConfig(target='gguf') cannot prune: GGUF has no sparse types; set avg_sparsity=None.")
         if self.policy is not None:
-            from edge_llm.luc.gguf_policy import GGUFPolicy
-
-            GGUFPolicy.from_dict(self.policy)
             return
         if self.avg_bits is None and self.weight_budget_bytes is None:
             raise ValueError("LUCConfig(target='gguf') needs a budget: avg_bits or weight_budget_bytes, or a policy.")
@@ -237,7 +255,8 @@ class LUCConfig(QuantizationConfigMixin):
         return Budget(self.avg_bits, self.avg_sparsity, self.weight_budget_bytes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in _RUNTIME_FIELDS}
+        fields = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in (*_RUNTIME_FIELDS, "_policy")}
+        return fields | {"policy": None if self.policy is None else self.policy.to_dict()}
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
@@ -266,7 +285,3 @@ def _number_list(name: str, values: object) -> list:
     if len(set(values)) != len(values):
         raise ValueError(f"LUCConfig.{name} lists a value twice ({list(values)}); list each candidate once.")
     return [v if name == "bits" else float(v) for v in values]
-
-
-def config_policy(config: LUCConfig) -> LUCPolicy:
-    return LUCPolicy.from_dict(config.policy)

@@ -40,7 +40,7 @@ def policy_of(model: nn.Module) -> LUCPolicy | None:
     method, target, policy = _quantization_fields(model)
     if method != QUANT_METHOD or policy is None or target != "pytorch":
         return None
-    return LUCPolicy.from_dict(policy)
+    return policy if isinstance(policy, LUCPolicy) else LUCPolicy.from_dict(policy)
 
 
 def gguf_policy_of(model: nn.Module) -> GGUFPolicy | None:
@@ -48,7 +48,7 @@ def gguf_policy_of(model: nn.Module) -> GGUFPolicy | None:
     method, target, policy = _quantization_fields(model)
     if method != QUANT_METHOD or policy is None or target != "gguf":
         return None
-    return GGUFPolicy.from_dict(policy)
+    return policy if isinstance(policy, GGUFPolicy) else GGUFPolicy.from_dict(policy)
 
 
 def compression_of(model: nn.Module) -> str:

@@ -23,7 +23,7 @@ from edge_llm.assets import cache_dir
 from edge_llm.luc.calibration import calibration_tokens, target_linears
 from edge_llm.luc.checks import add_marker
 from edge_llm.luc.compress import compress_layers
-from edge_llm.luc.config import LUCConfig, config_policy
+from edge_llm.luc.config import LUCConfig
 from edge_llm.luc.facts import QUANT_METHOD
 from edge_llm.luc.ggml_linear import GGMLEmbedding, GGMLLinear
 from edge_llm.luc.gguf_policy import BudgetTooSmall, GGUFPolicy, budget_bytes, compress_for_gguf
@@ -72,7 +72,7 @@ def compress_model(*args: Any, **kwargs: Any) -> LUCPolicy:
 def mark_compressed(model: nn.Module, policy: LUCPolicy, config: LUCConfig | None = None) -> None:
     """Record that `model` holds LUC-compressed layers, as transformers' quantizers do."""
     config = config or LUCConfig(policy=policy)
-    config.policy = policy.to_dict()
+    config.policy = policy
     record_quantization(model, config)
     add_marker(model, policy)
     saves_whole_folders(model)
@@ -141,7 +141,7 @@ def _gguf_speed(model: nn.Module, config: LUCConfig, progress: bool) -> GGUFSpee
 
 def apply_gguf_luc(model: nn.Module, config: LUCConfig, progress: bool = True) -> GGUFPolicy:
     """`LUCConfig(target="gguf")`: one llama.cpp type per tensor (see `luc/gguf_policy.py`)."""
-    policy = GGUFPolicy.from_dict(config.policy) if config.policy is not None else None
+    policy = config.policy
     tokens = config_tokens(config) if config.dataset is not None else None
     budget = None if policy is not None else _gguf_budget(model, config)
     types = tuple(config.gguf_types) if config.gguf_types else None
@@ -158,7 +158,7 @@ def apply_gguf_luc(model: nn.Module, config: LUCConfig, progress: bool = True) -
             f"{config.weight_budget_bytes}): the smallest this model's tensors allow is {error.smallest:,} bytes of "
             f"weights, {smallest_bits:.2f} bits per weight; raise avg_bits to at least {smallest_bits:.2f}."
         ) from None
-    config.policy = policy.to_dict()
+    config.policy = policy
     record_quantization(model, config)
     return policy
 
@@ -173,7 +173,7 @@ def apply_luc(model: nn.Module, config: LUCConfig, progress: bool = True) -> LUC
     if config.target == "gguf":
         return apply_gguf_luc(model, config, progress)
     # A given policy carries its own compression method, and needs data only where it uses it.
-    given = config_policy(config) if config.policy is not None else None
+    given = config.policy
     needs_data = given is None or given.method.needs_calibration_for(s for _, s in given.layers)
     tokens = config_tokens(config) if needs_data else None
     if given is not None:

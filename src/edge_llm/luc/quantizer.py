@@ -12,7 +12,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from edge_llm.luc.checks import check_checkpoint_files, check_loaded_layers
-from edge_llm.luc.config import LUCConfig, config_policy
+from edge_llm.luc.config import LUCConfig
 from edge_llm.luc.facts import QUANT_METHOD
 from edge_llm.luc.integration import apply_luc, replace_with_luc_shells
 from edge_llm.luc.saving import saves_whole_folders
@@ -45,14 +45,14 @@ class LUCHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         if self.pre_quantized:
-            policy = config_policy(self.quantization_config)
+            policy = self.quantization_config.policy
             replace_with_luc_shells(model, policy)
             if kwargs.get("checkpoint_files"):
                 check_checkpoint_files(model, policy, kwargs["checkpoint_files"])
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if self.pre_quantized:
-            check_loaded_layers(model, config_policy(self.quantization_config))
+            check_loaded_layers(model, self.quantization_config.policy)
             saves_whole_folders(model)
         else:
             policy = apply_luc(model, self.quantization_config)

@@ -43,7 +43,7 @@ from edge_llm._memory import limit_allocator_reserve
 from edge_llm.luc.calibration import LayerRunner, _LayerCall, iterate
 from edge_llm.luc.checks import MARKER, policy_fingerprint
 from edge_llm.luc.compress import compress_layer
-from edge_llm.luc.config import LUCConfig, config_policy
+from edge_llm.luc.config import LUCConfig
 from edge_llm.luc.integration import config_tokens, mark_compressed
 from edge_llm.luc.policy import LUCPolicy
 from edge_llm.luc.profile import METRICS, SensitivityProfile, measure_layer, warn_if_long
@@ -263,7 +263,7 @@ def compress_checkpoint(
             "LUC layer by layer compresses for LUC's own layers (target='pytorch'); target='gguf' measures "
             "Fisher information through the whole model and needs it in memory."
         )
-    given = config_policy(config) if config.policy is not None else None
+    given = config.policy
     if given is None and config.metric != "output_mse":
         raise ValueError(
             f"LUCConfig.metric={config.metric!r} runs the model above each layer for every candidate, which out of "
