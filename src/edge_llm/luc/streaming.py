@@ -95,6 +95,8 @@ class Checkpoint:
         for file, file_names in by_file.items():
             with safe_open(self.folder / file, "pt") as handle:
                 for name in file_names:
+                    # get_tensor views the mapped file: a copy lets the mapping, and the pages of it
+                    # read, go when the file is closed.
                     tensors[name] = handle.get_tensor(name).clone()
         return tensors
 
