@@ -1,4 +1,9 @@
-"""Compress a causal LM with LUC: per-layer bits and sparsity under a budget, saved for real."""
+"""Compress a causal LM with LUC: per-layer bits and sparsity under a budget, saved for real.
+
+With --layer-by-layer the model is never loaded whole: each decoder layer is read from the
+safetensors files, profiled and compressed in turn (for a model larger than memory); the saved
+checkpoint is the same.
+"""
 
 import argparse
 
@@ -14,6 +19,7 @@ parser.add_argument("--avg-bits", type=float, default=3.5)
 parser.add_argument("--avg-sparsity", type=float, default=0.25)
 parser.add_argument("--samples", type=int, default=8, help="calibration windows of 128 tokens")
 parser.add_argument("--output", default="out/luc-model")
+parser.add_argument("--layer-by-layer", action="store_true", help="one decoder layer in memory at a time")
 args = parser.parse_args()
 
 path = args.model or smollm2_135m()
@@ -29,9 +35,14 @@ config = edge_llm.LUCConfig(
     metric="output_mse",
     sparsities=(0.0, 0.25, 0.5),
 )
-model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config)  # profile, search, compress
-print(model.config.quantization_config.policy.summary())
-model.save_pretrained(args.output)
+if args.layer_by_layer:
+    from edge_llm.luc.streaming import compress_checkpoint
+
+    print(compress_checkpoint(path, args.output, config).summary())  # profile, search, compress, save
+else:
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config)  # profile, search, compress
+    print(model.config.quantization_config.policy.summary())
+    model.save_pretrained(args.output)
 tokenizer.save_pretrained(args.output)
 reloaded = AutoModelForCausalLM.from_pretrained(args.output)  # packed weights load back as they are
 print(f"saved to {args.output}; reloaded {type(reloaded.model.layers[0].mlp.down_proj).__name__} layers")

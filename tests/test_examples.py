@@ -26,6 +26,11 @@ def test_examples_chain(tiny_dir, small_instructions, tmp_path):
     compressed = tmp_path / "luc"
     out = run_example("compress_with_luc.py", "--model", tiny_dir, "--samples", "2", "--output", compressed)
     assert "LUCLinear" in out and (compressed / "model.safetensors").exists()
+    streamed = tmp_path / "luc-layer-by-layer"
+    out = run_example(
+        "compress_with_luc.py", "--model", tiny_dir, "--samples", "2", "--output", streamed, "--layer-by-layer"
+    )
+    assert "LUCLinear" in out and (streamed / "model.safetensors.index.json").exists()
     adapter = tmp_path / "adapter"
     out = run_example(
         "adapt_with_edge_trainer.py",
