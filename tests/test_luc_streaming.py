@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from tiny_models import VOCAB, tiny_model
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import edge_llm  # noqa: F401  (registers LUC with transformers)
 from edge_llm.luc import LUCConfig, LUCPolicy, streaming
@@ -88,17 +88,11 @@ def test_layer_by_layer_saves_what_in_memory_luc_saves_bit_for_bit(sharded, tmp_
 def test_a_given_policy_without_calibration_reads_no_data_and_keeps_tied_bfloat16_weights(tmp_path):
     """RTN without pruning needs no tokens; a single-file bfloat16 model with a tied head saves the
     embedding once, in bfloat16, as save_pretrained does."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=3,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "model")
+    model = tiny_model("llama", 3)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "model")
     policy = LUCPolicy([(4, 0.0), (8, 0.0), (16, 0.0)])
     in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "model", quantization_config=LUCConfig(policy=policy))
     in_memory.save_pretrained(tmp_path / "in_memory")

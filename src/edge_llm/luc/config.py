@@ -44,7 +44,8 @@ class LUCConfig(QuantizationConfigMixin):
         dataset: calibration data: a list of strings (with `tokenizer`), of token-id lists, or a
             `datasets.Dataset` with a `text` or `input_ids` column.
         tokenizer: a tokenizer, or the name/path to load one from.
-        policy: an `LUCPolicy` (or its JSON dict, or a path to its JSON file): skips profiling.
+        policy: an `LUCPolicy` (a `GGUFPolicy` for `target="gguf"`), its JSON dict, or a path to its JSON
+            file: skips profiling. Read back, `config.policy` is the policy object.
         group_size: input columns sharing a quantization scale.
         bits, sparsities: the candidate grid of the search (16 bits = unquantized).
         quant_algorithm: `"rtn"` (round to nearest) or `"gptq"` (error-compensating, needs data).
