@@ -140,6 +140,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         )
         prepared = METHODS[args.worker](model, setup)
         model = prepared.model
+    if args.worker != "original" and not args.untuned:
         with tempfile.TemporaryDirectory() as output_dir:
             training_args = training_arguments(output_dir, args, use_cpu=True, **prepared.training_overrides)
             meter = StepMeter(model)
@@ -212,7 +213,8 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> str:
     gib = 1024**3
     for method, row in results.items():
         name, _, budget = method.partition("@")
-        label = LABELS.get(name, "original (no tuning)") + (f", planned to {budget}" if budget else "")
+        suffix = ", untuned" if budget == "untuned" else f", planned to {budget}" if budget else ""
+        label = LABELS.get(name, "original (no tuning)") + suffix
         if "train_call_s" not in row:
             lines.append(f"| {label} | {row['quality']:.4f} | | | | | | | | |")
             continue
@@ -311,6 +313,12 @@ def main() -> None:
     parser.add_argument(
         "--memory-budget", type=int, help="bytes for the whole process: edge-llm methods plan their run to fit"
     )
+    parser.add_argument(
+        "--untuned",
+        action="store_true",
+        help="prepare each method (a luc method compresses its base) but do not train: the quality tuning starts "
+        "from, stored as <method>@untuned",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plots", type=Path, help="folder for the two frontier plots")
     parser.add_argument("--from-json", type=Path, help="print the table (and plots) of an earlier run")
@@ -328,6 +336,7 @@ def main() -> None:
         results = json.loads(args.json.read_text())["results"] if args.json and args.json.exists() else {}
         for method, result, seconds in in_own_processes(__file__, args.methods):
             key = f"{method}@{args.memory_budget // 2**20}MiB" if args.memory_budget else method
+            key = f"{method}@untuned" if args.untuned else key
             results[key] = result
             print(f"{key}: {result['quality']:.4f} ({seconds:.0f} s)", flush=True)
             if args.json:  # keep what is done if a later method fails

@@ -11,6 +11,11 @@ distributions. Then the runtime's speed on this machine, all models in interleav
 
     python benchmarks/runtime_agreement.py --runtime gguf --luc-policy benchmarks/results/luc_policy_smollm2_4bit25.json
     python benchmarks/runtime_agreement.py --runtime executorch --luc-policy ...
+    python benchmarks/runtime_agreement.py --runtime executorch --bits 4 --attention custom sdpa --with-llama-cpp
+
+ExecuTorch programs attend with ExecuTorch's own ops by default (`write_pte(attention="custom")`);
+`--attention custom sdpa` adds the stock-SDPA program of each model and `--with-llama-cpp` its GGUF
+in llama.cpp, all timed in the same interleaved rounds.
 """
 
 from __future__ import annotations
@@ -59,10 +64,9 @@ class ExecuTorch:
     """A .pte program in ExecuTorch's runtime (its Python bindings; XNNPACK's own thread pool)."""
 
     def __init__(self, path: Path) -> None:
-        import executorch.kernels.quantized  # noqa: F401  (the int8 embedding table's kernel)
-        from executorch.runtime import Runtime
+        from edge_llm.export.executorch import load_program
 
-        self.forward = Runtime.get().load_program(str(path)).load_method("forward")
+        self.forward = load_program(path).load_method("forward")
 
     def logits(self, window: torch.Tensor) -> torch.Tensor:
         return self.forward.execute([window[None], torch.arange(len(window))])[0][0].float()
@@ -86,10 +90,14 @@ def write_gguf_file(model: torch.nn.Module, out: Path, tokenizer, k_quants: bool
     return write_gguf(model, out / "model.gguf", tokenizer, smollm2_135m_gguf(), k_quants=k_quants)
 
 
-def write_pte_file(model: torch.nn.Module, out: Path, tokenizer, k_quants: bool, embedding_bits: int = 8) -> Path:
+def write_pte_file(
+    model: torch.nn.Module, out: Path, tokenizer, k_quants: bool, embedding_bits: int = 8, attention: str = "custom"
+) -> Path:
     from edge_llm.export import write_pte
 
-    return write_pte(model, out / "model.pte", max_seq_len=SEQ_LEN + 1, embedding_bits=embedding_bits)
+    return write_pte(
+        model, out / "model.pte", max_seq_len=SEQ_LEN + 1, embedding_bits=embedding_bits, attention=attention
+    )
 
 
 # runtime -> (name in tables, writer, runner, whether k_quants settings apply)
@@ -155,12 +163,35 @@ def main() -> None:
     parser.add_argument(
         "--embedding-bits", type=int, default=8, choices=(8, 16, 32), help="ExecuTorch: the embedding table's storage"
     )
+    parser.add_argument(
+        "--attention",
+        nargs="+",
+        default=["custom"],
+        choices=("custom", "sdpa"),
+        help="ExecuTorch: the program's attention (write_pte's `attention`); each one listed is a row",
+    )
+    parser.add_argument(
+        "--with-llama-cpp",
+        action="store_true",
+        help="ExecuTorch: also run each model's GGUF in llama.cpp, in the same interleaved speed rounds",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     runtime_name, write, runner_type, k_quant_settings = RUNTIMES[args.runtime]
+    # (row suffix, writer, runner) per file written for each model
+    outputs = [("", write, runner_type)]
     if args.runtime == "executorch":
-        write = functools.partial(write, embedding_bits=args.embedding_bits)
+        outputs = [
+            (
+                f", {name} attention" if len(args.attention) > 1 else "",
+                functools.partial(write, embedding_bits=args.embedding_bits, attention=name),
+                runner_type,
+            )
+            for name in args.attention
+        ]
+        if args.with_llama_cpp:
+            outputs.append((", llama.cpp", write_gguf_file, LlamaCpp))
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -195,14 +226,20 @@ def main() -> None:
             model = copy.deepcopy(original)
             if setting is not None:
                 compress_model(model, *setting[:2], calibration, setting[2], progress=False)
-            out = Path(tmp) / str(index)
-            out.mkdir()
-            start = time.perf_counter()
-            file = write(model, out, tokenizer, k_quants)
-            export_s = time.perf_counter() - start
-            runners[name] = runner_type(file)
-            rows[name] = {**compare(model, runners[name], windows), "bytes": file.stat().st_size, "export_s": export_s}
-            print(f"{name}: {rows[name]}", file=sys.stderr)
+            for kind, (suffix, writer, runner) in enumerate(outputs):
+                out = Path(tmp) / f"{index}-{kind}"
+                out.mkdir()
+                start = time.perf_counter()
+                file = writer(model, out, tokenizer, k_quants)
+                export_s = time.perf_counter() - start
+                row = name + suffix
+                runners[row] = runner(file)
+                rows[row] = {
+                    **compare(model, runners[row], windows),
+                    "bytes": file.stat().st_size,
+                    "export_s": export_s,
+                }
+                print(f"{row}: {rows[row]}", file=sys.stderr)
             del model
         time_and_close(runners, windows, args.rounds, rows)
 
@@ -212,7 +249,8 @@ def main() -> None:
         f"sonnets 131-154, {len(windows)} windows of {SEQ_LEN} tokens; speed: {args.rounds} interleaved rounds, "
         f"median [min–max]",
         "",
-        f"| model | file MiB | PyTorch perplexity | {runtime_name} perplexity | same next token | mean KL (nats) "
+        f"| model | file MiB | PyTorch perplexity | {'runtime' if len(outputs) > 1 else runtime_name} perplexity | "
+        "same next token | mean KL (nats) "
         f"| prefill tok/s | decode tok/s |",
         "|---|---|---|---|---|---|---|---|",
     ]

@@ -97,8 +97,7 @@ def test_each_linear_goes_into_executorch_by_its_own_setting():
 @pytest.mark.parametrize("grid", ["asymmetric", "symmetric"])
 def test_executorch_runs_the_exported_program_and_agrees_with_pytorch(tmp_path, grid):
     pytest.importorskip("executorch")
-    import executorch.kernels.quantized  # noqa: F401  (the int8 embedding table's kernel)
-    from executorch.runtime import Runtime
+    from edge_llm.export.executorch import load_program
 
     # 2-4-bit layers go to int4 blocks holding LUC's codes, 8-bit to int8 per channel; the last
     # exit's window carries the adapter (folded in: re-quantized); XNNPACK also quantizes
@@ -107,7 +106,7 @@ def test_executorch_runs_the_exported_program_and_agrees_with_pytorch(tmp_path, 
     plan = schedule(model, cpu_device(10**9), Workload(prompt_tokens=48, decode_tokens=8))
     out = export(model, plan, tmp_path / "bundle", targets=["executorch"])
     assert "model.pte" in verify_bundle(out)["files"]
-    program = Runtime.get().load_program(str(out / "model.pte"))
+    program = load_program(out / "model.pte")
     assert program.load_method("get_max_seq_len").execute([])[0] == 56  # the scheduled prompt + decode tokens
     forward = program.load_method("forward")
     tokens = torch.randint(1, VOCAB, (1, 48), generator=torch.Generator().manual_seed(1))
