@@ -108,6 +108,7 @@ def test_executorch_runs_the_exported_program_and_agrees_with_pytorch(tmp_path, 
     assert "model.pte" in verify_bundle(out)["files"]
     program = load_program(out / "model.pte")
     assert program.load_method("get_max_seq_len").execute([])[0] == 56  # the scheduled prompt + decode tokens
+    assert program.load_method("use_sdpa_with_kv_cache").execute([])[0]  # ExecuTorch's attention ops
     forward = program.load_method("forward")
     tokens = torch.randint(1, VOCAB, (1, 48), generator=torch.Generator().manual_seed(1))
     theirs = forward.execute([tokens, torch.arange(48)])[0][0]
@@ -123,6 +124,27 @@ def test_executorch_runs_the_exported_program_and_agrees_with_pytorch(tmp_path, 
     forward.execute([tokens[:, :40], torch.arange(40)])
     step = forward.execute([tokens[:, 40:41], torch.tensor([40])])[0][0, -1]
     torch.testing.assert_close(step, theirs[40], rtol=1e-4, atol=1e-4)
+
+
+def test_the_custom_attention_module_computes_what_the_model_does_prefill_then_decode():
+    """What the program is exported from, in PyTorch: ExecuTorch's `custom_sdpa` over the filled
+    part of a cache that `update_cache` writes in place, grouped-query heads (4 over 2) included,
+    gives the model's own logits for a prompt and for tokens fed one by one after it."""
+    pytest.importorskip("executorch")
+    from edge_llm.export.executorch import CUSTOM_SDPA, _CustomSdpaDecoder, _register_custom_sdpa
+
+    model = tiny_model("llama", 2)
+    tokens = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(tokens).logits
+        _register_custom_sdpa()
+        model.config._attn_implementation = CUSTOM_SDPA
+        decoder = _CustomSdpaDecoder(model, max_seq_len=32)
+        steps = [decoder(tokens[:, :8], torch.arange(8))]
+        steps += [decoder(tokens[:, t : t + 1], torch.tensor([t])) for t in range(8, 12)]
+        again = decoder(tokens[:, :5], torch.arange(5))  # a new prompt overwrites the cache from its start
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, expected[:, :5], atol=1e-5, rtol=1e-5)
 
 
 def test_executorch_embedding_table_settings():
