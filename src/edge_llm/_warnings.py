@@ -30,6 +30,8 @@ EXECUTORCH_LOWERING = (
     # The static KV cache is a buffer the program updates in place, as ExecuTorch's own LLM exports
     # do; the positions a call attends to are written by that call or an earlier one.
     (UserWarning, r"Mutation on a buffer in the model is detected"),
+    # ExecuTorch's own shape functions of its attention ops still use a check PyTorch deprecates.
+    (FutureWarning, r"_check_is_size will be removed"),
 )
 
 
