@@ -131,15 +131,15 @@ def test_the_custom_attention_module_computes_what_the_model_does_prefill_then_d
     part of a cache that `update_cache` writes in place, grouped-query heads (4 over 2) included,
     gives the model's own logits for a prompt and for tokens fed one by one after it."""
     pytest.importorskip("executorch")
-    from edge_llm.export.executorch import CUSTOM_SDPA, _CustomSdpaDecoder, _register_custom_sdpa
+    from edge_llm.export.executorch_attention import CUSTOM_SDPA, CustomSdpaDecoder, register_custom_sdpa
 
     model = tiny_model("llama", 2)
     tokens = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(tokens).logits
-        _register_custom_sdpa()
+        register_custom_sdpa()
         model.config._attn_implementation = CUSTOM_SDPA
-        decoder = _CustomSdpaDecoder(model, max_seq_len=32)
+        decoder = CustomSdpaDecoder(model, max_seq_len=32)
         steps = [decoder(tokens[:, :8], torch.arange(8))]
         steps += [decoder(tokens[:, t : t + 1], torch.tensor([t])) for t in range(8, 12)]
         again = decoder(tokens[:, :5], torch.arange(5))  # a new prompt overwrites the cache from its start
