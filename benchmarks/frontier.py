@@ -212,9 +212,10 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> str:
     ]
     gib = 1024**3
     for method, row in results.items():
-        name, _, budget = method.partition("@")
-        suffix = ", untuned" if budget == "untuned" else f", planned to {budget}" if budget else ""
-        label = LABELS.get(name, "original (no tuning)") + suffix
+        name, *tags = method.split("@")
+        label = LABELS.get(name, "original (no tuning)") + "".join(
+            f", planned to {tag}" if tag.endswith("MiB") and tag[:-3].isdigit() else f", {tag}" for tag in tags
+        )
         if "train_call_s" not in row:
             lines.append(f"| {label} | {row['quality']:.4f} | | | | | | | | |")
             continue
@@ -319,6 +320,9 @@ def main() -> None:
         help="prepare each method (a luc method compresses its base) but do not train: the quality tuning starts "
         "from, stored as <method>@untuned",
     )
+    parser.add_argument(
+        "--variant", help="stored as <method>@<VARIANT> and labelled so (runs with other --deep-depth, --luc-policy...)"
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plots", type=Path, help="folder for the two frontier plots")
     parser.add_argument("--from-json", type=Path, help="print the table (and plots) of an earlier run")
@@ -337,6 +341,7 @@ def main() -> None:
         for method, result, seconds in in_own_processes(__file__, args.methods):
             key = f"{method}@{args.memory_budget // 2**20}MiB" if args.memory_budget else method
             key = f"{method}@untuned" if args.untuned else key
+            key = f"{key}@{args.variant}" if args.variant else key
             results[key] = result
             print(f"{key}: {result['quality']:.4f} ({seconds:.0f} s)", flush=True)
             if args.json:  # keep what is done if a later method fails

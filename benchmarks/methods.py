@@ -131,7 +131,7 @@ def _edge(
     return Prepared(get_peft_model(model, config), EdgeTrainer, dict(GC) if gc else {})
 
 
-def _luc_edge(model: nn.Module, setup: Setup, deep: bool = False) -> Prepared:
+def _luc_edge(model: nn.Module, setup: Setup, deep: bool = False, gc: bool = False) -> Prepared:
     from edge_llm.luc import CompressionMethod, LUCPolicy, compress_model
 
     if setup.luc_policy is not None:
@@ -141,7 +141,7 @@ def _luc_edge(model: nn.Module, setup: Setup, deep: bool = False) -> Prepared:
         settings, targets = [(4, 0.0)] * model.config.num_hidden_layers, None
         method = CompressionMethod(64, "rtn", "magnitude")
     compress_model(model, settings, method, setup.calibration, targets, progress=False)
-    return _edge(model, setup, deep=deep, paper=not deep)
+    return _edge(model, setup, deep=deep, paper=not deep, gc=gc)
 
 
 def _luc_gguf_edge(model: nn.Module, setup: Setup) -> Prepared:
@@ -166,6 +166,7 @@ METHODS: dict[str, Callable[[nn.Module, Setup], Prepared]] = {
     "edge_deep_gc": lambda m, s: _edge(m, s, deep=True, gc=True),
     "luc4_edge": lambda m, s: _luc_edge(m, Setup(**{**vars(s), "luc_policy": None})),
     "luc_edge_deep": lambda m, s: _luc_edge(m, s, deep=True),
+    "luc_edge_deep_gc": lambda m, s: _luc_edge(m, s, deep=True, gc=True),
     "luc_gguf_edge_deep_gc": _luc_gguf_edge,
     "luc_gguf6_edge_deep_gc": lambda m, s: _luc_gguf_edge(m, replace(s, gguf_bits=6.0)),
     "qlora_gc_chunked": _qlora,
@@ -185,6 +186,7 @@ LABELS = {
     "edge_deep_gc": "edge-llm, one exit at the top, deep window + grad. checkpointing",
     "luc4_edge": "LUC 4-bit base + edge-llm, the paper's four exits",
     "luc_edge_deep": "LUC base + edge-llm, one exit at the top, deep window",
+    "luc_edge_deep_gc": "LUC base + edge-llm, one exit at the top, deep window + grad. checkpointing",
     "luc_gguf_edge_deep_gc": "LUC llama.cpp base + edge-llm, one exit at the top, deep window + grad. checkpointing",
     "luc_gguf6_edge_deep_gc": "the same over a 6-bit llama.cpp base",
     "qlora_gc_chunked": "QLoRA (NF4 base) + grad. checkpointing + chunked loss",

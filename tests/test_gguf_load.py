@@ -259,3 +259,19 @@ def test_a_llama_cpp_base_lowers_for_executorch_from_the_weights_it_computes_wit
     x = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert torch.allclose(plain(input_ids=x).logits, model(input_ids=x).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_file_loads_dequantized_to_the_weights_transformers_gguf_loading_gives(tmp_path, tied):
+    from transformers import AutoModelForCausalLM
+
+    write_gguf(luc_base(tied), tmp_path / "model.gguf", tokenizer=ToyTokenizer(), fold_adapters=False)
+    ours = load_gguf(tmp_path, dtype=torch.bfloat16, dequantize=True)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.bfloat16)
+    assert not any(isinstance(m, (GGMLLinear, GGMLEmbedding)) for m in ours.modules())
+    assert not getattr(ours, "is_quantized", False)  # a plain model: it saves as one
+    mine, reference = ours.state_dict(), theirs.state_dict()
+    assert mine.keys() == reference.keys()
+    assert all(mine[n].dtype == torch.bfloat16 and torch.equal(mine[n], reference[n]) for n in reference)
+    assert (ours.get_output_embeddings().weight is ours.get_input_embeddings().weight) == tied
+    assert not any(p.requires_grad for p in ours.parameters())  # frozen, as the blocks it replaces
