@@ -144,3 +144,25 @@ def test_perplexity_in_llama_cpp_is_the_perplexity_of_the_files_logits(tmp_path)
     with LlamaCppModel.for_requests(path, 8, 4, threads=2) as runner:
         seconds = runner.time(windows[0, :8].tolist(), windows[0, 8:12].tolist())
     assert set(seconds) == {"prefill", "decode"} and min(seconds.values()) > 0
+
+
+def test_greedy_generation_in_llama_cpp_is_the_files_argmax_chain_and_pytorchs(tmp_path):
+    pytest.importorskip("llama_cpp")
+    from edge_llm.export.gguf_run import LlamaCppModel
+
+    # Token by token through llama.cpp's cache, each token is the argmax of the file's logits over
+    # the whole sequence so far; and the model written (F16 weights) generates the same in PyTorch.
+    model = gguf_llama()
+    path = write_gguf(model, tmp_path / "model.gguf", tokenizer=ToyTokenizer())
+    prompt = torch.randint(1, VOCAB, (10,), generator=torch.Generator().manual_seed(4)).tolist()
+    with LlamaCppModel(path, context=24, threads=2) as runner:
+        generated = runner.greedy(prompt, 12)
+        sequence = torch.tensor(prompt + generated)
+        chain = runner.logits(sequence).argmax(-1)[len(prompt) - 1 : -1].tolist()
+        first = generated[0]
+        stopped = runner.greedy(prompt, 12, stop=generated[1])
+    assert len(generated) == 12 and chain == generated
+    assert stopped == generated[: generated.index(generated[1])]  # ends before the stop token
+    with torch.no_grad():
+        ours = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, 10:]
+    assert ours[0].item() == first and (ours == torch.tensor(generated)).float().mean() >= 0.8

@@ -12,7 +12,8 @@ on a CPU.
 3. Teach the compressed model a task it cannot do: continue a Shakespeare sonnet from a quatrain
    (sonnets 1-120). Edge-LLM tunes LoRA over the compressed base's blocks, one exit at the top
    with a window of two thirds of the layers; the held-out quatrains of sonnets 131-154 are
-   scored (response perplexity) and one is continued before and after.
+   scored (response perplexity) and one is continued before and after: with llama-cpp-python, by
+   llama.cpp from the files a user runs (the LUC file; then the bundle's base + adapter).
 4. Schedule for a Raspberry Pi 5 and export the bundle: the compressed base as `model.gguf`,
    unchanged, with the adapter beside it (`adapter-default.gguf`, llama.cpp's `--lora`), then run
    them in llama.cpp and compare with the tuned model.
@@ -28,6 +29,7 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,7 +188,7 @@ def _run_demo(steps: int, seed: int, out_dir: str | Path, seq_len: int) -> DemoR
         phases.start(2, "compressing with LUC to 4 bits per weight (llama-cpp-python is not installed)")
         _compress_in_pytorch(model, test, report)
     phases.start(3, f"teaching the compressed model to continue a sonnet: {steps} tuning steps", scale=steps / 20)
-    model = _tune(model, tokenizer, steps, seed, seq_len, report)
+    model = _tune(model, tokenizer, steps, seed, seq_len, report, sample_in_pytorch=not llama_cpp)
     phases.start(4, "scheduling for a Raspberry Pi 5, exporting the bundle, running it")
     _ship(model, tokenizer, reference_gguf, out_dir, test, llama_cpp, report)
     report.seconds = time.perf_counter() - start
@@ -225,6 +227,10 @@ def _compress_for_llama_cpp(model: Any, tokenizer: Any, test: torch.Tensor, seq_
         policy = apply_luc(model, config)
         ours = write_gguf(model, Path(scratch) / "luc.gguf", tokenizer)
         report.measure(title, f"LUC, measured types ({_mib(ours)})", f"{perplexity_in_llama_cpp(ours, test)[0]:.2f}")
+        prompt = _sample_prompt()
+        report.samples[f"before tuning (llama.cpp, the LUC file): {prompt}"] = _continue(
+            _llama_cpp_generator(ours, tokenizer), tokenizer, prompt
+        )
     report.add("LUC for llama.cpp", f"the file size of Q4_K_M, chosen per tensor: {policy.summary()}")
 
 
@@ -244,8 +250,11 @@ def _compress_in_pytorch(model: Any, test: torch.Tensor, report: DemoReport) -> 
     )
 
 
-def _tune(model: Any, tokenizer: Any, steps: int, seed: int, seq_len: int, report: DemoReport) -> Any:
-    """Edge-LLM over the compressed base on sonnets 1-120's quatrains, scored on 131-154's."""
+def _tune(
+    model: Any, tokenizer: Any, steps: int, seed: int, seq_len: int, report: DemoReport, sample_in_pytorch: bool
+) -> Any:
+    """Edge-LLM over the compressed base on sonnets 1-120's quatrains, scored on 131-154's; with
+    `sample_in_pytorch`, a held-out quatrain continued before and after (else llama.cpp does)."""
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, TrainingArguments
@@ -259,8 +268,9 @@ def _tune(model: Any, tokenizer: Any, steps: int, seed: int, seq_len: int, repor
     held_out = sonnet_instructions("test")[:HELD_OUT_PAIRS]
     title = "continuing a held-out sonnet (quatrains of sonnets 131-138): response perplexity"
     report.measure(title, "compressed base", f"{_response_perplexity(model, tokenizer, held_out, seq_len):.2f}")
-    prompt = held_out[0]["instruction"]
-    report.samples[f"before tuning: {prompt}"] = _continue(model, tokenizer, prompt)
+    prompt = _sample_prompt()
+    if sample_in_pytorch:
+        report.samples[f"before tuning: {prompt}"] = _continue(_pytorch_generator(model, tokenizer), tokenizer, prompt)
     # The setting the results recommend: one exit at the top, a window of two thirds of the layers.
     layers = model.config.num_hidden_layers
     depth = -(-2 * layers // 3)
@@ -301,7 +311,8 @@ def _tune(model: Any, tokenizer: Any, steps: int, seed: int, seq_len: int, repor
     report.measure(
         title, f"+ {steps} Edge-LLM steps", f"{_response_perplexity(model, tokenizer, held_out, seq_len):.2f}"
     )
-    report.samples[f"after tuning: {prompt}"] = _continue(model, tokenizer, prompt)
+    if sample_in_pytorch:
+        report.samples[f"after tuning: {prompt}"] = _continue(_pytorch_generator(model, tokenizer), tokenizer, prompt)
     return model
 
 
@@ -336,8 +347,13 @@ def _ship(
     ours = logp.argmax(-1)
     tuned = math.exp(-logp[:, :-1].gather(-1, test[:, 1:, None]).mean().item())
     if llama_cpp:
-        ppl, theirs, speed = perplexity_in_llama_cpp(bundle / "model.gguf", test, bundle / "adapter-default.gguf")
+        base, adapter = bundle / "model.gguf", bundle / "adapter-default.gguf"
+        ppl, theirs, speed = perplexity_in_llama_cpp(base, test, adapter)
         where = f"llama.cpp runs model.gguf + adapter-default.gguf ({speed:.0f} prompt tokens/s here)"
+        prompt = _sample_prompt()
+        report.samples[f"after tuning (llama.cpp, model.gguf + adapter-default.gguf): {prompt}"] = _continue(
+            _llama_cpp_generator(base, tokenizer, adapter), tokenizer, prompt
+        )
     else:
         runner = load_bundle(bundle, dtype=torch.float32)
         with torch.no_grad():
@@ -374,18 +390,49 @@ def _response_perplexity(model: Any, tokenizer: Any, pairs: list[dict[str, str]]
     return math.exp(nll / count)
 
 
-def _continue(model: Any, tokenizer: Any, prompt: str) -> str:
-    """The model's greedy continuation of `prompt` (as training formats it), `SAMPLE_TOKENS` long."""
-    ids = tokenizer(prompt + "\n", return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=SAMPLE_TOKENS,
-            do_sample=False,
-            pad_token_id=tokenizer.eos_token_id,
-        )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+def _sample_prompt() -> str:
+    """The held-out quatrain the demo continues before and after tuning (sonnet 131's)."""
+    from edge_llm.data import sonnet_instructions
+
+    return sonnet_instructions("test")[0]["instruction"]
+
+
+# A generator: prompt token ids -> up to SAMPLE_TOKENS greedily generated ids.
+Generator = Callable[[list[int]], list[int]]
+
+
+def _pytorch_generator(model: Any, tokenizer: Any) -> Generator:
+    def generate(ids: list[int]) -> list[int]:
+        prompt = torch.tensor([ids])
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=SAMPLE_TOKENS,
+                do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        return out[0, len(ids) :].tolist()
+
+    return generate
+
+
+def _llama_cpp_generator(path: Path, tokenizer: Any, adapter: Path | None = None) -> Generator:
+    """Generation in llama.cpp: the file as it ships, and far faster than PyTorch over the same
+    blocks, which decodes every weight again for each token (about a second per token here)."""
+    from edge_llm.export.gguf_run import LlamaCppModel
+
+    def generate(ids: list[int]) -> list[int]:
+        with LlamaCppModel(path, adapter, context=len(ids) + SAMPLE_TOKENS) as runner:
+            return runner.greedy(ids, SAMPLE_TOKENS, stop=tokenizer.eos_token_id)
+
+    return generate
+
+
+def _continue(generate: Generator, tokenizer: Any, prompt: str) -> str:
+    """The greedy continuation of `prompt` (as training formats it), `SAMPLE_TOKENS` long."""
+    ids = tokenizer(prompt + "\n").input_ids
+    return tokenizer.decode(generate(ids), skip_special_tokens=True).strip()
 
 
 def _cache() -> Path:

@@ -1,5 +1,6 @@
 """Run a GGUF file in llama.cpp (llama-cpp-python): the logits of a window, perplexity and the
-next-token choices over windows, and the time of a request (a prompt, then tokens one at a time).
+next-token choices over windows, greedy generation, and the time of a request (a prompt, then
+tokens one at a time).
 
 The one place edge-llm runs llama.cpp — the demo, the speed profile of the llama.cpp target, the
 benchmarks and the tests read it — so every figure measured in llama.cpp is computed one way.
@@ -69,6 +70,21 @@ class LlamaCppModel:
         self.runtime.reset()
         self.runtime.eval(tokens.tolist())
         return torch.from_numpy(np.array(self.runtime.scores[: len(tokens)], dtype=np.float32))
+
+    def greedy(self, prompt: list[int], count: int, stop: int | None = None) -> list[int]:
+        """Up to `count` tokens generated greedily after `prompt` (from an empty context), ending
+        before `stop` (the end-of-sequence token): what an application decoding at temperature 0
+        gets. The context must hold the prompt and `count` tokens."""
+        self.runtime.reset()
+        self.runtime.eval(prompt)
+        generated: list[int] = []
+        while len(generated) < count:
+            token = int(np.argmax(self.runtime.scores[self.runtime.n_tokens - 1]))
+            if token == stop:
+                break
+            generated.append(token)
+            self.runtime.eval([token])
+        return generated
 
     def time(self, prompt: list[int], decode: list[int]) -> dict[str, float]:
         """Seconds of a request from an empty context: the prompt ("prefill"), then `decode` fed
