@@ -113,7 +113,7 @@ _PHASES = 4
 # Seconds each phase took on a first run (empty cache: phase 1 converts the model; 20 tuning
 # steps) on a shared 2-core Intel Xeon with llama-cpp-python; later runs scale what the previous
 # run took on this machine.
-REFERENCE_SECONDS = {1: 33, 2: 82, 3: 74, 4: 14}
+REFERENCE_SECONDS = {1: 16, 2: 78, 3: 58, 4: 14}
 
 
 class _Phases:
