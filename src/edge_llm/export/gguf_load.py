@@ -12,7 +12,9 @@ and written with `write_gguf_lora` runs in llama.cpp over that very file.
 Why not transformers' own GGUF loading (`from_pretrained(..., gguf_file=...)`): it dequantizes
 every tensor to float, so the model holds 4-8x the bytes of the file and computes with weights
 that are no longer the file's once saved again. The config and the tokenizer do come from
-transformers' GGUF support (`AutoConfig` / `AutoTokenizer` with `gguf_file=`).
+transformers' GGUF support (`AutoConfig` / `AutoTokenizer` with `gguf_file=`). Where a float model
+is wanted after all (converting a packaged GGUF once, as `assets.smollm2_135m` does),
+`dequantize=True` gives transformers' weights exactly, decoded by ggml in about half the time.
 
 Float weight tensors (F32, BF16: a dense conversion) load as plain float layers; other llama.cpp
 types (IQ2/IQ3, ternary) are refused by name. Every tensor is decoded once while loading (a row
@@ -65,7 +67,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, dequantize: 
     tensors kept as the file's llama.cpp blocks; `dtype` for the norms and the activations.
     `dequantize=True`: a plain float model instead, every weight decoded (ggml's decoder) into a
     `dtype` Linear / Embedding — the weights transformers' `from_pretrained(gguf_file=...)` gives,
-    in about half its time (no second pass through gguf-py's Python decoders).
+    in about half its time (ggml's C decoder instead of gguf-py's numpy one).
 
     The tokenizer: `AutoTokenizer.from_pretrained(folder, gguf_file=name)`.
     """
