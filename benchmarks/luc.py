@@ -57,7 +57,8 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edge_llm.assets import cache_dir, smollm2_135m
+    from edge_llm._cache import cache_dir
+    from edge_llm.assets import smollm2_135m
     from edge_llm.data import sonnets
     from edge_llm.evaluation import multiple_choice_accuracy, perplexity, task_items
     from edge_llm.luc import (

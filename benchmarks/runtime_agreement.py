@@ -15,7 +15,11 @@ distributions. Then the runtime's speed on this machine, all models in interleav
 
 ExecuTorch programs attend with ExecuTorch's own ops by default (`write_pte(attention="custom")`);
 `--attention custom sdpa` adds the stock-SDPA program of each model and `--with-llama-cpp` its GGUF
-in llama.cpp, all timed in the same interleaved rounds.
+in llama.cpp, all timed in the same interleaved rounds. `--with-optimum-executorch` adds the
+program optimum-executorch exports from the same checkpoint with its LLM recipe (XNNPACK, custom
+SDPA and KV cache, torchao 8da4w Linears in groups of 32, an 8-bit embedding), compared with the
+original model; it needs `pip install --no-deps optimum-executorch` (its pins name an older
+transformers).
 """
 
 from __future__ import annotations
@@ -88,6 +92,24 @@ def write_gguf_file(model: torch.nn.Module, out: Path, tokenizer, k_quants: bool
     from edge_llm.export import write_gguf
 
     return write_gguf(model, out / "model.gguf", tokenizer, smollm2_135m_gguf(), k_quants=k_quants)
+
+
+def write_optimum_executorch(checkpoint: Path, out: Path) -> Path:
+    """optimum-executorch's export of `checkpoint`, as its documentation gives it for LLMs on CPU."""
+    from optimum.exporters.executorch import main_export
+
+    main_export(
+        model_name_or_path=str(checkpoint),
+        task="text-generation",
+        recipe="xnnpack",
+        output_dir=out,
+        attn_implementation="custom_sdpa",
+        use_custom_kv_cache=False,
+        qlinear="8da4w",
+        qembedding="8w",
+        max_seq_len=SEQ_LEN + 1,
+    )
+    return out / "model.pte"
 
 
 def write_pte_file(
@@ -175,6 +197,11 @@ def main() -> None:
         action="store_true",
         help="ExecuTorch: also run each model's GGUF in llama.cpp, in the same interleaved speed rounds",
     )
+    parser.add_argument(
+        "--with-optimum-executorch",
+        action="store_true",
+        help="ExecuTorch: also optimum-executorch's own export of the original checkpoint, in the same rounds",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -241,6 +268,17 @@ def main() -> None:
                 }
                 print(f"{row}: {rows[row]}", file=sys.stderr)
             del model
+        if args.with_optimum_executorch:
+            row = "original, optimum-executorch's export (8da4w, groups of 32; 8-bit embedding)"
+            start = time.perf_counter()
+            file = write_optimum_executorch(path, Path(tmp) / "optimum")
+            runners[row] = ExecuTorch(file)
+            rows[row] = {
+                **compare(original, runners[row], windows),
+                "bytes": file.stat().st_size,
+                "export_s": time.perf_counter() - start,
+            }
+            print(f"{row}: {rows[row]}", file=sys.stderr)
         time_and_close(runners, windows, args.rounds, rows)
 
     lines = [

@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from pathlib import Path
+
+from edge_llm._cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """Where converted assets are kept: `$EDGE_LLM_CACHE`, else `~/.cache/edge-llm`."""
-    return Path(os.environ.get("EDGE_LLM_CACHE", Path.home() / ".cache" / "edge-llm"))
 
 
 def _package_dir(package: str, install_hint: str) -> Path:

@@ -438,6 +438,6 @@ def _continue(generate: Generator, tokenizer: Any, prompt: str) -> str:
 
 
 def _cache() -> Path:
-    from edge_llm.assets import cache_dir
+    from edge_llm._cache import cache_dir
 
     return cache_dir() / "luc-profiles"

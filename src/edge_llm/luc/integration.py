@@ -18,8 +18,8 @@ from torch import nn
 from transformers import AutoTokenizer
 from transformers.quantizers.auto import AutoHfQuantizer
 
+from edge_llm._cache import cache_dir
 from edge_llm._memory import release_freed_memory
-from edge_llm.assets import cache_dir
 from edge_llm.luc.calibration import calibration_tokens, target_linears
 from edge_llm.luc.checks import add_marker
 from edge_llm.luc.compress import compress_layers
