@@ -17,9 +17,10 @@ ExecuTorch programs attend with ExecuTorch's own ops by default (`write_pte(atte
 `--attention custom sdpa` adds the stock-SDPA program of each model and `--with-llama-cpp` its GGUF
 in llama.cpp, all timed in the same interleaved rounds. `--with-optimum-executorch` adds the
 program optimum-executorch exports from the same checkpoint with its LLM recipe (XNNPACK, custom
-SDPA and KV cache, torchao 8da4w Linears in groups of 32, an 8-bit embedding), compared with the
-original model; it needs `pip install --no-deps optimum-executorch` (its pins name an older
-transformers).
+SDPA, torchao 8da4w Linears in groups of 32, an 8-bit embedding), compared with the original model;
+it needs `pip install --no-deps optimum-executorch` (its pins name an older transformers). Its
+custom KV cache is left off: optimum-executorch 1.1.0 builds it on transformers' `HybridCache`,
+which transformers 5 no longer has, so the program keeps transformers' static cache.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def write_gguf_file(model: torch.nn.Module, out: Path, tokenizer, k_quants: bool
 
 
 def write_optimum_executorch(checkpoint: Path, out: Path) -> Path:
-    """optimum-executorch's export of `checkpoint`, as its documentation gives it for LLMs on CPU."""
+    """optimum-executorch's export of `checkpoint`, as its documentation gives it for LLMs on CPU
+    (but for the custom KV cache: see the module docstring)."""
     from optimum.exporters.executorch import main_export
 
     main_export(
