@@ -153,6 +153,25 @@ def compare(model: torch.nn.Module, runner, windows: torch.Tensor) -> dict:
     }
 
 
+def add_row(
+    row: str,
+    model: torch.nn.Module,
+    export: Callable[[], Path],
+    runner_type: type,
+    windows: torch.Tensor,
+    runners: dict,
+    rows: dict[str, dict],
+) -> None:
+    """Write a file (`export`), open it in `runner_type` and record its agreement with `model`
+    (`compare`), its size and the export's seconds under `row`."""
+    start = time.perf_counter()
+    file = export()
+    export_s = time.perf_counter() - start
+    runners[row] = runner_type(file)
+    rows[row] = {**compare(model, runners[row], windows), "bytes": file.stat().st_size, "export_s": export_s}
+    print(f"{row}: {rows[row]}", file=sys.stderr)
+
+
 def time_and_close(runners: dict, windows: torch.Tensor, rounds: int, rows: dict[str, dict]) -> None:
     """Every runner's speed (`speed`) into its row as `prefill_tokens_per_s` / `decode_tokens_per_s`;
     then the runners are closed."""
@@ -258,29 +277,13 @@ def main() -> None:
             for kind, (suffix, writer, runner) in enumerate(outputs):
                 out = Path(tmp) / f"{index}-{kind}"
                 out.mkdir()
-                start = time.perf_counter()
-                file = writer(model, out, tokenizer, k_quants)
-                export_s = time.perf_counter() - start
-                row = name + suffix
-                runners[row] = runner(file)
-                rows[row] = {
-                    **compare(model, runners[row], windows),
-                    "bytes": file.stat().st_size,
-                    "export_s": export_s,
-                }
-                print(f"{row}: {rows[row]}", file=sys.stderr)
+                export = functools.partial(writer, model, out, tokenizer, k_quants)
+                add_row(name + suffix, model, export, runner, windows, runners, rows)
             del model
         if args.with_optimum_executorch:
             row = "original, optimum-executorch's export (8da4w, groups of 32; 8-bit embedding)"
-            start = time.perf_counter()
-            file = write_optimum_executorch(path, Path(tmp) / "optimum")
-            runners[row] = ExecuTorch(file)
-            rows[row] = {
-                **compare(original, runners[row], windows),
-                "bytes": file.stat().st_size,
-                "export_s": time.perf_counter() - start,
-            }
-            print(f"{row}: {rows[row]}", file=sys.stderr)
+            export = functools.partial(write_optimum_executorch, path, Path(tmp) / "optimum")
+            add_row(row, original, export, ExecuTorch, windows, runners, rows)
         time_and_close(runners, windows, args.rounds, rows)
 
     lines = [
