@@ -116,6 +116,28 @@ def test_fused_gradient_matches_autograd_for_every_kind_of_head(head_kind):
         torch.testing.assert_close(got.float(), want.float(), **tolerance)
 
 
+def test_a_compressed_heads_logits_become_their_gradient_in_place():
+    # CompressedMatmul's backward decodes the weight again and never reads its output, so the
+    # chunk's logits are overwritten, not copied: one vocabulary-wide buffer per chunk, not two.
+    from edge_llm.luc.linear import UNQUANTIZED_BITS, LUCLinear
+    from edge_llm.tuner.loss import _float_logits_to_overwrite
+
+    torch.manual_seed(0)
+    head = LUCLinear.from_linear(torch.nn.Linear(16, 37, bias=False), UNQUANTIZED_BITS, 0.0, 16)
+    states = torch.randn(5, 16, requires_grad=True)
+    out = head(states)
+    assert _float_logits_to_overwrite(out).data_ptr() == out.data_ptr()
+    capped = torch.tanh(head(states) / 3)  # tanh keeps its output for backward: copied
+    assert _float_logits_to_overwrite(capped).data_ptr() != capped.data_ptr()
+
+    labels = torch.randint(0, 37, (2, 9))
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    loss = chunked_causal_lm_loss(hidden, labels, head, [], chunk_size=4)
+    reference = _reference_loss_and_grads(hidden, labels, head)
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(torch.autograd.grad(loss, hidden)[0], torch.autograd.grad(reference, hidden)[0])
+
+
 def test_auto_chunk_size_sizes_logits_like_the_hidden_states():
     from edge_llm.tuner.loss import MIN_AUTO_CHUNK, auto_chunk_size
 

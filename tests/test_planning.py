@@ -4,9 +4,12 @@ import re
 
 import pytest
 import torch
+from peft import get_peft_model
+from tiny_models import _COMMON
 from trainer_helpers import counting_dataset, edge_model, training_args
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from edge_llm import EdgeTrainer
+from edge_llm import EdgeLLMConfig, EdgeTrainer
 from edge_llm import _memory as edge_memory
 from edge_llm._memory import TensorBytesTracker
 from edge_llm.tuner import planning
@@ -96,6 +99,42 @@ def test_tight_budgets_buy_checkpointing_then_micro_batches_and_an_impossible_on
     for bad in (-5, 0, 1.5, True):
         with pytest.raises(ValueError, match="memory budget must be a positive number of bytes"):
             plan_training(model, bad, 8, 64)
+
+
+def test_a_lean_loss_chunk_is_planned_where_the_adapters_own_does_not_fit_and_the_trainer_sets_it(
+    tmp_path, monkeypatch
+):
+    # A vocabulary of 8192 words over a hidden size of 32: the logits of "auto"'s one chunk of all
+    # 4 x 15 targets are most of the step, and a lean chunk of 2 tokens leaves room for the window.
+    monkeypatch.setattr(planning, "lean_chunk_size", lambda vocab: 2)
+    config = LlamaConfig(num_hidden_layers=8, **{**_COMMON, "vocab_size": 8192})
+    torch.manual_seed(0)
+    model = get_peft_model(
+        LlamaForCausalLM(config), EdgeLLMConfig(r=4, target_modules=["q_proj", "v_proj"], exit_layers=[7])
+    )
+    assert planning.loss_chunks(model, 4, 16) == [(2, 2), ("auto", 128)]
+    assert model.peft_config["default"].loss_chunk_size == "auto"
+    probes = {(gc, chunk): probe_step(model, 4, 16, gc, chunk) for gc in (True, False) for chunk in ("auto", 2)}
+    assert model.peft_config["default"].loss_chunk_size == "auto"  # probing restores the adapter's chunk
+    lean, asked = probes[True, 2], probes[True, "auto"]
+    assert lean.activations_one_layer < asked.activations_one_layer
+    assert lean.activations_per_layer == asked.activations_per_layer  # the chunk is a fixed cost
+    # Room for the whole window with the lean chunk and the lean probes; the planner then does not
+    # probe the adapter's own chunk (its logits would not fit), nor could it train with it.
+    budget = smallest_budget(RESIDENT + max(step_bytes(lean, 8, [7]), probes[False, 2].peak_bytes))
+    assert not fits(RESIDENT + step_bytes(asked, 8, [7]), budget)
+    monkeypatch.setattr(planning, "micro_batch_sizes", lambda batch: [batch])  # one micro-batch: 4
+    plan = plan_training(model, budget, 4, 16)
+    assert (plan.backprop_depth, plan.micro_batch_size, plan.loss_chunk_size) == (8, 4, 2)
+    assert "loss in chunks of 2 tokens" in plan.describe()
+    assert plan_training(model, 10**10, 4, 16).loss_chunk_size == "auto"  # room: the adapter's own chunk
+
+    trainer = EdgeTrainer(
+        model=model, args=training_args(tmp_path), train_dataset=counting_dataset(), memory_budget_bytes=budget
+    )
+    assert trainer.plan_memory().loss_chunk_size == 2 and model.peft_config["default"].loss_chunk_size == 2
+    trainer.memory_budget_bytes = 10**10  # planned again: from the chunk asked for, not the one set
+    assert trainer.plan_memory().loss_chunk_size == "auto" == model.peft_config["default"].loss_chunk_size
 
 
 def test_micro_batches_split_the_batch_evenly():

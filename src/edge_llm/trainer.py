@@ -118,6 +118,7 @@ class EdgeTrainer(Trainer):
                 stacklevel=2,
             )
         self.memory_plan: TrainingPlan | None = None
+        self._loss_chunk_asked: int | str | None = None  # the adapter's loss chunk before a plan set one
         self._exit_loss_sums: dict[int, torch.Tensor] = {}
         self._exit_step_counts: dict[int, float] = {}
         self._last_exit: int | None = None
@@ -206,14 +207,18 @@ class EdgeTrainer(Trainer):
     def plan_memory(self) -> TrainingPlan:
         """Plan the run so that the whole process fits `memory_budget_bytes` (see
         `edge_llm.tuner.planning`) at this Trainer's batch size and the longest training sequence,
-        and set it: the adapter's `backprop_depth`, gradient checkpointing, and the micro-batch
-        size with the gradient accumulation that keeps the batch. `train()` calls this first; a
+        and set it: the adapter's `backprop_depth` and `loss_chunk_size`, gradient checkpointing,
+        and the micro-batch size with the gradient accumulation that keeps the batch. `train()` calls this first; a
         later call plans the batch asked for again, not the micro-batch an earlier plan set."""
-        split = self.memory_plan.accumulation_steps if self.memory_plan is not None else 1
+        config = self.tuner.active_edge_config
+        split = 1
+        if self.memory_plan is not None:  # plan what was asked, not what the last plan set
+            split, config.loss_chunk_size = self.memory_plan.accumulation_steps, self._loss_chunk_asked
+        self._loss_chunk_asked = config.loss_chunk_size
         batch_size = self.args.per_device_train_batch_size * split
         accumulation = self.args.gradient_accumulation_steps // split
         plan = plan_training(self.model, self.memory_budget_bytes, batch_size, self._longest_sequence())
-        self.tuner.active_edge_config.backprop_depth = plan.backprop_depth
+        config.backprop_depth, config.loss_chunk_size = plan.backprop_depth, plan.loss_chunk_size
         base = self.model.get_base_model()
         self.args.activation_checkpointing = plan.gradient_checkpointing
         if plan.gradient_checkpointing and self.args.activation_checkpointing_kwargs is None:

@@ -59,6 +59,10 @@ class CompressedMatmul(torch.autograd.Function):
     (`LUCLinear`, `GGMLLinear`): autograd would otherwise keep every decoded weight of the step
     alive until backward, which is the float model's memory again."""
 
+    # Backward never reads the output, so a loss may overwrite it with its gradient in place
+    # (`edge_llm.tuner.loss`): an LM head's logits need one vocabulary-wide buffer, not two.
+    output_saved = False
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         ctx.layer = layer

@@ -30,8 +30,15 @@ IGNORE_INDEX = -100
 # fewer tokens than this: below it the LM head matmul gets too thin to run at full speed.
 MIN_AUTO_CHUNK = 128
 
+# The loss chunk a memory plan falls back to where the configured one does not fit: the most
+# tokens, a power of two, whose float32 logits take at most this many bytes (64 tokens of
+# SmolLM2's 49152-word vocabulary, 32 of Llama 3's 128256), and never fewer than `MIN_LEAN_CHUNK`.
+LEAN_CHUNK_BYTES = 16 * 2**20
+MIN_LEAN_CHUNK = 16
+
 # Autograd nodes that do not keep their own output for backward: logits produced by one of these
-# may be overwritten with their gradient in place.
+# may be overwritten with their gradient in place. A custom `autograd.Function` says so itself with
+# a class attribute `output_saved = False` (compressed layers' `CompressedMatmul`).
 _OUTPUT_NOT_SAVED = {
     "MmBackward0",
     "AddmmBackward0",
@@ -55,6 +62,22 @@ def auto_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -> int:
     at least `MIN_AUTO_CHUNK`."""
     tokens = math.ceil(num_tokens / math.ceil(vocab_size / max(hidden_size, 1)))
     return max(MIN_AUTO_CHUNK, 1 << max(tokens - 1, 0).bit_length())
+
+
+def lean_chunk_size(vocab_size: int) -> int:
+    """Tokens per loss chunk when memory is short: `LEAN_CHUNK_BYTES` of float32 logits."""
+    tokens = max(LEAN_CHUNK_BYTES // (4 * max(vocab_size, 1)), 1)
+    return max(MIN_LEAN_CHUNK, 1 << (tokens.bit_length() - 1))
+
+
+def chunk_tokens(chunk_size: int | str | None, num_tokens: int, hidden_size: int, vocab_size: int) -> int:
+    """Tokens per chunk that an `EdgeLLMConfig.loss_chunk_size` setting gives for `num_tokens`
+    targets (`None`: all of them, the full logits)."""
+    if chunk_size is None:
+        return num_tokens
+    if chunk_size == "auto":
+        return auto_chunk_size(num_tokens, hidden_size, vocab_size)
+    return chunk_size
 
 
 def shift_for_causal_lm(
@@ -95,6 +118,8 @@ def _float_logits_to_overwrite(out: torch.Tensor) -> torch.Tensor:
         return out.detach().float()
     grad_fn = out.grad_fn
     if grad_fn is None or type(grad_fn).__name__ in _OUTPUT_NOT_SAVED:
+        return out.detach()
+    if getattr(getattr(grad_fn, "_forward_cls", None), "output_saved", True) is False:
         return out.detach()
     return out.detach().clone()
 

@@ -5,8 +5,9 @@ On a device what has to fit is the process: the Python runtime and libraries, th
 already holds as measured (its resident memory once the model and data are loaded) and measures
 the step: probe passes, forward and backward at the adapter's top exit with windows of one and
 two layers, count the bytes of every tensor they allocate (`edge_llm._memory.TensorBytesTracker`),
-for each micro-batch size and with and without gradient checkpointing. A step then needs, above
-the resident memory,
+for each micro-batch size, with and without gradient checkpointing, and with the adapter's loss
+chunk and a lean one (`edge_llm.tuner.loss.lean_chunk_size`: 16 MiB of logits) where that is
+smaller. A step then needs, above the resident memory,
 
     activations(depth) + gradients(depth) + AdamW's two moments
 
@@ -30,7 +31,8 @@ window is at least two-thirds as deep as the deepest that fits (measured on Smol
 20 of 30 layers reached full-depth LoRA's accuracy, docs/results.md), and of those takes the
 fastest: the largest micro-batch (splitting a batch repeats every per-call cost, such as decoding
 a compressed base's weights), then the deepest window, then no gradient checkpointing (a third
-less compute in the window). An impossible budget is refused with the smallest budget that fits.
+less compute in the window), then the adapter's own loss chunk (a thinner chunk runs the LM head
+more often). An impossible budget is refused with the smallest budget that fits.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from edge_llm._memory import (
     resident_bytes,
 )
 from edge_llm.tuner.exits import window
+from edge_llm.tuner.loss import chunk_tokens, lean_chunk_size
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +116,7 @@ class TrainingPlan:
     gradient_checkpointing: bool
     micro_batch_size: int
     accumulation_steps: int  # micro-batches per batch
+    loss_chunk_size: int | str | None  # `EdgeLLMConfig.loss_chunk_size` to train with
     resident_bytes: int  # the process before training: runtime, weights, data
     step_bytes: int  # what the training step adds on top
     probe_bytes: int  # what planning's probe passes added at most
@@ -124,6 +128,8 @@ class TrainingPlan:
 
     def describe(self) -> str:
         checkpointing = ", gradient checkpointing" if self.gradient_checkpointing else ""
+        if isinstance(self.loss_chunk_size, int):
+            checkpointing += f", loss in chunks of {self.loss_chunk_size} tokens"
         return (
             f"{self.backprop_depth}-layer window{checkpointing}, micro-batch {self.micro_batch_size} x "
             f"{self.accumulation_steps}; estimated peak {self.estimated_peak_bytes / MIB:.0f} MiB "
@@ -166,9 +172,16 @@ def _probe_pass(peft_model: nn.Module, exit_layer: int, tokens: torch.Tensor) ->
     return tracker.peak_bytes, gradients
 
 
-def probe_step(peft_model: nn.Module, batch_size: int, seq_len: int, checkpointing: bool) -> StepProbe:
+def probe_step(
+    peft_model: nn.Module,
+    batch_size: int,
+    seq_len: int,
+    checkpointing: bool,
+    loss_chunk_size: int | str | None = "asked",
+) -> StepProbe:
     """Measure a training step of `batch_size` x `seq_len` tokens at the adapter's top exit with
-    windows of one and two layers (`backprop_depth` is restored afterwards)."""
+    windows of one and two layers, with the adapter's loss chunk or `loss_chunk_size`
+    (`backprop_depth` and the chunk are restored afterwards)."""
     tuner = peft_model.base_model
     config = tuner.active_edge_config
     if any(p.grad is not None for p in peft_model.parameters() if p.requires_grad):
@@ -177,16 +190,18 @@ def probe_step(peft_model: nn.Module, batch_size: int, seq_len: int, checkpointi
     generator = torch.Generator().manual_seed(0)
     device = next(peft_model.parameters()).device
     tokens = torch.randint(0, vocab, (batch_size, seq_len), generator=generator).to(device)
-    was_training, depth_before = peft_model.training, config.backprop_depth
+    was_training, depth_before, chunk_before = peft_model.training, config.backprop_depth, config.loss_chunk_size
     peft_model.train()
     measured = {}
     try:
+        if loss_chunk_size != "asked":
+            config.loss_chunk_size = loss_chunk_size
         with _checkpointing(peft_model, checkpointing):
             for depth in (1, 2):
                 config.backprop_depth = depth
                 measured[depth] = _probe_pass(peft_model, config.exit_layers[-1], tokens)
     finally:
-        config.backprop_depth = depth_before
+        config.backprop_depth, config.loss_chunk_size = depth_before, chunk_before
         peft_model.train(was_training)
     (peak_1, gradients_1), (peak_2, gradients_2) = measured[1], measured[2]
     peak = max(peak_1, peak_2)
@@ -214,17 +229,38 @@ def step_bytes(probe: StepProbe, depth: int, exit_layers: list[int]) -> int:
     return probe.activations(depth) + probe.gradients(depth) + moments
 
 
-def _probes(peft_model: nn.Module, batch_size: int, seq_len: int, room: int) -> dict[tuple[bool, int], StepProbe]:
-    """Probes by (checkpointing, micro-batch size), from one sequence up; a larger micro-batch is
-    not probed where the last probe, scaled to it, would not fit in `room` bytes."""
-    probes: dict[tuple[bool, int], StepProbe] = {}
+def loss_chunks(peft_model: nn.Module, micro_batch_size: int, seq_len: int) -> list[tuple[int | str | None, int]]:
+    """(loss chunk, tokens per chunk) a plan may train with at a micro-batch size, leanest first:
+    the lean one where it holds fewer tokens than the adapter's own, then the adapter's own."""
+    asked = peft_model.base_model.active_edge_config.loss_chunk_size
+    config = peft_model.get_base_model().config
+    lean = lean_chunk_size(config.vocab_size)
+    tokens = chunk_tokens(asked, micro_batch_size * seq_len, config.hidden_size, config.vocab_size)
+    return [(lean, lean), (asked, tokens)] if lean < tokens else [(asked, tokens)]
+
+
+def _probes(
+    peft_model: nn.Module, batch_size: int, seq_len: int, room: int
+) -> dict[tuple[bool, int, int | str | None], StepProbe]:
+    """Probes by (checkpointing, micro-batch size, loss chunk), from one sequence and the leanest
+    chunk up. The probes run in this process, so one is skipped where it would not fit in `room`
+    bytes: a larger micro-batch where the last probe scaled to it would not, a larger chunk where
+    the lean chunk's probe plus its extra logits (and a copy of them) would not."""
+    vocab = peft_model.get_base_model().config.vocab_size
+    probes: dict[tuple[bool, int, int | str | None], StepProbe] = {}
     for checkpointing in (True, False):
-        last = None
+        last: dict[int | str | None, int] = {}
         for micro in sorted(micro_batch_sizes(batch_size)):
-            if last is not None and probes[checkpointing, last].peak_bytes * micro / last > room:
-                break
-            probes[checkpointing, micro] = probe_step(peft_model, micro, seq_len, checkpointing)
-            last = micro
+            leanest = None
+            for chunk, tokens in loss_chunks(peft_model, micro, seq_len):
+                before = last.get(chunk)
+                if before is not None and probes[checkpointing, before, chunk].peak_bytes * micro / before > room:
+                    continue
+                if leanest is not None and leanest[0].peak_bytes + (tokens - leanest[1]) * vocab * 8 > room:
+                    continue
+                probe = probe_step(peft_model, micro, seq_len, checkpointing, chunk)
+                probes[checkpointing, micro, chunk], last[chunk] = probe, micro
+                leanest = leanest or (probe, tokens)
     return probes
 
 
@@ -250,9 +286,10 @@ def plan_training(peft_model: nn.Module, budget_bytes: int, batch_size: int, seq
     release_freed_memory()
     resident, probed = resident_bytes(), max(probe.peak_bytes for probe in probes.values())
     overhead = max(high_water - resident - probed, 0) if measured else 0
+    asked = peft_model.base_model.active_edge_config.loss_chunk_size
     plans = [
-        TrainingPlan(d, gc, m, batch_size // m, resident, step_bytes(probe, d, ends), probed, overhead)
-        for (gc, m), probe in probes.items()
+        TrainingPlan(d, gc, m, batch_size // m, chunk, resident, step_bytes(probe, d, ends), probed, overhead)
+        for (gc, m, chunk), probe in probes.items()
         for d in range(1, ends[-1] + 2)
     ]
     fitting = [plan for plan in plans if fits(plan.estimated_peak_bytes, budget_bytes)]
@@ -269,6 +306,14 @@ def plan_training(peft_model: nn.Module, budget_bytes: int, batch_size: int, seq
         )
     deep_enough = math.ceil(2 * max(p.backprop_depth for p in fitting) / 3)
     fitting = [p for p in fitting if p.backprop_depth >= deep_enough]
-    plan = max(fitting, key=lambda p: (p.micro_batch_size, p.backprop_depth, not p.gradient_checkpointing))
+    plan = max(
+        fitting,
+        key=lambda p: (
+            p.micro_batch_size,
+            p.backprop_depth,
+            not p.gradient_checkpointing,
+            p.loss_chunk_size == asked,
+        ),
+    )
     logger.info("Memory plan for %d MiB, %d x %d tokens: %s", budget_bytes // MIB, batch_size, seq_len, plan.describe())
     return plan
