@@ -15,6 +15,11 @@ up mapped and unmapped on their own, the heap trimmed above 16 MiB). By default 
 step frees for reuse, and the process's resident memory stays at the first step's high-water mark
 (on SmolLM2 ~400 MiB above what the tensors hold).
 
+`--gguf-base FILE` gives the `luc_gguf` methods their base as a device gets it: the file `edge-llm
+compress --target gguf` wrote, loaded with `edge_llm.export.load_gguf`, so their process never
+holds the float model, its compression or llama.cpp's quantizer (as QLoRA's process never holds
+its float weights).
+
 `--memory-budget BYTES` gives edge-llm's methods that budget for the whole process
 (`EdgeTrainer(memory_budget_bytes=...)`): the plan replaces their window and checkpointing
 settings, and the result, stored as `<method>@<MiB>`, records the plan and its estimate beside the
@@ -110,8 +115,13 @@ def run_worker(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     path = smollm2_135m()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    loading = LOAD_OPTIONS[args.worker]() if args.worker in LOAD_OPTIONS else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **loading)
+    if args.gguf_base and args.worker.startswith("luc_gguf"):
+        from edge_llm.export.gguf_load import load_gguf
+
+        model = load_gguf(args.gguf_base)  # the base as a device receives it: no float model here
+    else:
+        loading = LOAD_OPTIONS[args.worker]() if args.worker in LOAD_OPTIONS else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **loading)
     if args.task == "sciq":
         train, validation, test, texts = _sciq_data(tokenizer, args.seed)
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True)
@@ -124,7 +134,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     if args.worker != "original":
         layers = model.config.num_hidden_layers
         calibration = None
-        if args.worker.startswith("luc"):
+        if args.worker.startswith("luc") and not args.gguf_base:
             from edge_llm.data import sonnets
 
             calibration = calibration_tokens(texts or sonnets("train"), tokenizer, num_samples=8, seq_len=128)
@@ -319,6 +329,12 @@ def main() -> None:
         action="store_true",
         help="prepare each method (a luc method compresses its base) but do not train: the quality tuning starts "
         "from, stored as <method>@untuned",
+    )
+    parser.add_argument(
+        "--gguf-base",
+        type=Path,
+        help="luc_gguf methods tune over this file (`edge-llm compress --target gguf`), loaded as a device "
+        "loads it, instead of compressing the float model in their process",
     )
     parser.add_argument(
         "--variant", help="stored as <method>@<VARIANT> and labelled so (runs with other --deep-depth, --luc-policy...)"

@@ -145,10 +145,12 @@ def _luc_edge(model: nn.Module, setup: Setup, deep: bool = False, gc: bool = Fal
 
 
 def _luc_gguf_edge(model: nn.Module, setup: Setup) -> Prepared:
+    from edge_llm.luc.facts import gguf_policy_of
     from edge_llm.luc.gguf_policy import budget_bytes, compress_for_gguf
 
-    budget = budget_bytes(model, setup.gguf_bits, None)
-    compress_for_gguf(model, setup.calibration, budget, setup.gguf_sensitivity, progress=False)
+    if gguf_policy_of(model) is None:  # not loaded from a LUC llama.cpp file already
+        budget = budget_bytes(model, setup.gguf_bits, None)
+        compress_for_gguf(model, setup.calibration, budget, setup.gguf_sensitivity, progress=False)
     return _edge(model, setup, deep=True, gc=True)
 
 

@@ -66,7 +66,7 @@ def test_the_estimate_is_linear_in_the_window_and_holds_with_checkpointing_and_m
     assert 0.9 * planned <= real <= 1.1 * planned
 
 
-def test_tight_budgets_buy_checkpointing_then_micro_batches_and_an_impossible_one_names_the_smallest_that_fits():
+def test_tight_budgets_keep_the_deepest_window_with_checkpointing_then_micro_batches_and_refuse_naming_the_smallest():
     model = edge_model(exit_layers=[7], backprop_depth=2)
     plain = {m: probe_step(model, m, 64, checkpointing=False) for m in (1, 8)}
     checkpointed = {m: probe_step(model, m, 64, checkpointing=True) for m in (1, 8)}
@@ -78,12 +78,14 @@ def test_tight_budgets_buy_checkpointing_then_micro_batches_and_an_impossible_on
     plan = plan_training(model, budget, 8, 64)
     assert (plan.backprop_depth, plan.gradient_checkpointing, plan.micro_batch_size) == (8, True, 8)
     assert fits(plan.estimated_peak_bytes, budget) and plan.estimated_peak_bytes <= 0.98 * budget
-    # A 6-layer window at the whole batch or the whole 8 one sequence at a time: 6 is two-thirds
-    # of 8, deep enough, and the whole batch is faster.
+    # A 6-layer window at the whole batch, or the whole 8 in a split batch: the deeper window is
+    # taken (its depth is worth more than the unsplit batch's speed), in the largest micro-batch
+    # that holds it.
     budget = smallest_budget(RESIDENT + step_bytes(checkpointed[8], 6, [7]))
     assert fits(RESIDENT + step_bytes(plain[1], 8, [7]), budget)
     plan = plan_training(model, budget, 8, 64)
-    assert (plan.backprop_depth, plan.gradient_checkpointing, plan.micro_batch_size) == (6, True, 8)
+    assert (plan.backprop_depth, plan.gradient_checkpointing) == (8, True) and 1 < plan.micro_batch_size < 8
+    assert plan.micro_batch_size * plan.accumulation_steps == 8
     # Room for the whole window only when checkpointed, one sequence at a time.
     budget = smallest_budget(RESIDENT + max(step_bytes(checkpointed[1], 8, [7]), plain[1].peak_bytes))
     assert not fits(RESIDENT + step_bytes(plain[1], 8, [7]), budget)
@@ -119,8 +121,9 @@ def test_a_lean_loss_chunk_is_planned_where_the_adapters_own_does_not_fit_and_th
     lean, asked = probes[True, 2], probes[True, "auto"]
     assert lean.activations_one_layer < asked.activations_one_layer
     assert lean.activations_per_layer == asked.activations_per_layer  # the chunk is a fixed cost
-    # Room for the whole window with the lean chunk and the lean probes; the planner then does not
-    # probe the adapter's own chunk (its logits would not fit), nor could it train with it.
+    # Room for the whole window with the lean chunk only (and the probe without checkpointing that
+    # the planner makes where a checkpointed step leaves room): the planner does not probe the
+    # adapter's own chunk, whose logits alone would not fit.
     budget = smallest_budget(RESIDENT + max(step_bytes(lean, 8, [7]), probes[False, 2].peak_bytes))
     assert not fits(RESIDENT + step_bytes(asked, 8, [7]), budget)
     monkeypatch.setattr(planning, "micro_batch_sizes", lambda batch: [batch])  # one micro-batch: 4
@@ -206,3 +209,22 @@ def test_a_memory_budget_is_any_whole_number_of_bytes_and_nothing_else(tmp_path)
     for bad in (1.5, True, "1GiB", 0):
         with pytest.raises(ValueError, match=r"memory_budget_bytes=...\) must be a positive whole number"):
             make(bad)
+
+
+def test_bounding_the_allocator_reserve_moves_arrows_buffers_to_malloc_unless_the_user_chose_a_pool(monkeypatch):
+    import pyarrow
+
+    monkeypatch.delenv(edge_memory.ARROW_POOL_VARIABLE, raising=False)
+    before = pyarrow.default_memory_pool()
+    own = pyarrow.mimalloc_memory_pool()  # Arrow's default pool in these wheels
+    try:
+        pyarrow.set_memory_pool(own)
+        assert edge_memory.limit_allocator_reserve()
+        assert pyarrow.default_memory_pool().backend_name == "system"
+        assert edge_memory.os.environ[edge_memory.ARROW_POOL_VARIABLE] == "system"  # for a pyarrow loaded later
+        pyarrow.set_memory_pool(own)
+        monkeypatch.setenv(edge_memory.ARROW_POOL_VARIABLE, "mimalloc")
+        edge_memory.limit_allocator_reserve()
+        assert pyarrow.default_memory_pool().backend_name == "mimalloc"
+    finally:
+        pyarrow.set_memory_pool(before)

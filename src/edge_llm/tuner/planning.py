@@ -14,8 +14,8 @@ smaller. A step then needs, above the resident memory,
 where activations and gradients grow linearly with the window (each window layer adds the same
 tensors) and the moments cover every layer any exit's window trains. Each micro-batch size is
 probed rather than scaled, because a step is not proportional to its rows (the loss chunk is not).
-The probes run from the smallest micro-batch up and stop where the last one, scaled up, would not
-fit: they run in this process, so their own peak counts against the budget too.
+The probes run from the smallest micro-batch and the leanest settings up, and only where they can
+be of use (`_probes`): they run in this process, so their own peak counts against the budget too.
 
 Planning first fixes glibc's allocator reserve (`limit_allocator_reserve`): with its default
 thresholds the step's freed buffers stay resident and the process grows far past what its tensors
@@ -26,19 +26,19 @@ The probes also measure what the process's resident memory rose above what their
 estimate. Planning resets the process's peak-resident counter (`reset_peak_resident`) to measure it.
 
 A plan fits when its estimate leaves 2% of the budget free (`HEADROOM`): measured peaks were 1.8%
-below to 2.4% above the estimates. Of the plans that fit, the planner keeps those whose
-window is at least two-thirds as deep as the deepest that fits (measured on SmolLM2: a window of
-20 of 30 layers reached full-depth LoRA's accuracy, docs/results.md), and of those takes the
-fastest: the largest micro-batch (splitting a batch repeats every per-call cost, such as decoding
-a compressed base's weights), then the deepest window, then no gradient checkpointing (a third
-less compute in the window), then the adapter's own loss chunk (a thinner chunk runs the LM head
-more often). An impossible budget is refused with the smallest budget that fits.
+below to 2.4% above the estimates. Of the plans that fit, the planner takes the deepest window
+(measured on SmolLM2's sonnets: the top 10 of 30 layers' window took another 1.3% off the
+held-out loss over the dense base and 1.5% over a 4.5-bit llama.cpp base, for under 40 MiB;
+docs/results.md), and for that window the fastest run: the largest micro-batch (splitting a batch
+repeats every per-call cost, such as decoding a compressed base's weights), then no gradient
+checkpointing (a third less compute in the window), then the adapter's own loss chunk (a thinner
+chunk runs the LM head more often). An impossible budget is refused with the smallest budget that
+fits.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -231,7 +231,7 @@ def step_bytes(probe: StepProbe, depth: int, exit_layers: list[int]) -> int:
 
 def loss_chunks(peft_model: nn.Module, micro_batch_size: int, seq_len: int) -> list[tuple[int | str | None, int]]:
     """(loss chunk, tokens per chunk) a plan may train with at a micro-batch size, leanest first:
-    the lean one where it holds fewer tokens than the adapter's own, then the adapter's own."""
+    the lean chunk where it holds fewer tokens than the adapter's own, then the adapter's own."""
     asked = peft_model.base_model.active_edge_config.loss_chunk_size
     config = peft_model.get_base_model().config
     lean = lean_chunk_size(config.vocab_size)
@@ -240,28 +240,68 @@ def loss_chunks(peft_model: nn.Module, micro_batch_size: int, seq_len: int) -> l
 
 
 def _probes(
-    peft_model: nn.Module, batch_size: int, seq_len: int, room: int
+    peft_model: nn.Module, batch_size: int, seq_len: int, room: int, ends: list[int]
 ) -> dict[tuple[bool, int, int | str | None], StepProbe]:
-    """Probes by (checkpointing, micro-batch size, loss chunk), from one sequence and the leanest
-    chunk up. The probes run in this process, so one is skipped where it would not fit in `room`
-    bytes: a larger micro-batch where the last probe scaled to it would not, a larger chunk where
-    the lean chunk's probe plus its extra logits (and a copy of them) would not."""
-    vocab = peft_model.get_base_model().config.vocab_size
+    """Probes by (checkpointing, micro-batch size, loss chunk). The probes run in this process, so
+    their own peak counts against the budget, and one is made only where it can be of use:
+
+    - a larger micro-batch where the smaller ones of the same settings, extrapolated to it, fit
+      `room` with the deepest window that fits so far (a shallower one would not be chosen);
+    - a costlier setting at a micro-batch (no checkpointing; the adapter's own loss chunk rather
+      than the lean one) only where the leaner one holds the whole window in `room` with room to
+      spare for what the costlier one adds at least (a larger chunk: its extra float32 logits). A
+      costlier setting adds to every window layer or to the step as a whole, so it can train as
+      deep as the leaner one, the only case where the plans prefer it, only then.
+    """
+    full, vocab = ends[-1] + 1, peft_model.get_base_model().config.vocab_size
     probes: dict[tuple[bool, int, int | str | None], StepProbe] = {}
-    for checkpointing in (True, False):
-        last: dict[int | str | None, int] = {}
-        for micro in sorted(micro_batch_sizes(batch_size)):
-            leanest = None
-            for chunk, tokens in loss_chunks(peft_model, micro, seq_len):
-                before = last.get(chunk)
-                if before is not None and probes[checkpointing, before, chunk].peak_bytes * micro / before > room:
+    sizes: dict[tuple[bool, int | str | None], list[int]] = {}  # micro-batches probed, by settings
+    deepest = 0  # the deepest window any probe so far fits in `room`
+    for micro in sorted(micro_batch_sizes(batch_size)):
+        chunks = loss_chunks(peft_model, micro, seq_len)
+        for checkpointing in (True, False):
+            for index, (chunk, tokens) in enumerate(chunks):
+                leaner, extra = ((True, micro, chunk), 0) if not checkpointing else (None, 0)
+                if index:
+                    lean_chunk, lean_tokens = chunks[index - 1]
+                    leaner, extra = (checkpointing, micro, lean_chunk), (tokens - lean_tokens) * vocab * 4
+                if leaner is not None and (
+                    leaner not in probes or step_bytes(probes[leaner], full, ends) + extra > room
+                ):
                     continue
-                if leanest is not None and leanest[0].peak_bytes + (tokens - leanest[1]) * vocab * 8 > room:
+                smaller = sizes.get((checkpointing, chunk), [])
+                if smaller and _extrapolated(probes, (checkpointing, chunk), smaller, micro, deepest, ends) > room:
                     continue
                 probe = probe_step(peft_model, micro, seq_len, checkpointing, chunk)
-                probes[checkpointing, micro, chunk], last[chunk] = probe, micro
-                leanest = leanest or (probe, tokens)
+                probes[checkpointing, micro, chunk] = probe
+                sizes.setdefault((checkpointing, chunk), []).append(micro)
+                fitting = [d for d in range(1, full + 1) if step_bytes(probe, d, ends) <= room]
+                deepest = max([deepest, *fitting])
     return probes
+
+
+def _extrapolated(
+    probes: dict[tuple[bool, int, int | str | None], StepProbe],
+    settings: tuple[bool, int | str | None],
+    sizes: list[int],
+    micro: int,
+    deepest: int,
+    ends: list[int],
+) -> float:
+    """What a probe at `micro` and the step it would be chosen for (the window `deepest` deep) are
+    expected to need, from the probes at smaller micro-batches: a straight line through the last
+    two (a step grows affinely with its rows), or scaled from a single one."""
+    needed = max(deepest, 1)
+    checkpointing, chunk = settings
+
+    def need(size: int) -> int:
+        probe = probes[checkpointing, size, chunk]
+        return max(probe.peak_bytes, step_bytes(probe, needed, ends))
+
+    if len(sizes) == 1:
+        return need(sizes[0]) * micro / sizes[0]
+    (a, b), (need_a, need_b) = sizes[-2:], (need(sizes[-2]), need(sizes[-1]))
+    return need_b + (need_b - need_a) * (micro - b) / (b - a)
 
 
 def plan_training(peft_model: nn.Module, budget_bytes: int, batch_size: int, seq_len: int) -> TrainingPlan:
@@ -281,7 +321,7 @@ def plan_training(peft_model: nn.Module, budget_bytes: int, batch_size: int, seq
     release_freed_memory()
     ends = peft_model.base_model.active_edge_config.exit_layers
     measured = reset_peak_resident()
-    probes = _probes(peft_model, batch_size, seq_len, usable(budget_bytes) - resident_bytes())
+    probes = _probes(peft_model, batch_size, seq_len, usable(budget_bytes) - resident_bytes(), ends)
     high_water = peak_resident_bytes()
     release_freed_memory()
     resident, probed = resident_bytes(), max(probe.peak_bytes for probe in probes.values())
@@ -304,13 +344,11 @@ def plan_training(peft_model: nn.Module, budget_bytes: int, batch_size: int, seq
             f"estimates miss. The smallest budget that fits is {needed:,} bytes ({needed / MIB:.0f} MiB); or "
             "compress the base (LUC) or shorten the sequences."
         )
-    deep_enough = math.ceil(2 * max(p.backprop_depth for p in fitting) / 3)
-    fitting = [p for p in fitting if p.backprop_depth >= deep_enough]
     plan = max(
         fitting,
         key=lambda p: (
-            p.micro_batch_size,
             p.backprop_depth,
+            p.micro_batch_size,
             not p.gradient_checkpointing,
             p.loss_chunk_size == asked,
         ),
