@@ -164,6 +164,9 @@ def run_worker(args: argparse.Namespace) -> dict:
                 callbacks=[meter],
                 **(budget if args.memory_budget else {}),
             )
+            if args.plan_only:  # the plan `train()` would run, without training
+                plan = trainer.plan()
+                return {**result, "memory_plan": {**vars(plan), "estimated_peak_bytes": plan.estimated_peak_bytes}}
             start = time.perf_counter()
             output = trainer.train()  # edge-llm: then fits the exit weights on `validation`
             result["train_call_s"] = time.perf_counter() - start
@@ -325,6 +328,11 @@ def main() -> None:
         "--memory-budget", type=int, help="bytes for the whole process: edge-llm methods plan their run to fit"
     )
     parser.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="with --memory-budget: plan edge-llm's methods and store the plan, without training",
+    )
+    parser.add_argument(
         "--untuned",
         action="store_true",
         help="prepare each method (a luc method compresses its base) but do not train: the quality tuning starts "
@@ -357,12 +365,15 @@ def main() -> None:
         for method, result, seconds in in_own_processes(__file__, args.methods):
             key = f"{method}@{args.memory_budget // 2**20}MiB" if args.memory_budget else method
             key = f"{method}@untuned" if args.untuned else key
+            key = f"{key}@plan" if args.plan_only else key
             key = f"{key}@{args.variant}" if args.variant else key
             results[key] = result
-            print(f"{key}: {result['quality']:.4f} ({seconds:.0f} s)", flush=True)
+            print(f"{key}: {result.get('quality', result.get('memory_plan'))} ({seconds:.0f} s)", flush=True)
             if args.json:  # keep what is done if a later method fails
                 record = {"machine": machine(), "args": vars(args), "results": results}
                 args.json.write_text(json.dumps(record, indent=2, default=str))
+    if args.plan_only:
+        return
     print(table(results, args))
     if args.plots:
         plot(results, args, args.plots)

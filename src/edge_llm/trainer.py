@@ -208,8 +208,9 @@ class EdgeTrainer(Trainer):
         """Plan the run so that the whole process fits `memory_budget_bytes` (see
         `edge_llm.tuner.planning`) at this Trainer's batch size and the longest training sequence,
         and set it: the adapter's `backprop_depth` and `loss_chunk_size`, gradient checkpointing,
-        and the micro-batch size with the gradient accumulation that keeps the batch. `train()` calls this first; a
-        later call plans the batch asked for again, not the micro-batch an earlier plan set."""
+        and the micro-batch size with the gradient accumulation that keeps the batch. `train()`
+        calls this first; a later call plans the batch and the loss chunk asked for again, not the
+        ones an earlier plan set."""
         config = self.tuner.active_edge_config
         split = 1
         if self.memory_plan is not None:  # plan what was asked, not what the last plan set
