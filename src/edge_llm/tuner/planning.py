@@ -261,10 +261,13 @@ def _probes(
         chunks = loss_chunks(peft_model, micro, seq_len)
         for checkpointing in (True, False):
             for index, (chunk, tokens) in enumerate(chunks):
-                leaner, extra = ((True, micro, chunk), 0) if not checkpointing else (None, 0)
-                if index:
+                if index:  # a larger chunk: where the leaner one holds the window and these logits
                     lean_chunk, lean_tokens = chunks[index - 1]
                     leaner, extra = (checkpointing, micro, lean_chunk), (tokens - lean_tokens) * vocab * 4
+                elif not checkpointing:  # where the checkpointed step holds the window
+                    leaner, extra = (True, micro, chunk), 0
+                else:
+                    leaner = None
                 if leaner is not None and (
                     leaner not in probes or step_bytes(probes[leaner], full, ends) + extra > room
                 ):
