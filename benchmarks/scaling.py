@@ -136,7 +136,7 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> str:
     ]
     lora = results.get("lora", {}).get("peak_bytes")
     for method, row in results.items():
-        label = LABELS[method] + (
+        label = LABELS[method.split("@")[0]] + (
             f", planned to {row['memory_budget_bytes'] / GIB:.2f} GiB" if "memory_budget_bytes" in row else ""
         )
         ratio = f"{lora / row['peak_bytes']:.2f}x" if lora else ""
@@ -177,10 +177,13 @@ def main() -> None:
     if args.from_json:
         results = json.loads(args.from_json.read_text())["results"]
     else:
-        results = {}
+        # Methods run again replace their earlier result in --json; the others are kept. A planned
+        # run is stored per budget (`<method>@<MiB>MiB`).
+        results = json.loads(args.json.read_text())["results"] if args.json and args.json.exists() else {}
         for method, result, seconds in in_own_processes(__file__, args.methods):
-            results[method] = result
-            print(f"{method}: {result['peak_bytes'] / GIB:.2f} GiB ({seconds:.0f} s)", flush=True)
+            key = f"{method}@{args.memory_budget // 2**20}MiB" if "memory_budget_bytes" in result else method
+            results[key] = result
+            print(f"{key}: {result['peak_bytes'] / GIB:.2f} GiB ({seconds:.0f} s)", flush=True)
             if args.json:
                 record = {"machine": machine(), "args": vars(args), "results": results}
                 args.json.write_text(json.dumps(record, indent=2, default=str))
