@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -247,7 +248,40 @@ def table(results: dict[str, dict], args: argparse.Namespace) -> str:
         "\nfront: M = on the Pareto front of quality and the process's train() peak memory, "
         "T = of quality and train() time. Ratios: LoRA's figure / this method's (higher is leaner/faster)."
     )
-    return "\n".join(lines + budget_table(results))
+    return "\n".join(lines + budget_table(results) + seed_table(results))
+
+
+def seed_table(results: dict[str, dict]) -> list[str]:
+    """For runs stored as `<method>@seed N` (`--seed N --variant "seed N"`: each seed its own split
+    of the data): quality per seed, the mean over seeds, and each method's difference from LoRA +
+    checkpointing + chunked loss on the same seeds."""
+    by_method: dict[str, dict[int, float]] = {}
+    for key, row in results.items():
+        name, *tags = key.split("@")
+        for tag in tags:
+            if tag.startswith("seed ") and tag[5:].isdigit():
+                by_method.setdefault(name, {})[int(tag[5:])] = row["quality"]
+    if not by_method:
+        return []
+    seeds = sorted({seed for qualities in by_method.values() for seed in qualities})
+    reference = by_method.get("lora_gc_chunked", {})
+    lines = [
+        "",
+        "| method | "
+        + " | ".join(f"seed {seed}" for seed in seeds)
+        + " | mean | mean difference from LoRA + GC + chunked (same seeds) |",
+        "|---|" + "---|" * (len(seeds) + 2),
+    ]
+    for name, qualities in by_method.items():
+        shared = [seed for seed in qualities if seed in reference]
+        difference = (
+            f"{statistics.mean(qualities[seed] - reference[seed] for seed in shared):+.4f} ({len(shared)} seeds)"
+            if shared and name != "lora_gc_chunked"
+            else ""
+        )
+        cells = " | ".join(f"{qualities[seed]:.4f}" if seed in qualities else "" for seed in seeds)
+        lines.append(f"| {LABELS[name]} | {cells} | {statistics.mean(qualities.values()):.4f} | {difference} |")
+    return lines
 
 
 def budget_table(results: dict[str, dict]) -> list[str]:
