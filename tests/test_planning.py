@@ -77,7 +77,7 @@ def test_tight_budgets_keep_the_deepest_window_with_checkpointing_then_micro_bat
     assert not fits(RESIDENT + step_bytes(plain[8], 8, [7]), budget)
     plan = plan_training(model, budget, 8, 64)
     assert (plan.backprop_depth, plan.gradient_checkpointing, plan.micro_batch_size) == (8, True, 8)
-    assert fits(plan.estimated_peak_bytes, budget) and plan.estimated_peak_bytes <= 0.98 * budget
+    assert fits(plan.estimated_peak_bytes, budget) and plan.estimated_peak_bytes <= 0.95 * budget
     # A 6-layer window at the whole batch, or the whole 8 in a split batch: the deeper window is
     # taken (its depth is worth more than the unsplit batch's speed), in the largest micro-batch
     # that holds it.
